@@ -1,0 +1,212 @@
+//! C exports for DMA contexts.
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use super::{call, call_or, need, put, Handle};
+use crate::error::Result;
+use crate::iommu::{Iommu, IOMMU_AUTO};
+use crate::iova::IovaRange;
+
+/// A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
+pub struct vfiokit_iommu {
+    magic: u64,
+    /// Whether the caller of `vfiokit_iommu_open` still holds its reference, so a second
+    /// close is refused even while devices keep the context alive.
+    opened_by_caller: AtomicBool,
+    pub(super) iommu: Iommu,
+}
+
+impl Handle for vfiokit_iommu {
+    const MAGIC: u64 = u64::from_be_bytes(*b"vfkIOMMU");
+    const NAME: &'static str = "iommu";
+    fn magic(&self) -> u64 {
+        self.magic
+    }
+}
+
+impl Drop for vfiokit_iommu {
+    fn drop(&mut self) {
+        self.magic = 0;
+    }
+}
+
+impl vfiokit_iommu {
+    fn new(iommu: Iommu, opened_by_caller: bool) -> Arc<vfiokit_iommu> {
+        Arc::new(vfiokit_iommu { magic: Self::MAGIC, opened_by_caller: AtomicBool::new(opened_by_caller), iommu })
+    }
+
+    /// The handle for devices opened with a NULL context: one per process while in use, so
+    /// `vfiokit_device_iommu` gives every such device the same pointer.
+    pub(super) fn shared() -> Result<Arc<vfiokit_iommu>> {
+        static SHARED: Mutex<Weak<vfiokit_iommu>> = Mutex::new(Weak::new());
+        let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = slot.upgrade() {
+            return Ok(h);
+        }
+        let h = vfiokit_iommu::new(Iommu::shared()?, false);
+        *slot = Arc::downgrade(&h);
+        Ok(h)
+    }
+
+    /// A new reference to the handle behind `p`.
+    ///
+    /// # Safety
+    /// `p` must be NULL or a pointer from `vfiokit_iommu_open`/`vfiokit_device_iommu`.
+    pub(super) unsafe fn retain(p: *const vfiokit_iommu) -> Result<Arc<vfiokit_iommu>> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::from_ptr(p) }?;
+        // SAFETY: p came from Arc::into_raw (open) or Arc::as_ptr of a live Arc (device).
+        unsafe { Arc::increment_strong_count(p) };
+        // SAFETY: balanced by the increment above.
+        Ok(unsafe { Arc::from_raw(p) })
+    }
+}
+
+/// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1` or `_IOMMUFD`.
+///
+/// # Safety
+/// `out` must be NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_iommu) -> c_int {
+    call(|| {
+        need(out, "out")?;
+        let h = vfiokit_iommu::new(Iommu::open(kind)?, true);
+        // SAFETY: checked non-null; the caller provides a writable slot.
+        unsafe { put(out, "out", Arc::into_raw(h).cast_mut()) }
+    })
+}
+
+/// Drops the caller's reference; devices still open in the context keep it alive.
+/// NULL is fine.
+///
+/// # Safety
+/// `iommu` must be NULL or from `vfiokit_iommu_open`, closed at most once.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
+    call_or(
+        |_| (),
+        || {
+            if iommu.is_null() {
+                return Ok(());
+            }
+            // SAFETY: forwarded from the caller.
+            let h = unsafe { vfiokit_iommu::from_ptr(iommu) }?;
+            if !h.opened_by_caller.swap(false, Ordering::AcqRel) {
+                return Err(crate::Error::new(
+                    libc::EBADF,
+                    format!("iommu {iommu:p} was closed already (or is a device's, from vfiokit_device_iommu)"),
+                ));
+            }
+            // SAFETY: the reference vfiokit_iommu_open handed out, released exactly once.
+            drop(unsafe { Arc::from_raw(iommu) });
+            Ok(())
+        },
+    )
+}
+
+/// `VFIOKIT_IOMMU_TYPE1` or `VFIOKIT_IOMMU_IOMMUFD`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_kind(iommu: *const vfiokit_iommu) -> u32 {
+    // SAFETY: forwarded from the caller.
+    call_or(|_| IOMMU_AUTO, || Ok(unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.kind().code()))
+}
+
+/// Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which
+/// may exceed `cap`; `out` may be NULL when `cap` is 0).
+///
+/// # Safety
+/// `out` must be valid for `cap` records; `n` for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_iova_ranges(
+    iommu: *const vfiokit_iommu,
+    out: *mut IovaRange,
+    cap: usize,
+    n: *mut usize,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        let h = unsafe { vfiokit_iommu::from_ptr(iommu) }?;
+        need(n, "n")?;
+        if cap > 0 {
+            need(out, "out")?;
+        }
+        let ranges = h.iommu.iova_ranges()?;
+        for (i, r) in ranges.iter().take(cap).enumerate() {
+            // SAFETY: i < cap, and out holds cap records.
+            unsafe { out.add(i).write(*r) };
+        }
+        // SAFETY: checked non-null.
+        unsafe { put(n, "n", ranges.len()) }
+    })
+}
+
+/// Maps `len` bytes at `vaddr` for DMA at `iova` (all page-aligned).
+///
+/// # Safety
+/// The memory must stay mapped until unmapped here or the context closes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_map(iommu: *mut vfiokit_iommu, vaddr: *mut c_void, len: usize, iova: u64) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller (pointer validity and memory lifetime).
+        unsafe { vfiokit_iommu::from_ptr(iommu)?.iommu.map(vaddr.cast(), len, iova) }
+    })
+}
+
+/// Maps `len` bytes at `vaddr` at an IOVA the allocator picks inside the valid ranges.
+///
+/// # Safety
+/// As for `vfiokit_dma_map`; `iova` valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_map_any(iommu: *mut vfiokit_iommu, vaddr: *mut c_void, len: usize, iova: *mut u64) -> c_int {
+    call(|| {
+        need(iova, "iova")?;
+        // SAFETY: forwarded from the caller.
+        let at = unsafe { vfiokit_iommu::from_ptr(iommu)?.iommu.map_any(vaddr.cast(), len) }?;
+        // SAFETY: checked non-null.
+        unsafe { put(iova, "iova", at) }
+    })
+}
+
+/// Removes the mapping made at `iova` with length `len`.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_unmap(iommu: *mut vfiokit_iommu, iova: u64, len: usize) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.unmap(iova, len))
+}
+
+/// Allocates zeroed, page-rounded memory mapped for DMA; returns its address and IOVA.
+///
+/// # Safety
+/// `vaddr` and `iova` must be valid for writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_alloc(iommu: *mut vfiokit_iommu, len: usize, vaddr: *mut *mut c_void, iova: *mut u64) -> c_int {
+    call(|| {
+        need(vaddr, "vaddr")?;
+        need(iova, "iova")?;
+        // SAFETY: forwarded from the caller.
+        let (addr, at) = unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.alloc(len)?;
+        // SAFETY: both checked non-null.
+        unsafe {
+            put(vaddr, "vaddr", addr.as_ptr().cast())?;
+            put(iova, "iova", at)
+        }
+    })
+}
+
+/// Unmaps and frees a buffer from `vfiokit_dma_alloc`.
+///
+/// # Safety
+/// Nothing may use the buffer afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_free(iommu: *mut vfiokit_iommu, vaddr: *mut c_void) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.free(vaddr.cast()))
+}

@@ -1,0 +1,146 @@
+//! The C ABI: a thin translation of the Rust API. Every export checks its pointers, catches
+//! panics, and reports failure as a negative errno plus a thread-local message.
+//!
+//! Conventions (also in README.md): fallible calls return 0 or `-errno`; out-parameters are
+//! written only on success; `_close(NULL)` does nothing; handles may be shared by threads.
+
+// The C names are the contract; Rust's naming style does not apply to them.
+#![allow(non_camel_case_types)]
+
+mod device;
+mod iommu;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::error::{Error, Result};
+
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(e: &Error) {
+    // Interior NULs cannot come from our messages, but never let one cost the message.
+    let msg = CString::new(e.message().replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = msg);
+}
+
+fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    Error::new(libc::EIO, format!("internal error in vfiokit (a bug, please report it): {what}"))
+}
+
+/// Runs an export's body: `Ok` is 0, `Err` is `-errno` with the message recorded, a panic is
+/// `-EIO` and never unwinds into C.
+fn call(body: impl FnOnce() -> Result<()>) -> c_int {
+    call_or(|e| -e.errno(), || body().map(|()| 0))
+}
+
+/// Like [`call`] for exports that return a value: `fallback` turns a failure into one.
+fn call_or<T>(fallback: impl FnOnce(&Error) -> T, body: impl FnOnce() -> Result<T>) -> T {
+    let err = match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(value)) => return value,
+        Ok(Err(e)) => e,
+        Err(payload) => panic_error(payload),
+    };
+    set_last_error(&err);
+    fallback(&err)
+}
+
+fn null(what: &str) -> Error {
+    Error::invalid(format!("{what} is NULL"))
+}
+
+/// Writes an out-parameter, which must be non-null.
+///
+/// # Safety
+/// `out` must be NULL or valid for a write of `T`.
+unsafe fn put<T>(out: *mut T, what: &str, value: T) -> Result<()> {
+    // SAFETY: upheld by the caller for non-null pointers.
+    unsafe { out.as_mut() }.map(|slot| *slot = value).ok_or_else(|| null(what))
+}
+
+/// Checks that an out-parameter is non-null before doing work whose result it will carry.
+fn need<T>(out: *mut T, what: &str) -> Result<()> {
+    if out.is_null() { Err(null(what)) } else { Ok(()) }
+}
+
+/// A borrowed C string as UTF-8.
+///
+/// # Safety
+/// `s` must be NULL or a NUL-terminated string that lives for `'a`.
+unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str> {
+    if s.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: upheld by the caller.
+    unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+}
+
+/// A word at the head of each handle, overwritten when it is freed, so a closed or foreign
+/// pointer is reported (EBADF) instead of used, where the memory has not been reused yet.
+trait Handle: Sized {
+    const MAGIC: u64;
+    const NAME: &'static str;
+    fn magic(&self) -> u64;
+
+    /// # Safety
+    /// `p` must be NULL or point to readable memory at least as large as `Self`.
+    unsafe fn from_ptr<'a>(p: *const Self) -> Result<&'a Self> {
+        // SAFETY: upheld by the caller.
+        let h = unsafe { p.as_ref() }.ok_or_else(|| null(Self::NAME))?;
+        if h.magic() != Self::MAGIC {
+            return Err(Error::new(libc::EBADF, format!("{} {p:p} is not open (closed already?)", Self::NAME)));
+        }
+        Ok(h)
+    }
+}
+
+/// The ABI version of the library: equals `VFIOKIT_ABI_VERSION` of the header it was built with.
+#[unsafe(no_mangle)]
+pub extern "C" fn vfiokit_abi_version() -> u32 {
+    crate::ABI_VERSION
+}
+
+/// The library's version, e.g. "0.1.0". Static storage.
+#[unsafe(no_mangle)]
+pub extern "C" fn vfiokit_version() -> *const c_char {
+    static VERSION: &CStr = match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(v) => v,
+        Err(_) => panic!("version has no interior NUL"),
+    };
+    VERSION.as_ptr()
+}
+
+/// This thread's last failure message, "" if none yet. Valid until this thread's next failing
+/// call. Successful calls leave it unchanged.
+#[unsafe(no_mangle)]
+pub extern "C" fn vfiokit_last_error() -> *const c_char {
+    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+}
+
+/// Binds a PCI device to vfio-pci through driver_override (needs root).
+///
+/// # Safety
+/// `pci_address` must be NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_pci_bind(pci_address: *const c_char) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| crate::bind(unsafe { str_arg(pci_address, "pci_address") }?))
+}
+
+/// Unbinds a PCI device from vfio-pci and lets its native driver probe it (needs root).
+///
+/// # Safety
+/// `pci_address` must be NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_pci_unbind(pci_address: *const c_char) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| crate::unbind(unsafe { str_arg(pci_address, "pci_address") }?))
+}

@@ -1,0 +1,464 @@
+//! A VFIO device: its records, mapped regions, width-exact accessors, config space, IRQs and
+//! reset. Owns its fds and mappings; everything is released on drop.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use once_cell::sync::OnceCell;
+use vfio_bindings::bindings::vfio as k;
+
+use crate::error::{Error, Result};
+use crate::host::PciDevice;
+use crate::iommu::Iommu;
+use crate::irq::{self, Action, Irq};
+use crate::pci;
+use crate::region::{self, Area, Region, PCI_CONFIG, REGION_READ, REGION_WRITE};
+use crate::sys::{self, mem, vfio, Context};
+
+/// One contiguous virtual range for a region: its mmappable areas mapped, the rest reserved
+/// with no access.
+struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory shared with a device; access discipline is the caller's.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we reserved base..base+len and nothing else refers to it once we drop.
+        unsafe { mem::unmap(self.base, self.len) };
+    }
+}
+
+/// A register width: one access of exactly this many bytes.
+pub trait Width: Copy + sealed::Sealed {
+    const BYTES: usize;
+    fn from_ne(bytes: &[u8]) -> Self;
+    fn to_ne(self, out: &mut [u8]);
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! width {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Width for $t {
+            const BYTES: usize = size_of::<$t>();
+            fn from_ne(bytes: &[u8]) -> Self {
+                <$t>::from_ne_bytes(bytes.try_into().expect("caller passes BYTES bytes"))
+            }
+            fn to_ne(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_ne_bytes())
+            }
+        }
+    )*};
+}
+width!(u8, u16, u32, u64);
+
+/// Eventfds of each IRQ index's vectors (None: vector not routed).
+type Vectors = Vec<Vec<Option<Arc<OwnedFd>>>>;
+
+pub struct Device {
+    address: String,
+    flags: u32,
+    regions: Vec<Region>,
+    areas: Vec<Area>,
+    irqs: Vec<Irq>,
+    mappings: Vec<OnceCell<Mapping>>,
+    vectors: Mutex<Vectors>,
+    fd: OwnedFd,
+    // Dropped last: a type1 device must leave before its group and container.
+    iommu: Iommu,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("address", &self.address).field("fd", &self.fd).finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Opens a device by PCI address ("0000:00:02.0", "00:02.0") or sysfs path, in `iommu`
+    /// or (None) the process-wide shared context.
+    pub fn open(name: &str, iommu: Option<&Iommu>) -> Result<Device> {
+        let pci = PciDevice::find(name)?;
+        pci.require_vfio_driver()?;
+        let iommu = match iommu {
+            Some(i) => i.clone(),
+            None => Iommu::shared()?,
+        };
+        let fd = iommu.open_device(&pci)?;
+        Device::from_fd(pci.address, iommu, fd)
+    }
+
+    fn from_fd(address: String, iommu: Iommu, fd: OwnedFd) -> Result<Device> {
+        let info = vfio::device_info(fd.as_fd()).context(|| format!("VFIO_DEVICE_GET_INFO on {address}"))?;
+        if info.flags & k::VFIO_DEVICE_FLAGS_PCI == 0 {
+            return Err(Error::new(libc::ENOTSUP, format!("{address} is not a VFIO PCI device")));
+        }
+        let infos = (0..info.num_regions)
+            .map(|i| match vfio::region_info(fd.as_fd(), i) {
+                Ok(reply) => region::decode_region_info(&reply)
+                    .map_err(|e| Error::new(libc::EPROTO, format!("{address} region {i}: {e}"))),
+                // vfio-pci answers EINVAL for an index it has nothing at.
+                Err(sys::Errno(libc::EINVAL)) => Ok(region::RegionInfo::default()),
+                Err(sys::Errno(e)) => Err(Error::os(e, format!("VFIO_DEVICE_GET_REGION_INFO {i} on {address}"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bars = read_bars(&fd, &infos).context(|| format!("reading the BARs of {address}"))?;
+        let mut areas = Vec::new();
+        let regions: Vec<Region> = infos
+            .iter()
+            .enumerate()
+            .map(|(i, info)| {
+                let attrs = if i < 6 { region::bar_flags(&bars, i) } else { 0 };
+                region::record(i as u32, info, attrs, &mut areas)
+            })
+            .collect();
+        let irqs = (0..info.num_irqs)
+            .map(|i| {
+                let ki = vfio::irq_info(fd.as_fd(), i).context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}"))?;
+                Ok(irq::record(i, ki.flags, ki.count))
+            })
+            .collect::<Result<Vec<Irq>>>()?;
+        let vectors = irqs.iter().map(|irq| vec![None; irq.count as usize]).collect();
+        Ok(Device {
+            address,
+            flags: info.flags,
+            mappings: regions.iter().map(|_| OnceCell::new()).collect(),
+            regions,
+            areas,
+            irqs,
+            vectors: Mutex::new(vectors),
+            fd,
+            iommu,
+        })
+    }
+
+    /// Canonical PCI address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn iommu(&self) -> &Iommu {
+        &self.iommu
+    }
+
+    /// Record `i` describes region index `i`; absent regions have flags 0.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    pub fn areas(&self) -> &[Area] {
+        &self.areas
+    }
+
+    pub fn irqs(&self) -> &[Irq] {
+        &self.irqs
+    }
+
+    pub fn reset(&self) -> Result<()> {
+        if self.flags & k::VFIO_DEVICE_FLAGS_RESET == 0 {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                format!("{} does not support reset (the kernel found no function-level, PM or bus reset)", self.address),
+            ));
+        }
+        vfio::device_reset(self.fd.as_fd()).context(|| format!("resetting {}", self.address))
+    }
+
+    fn region(&self, index: u32) -> Result<&Region> {
+        self.regions
+            .get(index as usize)
+            .filter(|r| r.flags & region::REGION_PRESENT != 0)
+            .ok_or_else(|| Error::invalid(format!("{} has no region {index}", self.address)))
+    }
+
+    fn region_areas(&self, r: &Region) -> &[Area] {
+        &self.areas[r.first_area as usize..(r.first_area + r.num_areas) as usize]
+    }
+
+    /// Checks that `[off, off+len)` lies inside the region and the region allows `access`.
+    fn check_range(&self, r: &Region, off: u64, len: usize, access: u32) -> Result<()> {
+        if off.checked_add(len as u64).is_none_or(|end| end > r.size) {
+            return Err(Error::invalid(format!(
+                "{} region {}: [{off:#x}, +{len:#x}) is outside its {:#x} bytes",
+                self.address, r.index, r.size
+            )));
+        }
+        if r.flags & access == 0 {
+            let what = if access == REGION_READ { "read" } else { "written" };
+            return Err(Error::new(libc::EACCES, format!("{} region {} cannot be {what}", self.address, r.index)));
+        }
+        Ok(())
+    }
+
+    /// The region's contiguous mapping (made on first use).
+    pub fn map(&self, index: u32) -> Result<NonNull<u8>> {
+        let r = self.region(index)?;
+        if r.num_areas == 0 {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                format!(
+                    "{} region {index} cannot be mmapped{}: use the read/write accessors",
+                    self.address,
+                    if r.flags & region::REGION_IO_PORT != 0 { " (I/O-port BAR)" } else { "" }
+                ),
+            ));
+        }
+        self.mapping(r).map(|m| m.base)
+    }
+
+    fn mapping(&self, r: &Region) -> Result<&Mapping> {
+        self.mappings[r.index as usize].get_or_try_init(|| {
+            let what = || format!("mapping {} region {}", self.address, r.index);
+            let page = sys::page_size();
+            let len = (r.size as usize).next_multiple_of(page);
+            let base = mem::reserve(len).context(what)?;
+            // Built first, so an area failing below releases the reservation.
+            let mapping = Mapping { base, len };
+            let prot = [(REGION_READ, libc::PROT_READ), (REGION_WRITE, libc::PROT_WRITE)]
+                .iter()
+                .filter(|(f, _)| r.flags & f != 0)
+                .fold(0, |p, (_, bit)| p | bit);
+            for a in self.region_areas(r) {
+                // SAFETY: base..base+len is our reservation; the area lies inside the region.
+                let at = unsafe { base.add(a.offset as usize) };
+                // SAFETY: the range is inside our fresh reservation.
+                unsafe { mem::map_shared_fixed(at, (a.size as usize).next_multiple_of(page), self.fd.as_fd(), r.offset + a.offset, prot) }
+                    .context(what)?;
+            }
+            Ok(mapping)
+        })
+    }
+
+    /// A pointer to `[off, off+len)` through the mapping when one area covers it all.
+    fn mapped(&self, r: &Region, off: u64, len: usize) -> Result<Option<*mut u8>> {
+        let end = off + len as u64;
+        if !self.region_areas(r).iter().any(|a| a.offset <= off && end <= a.offset + a.size) {
+            return Ok(None);
+        }
+        // SAFETY: off is inside the region, hence inside the mapping.
+        Ok(Some(unsafe { self.mapping(r)?.base.as_ptr().add(off as usize) }))
+    }
+
+    /// Reads `buf.len()` bytes at `off` of a region (memcpy through the mapping where one area
+    /// covers the range, the device fd elsewhere).
+    pub fn read(&self, index: u32, off: u64, buf: &mut [u8]) -> Result<()> {
+        let r = self.region(index)?;
+        self.check_range(r, off, buf.len(), REGION_READ)?;
+        match self.mapped(r, off, buf.len())? {
+            // SAFETY: the source is inside our mapping, the destination is the caller's buffer.
+            Some(p) => unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) },
+            None => self.pread(r, off, buf)?,
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, index: u32, off: u64, buf: &[u8]) -> Result<()> {
+        let r = self.region(index)?;
+        self.check_range(r, off, buf.len(), REGION_WRITE)?;
+        match self.mapped(r, off, buf.len())? {
+            // SAFETY: the destination is inside our mapping, the source is the caller's buffer.
+            Some(p) => unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) },
+            None => self.pwrite(r, off, buf)?,
+        }
+        Ok(())
+    }
+
+    fn pread(&self, r: &Region, off: u64, buf: &mut [u8]) -> Result<()> {
+        sys::pread_exact(self.fd.as_fd(), buf, r.offset + off)
+            .context(|| format!("reading {} bytes at {off:#x} of {} region {}", buf.len(), self.address, r.index))
+    }
+
+    fn pwrite(&self, r: &Region, off: u64, buf: &[u8]) -> Result<()> {
+        sys::pwrite_all(self.fd.as_fd(), buf, r.offset + off)
+            .context(|| format!("writing {} bytes at {off:#x} of {} region {}", buf.len(), self.address, r.index))
+    }
+
+    fn check_aligned<T: Width>(&self, index: u32, off: u64) -> Result<()> {
+        if off % T::BYTES as u64 != 0 {
+            return Err(Error::invalid(format!(
+                "{} region {index}: offset {off:#x} is not aligned to the {}-byte access",
+                self.address,
+                T::BYTES
+            )));
+        }
+        Ok(())
+    }
+
+    /// One read of exactly `T`'s width at `off` (aligned to it).
+    pub fn read_reg<T: Width>(&self, index: u32, off: u64) -> Result<T> {
+        self.check_aligned::<T>(index, off)?;
+        let r = self.region(index)?;
+        self.check_range(r, off, T::BYTES, REGION_READ)?;
+        match self.mapped(r, off, T::BYTES)? {
+            // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
+            Some(p) => Ok(unsafe { p.cast::<T>().read_volatile() }),
+            None => {
+                let mut bytes = [0u8; 8];
+                self.pread(r, off, &mut bytes[..T::BYTES])?;
+                Ok(T::from_ne(&bytes[..T::BYTES]))
+            }
+        }
+    }
+
+    /// One write of exactly `T`'s width at `off` (aligned to it).
+    pub fn write_reg<T: Width>(&self, index: u32, off: u64, value: T) -> Result<()> {
+        self.check_aligned::<T>(index, off)?;
+        let r = self.region(index)?;
+        self.check_range(r, off, T::BYTES, REGION_WRITE)?;
+        match self.mapped(r, off, T::BYTES)? {
+            // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
+            Some(p) => unsafe { p.cast::<T>().write_volatile(value) },
+            None => {
+                let mut bytes = [0u8; 8];
+                value.to_ne(&mut bytes[..T::BYTES]);
+                self.pwrite(r, off, &bytes[..T::BYTES])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The config-space offset of a capability (`cap_id < 0x100` standard, else extended as
+    /// `id + PCI_CAP_EXTENDED`), or None if the device does not have it.
+    pub fn find_capability(&self, cap_id: u32) -> Result<Option<u32>> {
+        let r = self.region(PCI_CONFIG)?;
+        let mut config = vec![0u8; r.size.min(4096) as usize];
+        self.pread(r, 0, &mut config)?;
+        Ok(pci::find_capability(&config, cap_id))
+    }
+
+    fn irq_record(&self, index: u32) -> Result<&Irq> {
+        self.irqs
+            .get(index as usize)
+            .filter(|i| i.count > 0)
+            .ok_or_else(|| Error::invalid(format!("{} has no IRQ {index} ({})", self.address, irq_name(index))))
+    }
+
+    fn check_vectors(&self, index: u32, first: u32, count: u32) -> Result<&Irq> {
+        let irq = self.irq_record(index)?;
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > irq.count) {
+            return Err(Error::invalid(format!(
+                "{} IRQ {}: vectors [{first}, +{count}) are outside its {} vectors",
+                self.address,
+                irq_name(index),
+                irq.count
+            )));
+        }
+        Ok(irq)
+    }
+
+    fn set_irqs(&self, mut encoded: Vec<u8>, what: impl FnOnce() -> String) -> Result<()> {
+        vfio::set_irqs(self.fd.as_fd(), &mut encoded).context(|| format!("{} on {}", what(), self.address))
+    }
+
+    /// Routes vectors `first..first+count` of an IRQ index to new eventfds (owned by the
+    /// device) and enables them. Returns the eventfds.
+    pub fn irq_enable(&self, index: u32, first: u32, count: u32) -> Result<Vec<RawFd>> {
+        let irq = self.check_vectors(index, first, count)?;
+        if irq.flags & irq::IRQ_EVENTFD == 0 {
+            return Err(Error::new(libc::ENOTSUP, format!("{} IRQ {} cannot signal an eventfd", self.address, irq_name(index))));
+        }
+        let fds = (0..count)
+            .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
+            .collect::<Result<Vec<_>>>()?;
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        self.set_irqs(irq::encode_eventfds(index, first, &raw), || {
+            format!("enabling {} vectors [{first}, +{count})", irq_name(index))
+        })?;
+        for (slot, fd) in vectors[index as usize][first as usize..].iter_mut().zip(fds) {
+            *slot = Some(fd);
+        }
+        Ok(raw)
+    }
+
+    /// Disables an IRQ index and closes its eventfds.
+    pub fn irq_disable(&self, index: u32) -> Result<()> {
+        self.irq_record(index)?;
+        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        if vectors[index as usize].iter().all(Option::is_none) {
+            return Err(Error::invalid(format!("{} IRQ {} is not enabled", self.address, irq_name(index))));
+        }
+        self.set_irqs(irq::encode_set(index, 0, 0, Action::Trigger), || format!("disabling {}", irq_name(index)))?;
+        vectors[index as usize].fill(None);
+        Ok(())
+    }
+
+    fn vector_action(&self, index: u32, vector: u32, action: Action) -> Result<()> {
+        self.check_vectors(index, vector, 1)?;
+        self.set_irqs(irq::encode_set(index, vector, 1, action), || {
+            format!("{action:?} of {} vector {vector}", irq_name(index)).to_lowercase()
+        })
+    }
+
+    pub fn irq_mask(&self, index: u32, vector: u32) -> Result<()> {
+        self.vector_action(index, vector, Action::Mask)
+    }
+
+    pub fn irq_unmask(&self, index: u32, vector: u32) -> Result<()> {
+        self.vector_action(index, vector, Action::Unmask)
+    }
+
+    /// Makes the kernel signal the vector's eventfd as if the device had raised it.
+    pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
+        self.eventfd(index, vector)?;
+        self.vector_action(index, vector, Action::Trigger)
+    }
+
+    fn eventfd(&self, index: u32, vector: u32) -> Result<Arc<OwnedFd>> {
+        self.check_vectors(index, vector, 1)?;
+        let vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        vectors[index as usize][vector as usize].clone().ok_or_else(|| {
+            Error::invalid(format!("{} {} vector {vector} is not enabled", self.address, irq_name(index)))
+        })
+    }
+
+    /// Waits for the vector to fire and returns how many times it did since the last wait.
+    /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`. Holds no lock while waiting.
+    pub fn irq_wait(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
+        let fd = self.eventfd(index, vector)?;
+        let deadline = (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
+        loop {
+            if let Some(count) = sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd")? {
+                return Ok(count);
+            }
+            let left = match deadline {
+                None => -1,
+                Some(d) => d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+            };
+            if !sys::poll_readable(fd.as_fd(), left).context(|| "waiting on an IRQ eventfd")? {
+                return Err(Error::new(
+                    libc::ETIMEDOUT,
+                    format!("{} {} vector {vector}: no interrupt within {timeout_ms} ms", self.address, irq_name(index)),
+                ));
+            }
+        }
+    }
+}
+
+fn irq_name(index: u32) -> &'static str {
+    ["INTx", "MSI", "MSI-X", "ERR", "REQ"].get(index as usize).copied().unwrap_or("device-specific")
+}
+
+/// The six BAR registers from config space (zeros if the device has no config region).
+fn read_bars(fd: &OwnedFd, infos: &[region::RegionInfo]) -> sys::SysResult<[u32; 6]> {
+    let mut bars = [0u32; 6];
+    let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= 0x28) else { return Ok(bars) };
+    let mut raw = [0u8; 24];
+    sys::pread_exact(fd.as_fd(), &mut raw, config.offset + 0x10)?;
+    for (bar, bytes) in bars.iter_mut().zip(raw.chunks_exact(4)) {
+        // Config space is little-endian.
+        *bar = u32::from_le_bytes(bytes.try_into().expect("4-byte chunk"));
+    }
+    Ok(bars)
+}

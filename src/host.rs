@@ -1,0 +1,128 @@
+//! What the host says about a PCI device: its sysfs node, driver, IOMMU group and VFIO cdev.
+//! Also binding devices to vfio-pci. All file access goes through `sys::sysfs`.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::pci;
+use crate::sys::sysfs;
+use crate::sys::Context;
+
+const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+const VFIO_DRIVER: &str = "vfio-pci";
+
+/// A PCI device as sysfs describes it.
+#[derive(Debug, Clone)]
+pub(crate) struct PciDevice {
+    /// Canonical address, "0000:00:02.0".
+    pub address: String,
+    pub sysfs: PathBuf,
+}
+
+impl PciDevice {
+    /// Resolves a PCI address ("0000:00:02.0", "00:02.0") or a sysfs device path.
+    pub fn find(name: &str) -> Result<PciDevice> {
+        let address = if name.starts_with('/') {
+            let path = sysfs::canonical(Path::new(name)).context(|| format!("device path {name}"))?;
+            let base = path.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+            pci::parse_address(&base).map_err(|_| Error::invalid(format!("{name} is not a PCI device's sysfs path")))?
+        } else {
+            pci::parse_address(name).map_err(|e| Error::invalid(e.to_string()))?
+        };
+        let sysfs = Path::new(PCI_DEVICES).join(&address);
+        if !sysfs::exists(&sysfs) {
+            return Err(Error::new(libc::ENOENT, format!("no PCI device {address} (nothing at {})", sysfs.display())));
+        }
+        Ok(PciDevice { address, sysfs })
+    }
+
+    pub fn driver(&self) -> Option<String> {
+        sysfs::link_name(&self.sysfs.join("driver"))
+    }
+
+    /// Fails with a message saying how to fix it unless the device is bound to vfio-pci.
+    pub fn require_vfio_driver(&self) -> Result<()> {
+        match self.driver() {
+            Some(d) if d == VFIO_DRIVER => Ok(()),
+            other => {
+                let bound = match other {
+                    Some(d) => format!("is bound to {d}, not {VFIO_DRIVER}"),
+                    None => "is not bound to any driver".to_owned(),
+                };
+                Err(Error::new(
+                    libc::ENODEV,
+                    format!(
+                        "{a} {bound}; bind it with vfiokit_pci_bind(\"{a}\") (or: echo {VFIO_DRIVER} > {s}/driver_override; \
+                         echo {a} > {s}/driver/unbind; echo {a} > /sys/bus/pci/drivers_probe)",
+                        a = self.address,
+                        s = self.sysfs.display()
+                    ),
+                ))
+            }
+        }
+    }
+
+    pub fn iommu_group(&self) -> Result<u32> {
+        sysfs::link_name(&self.sysfs.join("iommu_group")).and_then(|g| g.parse().ok()).ok_or_else(|| {
+            Error::new(
+                libc::ENODEV,
+                format!("{} has no IOMMU group: is an IOMMU enabled (intel_iommu=on / amd_iommu=on)?", self.address),
+            )
+        })
+    }
+
+    /// The device's VFIO cdev ("/dev/vfio/devices/vfio0"), when the kernel offers one.
+    pub fn cdev(&self) -> Option<PathBuf> {
+        let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next()?;
+        Some(Path::new("/dev/vfio/devices").join(name))
+    }
+}
+
+/// Why a group is not viable: its other members that are bound to a driver other than vfio-pci.
+pub(crate) fn group_blockers(group: u32) -> String {
+    let dir = PathBuf::from(format!("/sys/kernel/iommu_groups/{group}/devices"));
+    let blockers: Vec<String> = sysfs::list(&dir)
+        .into_iter()
+        .filter_map(|addr| {
+            let driver = sysfs::link_name(&dir.join(&addr).join("driver"))?;
+            (driver != VFIO_DRIVER && driver != "pcieport").then(|| format!("{addr} is bound to {driver}"))
+        })
+        .collect();
+    if blockers.is_empty() {
+        "a device in it is bound to a driver other than vfio-pci".to_owned()
+    } else {
+        blockers.join(", ")
+    }
+}
+
+/// Binds a PCI device to vfio-pci through driver_override (root only).
+pub fn bind(name: &str) -> Result<()> {
+    let dev = PciDevice::find(name)?;
+    if dev.driver().as_deref() == Some(VFIO_DRIVER) {
+        return Ok(());
+    }
+    let a = &dev.address;
+    sysfs::write(&dev.sysfs.join("driver_override"), VFIO_DRIVER).context(|| format!("setting driver_override of {a}"))?;
+    if dev.driver().is_some() {
+        sysfs::write(&dev.sysfs.join("driver/unbind"), a).context(|| format!("unbinding {a} from its driver"))?;
+    }
+    sysfs::write(Path::new("/sys/bus/pci/drivers_probe"), a).context(|| format!("probing {a}"))?;
+    match dev.driver() {
+        Some(d) if d == VFIO_DRIVER => Ok(()),
+        _ => Err(Error::new(libc::ENODEV, format!("{VFIO_DRIVER} did not claim {a}: is the vfio-pci module loaded?"))),
+    }
+}
+
+/// Unbinds a PCI device from vfio-pci and lets its own driver probe it again (root only).
+pub fn unbind(name: &str) -> Result<()> {
+    let dev = PciDevice::find(name)?;
+    let a = &dev.address;
+    if dev.driver().is_some() {
+        sysfs::write(&dev.sysfs.join("driver/unbind"), a).context(|| format!("unbinding {a}"))?;
+    }
+    // An empty override lets the device's native driver match again.
+    sysfs::write(&dev.sysfs.join("driver_override"), "\n").context(|| format!("clearing driver_override of {a}"))?;
+    // No driver may want the device; that is not an error.
+    let _ = sysfs::write(Path::new("/sys/bus/pci/drivers_probe"), a);
+    Ok(())
+}

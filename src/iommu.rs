@@ -1,0 +1,364 @@
+//! The DMA context: which IOVAs a device may reach, and the memory behind them.
+//!
+//! One type, two kernel interfaces behind it: the legacy type1 container with its groups, and
+//! iommufd (an IOAS that devices opened through their cdev attach to).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use crate::caps;
+use crate::error::{Error, Result};
+use crate::host::{self, PciDevice};
+use crate::iova::{IovaRange, IovaSpace};
+use crate::sys::{self, mem, vfio, Context};
+
+/// Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
+pub const IOMMU_AUTO: u32 = 0;
+/// The legacy container/group interface with the type1 (v2) IOMMU driver.
+pub const IOMMU_TYPE1: u32 = 1;
+/// iommufd (/dev/iommu) with devices opened through their VFIO cdev.
+pub const IOMMU_IOMMUFD: u32 = 2;
+
+/// The kernel interface a context uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IommuKind {
+    Type1,
+    Iommufd,
+}
+
+impl IommuKind {
+    pub fn code(self) -> u32 {
+        match self {
+            IommuKind::Type1 => IOMMU_TYPE1,
+            IommuKind::Iommufd => IOMMU_IOMMUFD,
+        }
+    }
+
+    /// Resolves an `IOMMU_*` code; AUTO consults `VFIOKIT_IOMMU`, then the kernel.
+    pub fn resolve(code: u32) -> Result<IommuKind> {
+        match code {
+            IOMMU_TYPE1 => Ok(IommuKind::Type1),
+            IOMMU_IOMMUFD => Ok(IommuKind::Iommufd),
+            IOMMU_AUTO => match std::env::var("VFIOKIT_IOMMU").as_deref() {
+                Ok("type1") => Ok(IommuKind::Type1),
+                Ok("iommufd") => Ok(IommuKind::Iommufd),
+                Ok(other) => Err(Error::invalid(format!("VFIOKIT_IOMMU={other}: expected type1 or iommufd"))),
+                Err(_) => Ok(IommuKind::Type1),
+            },
+            other => Err(Error::invalid(format!("unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd)"))),
+        }
+    }
+}
+
+const CONTAINER: &str = "/dev/vfio/vfio";
+const TYPE1V2: u32 = 3;
+const TYPE1: u32 = 1;
+
+enum Backend {
+    Type1 { container: OwnedFd },
+}
+
+struct State {
+    /// Groups attached to the container, kept until the context closes so that DMA mappings
+    /// outlive any one device.
+    groups: HashMap<u32, OwnedFd>,
+    /// Valid IOVA ranges and the mappings in them; type1 knows its ranges only once a group is
+    /// attached.
+    space: Option<IovaSpace>,
+    /// DMA buffers from `alloc`: address -> (iova, len).
+    buffers: HashMap<usize, (u64, usize)>,
+}
+
+struct Inner {
+    backend: Backend,
+    state: Mutex<State>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (&addr, &(_, len)) in &state.buffers {
+            // SAFETY: alloc mapped this range; the context is going away, so no one can free it.
+            unsafe { mem::unmap(NonNull::new(addr as *mut u8).expect("non-null buffer"), len) };
+        }
+    }
+}
+
+/// A DMA context shared by the devices opened in it. Cloning shares it.
+#[derive(Clone)]
+pub struct Iommu(Arc<Inner>);
+
+static DEFAULT: Mutex<Weak<Inner>> = Mutex::new(Weak::new());
+
+impl Iommu {
+    /// Opens a new context of `kind` (an `IOMMU_*` code).
+    pub fn open(kind: u32) -> Result<Iommu> {
+        let backend = match IommuKind::resolve(kind)? {
+            IommuKind::Type1 => Backend::Type1 { container: open_container()? },
+            IommuKind::Iommufd => {
+                return Err(Error::new(libc::ENOTSUP, "iommufd contexts are not supported by this build yet"));
+            }
+        };
+        let state = State { groups: HashMap::new(), space: None, buffers: HashMap::new() };
+        Ok(Iommu(Arc::new(Inner { backend, state: Mutex::new(state) })))
+    }
+
+    /// The process-wide context used by devices opened without one; it lives while any
+    /// device (or caller) holds it, and a new one is opened after that.
+    pub fn shared() -> Result<Iommu> {
+        let mut slot = lock(&DEFAULT);
+        if let Some(inner) = slot.upgrade() {
+            return Ok(Iommu(inner));
+        }
+        let iommu = Iommu::open(IOMMU_AUTO)?;
+        *slot = Arc::downgrade(&iommu.0);
+        Ok(iommu)
+    }
+
+    pub fn kind(&self) -> IommuKind {
+        match self.0.backend {
+            Backend::Type1 { .. } => IommuKind::Type1,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.0.state)
+    }
+
+    /// Opens the VFIO device fd of `dev` in this context.
+    pub(crate) fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {
+        match &self.0.backend {
+            Backend::Type1 { container } => {
+                let group = dev.iommu_group()?;
+                let mut state = self.state();
+                if !state.groups.contains_key(&group) {
+                    let fd = attach_group(container, group, state.groups.is_empty())?;
+                    if state.space.is_none() {
+                        state.space = Some(IovaSpace::new(type1_ranges(container)?));
+                    }
+                    state.groups.insert(group, fd);
+                }
+                vfio::group_device_fd(state.groups[&group].as_fd(), &dev.address)
+                    .context(|| format!("getting the VFIO device fd of {} from group {group}", dev.address))
+            }
+        }
+    }
+
+    /// The IOVA ranges devices in this context may use.
+    pub fn iova_ranges(&self) -> Result<Vec<IovaRange>> {
+        self.with_space(|space| Ok(space.valid().to_vec()))
+    }
+
+    fn with_space<T>(&self, f: impl FnOnce(&mut IovaSpace) -> Result<T>) -> Result<T> {
+        let mut state = self.state();
+        match state.space.as_mut() {
+            Some(space) => f(space),
+            None => Err(Error::new(
+                libc::ENODEV,
+                "no device is attached yet: a type1 container has IOVA ranges and accepts DMA mappings only once \
+                 a device's group is in it (open a device first)",
+            )),
+        }
+    }
+
+    /// Maps `len` bytes at `vaddr` for device DMA at `iova`.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until it is unmapped here (or the context closes), and must
+    /// not be behind a Rust reference while a device may write it.
+    pub unsafe fn map(&self, vaddr: *mut u8, len: usize, iova: u64) -> Result<()> {
+        check_dma_args(vaddr, len, Some(iova))?;
+        self.with_space(|space| space.claim(iova, len as u64).map_err(|why| Error::invalid(format!("DMA map: {why}"))))?;
+        // SAFETY: forwarded from the caller.
+        let mapped = unsafe { self.map_raw(vaddr, len, iova) };
+        if mapped.is_err() {
+            self.with_space(|space| Ok(space.release(iova, len as u64)))?;
+        }
+        mapped
+    }
+
+    /// Maps `len` bytes at `vaddr` at an IOVA the allocator picks, and returns it.
+    ///
+    /// # Safety
+    /// As for [`Iommu::map`].
+    pub unsafe fn map_any(&self, vaddr: *mut u8, len: usize) -> Result<u64> {
+        check_dma_args(vaddr, len, None)?;
+        let iova = self.with_space(|space| {
+            space.alloc(len as u64, dma_alignment(len)).ok_or_else(|| {
+                Error::new(libc::ENOSPC, format!("no free IOVA range of {len:#x} bytes in {}", space.describe()))
+            })
+        })?;
+        // SAFETY: forwarded from the caller.
+        match unsafe { self.map_raw(vaddr, len, iova) } {
+            Ok(()) => Ok(iova),
+            Err(e) => {
+                self.with_space(|space| Ok(space.release(iova, len as u64)))?;
+                Err(e)
+            }
+        }
+    }
+
+    unsafe fn map_raw(&self, vaddr: *mut u8, len: usize, iova: u64) -> Result<()> {
+        let result = match &self.0.backend {
+            // SAFETY: forwarded from the caller.
+            Backend::Type1 { container } => unsafe { vfio::dma_map(container.as_fd(), vaddr as u64, len as u64, iova) },
+        };
+        result.map_err(|sys::Errno(e)| {
+            let mut msg = format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: {}", std::io::Error::from_raw_os_error(e));
+            if e == libc::ENOMEM {
+                msg += &format!(
+                    " (RLIMIT_MEMLOCK is {} bytes; {len} more were asked: raise it with ulimit -l or grant CAP_IPC_LOCK)",
+                    sys::memlock_limit()
+                );
+            }
+            Error::new(e, msg)
+        })
+    }
+
+    /// Removes the DMA mapping made at `iova` with length `len`.
+    pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
+        self.with_space(|space| {
+            if !space.release(iova, len as u64) {
+                return Err(Error::new(libc::ENOENT, format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}")));
+            }
+            Ok(())
+        })?;
+        match &self.0.backend {
+            Backend::Type1 { container } => vfio::dma_unmap(container.as_fd(), iova, len as u64)
+                .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))
+                .map(drop),
+        }
+    }
+
+    /// Allocates `len` bytes (rounded up to pages) of zeroed memory and maps it for DMA.
+    /// Returns its address and IOVA; [`Iommu::free`] releases both.
+    pub fn alloc(&self, len: usize) -> Result<(NonNull<u8>, u64)> {
+        if len == 0 {
+            return Err(Error::invalid("DMA buffer length is zero"));
+        }
+        let len = len.next_multiple_of(sys::page_size());
+        let addr = mem::anonymous(len).context(|| format!("allocating a {len:#x}-byte DMA buffer"))?;
+        // SAFETY: fresh private memory that only the buffer registry (and the caller) reach.
+        match unsafe { self.map_any(addr.as_ptr(), len) } {
+            Ok(iova) => {
+                self.state().buffers.insert(addr.as_ptr() as usize, (iova, len));
+                Ok((addr, iova))
+            }
+            Err(e) => {
+                // SAFETY: just mapped above, never handed out.
+                unsafe { mem::unmap(addr, len) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Unmaps and frees a buffer from [`Iommu::alloc`].
+    pub fn free(&self, vaddr: *mut u8) -> Result<()> {
+        let (iova, len) = self
+            .state()
+            .buffers
+            .remove(&(vaddr as usize))
+            .ok_or_else(|| Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context")))?;
+        let unmapped = self.unmap(iova, len);
+        // SAFETY: the buffer came from alloc and is no longer registered or DMA-mapped.
+        unsafe { mem::unmap(NonNull::new(vaddr).expect("registered buffers are non-null"), len) };
+        unmapped
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave this bookkeeping half-updated in a way worse than failing.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Large buffers get 2 MiB-aligned IOVAs so the IOMMU can use huge pages for them.
+fn dma_alignment(len: usize) -> u64 {
+    const HUGE: usize = 2 << 20;
+    if len >= HUGE { HUGE as u64 } else { sys::page_size() as u64 }
+}
+
+fn check_dma_args(vaddr: *mut u8, len: usize, iova: Option<u64>) -> Result<()> {
+    let page = sys::page_size();
+    if vaddr.is_null() || len == 0 {
+        return Err(Error::invalid("DMA map needs a non-null address and a non-zero length"));
+    }
+    if vaddr as usize % page != 0 || len % page != 0 || iova.is_some_and(|i| i % page as u64 != 0) {
+        return Err(Error::invalid(format!(
+            "DMA map of {vaddr:p}+{len:#x}{}: address, length and IOVA must be multiples of the {page}-byte page",
+            iova.map(|i| format!(" at IOVA {i:#x}")).unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+fn open_container() -> Result<OwnedFd> {
+    let container = sys::open(CONTAINER, libc::O_RDWR).map_err(|sys::Errno(e)| {
+        let hint = match e {
+            libc::ENOENT => " (is the vfio module loaded?)",
+            libc::EACCES | libc::EPERM => " (permission: run as root or make it accessible)",
+            _ => "",
+        };
+        Error::os(e, format!("opening {CONTAINER}{hint}"))
+    })?;
+    let version = vfio::api_version(container.as_fd()).context(|| "VFIO_GET_API_VERSION")?;
+    if version != vfio_bindings::bindings::vfio::VFIO_API_VERSION as i32 {
+        return Err(Error::new(libc::ENOTSUP, format!("VFIO API version {version} is not the supported 0")));
+    }
+    Ok(container)
+}
+
+fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd> {
+    let path = format!("/dev/vfio/{group}");
+    let fd = sys::open(&path, libc::O_RDWR).map_err(|sys::Errno(e)| {
+        let hint = match e {
+            libc::ENOENT => " (no such group node: is the device bound to vfio-pci?)",
+            libc::EACCES | libc::EPERM => " (permission: run as root or chown the group node)",
+            libc::EBUSY => " (already open: by another process, or by this one in another IOMMU context)",
+            _ => "",
+        };
+        Error::os(e, format!("opening {path}{hint}"))
+    })?;
+    const VIABLE: u32 = vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_VIABLE;
+    if vfio::group_flags(fd.as_fd()).context(|| format!("status of group {group}"))? & VIABLE == 0 {
+        return Err(Error::new(libc::EBUSY, format!("group {group} is not viable: {}", host::group_blockers(group))));
+    }
+    vfio::group_set_container(fd.as_fd(), container.as_fd()).context(|| format!("adding group {group} to the container"))?;
+    if first {
+        let kind = if vfio::check_extension(container.as_fd(), TYPE1V2).unwrap_or(false) { TYPE1V2 } else { TYPE1 };
+        vfio::set_iommu(container.as_fd(), kind).map_err(|sys::Errno(e)| {
+            let hint = if e == libc::EPERM { " (no interrupt remapping? the IOMMU must support it)" } else { "" };
+            Error::os(e, format!("setting the type1 IOMMU on the container{hint}"))
+        })?;
+    }
+    Ok(fd)
+}
+
+/// The valid IOVA ranges from the type1 info's capability chain; without one, all of the
+/// 64-bit space but page 0.
+fn type1_ranges(container: &OwnedFd) -> Result<Vec<IovaRange>> {
+    let reply = vfio::iommu_info(container.as_fd()).context(|| "VFIO_IOMMU_GET_INFO")?;
+    decode_type1_ranges(&reply).map_err(|e| Error::new(libc::EPROTO, format!("type1 IOMMU info: {e}")))
+}
+
+/// Decodes `struct vfio_iommu_type1_info` (argsz, flags, iova_pgsizes, cap_offset, pad) and its
+/// IOVA-range capability.
+pub(crate) fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::DecodeError> {
+    const INFO_CAPS: u32 = 1 << 1;
+    const CAP_IOVA_RANGE: u16 = 1;
+    let what = "type1 info";
+    let flags = caps::u32_at(reply, 4, what)?;
+    let first = if flags & INFO_CAPS != 0 { caps::u32_at(reply, 16, what)? } else { 0 };
+    for cap in caps::walk(reply, first, 24)? {
+        if cap.id == CAP_IOVA_RANGE {
+            let what = "IOVA range capability";
+            let count = cap.u32_at(8, what)? as usize;
+            cap.check_array(16, count, 16, what)?;
+            return (0..count)
+                .map(|i| Ok(IovaRange { start: cap.u64_at(16 + 16 * i, what)?, last: cap.u64_at(24 + 16 * i, what)? }))
+                .collect();
+        }
+    }
+    Ok(vec![IovaRange { start: 0, last: u64::MAX }])
+}

@@ -1,0 +1,31 @@
+//! vfiokit: userspace drivers for VFIO devices, with fixed-size records and fixed-offset
+//! regions in front of everything the kernel reports.
+//!
+//! Layers, each using only those above it: `sys` (the only code that makes system calls);
+//! `caps`, `region`, `irq`, `pci`, `iova` (pure decoding and bookkeeping); `host` (sysfs
+//! discovery and binding); `iommu` (DMA contexts); `device`; `capi` (the C ABI).
+
+mod caps;
+mod capi;
+mod device;
+mod error;
+mod host;
+mod iommu;
+mod iova;
+pub mod irq;
+pub mod pci;
+pub mod region;
+mod sys;
+
+pub use caps::DecodeError;
+pub use device::{Device, Width};
+pub use error::{Error, Result};
+pub use host::{bind, unbind};
+pub use iommu::{Iommu, IommuKind, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1};
+pub use iova::IovaRange;
+pub use irq::Irq;
+pub use region::{Area, Region};
+
+/// The C ABI's version: bumped (with the soname) on any incompatible change.
+pub const ABI_VERSION: u32 = 1;
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,136 @@
+//! PCI addresses and config-space capability walks. Pure.
+
+/// Why a name is not a PCI address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a PCI address (expected DDDD:BB:DD.F or BB:DD.F, hex)")]
+pub struct BadAddress(pub String);
+
+/// Parses "0000:00:02.0" or "00:02.0" into the canonical lowercase "0000:00:02.0".
+pub fn parse_address(name: &str) -> Result<String, BadAddress> {
+    let bad = || BadAddress(name.to_owned());
+    let hex = |s: &str, digits: usize, max: u32| -> Result<u32, BadAddress> {
+        if s.len() != digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        u32::from_str_radix(s, 16).ok().filter(|&v| v <= max).ok_or_else(bad)
+    };
+    let (rest, function) = name.rsplit_once('.').ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (domain, bus, device) = match parts[..] {
+        [d, b, s] => (hex(d, 4, 0xffff)?, hex(b, 2, 0xff)?, hex(s, 2, 0x1f)?),
+        [b, s] => (0, hex(b, 2, 0xff)?, hex(s, 2, 0x1f)?),
+        _ => return Err(bad()),
+    };
+    let function = hex(function, 1, 7)?;
+    Ok(format!("{domain:04x}:{bus:02x}:{device:02x}.{function:x}"))
+}
+
+/// `cap_id` values at or above this select an extended capability (`id + EXTENDED`).
+pub const PCI_CAP_EXTENDED: u32 = 0x10000;
+
+const STATUS: usize = 0x06;
+const STATUS_CAP_LIST: u8 = 1 << 4;
+const CAP_POINTER: usize = 0x34;
+const EXT_START: usize = 0x100;
+
+/// The config-space offset of capability `cap_id` (standard below 0x100, extended as
+/// `id + PCI_CAP_EXTENDED`), walking the lists in `config` with a bounded number of steps.
+pub fn find_capability(config: &[u8], cap_id: u32) -> Option<u32> {
+    if cap_id >= PCI_CAP_EXTENDED {
+        let id = u16::try_from(cap_id - PCI_CAP_EXTENDED).ok()?;
+        return find_extended(config, id);
+    }
+    let id = u8::try_from(cap_id).ok()?;
+    if config.get(STATUS)? & STATUS_CAP_LIST == 0 {
+        return None;
+    }
+    let mut pos = (*config.get(CAP_POINTER)? & 0xfc) as usize;
+    // 48 steps is the most a 256-byte space can hold past its header; more means a loop.
+    for _ in 0..48 {
+        if pos < 0x40 {
+            return None;
+        }
+        let (this, next) = (*config.get(pos)?, *config.get(pos + 1)?);
+        if this == id {
+            return Some(pos as u32);
+        }
+        pos = (next & 0xfc) as usize;
+    }
+    None
+}
+
+fn find_extended(config: &[u8], id: u16) -> Option<u32> {
+    let mut pos = EXT_START;
+    for _ in 0..(4096 - EXT_START) / 4 {
+        let header = u32::from_le_bytes(config.get(pos..pos + 4)?.try_into().ok()?);
+        if header == 0 || header == u32::MAX {
+            return None;
+        }
+        if header as u16 == id {
+            return Some(pos as u32);
+        }
+        pos = ((header >> 20) & 0xffc) as usize;
+        if pos < EXT_START {
+            return None;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_with_and_without_domain() {
+        assert_eq!(parse_address("0000:00:02.0").unwrap(), "0000:00:02.0");
+        assert_eq!(parse_address("00:1F.7").unwrap(), "0000:00:1f.7");
+        assert_eq!(parse_address("abcd:ff:1f.7").unwrap(), "abcd:ff:1f.7");
+    }
+
+    #[test]
+    fn bad_addresses() {
+        for bad in ["", "0:0:0.0", "00:20.0", "00:02.8", "00:02", "0000:00:02.0.1", "zz:00.0", "00:02.+", "+0:02.0", "00:02.0 "] {
+            assert!(parse_address(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    fn config_with_chain(chain: &[(usize, u8, u8)]) -> Vec<u8> {
+        let mut c = vec![0u8; 4096];
+        c[STATUS] = STATUS_CAP_LIST;
+        c[CAP_POINTER] = chain[0].0 as u8;
+        for &(pos, id, next) in chain {
+            c[pos] = id;
+            c[pos + 1] = next;
+        }
+        c
+    }
+
+    #[test]
+    fn standard_capabilities() {
+        let c = config_with_chain(&[(0x40, 0x01, 0x50), (0x50, 0x05, 0x60), (0x60, 0x11, 0)]);
+        assert_eq!(find_capability(&c, 0x05), Some(0x50));
+        assert_eq!(find_capability(&c, 0x11), Some(0x60));
+        assert_eq!(find_capability(&c, 0x10), None);
+    }
+
+    #[test]
+    fn standard_loop_terminates() {
+        let c = config_with_chain(&[(0x40, 0x01, 0x50), (0x50, 0x05, 0x40)]);
+        assert_eq!(find_capability(&c, 0x10), None);
+    }
+
+    #[test]
+    fn extended_capabilities_and_loops() {
+        let mut c = vec![0u8; 4096];
+        c[0x100..0x104].copy_from_slice(&(0x0001u32 | 1 << 16 | 0x148 << 20).to_le_bytes());
+        c[0x148..0x14c].copy_from_slice(&(0x000eu32 | 1 << 16).to_le_bytes());
+        assert_eq!(find_capability(&c, PCI_CAP_EXTENDED + 0x0e), Some(0x148));
+        assert_eq!(find_capability(&c, PCI_CAP_EXTENDED + 0x01), Some(0x100));
+        assert_eq!(find_capability(&c, PCI_CAP_EXTENDED + 0x10), None);
+        c[0x148..0x14c].copy_from_slice(&(0x000eu32 | 0x148 << 20).to_le_bytes());
+        assert_eq!(find_capability(&c, PCI_CAP_EXTENDED + 0x10), None);
+        // A 256-byte (conventional PCI) config space has no extended list.
+        assert_eq!(find_capability(&c[..256], PCI_CAP_EXTENDED + 0x01), None);
+    }
+}

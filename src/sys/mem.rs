@@ -1,0 +1,67 @@
+//! Virtual memory: address-space reservations, device mappings, anonymous DMA buffers.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use super::{Errno, SysResult};
+
+fn check_map(p: *mut libc::c_void) -> SysResult<NonNull<u8>> {
+    if p == libc::MAP_FAILED {
+        Err(Errno::last())
+    } else {
+        NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))
+    }
+}
+
+/// Reserves `len` bytes of address space with no access, so parts can be mapped over it.
+pub(crate) fn reserve(len: usize) -> SysResult<NonNull<u8>> {
+    // SAFETY: a fresh anonymous mapping touches no existing memory.
+    check_map(unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    })
+}
+
+/// Maps `len` bytes of `fd` at `offset` read/write over `addr`, which must lie in a reservation
+/// this process owns.
+///
+/// # Safety
+/// `addr..addr+len` must be inside a reservation made by [`reserve`] and not in use by anyone.
+pub(crate) unsafe fn map_shared_fixed(addr: NonNull<u8>, len: usize, fd: BorrowedFd, offset: u64, prot: i32) -> SysResult<()> {
+    // SAFETY: upheld by the caller: the range is ours to replace.
+    check_map(unsafe {
+        libc::mmap(addr.as_ptr().cast(), len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), offset as libc::off_t)
+    })
+    .map(drop)
+}
+
+/// Anonymous, private, zero-filled read/write memory (DMA buffers).
+pub(crate) fn anonymous(len: usize) -> SysResult<NonNull<u8>> {
+    // SAFETY: a fresh anonymous mapping touches no existing memory.
+    check_map(unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    })
+}
+
+/// Unmaps a range this process mapped.
+///
+/// # Safety
+/// Nothing may use `addr..addr+len` afterwards.
+pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) {
+    // SAFETY: upheld by the caller. munmap of a range we mapped cannot fail in a way we could
+    // act on.
+    unsafe { libc::munmap(addr.as_ptr().cast(), len) };
+}

@@ -1,0 +1,156 @@
+//! The only layer that talks to the kernel: ioctls, mmap, pread/pwrite, eventfds, sysfs.
+//!
+//! Every call returns the raw errno on failure; callers above add the context that makes a
+//! message useful. Nothing here decides policy.
+
+pub(crate) mod mem;
+pub(crate) mod sysfs;
+pub(crate) mod vfio;
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use crate::error::Error;
+
+/// A raw errno from a failed call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Errno(pub i32);
+
+pub(crate) type SysResult<T> = std::result::Result<T, Errno>;
+
+impl Errno {
+    fn last() -> Self {
+        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl From<std::io::Error> for Errno {
+    fn from(e: std::io::Error) -> Self {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+/// Attach "what was being done" to a raw errno.
+pub(crate) trait Context<T> {
+    fn context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> crate::Result<T>;
+}
+
+impl<T> Context<T> for SysResult<T> {
+    fn context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> crate::Result<T> {
+        self.map_err(|Errno(e)| Error::os(e, what()))
+    }
+}
+
+fn check(ret: libc::c_int) -> SysResult<libc::c_int> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
+}
+
+fn check_len(ret: libc::ssize_t) -> SysResult<usize> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret as usize) }
+}
+
+/// Opens a file with O_CLOEXEC, so a forked-and-exec'd child never inherits device access.
+pub(crate) fn open(path: &str, flags: libc::c_int) -> SysResult<OwnedFd> {
+    let cpath = CString::new(path).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: cpath is a valid NUL-terminated string.
+    let fd = check(unsafe { libc::open(cpath.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: open just returned this fd and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An ioctl whose argument is a pointer to `T` (in, out or both).
+///
+/// # Safety
+/// `request` must be an ioctl that reads/writes at most `size_of::<T>()` bytes at `arg`, or
+/// as many as `arg`'s `argsz` field declares when `arg` heads a larger buffer.
+pub(crate) unsafe fn ioctl_ptr<T>(fd: BorrowedFd, request: u64, arg: *mut T) -> SysResult<i32> {
+    // SAFETY: upheld by the caller.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg) })
+}
+
+/// An ioctl that takes an integer argument (or none).
+pub(crate) fn ioctl_val(fd: BorrowedFd, request: u64, arg: libc::c_ulong) -> SysResult<i32> {
+    // SAFETY: these requests take their argument by value and touch no user memory.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg) })
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`; a short read is EIO.
+pub(crate) fn pread_exact(fd: BorrowedFd, buf: &mut [u8], offset: u64) -> SysResult<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: rest is valid writable memory of rest.len() bytes.
+        let n = check_len(unsafe {
+            libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t)
+        })?;
+        if n == 0 {
+            return Err(Errno(libc::EIO));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes exactly `buf.len()` bytes at `offset`; a short write is EIO.
+pub(crate) fn pwrite_all(fd: BorrowedFd, buf: &[u8], offset: u64) -> SysResult<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: rest is valid readable memory of rest.len() bytes.
+        let n = check_len(unsafe {
+            libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t)
+        })?;
+        if n == 0 {
+            return Err(Errno(libc::EIO));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// A non-blocking, close-on-exec eventfd.
+pub(crate) fn eventfd() -> SysResult<OwnedFd> {
+    // SAFETY: plain syscall with no pointers.
+    let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: eventfd just returned this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until `fd` is readable; `timeout_ms < 0` waits forever. Returns false on timeout.
+pub(crate) fn poll_readable(fd: BorrowedFd, timeout_ms: i32) -> SysResult<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    loop {
+        // SAFETY: pfd is one valid pollfd.
+        match check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) }) {
+            Ok(n) => return Ok(n > 0),
+            Err(Errno(libc::EINTR)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Takes the eventfd's counter (resetting it to zero); `None` if it was zero.
+pub(crate) fn eventfd_take(fd: BorrowedFd) -> SysResult<Option<u64>> {
+    let mut count = 0u64;
+    // SAFETY: count is 8 writable bytes, what an eventfd read needs.
+    match check_len(unsafe { libc::read(fd.as_raw_fd(), (&raw mut count).cast(), 8) }) {
+        Ok(_) => Ok(Some(count)),
+        Err(Errno(libc::EAGAIN)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The soft RLIMIT_MEMLOCK in bytes (`u64::MAX` for unlimited).
+pub(crate) fn memlock_limit() -> u64 {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: rl is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } < 0 || rl.rlim_cur == libc::RLIM_INFINITY {
+        return u64::MAX;
+    }
+    rl.rlim_cur
+}
+
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}

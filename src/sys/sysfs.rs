@@ -1,0 +1,33 @@
+//! Reads of sysfs and /dev: where a device's driver, IOMMU group and cdev are found.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::SysResult;
+
+/// The last path component of a symlink's target (`driver` -> "vfio-pci"), if the link exists.
+pub(crate) fn link_name(path: &Path) -> Option<String> {
+    let target = fs::read_link(path).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+pub(crate) fn write(path: &Path, text: &str) -> SysResult<()> {
+    Ok(fs::write(path, text)?)
+}
+
+pub(crate) fn exists(path: &Path) -> bool {
+    path.exists()
+}
+
+pub(crate) fn canonical(path: &Path) -> SysResult<PathBuf> {
+    Ok(fs::canonicalize(path)?)
+}
+
+/// Names in a directory, sorted; empty if it does not exist.
+pub(crate) fn list(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}

@@ -1,0 +1,160 @@
+//! The VFIO ioctls, typed. Structures come from `vfio-bindings`; request numbers are the
+//! uapi's `_IO(VFIO_TYPE, VFIO_BASE + n)`, which bindgen cannot express.
+
+use std::ffi::CString;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+
+use vfio_bindings::bindings::vfio::*;
+
+use super::{ioctl_ptr, ioctl_val, Errno, SysResult};
+
+const fn vfio_io(n: u32) -> u64 {
+    ((VFIO_TYPE as u64) << 8) | (VFIO_BASE + n) as u64
+}
+
+const GET_API_VERSION: u64 = vfio_io(0);
+const CHECK_EXTENSION: u64 = vfio_io(1);
+const SET_IOMMU: u64 = vfio_io(2);
+const GROUP_GET_STATUS: u64 = vfio_io(3);
+const GROUP_SET_CONTAINER: u64 = vfio_io(4);
+const GROUP_GET_DEVICE_FD: u64 = vfio_io(6);
+const DEVICE_GET_INFO: u64 = vfio_io(7);
+const DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
+const DEVICE_GET_IRQ_INFO: u64 = vfio_io(9);
+const DEVICE_SET_IRQS: u64 = vfio_io(10);
+const DEVICE_RESET: u64 = vfio_io(11);
+const IOMMU_GET_INFO: u64 = vfio_io(12);
+const IOMMU_MAP_DMA: u64 = vfio_io(13);
+const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
+
+fn argsz<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
+}
+
+pub(crate) fn api_version(container: BorrowedFd) -> SysResult<i32> {
+    ioctl_val(container, GET_API_VERSION, 0)
+}
+
+pub(crate) fn check_extension(container: BorrowedFd, ext: u32) -> SysResult<bool> {
+    Ok(ioctl_val(container, CHECK_EXTENSION, ext.into())? > 0)
+}
+
+pub(crate) fn set_iommu(container: BorrowedFd, kind: u32) -> SysResult<()> {
+    ioctl_val(container, SET_IOMMU, kind.into()).map(drop)
+}
+
+pub(crate) fn group_flags(group: BorrowedFd) -> SysResult<u32> {
+    let mut status = vfio_group_status { argsz: argsz::<vfio_group_status>(), flags: 0 };
+    // SAFETY: GET_STATUS writes one vfio_group_status.
+    unsafe { ioctl_ptr(group, GROUP_GET_STATUS, &mut status)? };
+    Ok(status.flags)
+}
+
+pub(crate) fn group_set_container(group: BorrowedFd, container: BorrowedFd) -> SysResult<()> {
+    let mut fd: i32 = std::os::fd::AsRawFd::as_raw_fd(&container);
+    // SAFETY: SET_CONTAINER reads one int.
+    unsafe { ioctl_ptr(group, GROUP_SET_CONTAINER, &mut fd) }.map(drop)
+}
+
+pub(crate) fn group_device_fd(group: BorrowedFd, name: &str) -> SysResult<OwnedFd> {
+    let cname = CString::new(name).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: GET_DEVICE_FD reads a NUL-terminated string.
+    let fd = unsafe { ioctl_ptr(group, GROUP_GET_DEVICE_FD, cname.as_ptr().cast_mut()) }?;
+    // SAFETY: the kernel just created this fd for us (with O_CLOEXEC).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn device_info(device: BorrowedFd) -> SysResult<vfio_device_info> {
+    let mut info = vfio_device_info { argsz: argsz::<vfio_device_info>(), ..Default::default() };
+    // SAFETY: GET_INFO writes at most argsz bytes.
+    unsafe { ioctl_ptr(device, DEVICE_GET_INFO, &mut info)? };
+    Ok(info)
+}
+
+/// Calls a GET_INFO-style ioctl whose reply may carry a capability chain, growing the buffer
+/// to the `argsz` the kernel asks for. Returns the whole reply, header first.
+///
+/// `head` is the fixed header with `argsz` as its first u32 (every VFIO info struct starts so).
+fn info_with_caps<T: Copy>(fd: BorrowedFd, request: u64, head: T) -> SysResult<Vec<u8>> {
+    let head_len = std::mem::size_of::<T>();
+    let mut want = head_len;
+    // Two rounds suffice: the kernel's second answer fits what its first asked for. A third
+    // guards against a chain that grew in between.
+    for _ in 0..3 {
+        // u64 storage keeps the buffer aligned for the header's 64-bit fields.
+        let mut buf = vec![0u64; want.div_ceil(8)];
+        let bytes = buf.as_mut_ptr().cast::<u8>();
+        // SAFETY: buf holds at least head_len bytes and is 8-aligned; T is plain data.
+        unsafe { std::ptr::write(bytes.cast::<T>(), head) };
+        // SAFETY: argsz (first u32) is set to want; buf has want bytes.
+        unsafe {
+            bytes.cast::<u32>().write(want as u32);
+            ioctl_ptr(fd, request, bytes)?;
+        }
+        // SAFETY: the kernel wrote back argsz.
+        let asked = unsafe { bytes.cast::<u32>().read() } as usize;
+        // SAFETY: buf is want bytes long and initialized.
+        let reply = unsafe { std::slice::from_raw_parts(bytes, want) }.to_vec();
+        if asked <= want {
+            return Ok(reply);
+        }
+        want = asked;
+    }
+    Err(Errno(libc::EAGAIN))
+}
+
+/// The region's info with its capability chain (if any) as raw bytes.
+pub(crate) fn region_info(device: BorrowedFd, index: u32) -> SysResult<Vec<u8>> {
+    let head = vfio_region_info { index, ..Default::default() };
+    info_with_caps(device, DEVICE_GET_REGION_INFO, head)
+}
+
+pub(crate) fn irq_info(device: BorrowedFd, index: u32) -> SysResult<vfio_irq_info> {
+    let mut info = vfio_irq_info { argsz: argsz::<vfio_irq_info>(), index, ..Default::default() };
+    // SAFETY: GET_IRQ_INFO writes one vfio_irq_info.
+    unsafe { ioctl_ptr(device, DEVICE_GET_IRQ_INFO, &mut info)? };
+    Ok(info)
+}
+
+/// SET_IRQS with an already encoded `vfio_irq_set` (header + data).
+pub(crate) fn set_irqs(device: BorrowedFd, encoded: &mut [u8]) -> SysResult<()> {
+    // SAFETY: encoded starts with a vfio_irq_set whose argsz equals encoded.len().
+    unsafe { ioctl_ptr(device, DEVICE_SET_IRQS, encoded.as_mut_ptr()) }.map(drop)
+}
+
+pub(crate) fn device_reset(device: BorrowedFd) -> SysResult<()> {
+    ioctl_val(device, DEVICE_RESET, 0).map(drop)
+}
+
+/// The type1 container's info with its capability chain (IOVA ranges) as raw bytes.
+pub(crate) fn iommu_info(container: BorrowedFd) -> SysResult<Vec<u8>> {
+    info_with_caps(container, IOMMU_GET_INFO, vfio_iommu_type1_info::default())
+}
+
+/// # Safety
+/// `vaddr..vaddr+size` must stay mapped and unaliased by Rust references that assume no
+/// concurrent writes for as long as the DMA mapping exists.
+pub(crate) unsafe fn dma_map(container: BorrowedFd, vaddr: u64, size: u64, iova: u64) -> SysResult<()> {
+    let mut map = vfio_iommu_type1_dma_map {
+        argsz: argsz::<vfio_iommu_type1_dma_map>(),
+        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        vaddr,
+        iova,
+        size,
+    };
+    // SAFETY: MAP_DMA reads one vfio_iommu_type1_dma_map; the memory contract is the caller's.
+    unsafe { ioctl_ptr(container, IOMMU_MAP_DMA, &mut map) }.map(drop)
+}
+
+/// Returns the number of bytes the kernel unmapped.
+pub(crate) fn dma_unmap(container: BorrowedFd, iova: u64, size: u64) -> SysResult<u64> {
+    let mut unmap = vfio_iommu_type1_dma_unmap {
+        argsz: argsz::<vfio_iommu_type1_dma_unmap>(),
+        iova,
+        size,
+        ..Default::default()
+    };
+    // SAFETY: UNMAP_DMA reads and writes back one vfio_iommu_type1_dma_unmap (no bitmap flag).
+    unsafe { ioctl_ptr(container, IOMMU_UNMAP_DMA, &mut unmap)? };
+    Ok(unmap.size)
+}

@@ -124,9 +124,11 @@ impl Device {
             })
             .collect();
         let irqs = (0..info.num_irqs)
-            .map(|i| {
-                let ki = vfio::irq_info(fd.as_fd(), i).context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}"))?;
-                Ok(irq::record(i, ki.flags, ki.count))
+            .map(|i| match vfio::irq_info(fd.as_fd(), i) {
+                Ok(ki) => Ok(irq::record(i, ki.flags, ki.count)),
+                // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them.
+                Err(sys::Errno(libc::EINVAL)) => Ok(irq::record(i, 0, 0)),
+                Err(sys::Errno(e)) => Err(Error::os(e, format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}"))),
             })
             .collect::<Result<Vec<Irq>>>()?;
         let vectors = irqs.iter().map(|irq| vec![None; irq.count as usize]).collect();

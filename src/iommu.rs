@@ -335,8 +335,8 @@ fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd>
     Ok(fd)
 }
 
-/// The valid IOVA ranges from the type1 info's capability chain; without one, all of the
-/// 64-bit space but page 0.
+/// The valid IOVA ranges from the type1 info's capability chain; without one (older kernels),
+/// the whole 64-bit space.
 fn type1_ranges(container: &OwnedFd) -> Result<Vec<IovaRange>> {
     let reply = vfio::iommu_info(container.as_fd()).context(|| "VFIO_IOMMU_GET_INFO")?;
     decode_type1_ranges(&reply).map_err(|e| Error::new(libc::EPROTO, format!("type1 IOMMU info: {e}")))
@@ -361,4 +361,38 @@ pub(crate) fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::
         }
     }
     Ok(vec![IovaRange { start: 0, last: u64::MAX }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::TYPE1_INFO;
+
+    #[test]
+    fn captured_type1_info_gives_the_ranges_around_the_interrupt_window() {
+        assert_eq!(
+            decode_type1_ranges(TYPE1_INFO).unwrap(),
+            [IovaRange { start: 0, last: 0xfed_fffff }, IovaRange { start: 0xfef0_0000, last: 0x7f_ffff_ffff }]
+        );
+    }
+
+    #[test]
+    fn captured_type1_info_corrupted() {
+        assert!(matches!(decode_type1_ranges(&TYPE1_INFO[..100]), Err(caps::DecodeError::Truncated { .. })));
+        // The IOVA-range capability (at 0x44) pointing back at the first one.
+        let mut looped = TYPE1_INFO.to_vec();
+        looped[0x48] = 0x18;
+        assert!(matches!(decode_type1_ranges(&looped), Err(caps::DecodeError::Loop { .. })));
+        // A range count that would need more bytes than there are.
+        let mut counted = TYPE1_INFO.to_vec();
+        counted[0x4c..0x50].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert!(matches!(decode_type1_ranges(&counted), Err(caps::DecodeError::Truncated { .. })));
+    }
+
+    #[test]
+    fn info_without_caps_allows_the_whole_space() {
+        let mut plain = TYPE1_INFO[..24].to_vec();
+        plain[4] = 1; // PGSIZES only
+        assert_eq!(decode_type1_ranges(&plain).unwrap(), [IovaRange { start: 0, last: u64::MAX }]);
+    }
 }

@@ -9,6 +9,8 @@ mod caps;
 mod capi;
 mod device;
 mod error;
+#[cfg(test)]
+mod fixtures;
 mod host;
 mod iommu;
 mod iova;

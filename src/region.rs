@@ -225,6 +225,44 @@ mod tests {
         v
     }
 
+    use crate::fixtures;
+
+    #[test]
+    fn captured_nvme_bar0_is_msix_mappable() {
+        let info = decode_region_info(fixtures::NVME_BAR0).unwrap();
+        assert_eq!((info.flags, info.size, info.offset), (0xf, 0x4000, 0));
+        assert!(info.msix_mappable);
+        assert_eq!((info.sparse.as_ref(), info.type_subtype), (None, (0, 0)));
+        let mut areas = vec![];
+        let r = record(0, &info, REGION_MEM64, &mut areas);
+        assert_eq!(r.flags, REGION_PRESENT | REGION_READ | REGION_WRITE | REGION_MMAP | REGION_MSIX_MAPPABLE | REGION_MEM64);
+        assert_eq!(areas, [Area { region: 0, offset: 0, size: 0x4000, ..Default::default() }]);
+    }
+
+    #[test]
+    fn captured_replies_without_caps() {
+        let edu = decode_region_info(fixtures::EDU_BAR0).unwrap();
+        assert_eq!((edu.flags, edu.size, edu.msix_mappable), (0x7, 1 << 20, false));
+        let config = decode_region_info(fixtures::NVME_CONFIG).unwrap();
+        assert_eq!((config.flags, config.size, config.offset), (0x3, 0x1000, 7 << 40));
+        let r = record(PCI_CONFIG, &config, 0, &mut vec![]);
+        assert_eq!((r.flags, r.num_areas), (REGION_PRESENT | REGION_READ | REGION_WRITE, 0));
+    }
+
+    #[test]
+    fn captured_reply_corrupted() {
+        // The MSIX_MAPPABLE capability pointing at itself.
+        let mut looped = fixtures::NVME_BAR0.to_vec();
+        looped[36] = 32;
+        assert_eq!(decode_region_info(&looped).unwrap_err(), DecodeError::Loop { offset: 32 });
+        // Cut inside the capability header.
+        assert!(matches!(decode_region_info(&fixtures::NVME_BAR0[..36]), Err(DecodeError::OutOfBounds { offset: 32, .. })));
+        // The chain start moved past the end.
+        let mut far = fixtures::NVME_BAR0.to_vec();
+        far[12] = 0xf0;
+        assert!(matches!(decode_region_info(&far), Err(DecodeError::OutOfBounds { offset: 0xf0, .. })));
+    }
+
     #[test]
     fn plain_region_without_caps() {
         let info = decode_region_info(&header(0x7, 0, 0x100000, 0)).unwrap();

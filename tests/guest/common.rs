@@ -1,0 +1,98 @@
+//! What the guest suites share: the test devices' addresses and small device helpers.
+
+use vfiokit::{Device, Iommu, Width};
+
+pub fn addr(role: &str) -> String {
+    std::env::var(format!("VFIOKIT_TEST_{role}")).unwrap_or_else(|_| panic!("VFIOKIT_TEST_{role} is not set: run in tests/vm/run"))
+}
+
+pub fn open(role: &str) -> Device {
+    Device::open(&addr(role), None).unwrap_or_else(|e| panic!("open {role}: {e}"))
+}
+
+pub fn open_in(role: &str, iommu: &Iommu) -> Device {
+    Device::open(&addr(role), Some(iommu)).unwrap_or_else(|e| panic!("open {role}: {e}"))
+}
+
+pub fn rd<T: Width>(d: &Device, region: u32, off: u64) -> T {
+    d.read_reg::<T>(region, off).unwrap_or_else(|e| panic!("read at {off:#x} of region {region}: {e}"))
+}
+
+pub fn wr<T: Width>(d: &Device, region: u32, off: u64, v: T) {
+    d.write_reg(region, off, v).unwrap_or_else(|e| panic!("write at {off:#x} of region {region}: {e}"))
+}
+
+/// Asserts a failure with this errno whose message contains every `words`.
+#[track_caller]
+pub fn fails<T: std::fmt::Debug>(r: vfiokit::Result<T>, errno: i32, words: &[&str]) {
+    let e = r.expect_err("expected a failure");
+    assert_eq!(e.errno(), errno, "errno of: {e}");
+    for w in words {
+        assert!(e.message().contains(w), "message {:?} lacks {w:?}", e.message());
+    }
+}
+
+const PCI_COMMAND: u64 = 0x04;
+const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_MASTER: u16 = 1 << 2;
+
+/// DMA and MSI are memory writes by the device: bus mastering must be on for either.
+pub fn enable_bus_master(d: &Device) {
+    let cmd: u16 = rd(d, vfiokit::region::PCI_CONFIG, PCI_COMMAND);
+    wr(d, vfiokit::region::PCI_CONFIG, PCI_COMMAND, cmd | COMMAND_MASTER | COMMAND_MEMORY);
+}
+
+/// QEMU's edu device: registers in BAR0.
+pub mod edu {
+    pub const ID: u64 = 0x00;
+    pub const LIVENESS: u64 = 0x04;
+    pub const FACTORIAL: u64 = 0x08;
+    pub const STATUS: u64 = 0x20;
+    pub const IRQ_STATUS: u64 = 0x24;
+    pub const IRQ_RAISE: u64 = 0x60;
+    pub const IRQ_ACK: u64 = 0x64;
+    pub const DMA_SRC: u64 = 0x80;
+    pub const DMA_DST: u64 = 0x88;
+    pub const DMA_COUNT: u64 = 0x90;
+    pub const DMA_CMD: u64 = 0x98;
+    /// The device's own DMA buffer, as a device-side address.
+    pub const BUFFER: u64 = 0x40000;
+    pub const CMD_START: u64 = 1;
+    pub const CMD_TO_RAM: u64 = 2;
+
+    /// Runs one DMA transfer and waits for the engine to finish (it runs on a QEMU timer).
+    pub fn dma(d: &vfiokit::Device, src: u64, dst: u64, len: u64, to_ram: bool) {
+        super::wr(d, 0, DMA_SRC, src);
+        super::wr(d, 0, DMA_DST, dst);
+        super::wr(d, 0, DMA_COUNT, len);
+        super::wr(d, 0, DMA_CMD, CMD_START | if to_ram { CMD_TO_RAM } else { 0 });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::rd::<u64>(d, 0, DMA_CMD) & CMD_START != 0 {
+            assert!(std::time::Instant::now() < deadline, "edu DMA did not complete");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// Open fds and mappings of this process: what a leak would grow.
+pub fn fds_and_maps() -> (usize, usize) {
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap().lines().count();
+    (fds, maps)
+}
+
+/// Runs `f` in a forked child and asserts it exited 0 (a panic in the child exits 101).
+pub fn in_child(f: impl FnOnce()) {
+    // SAFETY: the guest runner is single-threaded, so the child is a consistent copy.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok();
+        // SAFETY: leave the child without running the parent's atexit handlers twice.
+        unsafe { libc::_exit(if ok { 0 } else { 101 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed (status {status:#x})");
+}

@@ -1,0 +1,62 @@
+//! A small test runner for suites that must run inside the test guest (tests/vm/run).
+//!
+//! Run by `cargo test` on the host, the binary boots the guest and runs itself there (once per
+//! kernel in VFIOKIT_VM_KERNELS, default "legacy"); inside the guest (VFIOKIT_VM_KERNEL set)
+//! it runs the cases one by one, in one thread, so cases may fork. It never skips: a guest
+//! that cannot start fails the run.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::{Command, ExitCode};
+
+pub type Case = (&'static str, fn());
+
+pub fn main(cases: &[Case]) -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // libtest-style filter: any argument not starting with '-' selects cases by substring.
+    let filters: Vec<&str> = args[1..].iter().map(String::as_str).filter(|a| !a.starts_with('-')).collect();
+    if std::env::var_os("VFIOKIT_VM_KERNEL").is_none() {
+        return boot_guests(&args);
+    }
+    let selected: Vec<&Case> = cases.iter().filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f))).collect();
+    let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap_or_default();
+    println!("running {} guest tests ({kernel} kernel)", selected.len());
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, case) in selected {
+        let started = std::time::Instant::now();
+        match catch_unwind(AssertUnwindSafe(case)) {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.2}s)", started.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                failed.push(*name);
+                println!("test {name} ... FAILED");
+            }
+        }
+    }
+    for name in &failed {
+        println!("failed: {name}");
+    }
+    println!("{passed} passed, {} failed", failed.len());
+    if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// On the host: run this same binary in the guest, once per kernel.
+fn boot_guests(args: &[String]) -> ExitCode {
+    let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vm/run");
+    let exe = std::env::current_exe().expect("own path");
+    let kernels = std::env::var("VFIOKIT_VM_KERNELS").unwrap_or_else(|_| "legacy".into());
+    for kernel in kernels.split_whitespace() {
+        let status = Command::new(runner)
+            .args(["--kernel", kernel, "--"])
+            .arg(&exe)
+            .args(&args[1..])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot start {runner}: {e}"));
+        if !status.success() {
+            eprintln!("guest tests failed on the {kernel} kernel ({status})");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,552 @@
+//! vfiokit against the real kernel's VFIO, in the test guest. `cargo test --test guest` boots
+//! the guest; see harness.rs.
+
+mod common;
+mod harness;
+
+use std::ptr::NonNull;
+
+use common::*;
+use vfiokit::irq::*;
+use vfiokit::region::*;
+use vfiokit::{Device, Iommu, IOMMU_AUTO, IOMMU_TYPE1};
+
+const CASES: &[harness::Case] = &[
+    ("open_by_every_name_form", open_by_every_name_form),
+    ("open_failures_name_their_cause", open_failures_name_their_cause),
+    ("edu_records", edu_records),
+    ("nvme_records_msix_mappable_mem64", nvme_records_msix_mappable_mem64),
+    ("ivshmem_records_prefetchable_64bit", ivshmem_records_prefetchable_64bit),
+    ("testdev_io_bar_is_not_mmappable", testdev_io_bar_is_not_mmappable),
+    ("edu_registers_through_the_mapping", edu_registers_through_the_mapping),
+    ("testdev_io_port_every_width_through_the_fd", testdev_io_port_every_width_through_the_fd),
+    ("testdev_mmio_through_the_mapping", testdev_mmio_through_the_mapping),
+    ("ivshmem_map_and_accessors_agree", ivshmem_map_and_accessors_agree),
+    ("big_bar_far_end", big_bar_far_end),
+    ("range_and_width_checks", range_and_width_checks),
+    ("config_space_and_capabilities", config_space_and_capabilities),
+    ("edu_msi_raised_interrupt_is_seen", edu_msi_raised_interrupt_is_seen),
+    ("edu_intx_must_be_unmasked_to_fire_again", edu_intx_must_be_unmasked_to_fire_again),
+    ("nvme_msix_subrange_and_trigger", nvme_msix_subrange_and_trigger),
+    ("err_and_req_irqs", err_and_req_irqs),
+    ("irq_misuse", irq_misuse),
+    ("iova_ranges_and_mapping_rules", iova_ranges_and_mapping_rules),
+    ("edu_dma_round_trip", edu_dma_round_trip),
+    ("dma_to_unmapped_iova_does_not_reach_memory", dma_to_unmapped_iova_does_not_reach_memory),
+    ("reset_where_supported", reset_where_supported),
+    ("several_devices_and_contexts", several_devices_and_contexts),
+    ("group_not_permitted", group_not_permitted),
+    ("memlock_too_low_is_named", memlock_too_low_is_named),
+    ("open_close_cycles_leak_nothing", open_close_cycles_leak_nothing),
+];
+
+fn main() -> std::process::ExitCode {
+    harness::main(CASES)
+}
+
+fn open_by_every_name_form() {
+    let full = addr("EDU");
+    let short = full.strip_prefix("0000:").expect("domain 0").to_owned();
+    let sysfs = format!("/sys/bus/pci/devices/{full}");
+    let iommu = Iommu::open(IOMMU_TYPE1).unwrap();
+    for name in [full.as_str(), short.as_str(), &short.to_uppercase(), sysfs.as_str()] {
+        let d = Device::open(name, Some(&iommu)).unwrap_or_else(|e| panic!("open {name}: {e}"));
+        assert_eq!(d.address(), full);
+        assert_eq!(rd::<u32>(&d, 0, edu::ID), 0x010000ed);
+    }
+}
+
+fn open_failures_name_their_cause() {
+    fails(Device::open("0000:00:1e.7", None), libc::ENOENT, &["no PCI device 0000:00:1e.7"]);
+    fails(Device::open("00:02", None), libc::EINVAL, &["not a PCI address"]);
+    fails(Device::open("/sys/bus/pci", None), libc::EINVAL, &["not a PCI device"]);
+    fails(Device::open("/nonexistent/0000:00:03.0", None), libc::ENOENT, &["/nonexistent"]);
+    // Devices the guest did not bind: the host bridge (no driver) and the 9p transport,
+    // which virtio-pci drives.
+    fails(Device::open("0000:00:00.0", None), libc::ENODEV, &["not bound to any driver", "vfiokit_pci_bind"]);
+    let virtio = std::fs::read_dir("/sys/bus/pci/devices")
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_to_string(e.path().join("vendor")).unwrap().trim() == "0x1af4"
+            && std::fs::read_link(e.path().join("driver")).is_ok_and(|d| d.ends_with("virtio-pci")))
+        .expect("a virtio-pci device (the 9p share)");
+    let name = virtio.file_name().into_string().unwrap();
+    fails(Device::open(&name, None), libc::ENODEV, &["is bound to virtio-pci, not vfio-pci", "driver_override"]);
+}
+
+fn edu_records() {
+    let d = open("EDU");
+    let r = d.regions();
+    assert_eq!(r.len(), 9, "vfio-pci's nine fixed regions");
+    for (i, rec) in r.iter().enumerate() {
+        assert_eq!(rec.index, i as u32);
+        assert_eq!(rec.reserved, [0; 3]);
+    }
+    assert_eq!(r[0].size, 1 << 20);
+    assert_eq!(r[0].flags, REGION_PRESENT | REGION_READ | REGION_WRITE | REGION_MMAP);
+    assert_eq!(r[PCI_CONFIG as usize].flags, REGION_PRESENT | REGION_READ | REGION_WRITE);
+    assert_eq!(r[PCI_CONFIG as usize].size, 256, "conventional PCI config space");
+    assert_eq!(r[PCI_VGA as usize].flags, 0, "no VGA: a record with flags 0");
+    assert_eq!((r[0].first_area, r[0].num_areas), (0, 1));
+    let area = d.areas()[0];
+    assert_eq!((area.region, area.offset, area.size), (0, 0, 1 << 20));
+    let irqs = d.irqs();
+    assert_eq!(irqs.len(), 5);
+    assert_eq!((irqs[IRQ_INTX as usize].count, irqs[IRQ_INTX as usize].flags), (1, IRQ_EVENTFD | IRQ_MASKABLE | IRQ_AUTOMASKED));
+    assert_eq!((irqs[IRQ_MSI as usize].count, irqs[IRQ_MSI as usize].flags), (1, IRQ_EVENTFD | IRQ_NORESIZE));
+    assert_eq!(irqs[IRQ_MSIX as usize].count, 0);
+    assert_eq!(irqs[IRQ_ERR as usize].count, 0, "not PCIe: no ERR irq");
+    assert_eq!(irqs[IRQ_REQ as usize].count, 1);
+}
+
+fn nvme_records_msix_mappable_mem64() {
+    let d = open("NVME");
+    let bar0 = d.regions()[0];
+    assert_eq!(bar0.flags & REGION_MEM64, REGION_MEM64);
+    assert_eq!(bar0.flags & REGION_MSIX_MAPPABLE, REGION_MSIX_MAPPABLE, "vfio-pci lets the MSI-X BAR be mmapped");
+    assert_eq!(bar0.flags & REGION_MMAP, REGION_MMAP);
+    assert_eq!(d.regions()[1].flags, 0, "the upper half of the 64-bit BAR0");
+    assert_eq!(d.regions()[PCI_CONFIG as usize].size, 4096, "PCIe config space");
+    assert_eq!(d.irqs()[IRQ_MSIX as usize].count, 65);
+    assert_eq!(d.irqs()[IRQ_ERR as usize].count, 1, "PCIe: an ERR irq");
+}
+
+fn ivshmem_records_prefetchable_64bit() {
+    for (role, size) in [("IVSHMEM", 64u64 << 20), ("IVSHMEM_BIG", 8 << 30)] {
+        let d = open(role);
+        let bar2 = d.regions()[2];
+        assert_eq!(bar2.size, size, "{role}");
+        assert_eq!(bar2.flags, REGION_PRESENT | REGION_READ | REGION_WRITE | REGION_MMAP | REGION_MEM64 | REGION_PREFETCH);
+        assert_eq!(d.regions()[3].flags, 0);
+        assert_eq!(d.regions()[0].flags & (REGION_MEM64 | REGION_PREFETCH | REGION_IO_PORT), 0, "BAR0 is 32-bit MMIO");
+    }
+}
+
+fn testdev_io_bar_is_not_mmappable() {
+    let d = open("TESTDEV");
+    let bar1 = d.regions()[1];
+    assert_eq!(bar1.flags, REGION_PRESENT | REGION_READ | REGION_WRITE | REGION_IO_PORT);
+    assert_eq!(bar1.num_areas, 0);
+    fails(d.map(1), libc::ENOTSUP, &["cannot be mmapped", "I/O-port"]);
+    fails(d.map(PCI_CONFIG), libc::ENOTSUP, &["cannot be mmapped"]);
+    assert_eq!(d.irqs()[IRQ_INTX as usize].count, 0, "pci-testdev has no INTx pin");
+}
+
+fn edu_registers_through_the_mapping() {
+    let d = open("EDU");
+    let bar0 = d.map(0).unwrap();
+    assert_eq!(d.map(0).unwrap(), bar0, "one mapping per region");
+    // SAFETY: offset 0 of BAR0 is the id register, inside the mapping.
+    assert_eq!(unsafe { bar0.cast::<u32>().as_ptr().read_volatile() }, 0x010000ed);
+    for v in [0u32, 0x12345678, u32::MAX] {
+        wr(&d, 0, edu::LIVENESS, v);
+        assert_eq!(rd::<u32>(&d, 0, edu::LIVENESS), !v);
+    }
+    wr(&d, 0, edu::FACTORIAL, 10u32);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rd::<u32>(&d, 0, edu::STATUS) & 1 != 0 {
+        assert!(std::time::Instant::now() < deadline);
+    }
+    assert_eq!(rd::<u32>(&d, 0, edu::FACTORIAL), 3628800);
+    let mut id = [0u8; 4];
+    d.read(0, edu::ID, &mut id).unwrap();
+    assert_eq!(u32::from_le_bytes(id), 0x010000ed);
+}
+
+/// pci-testdev: writing N to offset 0 selects test N, whose header (test, width, pad[2],
+/// offset, data, count, name) then reads back one byte per access; a write at the test's
+/// offset counts. Its I/O-port tests sit at odd offsets, so wide accesses go to offset 0.
+fn testdev_protocol(d: &Device, bar: u32) {
+    let byte = |off: u64| rd::<u8>(d, bar, off) as u32;
+    let le32 = |off: u64| (0..4).fold(0, |v, i| v | byte(off + i) << (8 * i));
+    wr(d, bar, 0, 0u8);
+    let first = byte(0);
+    // Writes of each width to the select register reach the device whole.
+    wr(d, bar, 0, 1u16);
+    assert_eq!(byte(0), first + 1);
+    wr(d, bar, 0, 2u32);
+    assert_eq!(byte(0), first + 2);
+    wr(d, bar, 0, 0u8);
+    let (offset, count) = (le32(4) as u64, le32(12));
+    let name: Vec<u8> = (16..40).map(|o| byte(o) as u8).take_while(|&b| b != 0).collect();
+    assert!(name.ends_with(b"no-eventfd"), "test name {:?}", String::from_utf8_lossy(&name));
+    let mut writes = 0;
+    for width in [1, 2, 4] {
+        if offset % width == 0 {
+            match width {
+                1 => wr(d, bar, offset, 0xfau8),
+                2 => wr(d, bar, offset, 0xfau16),
+                _ => wr(d, bar, offset, 0xfau32),
+            }
+            writes += 1;
+        }
+    }
+    assert_eq!(le32(12), count + writes, "each write at the test's offset {offset:#x} reached the device");
+    // Wider reads return the header byte at their offset (the device answers byte-wise).
+    assert_eq!(rd::<u16>(d, bar, 12) as u32, (count + writes) & 0xff);
+    assert_eq!(rd::<u32>(d, bar, 12), (count + writes) & 0xff);
+}
+
+fn testdev_io_port_every_width_through_the_fd() {
+    testdev_protocol(&open("TESTDEV"), 1);
+}
+
+fn testdev_mmio_through_the_mapping() {
+    let d = open("TESTDEV");
+    d.map(0).unwrap();
+    testdev_protocol(&d, 0);
+}
+
+fn ivshmem_map_and_accessors_agree() {
+    let d = open("IVSHMEM");
+    let size = d.regions()[2].size as usize;
+    let base = d.map(2).unwrap().as_ptr();
+    // SAFETY: the whole BAR is mapped RAM; nothing else uses it during the test.
+    let bar = unsafe { std::slice::from_raw_parts_mut(base, size) };
+    for (i, b) in bar.iter_mut().step_by(4096).enumerate() {
+        *b = i as u8;
+    }
+    assert_eq!(rd::<u8>(&d, 2, 4096 * 7), 7);
+    wr(&d, 2, 8, 0x1122334455667788u64);
+    assert_eq!(&bar[8..16], &0x1122334455667788u64.to_ne_bytes());
+    let block: Vec<u8> = (0..=255u8).cycle().take(64 << 10).collect();
+    d.write(2, 1 << 20, &block).unwrap();
+    let mut back = vec![0u8; block.len()];
+    d.read(2, 1 << 20, &mut back).unwrap();
+    assert_eq!(back, block);
+    assert_eq!(&bar[1 << 20..(1 << 20) + block.len()], &block[..]);
+}
+
+fn big_bar_far_end() {
+    let d = open("IVSHMEM_BIG");
+    let size = d.regions()[2].size;
+    assert!(size > 1 << 32);
+    let end = size - 8;
+    wr(&d, 2, end, 0xfeedface_cafef00du64);
+    assert_eq!(rd::<u64>(&d, 2, end), 0xfeedface_cafef00d);
+    let base = d.map(2).unwrap();
+    // SAFETY: end + 8 <= size, inside the mapping.
+    let far = unsafe { base.as_ptr().add(end as usize).cast::<u64>() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { far.read_volatile() }, 0xfeedface_cafef00d);
+    // SAFETY: as above.
+    unsafe { far.write_volatile(7) };
+    assert_eq!(rd::<u64>(&d, 2, end), 7);
+    fails(d.read_reg::<u64>(2, size), libc::EINVAL, &["outside"]);
+}
+
+fn range_and_width_checks() {
+    let d = open("EDU");
+    fails(d.read_reg::<u32>(0, 2), libc::EINVAL, &["not aligned"]);
+    fails(d.read_reg::<u64>(0, 1 << 20), libc::EINVAL, &["outside"]);
+    fails(d.read_reg::<u64>(0, u64::MAX - 7), libc::EINVAL, &["outside"]);
+    fails(d.read_reg::<u8>(PCI_VGA, 0), libc::EINVAL, &["has no region 8"]);
+    fails(d.read_reg::<u8>(99, 0), libc::EINVAL, &["has no region 99"]);
+    fails(d.map(PCI_VGA), libc::EINVAL, &["has no region"]);
+    let mut buf = [0u8; 16];
+    fails(d.read(0, (1 << 20) - 8, &mut buf), libc::EINVAL, &["outside"]);
+    fails(d.write(PCI_CONFIG, 250, &buf), libc::EINVAL, &["outside"]);
+}
+
+fn config_space_and_capabilities() {
+    let d = open("NVME");
+    assert_eq!(rd::<u16>(&d, PCI_CONFIG, 0), 0x1b36);
+    assert_eq!(rd::<u16>(&d, PCI_CONFIG, 2), 0x0010);
+    assert_eq!(rd::<u32>(&d, PCI_CONFIG, 0), 0x0010_1b36);
+    assert_eq!(rd::<u8>(&d, PCI_CONFIG, 0x0b), 0x01, "class: mass storage");
+    let msix = d.find_capability(0x11).unwrap().expect("nvme has MSI-X");
+    assert_eq!(rd::<u8>(&d, PCI_CONFIG, msix as u64), 0x11);
+    let table_size = (rd::<u16>(&d, PCI_CONFIG, msix as u64 + 2) & 0x7ff) + 1;
+    assert_eq!(table_size, 65);
+    let pcie = d.find_capability(0x10).unwrap().expect("nvme is PCIe");
+    assert_eq!(rd::<u8>(&d, PCI_CONFIG, pcie as u64), 0x10);
+    assert_eq!(d.find_capability(0x05).unwrap(), None, "nvme has no MSI");
+    assert_eq!(d.find_capability(vfiokit::pci::PCI_CAP_EXTENDED + 0x0001).unwrap(), None, "no AER");
+    let edu = open("EDU");
+    assert_eq!(edu.find_capability(0x05).unwrap(), Some(0x40));
+    assert_eq!(edu.find_capability(vfiokit::pci::PCI_CAP_EXTENDED + 0x0001).unwrap(), None, "256-byte config space");
+    // A config write that sticks: the interrupt line register is virtualized by vfio-pci.
+    wr(&edu, PCI_CONFIG, 0x3c, 0x5au8);
+    assert_eq!(rd::<u8>(&edu, PCI_CONFIG, 0x3c), 0x5a);
+}
+
+fn edu_raise(d: &Device, value: u32) {
+    wr(d, 0, edu::IRQ_RAISE, value);
+}
+
+fn edu_ack(d: &Device) {
+    let pending: u32 = rd(d, 0, edu::IRQ_STATUS);
+    wr(d, 0, edu::IRQ_ACK, pending);
+}
+
+fn edu_msi_raised_interrupt_is_seen() {
+    let d = open("EDU");
+    enable_bus_master(&d);
+    let fds = d.irq_enable(IRQ_MSI, 0, 1).unwrap();
+    assert_eq!(fds.len(), 1);
+    fails(d.irq_wait(IRQ_MSI, 0, 50), libc::ETIMEDOUT, &["no interrupt within 50 ms"]);
+    edu_raise(&d, 0x1234);
+    assert!(d.irq_wait(IRQ_MSI, 0, 5000).unwrap() >= 1);
+    assert_eq!(rd::<u32>(&d, 0, edu::IRQ_STATUS), 0x1234);
+    edu_ack(&d);
+    // Loopback: the kernel signals the eventfd itself.
+    d.irq_trigger(IRQ_MSI, 0).unwrap();
+    assert_eq!(d.irq_wait(IRQ_MSI, 0, 1000).unwrap(), 1);
+    d.irq_disable(IRQ_MSI).unwrap();
+}
+
+fn edu_intx_must_be_unmasked_to_fire_again() {
+    let d = open("EDU");
+    d.irq_enable(IRQ_INTX, 0, 1).unwrap();
+    edu_raise(&d, 1);
+    assert!(d.irq_wait(IRQ_INTX, 0, 5000).unwrap() >= 1);
+    edu_ack(&d);
+    edu_raise(&d, 2);
+    fails(d.irq_wait(IRQ_INTX, 0, 300), libc::ETIMEDOUT, &["INTx"]);
+    d.irq_unmask(IRQ_INTX, 0).unwrap();
+    assert!(d.irq_wait(IRQ_INTX, 0, 5000).unwrap() >= 1, "unmasking delivers the pending interrupt");
+    edu_ack(&d);
+    d.irq_unmask(IRQ_INTX, 0).unwrap();
+    // Masked by hand: a raise is held back until unmask.
+    d.irq_mask(IRQ_INTX, 0).unwrap();
+    edu_raise(&d, 4);
+    fails(d.irq_wait(IRQ_INTX, 0, 300), libc::ETIMEDOUT, &[]);
+    d.irq_unmask(IRQ_INTX, 0).unwrap();
+    assert!(d.irq_wait(IRQ_INTX, 0, 5000).unwrap() >= 1);
+    edu_ack(&d);
+    d.irq_disable(IRQ_INTX).unwrap();
+}
+
+fn nvme_msix_subrange_and_trigger() {
+    let d = open("NVME");
+    let fds = d.irq_enable(IRQ_MSIX, 2, 3).unwrap();
+    assert_eq!(fds.len(), 3);
+    assert!(fds.iter().all(|&fd| fd >= 0));
+    d.irq_trigger(IRQ_MSIX, 3).unwrap();
+    assert_eq!(d.irq_wait(IRQ_MSIX, 3, 1000).unwrap(), 1);
+    fails(d.irq_wait(IRQ_MSIX, 2, 50), libc::ETIMEDOUT, &[]);
+    fails(d.irq_trigger(IRQ_MSIX, 0), libc::EINVAL, &["vector 0 is not enabled"]);
+    fails(d.irq_wait(IRQ_MSIX, 5, 0), libc::EINVAL, &["not enabled"]);
+    // The eventfd is the caller's to poll too.
+    d.irq_trigger(IRQ_MSIX, 4).unwrap();
+    let mut pfd = libc::pollfd { fd: fds[2], events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1000) }, 1);
+    d.irq_disable(IRQ_MSIX).unwrap();
+    // SAFETY: fcntl on a number we no longer own only queries it.
+    assert_eq!(unsafe { libc::fcntl(fds[0], libc::F_GETFD) }, -1, "disable closes the eventfds");
+}
+
+fn err_and_req_irqs() {
+    let d = open("NVME");
+    for irq in [IRQ_ERR, IRQ_REQ] {
+        d.irq_enable(irq, 0, 1).unwrap();
+        d.irq_trigger(irq, 0).unwrap();
+        assert_eq!(d.irq_wait(irq, 0, 1000).unwrap(), 1);
+        d.irq_disable(irq).unwrap();
+    }
+    fails(open("EDU").irq_enable(IRQ_ERR, 0, 1), libc::EINVAL, &["has no IRQ 3 (ERR)"]);
+}
+
+fn irq_misuse() {
+    let d = open("EDU");
+    fails(d.irq_enable(IRQ_MSI, 0, 2), libc::EINVAL, &["outside its 1 vectors"]);
+    fails(d.irq_enable(IRQ_MSI, u32::MAX, 1), libc::EINVAL, &["outside"]);
+    fails(d.irq_enable(IRQ_MSI, 0, 0), libc::EINVAL, &["outside"]);
+    fails(d.irq_enable(17, 0, 1), libc::EINVAL, &["has no IRQ 17"]);
+    fails(d.irq_disable(IRQ_MSI), libc::EINVAL, &["not enabled"]);
+    d.irq_enable(IRQ_MSI, 0, 1).unwrap();
+    assert!(d.irq_mask(IRQ_MSI, 0).is_err(), "vfio-pci cannot mask MSI");
+    d.irq_disable(IRQ_MSI).unwrap();
+    fails(d.irq_disable(IRQ_MSI), libc::EINVAL, &["not enabled"]);
+}
+
+fn iova_ranges_and_mapping_rules() {
+    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    fails(iommu.iova_ranges(), libc::ENODEV, &["open a device first"]);
+    let _d = open_in("EDU", &iommu);
+    let ranges = iommu.iova_ranges().unwrap();
+    assert!(!ranges.is_empty());
+    let msi_window = 0xfee0_0000u64;
+    assert!(!ranges.iter().any(|r| r.start <= msi_window && msi_window <= r.last), "the MSI window is reserved: {ranges:x?}");
+    let page = 4096;
+    let (buf, iova) = iommu.alloc(3 * page).unwrap();
+    assert!(ranges.iter().any(|r| r.start <= iova && iova + 3 * page as u64 - 1 <= r.last));
+    let mem = buf.as_ptr();
+    // SAFETY: buf is ours for the test's duration, mapped only where asserted below.
+    unsafe {
+        fails(iommu.map(mem, page, iova), libc::EINVAL, &["overlaps"]);
+        fails(iommu.map(mem, page, msi_window), libc::EINVAL, &["outside the valid IOVA ranges"]);
+        fails(iommu.map(mem.add(1), page, 0x100_0000), libc::EINVAL, &["multiples"]);
+        fails(iommu.map(mem, 100, 0x100_0000), libc::EINVAL, &["multiples"]);
+        fails(iommu.map(std::ptr::null_mut(), page, 0x100_0000), libc::EINVAL, &["non-null"]);
+        iommu.map(mem, page, 0x100_0000).unwrap();
+        let any = iommu.map_any(mem, page).unwrap();
+        assert_ne!(any, 0x100_0000);
+        iommu.unmap(any, page).unwrap();
+        iommu.unmap(0x100_0000, page).unwrap();
+    }
+    fails(iommu.unmap(0x100_0000, page), libc::ENOENT, &["no DMA mapping"]);
+    fails(iommu.alloc(0), libc::EINVAL, &["zero"]);
+    fails(iommu.free(0x1000 as *mut u8), libc::EINVAL, &["not a DMA buffer"]);
+    iommu.free(buf.as_ptr()).unwrap();
+    fails(iommu.free(buf.as_ptr()), libc::EINVAL, &["not a DMA buffer"]);
+}
+
+fn edu_dma_round_trip() {
+    let d = open("EDU");
+    enable_bus_master(&d);
+    let iommu = d.iommu();
+    let (src, src_iova) = iommu.alloc(4096).unwrap();
+    let (dst, dst_iova) = iommu.alloc(4096).unwrap();
+    assert!(src_iova < 1 << 28 && dst_iova < 1 << 28, "edu reaches only 28 bits");
+    let len = 2048;
+    let pattern: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    // SAFETY: our buffer; the device only reads it during the transfer.
+    unsafe { std::ptr::copy_nonoverlapping(pattern.as_ptr(), src.as_ptr(), len) };
+    edu::dma(&d, src_iova, edu::BUFFER, len as u64, false);
+    edu::dma(&d, edu::BUFFER, dst_iova, len as u64, true);
+    // SAFETY: the transfer has completed; volatile reads because the device wrote the memory.
+    let back: Vec<u8> = (0..len).map(|i| unsafe { dst.as_ptr().add(i).read_volatile() }).collect();
+    assert_eq!(back, pattern, "the buffer made the round trip through the device");
+    iommu.free(src.as_ptr()).unwrap();
+    iommu.free(dst.as_ptr()).unwrap();
+}
+
+fn dma_to_unmapped_iova_does_not_reach_memory() {
+    let d = open("EDU");
+    enable_bus_master(&d);
+    let iommu = d.iommu();
+    let (src, src_iova) = iommu.alloc(4096).unwrap();
+    // SAFETY: our buffer.
+    unsafe { std::ptr::write_bytes(src.as_ptr(), 0xab, 4096) };
+    edu::dma(&d, src_iova, edu::BUFFER, 1024, false);
+    // A page mapped and then unmapped: its IOVA no longer leads anywhere.
+    let victim = NonNull::new(Box::into_raw(Box::new([0u8; 8192])).cast::<u8>()).unwrap();
+    // SAFETY: page-aligned inside the 8 KiB box, which outlives its mapping.
+    let page = unsafe { victim.as_ptr().add(4096 - victim.as_ptr() as usize % 4096) };
+    let iova = 0x80_0000;
+    // SAFETY: as above.
+    unsafe { iommu.map(page, 4096, iova).unwrap() };
+    edu::dma(&d, edu::BUFFER, iova, 1024, true);
+    // SAFETY: the device wrote it; read volatile.
+    assert_eq!(unsafe { page.read_volatile() }, 0xab, "a mapped IOVA is reached (control)");
+    // SAFETY: our page.
+    unsafe { std::ptr::write_bytes(page, 0, 4096) };
+    iommu.unmap(iova, 4096).unwrap();
+    edu::dma(&d, edu::BUFFER, iova, 1024, true);
+    // SAFETY: as above.
+    let after: Vec<u8> = (0..4096).map(|i| unsafe { page.add(i).read_volatile() }).collect();
+    assert!(after.iter().all(|&b| b == 0), "the IOMMU blocked the DMA to the unmapped IOVA");
+    iommu.free(src.as_ptr()).unwrap();
+    // SAFETY: from Box::into_raw above, no longer mapped.
+    drop(unsafe { Box::from_raw(victim.as_ptr().cast::<[u8; 8192]>()) });
+}
+
+fn reset_where_supported() {
+    let nvme = open("NVME");
+    wr(&nvme, PCI_CONFIG, 0x3c, 0x11u8);
+    nvme.reset().unwrap();
+    let edu = open("EDU");
+    fails(edu.reset(), libc::ENOTSUP, &["does not support reset"]);
+}
+
+fn several_devices_and_contexts() {
+    // Two devices in one context share its DMA space.
+    let shared = Iommu::open(IOMMU_TYPE1).unwrap();
+    let edu = open_in("EDU", &shared);
+    let nvme = open_in("NVME", &shared);
+    assert!(std::ptr::eq(edu.iommu() as *const _, edu.iommu() as *const _));
+    let (buf, _) = nvme.iommu().alloc(4096).unwrap();
+    edu.iommu().free(buf.as_ptr()).unwrap();
+    // A group already in one context cannot join another.
+    let other = Iommu::open(IOMMU_TYPE1).unwrap();
+    fails(Device::open(&addr("EDU"), Some(&other)), libc::EBUSY, &["already open"]);
+    // Separate contexts for separate devices.
+    let testdev = open_in("TESTDEV", &other);
+    assert_eq!(rd::<u16>(&testdev, PCI_CONFIG, 0), 0x1b36);
+    // Closed and opened again, in the same context; then in a new one once the old is gone.
+    drop(edu);
+    let edu = open_in("EDU", &shared);
+    assert_eq!(rd::<u32>(&edu, 0, edu::ID), 0x010000ed);
+    drop((edu, nvme, shared));
+    let edu = open_in("EDU", &other);
+    assert_eq!(rd::<u32>(&edu, 0, edu::ID), 0x010000ed);
+    // The default context is shared by devices opened without one.
+    let a = open("IVSHMEM");
+    let b = open("IVSHMEM_BIG");
+    let (buf, _) = a.iommu().alloc(4096).unwrap();
+    b.iommu().free(buf.as_ptr()).unwrap();
+}
+
+fn group_not_permitted() {
+    in_child(|| {
+        // SAFETY: dropping privileges in the child only.
+        assert_eq!(unsafe { libc::setgid(65534) + libc::setuid(65534) }, 0);
+        let iommu = Iommu::open(IOMMU_TYPE1).expect("the container node is world-accessible");
+        let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr("EDU"))).unwrap();
+        let node = format!("/dev/vfio/{}", group.file_name().unwrap().to_string_lossy());
+        fails(Device::open(&addr("EDU"), Some(&iommu)), libc::EACCES, &[&node, "permission"]);
+    });
+}
+
+fn memlock_too_low_is_named() {
+    in_child(|| {
+        drop_capability(CAP_IPC_LOCK);
+        let limit = 64 << 10;
+        let rl = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+        // SAFETY: plain setrlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) }, 0);
+        let d = open("EDU");
+        let asked = 1 << 20;
+        fails(d.iommu().alloc(asked), libc::ENOMEM, &["RLIMIT_MEMLOCK is 65536 bytes", &format!("{asked} more")]);
+    });
+}
+
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Removes a capability from this process's effective and permitted sets.
+fn drop_capability(cap: u32) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: 0x2008_0522, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with the v3 header and two data words, as the ABI asks.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()), 0);
+        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+        data[word].effective &= !bit;
+        data[word].permitted &= !bit;
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()), 0);
+    }
+}
+
+fn open_close_cycles_leak_nothing() {
+    let cycle = || {
+        let iommu = Iommu::open(IOMMU_TYPE1).unwrap();
+        let d = open_in("NVME", &iommu);
+        d.map(0).unwrap();
+        d.irq_enable(IRQ_MSIX, 0, 4).unwrap();
+        let (buf, _) = iommu.alloc(8192).unwrap();
+        let (_kept, _) = iommu.alloc(4096).unwrap(); // freed by the context's close
+        iommu.free(buf.as_ptr()).unwrap();
+        let big = open_in("IVSHMEM_BIG", &iommu);
+        big.map(2).unwrap();
+    };
+    cycle(); // first use may allocate process-wide state (thread-locals, the allocator's arenas)
+    let before = fds_and_maps();
+    for _ in 0..100 {
+        cycle();
+    }
+    assert_eq!(fds_and_maps(), before, "(fds, mappings) after 100 open/map/irq/dma/close cycles");
+}

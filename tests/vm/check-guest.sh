@@ -100,7 +100,17 @@ probe=$PWD/target/vm-check-guest-probe.$$
 check "target/ is writable" sh -c "echo x >'$probe' && test \"\$(cat '$probe')\" = x && rm '$probe'"
 check "the host root is read-only" sh -c '! touch /vfiokit-probe 2>/dev/null'
 check "/dev/shm is writable" sh -c 'echo x >/dev/shm/probe && rm /dev/shm/probe'
-check "python3 runs" python3 -c 'import sys; sys.exit(0)'
+
+# VFIO itself, through raw ioctls (stdlib Python, independent of vfiokit): the group/container
+# path on both kernels, the iommufd cdev path where the kernel has it.
+if command -v python3 >/dev/null; then
+	while IFS= read -r line; do
+		echo "$line"
+		case $line in "ok   "*) pass=$((pass + 1)) ;; "FAIL "*) fail=$((fail + 1)) ;; esac
+	done < <(python3 -B "$(dirname "${BASH_SOURCE[0]}")/vfio-smoke.py" 2>&1 || echo "FAIL vfio-smoke.py exited $?")
+else
+	bad "python3 is on PATH (for vfio-smoke.py)"
+fi
 
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]

@@ -170,6 +170,8 @@ int vfiokit_device_open(const char *name, struct vfiokit_iommu *iommu, struct vf
 
 // Closes a device: disables its IRQs, unmaps its regions, closes its fds. NULL is fine.
 //
+// Closing a handle twice is refused with `EBADF` (the message says so).
+//
 // # Safety
 // `dev` must be NULL or from `vfiokit_device_open`; nothing may use it or its records,
 // mappings or eventfds afterwards.
@@ -344,10 +346,10 @@ int vfiokit_irq_wait(struct vfiokit_device *dev,
 int vfiokit_iommu_open(uint32_t kind, struct vfiokit_iommu **out);
 
 // Drops the caller's reference; devices still open in the context keep it alive.
-// NULL is fine.
+// NULL is fine; closing twice is refused with `EBADF`.
 //
 // # Safety
-// `iommu` must be NULL or from `vfiokit_iommu_open`, closed at most once.
+// `iommu` must be NULL or from `vfiokit_iommu_open`.
 void vfiokit_iommu_close(struct vfiokit_iommu *iommu);
 
 // `VFIOKIT_IOMMU_TYPE1` or `VFIOKIT_IOMMU_IOMMUFD`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.

@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
 use super::iommu::vfiokit_iommu;
-use super::{call, call_or, need, put, str_arg, Handle};
+use super::{call, call_or, closing, need, opened, put, str_arg, Handle};
 use crate::device::{Device, Width};
 use crate::error::{Error, Result};
 
@@ -55,11 +55,13 @@ pub unsafe extern "C" fn vfiokit_device_open(name: *const c_char, iommu: *mut vf
         let device = Device::open(name, Some(&iommu.iommu))?;
         let handle = Box::new(vfiokit_device { magic: vfiokit_device::MAGIC, device, iommu });
         // SAFETY: checked non-null.
-        unsafe { put(out, "out", Box::into_raw(handle)) }
+        unsafe { put(out, "out", opened(Box::into_raw(handle)).cast_mut()) }
     })
 }
 
 /// Closes a device: disables its IRQs, unmaps its regions, closes its fds. NULL is fine.
+///
+/// Closing a handle twice is refused with `EBADF` (the message says so).
 ///
 /// # Safety
 /// `dev` must be NULL or from `vfiokit_device_open`; nothing may use it or its records,
@@ -72,9 +74,8 @@ pub unsafe extern "C" fn vfiokit_device_close(dev: *mut vfiokit_device) {
             if dev.is_null() {
                 return Ok(());
             }
-            // SAFETY: forwarded from the caller; the magic check refuses a second close.
-            unsafe { vfiokit_device::from_ptr(dev) }?;
-            // SAFETY: from Box::into_raw in vfiokit_device_open, freed once.
+            closing(dev, "vfiokit_device")?;
+            // SAFETY: from Box::into_raw in vfiokit_device_open, and open until now.
             drop(unsafe { Box::from_raw(dev) });
             Ok(())
         },

@@ -1,10 +1,9 @@
 //! C exports for DMA contexts.
 
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::{call, call_or, need, put, Handle};
+use super::{call, call_or, closing, need, opened, put, Handle};
 use crate::error::Result;
 use crate::iommu::{Iommu, IOMMU_AUTO};
 use crate::iova::IovaRange;
@@ -12,9 +11,6 @@ use crate::iova::IovaRange;
 /// A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
 pub struct vfiokit_iommu {
     magic: u64,
-    /// Whether the caller of `vfiokit_iommu_open` still holds its reference, so a second
-    /// close is refused even while devices keep the context alive.
-    opened_by_caller: AtomicBool,
     pub(super) iommu: Iommu,
 }
 
@@ -33,8 +29,8 @@ impl Drop for vfiokit_iommu {
 }
 
 impl vfiokit_iommu {
-    fn new(iommu: Iommu, opened_by_caller: bool) -> Arc<vfiokit_iommu> {
-        Arc::new(vfiokit_iommu { magic: Self::MAGIC, opened_by_caller: AtomicBool::new(opened_by_caller), iommu })
+    fn new(iommu: Iommu) -> Arc<vfiokit_iommu> {
+        Arc::new(vfiokit_iommu { magic: Self::MAGIC, iommu })
     }
 
     /// The handle for devices opened with a NULL context: one per process while in use, so
@@ -45,7 +41,7 @@ impl vfiokit_iommu {
         if let Some(h) = slot.upgrade() {
             return Ok(h);
         }
-        let h = vfiokit_iommu::new(Iommu::shared()?, false);
+        let h = vfiokit_iommu::new(Iommu::shared()?);
         *slot = Arc::downgrade(&h);
         Ok(h)
     }
@@ -72,17 +68,17 @@ impl vfiokit_iommu {
 pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_iommu) -> c_int {
     call(|| {
         need(out, "out")?;
-        let h = vfiokit_iommu::new(Iommu::open(kind)?, true);
+        let h = vfiokit_iommu::new(Iommu::open(kind)?);
         // SAFETY: checked non-null; the caller provides a writable slot.
-        unsafe { put(out, "out", Arc::into_raw(h).cast_mut()) }
+        unsafe { put(out, "out", opened(Arc::into_raw(h)).cast_mut()) }
     })
 }
 
 /// Drops the caller's reference; devices still open in the context keep it alive.
-/// NULL is fine.
+/// NULL is fine; closing twice is refused with `EBADF`.
 ///
 /// # Safety
-/// `iommu` must be NULL or from `vfiokit_iommu_open`, closed at most once.
+/// `iommu` must be NULL or from `vfiokit_iommu_open`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
     call_or(
@@ -91,14 +87,7 @@ pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
             if iommu.is_null() {
                 return Ok(());
             }
-            // SAFETY: forwarded from the caller.
-            let h = unsafe { vfiokit_iommu::from_ptr(iommu) }?;
-            if !h.opened_by_caller.swap(false, Ordering::AcqRel) {
-                return Err(crate::Error::new(
-                    libc::EBADF,
-                    format!("iommu {iommu:p} was closed already (or is a device's, from vfiokit_device_iommu)"),
-                ));
-            }
+            closing(iommu, "vfiokit_iommu")?;
             // SAFETY: the reference vfiokit_iommu_open handed out, released exactly once.
             drop(unsafe { Arc::from_raw(iommu) });
             Ok(())

@@ -11,6 +11,8 @@ mod device;
 mod iommu;
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -81,6 +83,30 @@ unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str> {
     }
     // SAFETY: upheld by the caller.
     unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+}
+
+/// Handles handed out by `_open` and not closed yet. Only open and close consult it, so a
+/// double close is refused without touching freed memory; other calls check the magic word.
+static OPEN_HANDLES: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+fn open_handles() -> std::sync::MutexGuard<'static, BTreeSet<usize>> {
+    OPEN_HANDLES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a handle given to the caller.
+fn opened<T>(p: *const T) -> *const T {
+    open_handles().insert(p as usize);
+    p
+}
+
+/// Takes a handle back from the caller: false if it is not open (closed already, or never
+/// opened by the caller).
+fn closing<T>(p: *const T, name: &str) -> Result<()> {
+    if open_handles().remove(&(p as usize)) {
+        Ok(())
+    } else {
+        Err(Error::new(libc::EBADF, format!("{name} {p:p} is not open: closed already, or not from {name}_open")))
+    }
 }
 
 /// A word at the head of each handle, overwritten when it is freed, so a closed or foreign

@@ -1,0 +1,38 @@
+# Build, install and test vfiokit. `make install PREFIX=/usr/local` puts the shared library
+# (with its soname links), the static archive, the header and vfiokit.pc in place.
+
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+DESTDIR ?=
+CARGO ?= cargo
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+SONAME := libvfiokit.so.0
+RELEASE := target/release
+
+.PHONY: all install test test-c uninstall
+
+all:
+	$(CARGO) build --release --lib
+
+install: all
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 755 $(RELEASE)/libvfiokit.so $(DESTDIR)$(LIBDIR)/libvfiokit.so.$(VERSION)
+	ln -sfn libvfiokit.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sfn $(SONAME) $(DESTDIR)$(LIBDIR)/libvfiokit.so
+	install -m 644 $(RELEASE)/libvfiokit.a $(DESTDIR)$(LIBDIR)/libvfiokit.a
+	install -m 644 include/vfiokit.h $(DESTDIR)$(INCLUDEDIR)/vfiokit.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+		-e 's|@VERSION@|$(VERSION)|' vfiokit.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/vfiokit.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(LIBDIR)/libvfiokit.so* $(DESTDIR)$(LIBDIR)/libvfiokit.a \
+		$(DESTDIR)$(INCLUDEDIR)/vfiokit.h $(DESTDIR)$(LIBDIR)/pkgconfig/vfiokit.pc
+
+# Every test: Rust unit tests, the header check, the guest suites, then the C tests.
+test:
+	tests/run-all
+
+# The C tests alone (built against an install in a temporary prefix, run in the guest).
+test-c:
+	tests/c/run

@@ -1,0 +1,61 @@
+/* The record layouts are ABI: sizes and offsets checked by the compiler against the header,
+ * and the library's version against the header's. Runs anywhere (no device needed). */
+#include <vfiokit.h>
+
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#define LAYOUT(type, field, off) _Static_assert(offsetof(type, field) == (off), #type "." #field)
+
+_Static_assert(sizeof(vfiokit_region) == 64, "vfiokit_region is 64 bytes");
+LAYOUT(vfiokit_region, index, 0);
+LAYOUT(vfiokit_region, flags, 4);
+LAYOUT(vfiokit_region, size, 8);
+LAYOUT(vfiokit_region, offset, 16);
+LAYOUT(vfiokit_region, type, 24);
+LAYOUT(vfiokit_region, subtype, 28);
+LAYOUT(vfiokit_region, first_area, 32);
+LAYOUT(vfiokit_region, num_areas, 36);
+LAYOUT(vfiokit_region, reserved, 40);
+
+_Static_assert(sizeof(vfiokit_area) == 32, "vfiokit_area is 32 bytes");
+LAYOUT(vfiokit_area, region, 0);
+LAYOUT(vfiokit_area, reserved0, 4);
+LAYOUT(vfiokit_area, offset, 8);
+LAYOUT(vfiokit_area, size, 16);
+LAYOUT(vfiokit_area, reserved1, 24);
+
+_Static_assert(sizeof(vfiokit_irq) == 32, "vfiokit_irq is 32 bytes");
+LAYOUT(vfiokit_irq, index, 0);
+LAYOUT(vfiokit_irq, flags, 4);
+LAYOUT(vfiokit_irq, count, 8);
+LAYOUT(vfiokit_irq, reserved0, 12);
+LAYOUT(vfiokit_irq, reserved, 16);
+
+_Static_assert(sizeof(vfiokit_iova_range) == 16, "vfiokit_iova_range is 16 bytes");
+LAYOUT(vfiokit_iova_range, last, 8);
+
+_Static_assert(VFIOKIT_PCI_BAR0 == 0 && VFIOKIT_PCI_ROM == 6 && VFIOKIT_PCI_CONFIG == 7 && VFIOKIT_PCI_VGA == 8,
+	       "fixed region indices");
+_Static_assert(VFIOKIT_IRQ_INTX == 0 && VFIOKIT_IRQ_MSIX == 2 && VFIOKIT_IRQ_REQ == 4, "fixed irq indices");
+
+int main(void)
+{
+	int failed = 0;
+	if (vfiokit_abi_version() != VFIOKIT_ABI_VERSION) {
+		fprintf(stderr, "library ABI %u, header ABI %u\n", vfiokit_abi_version(), VFIOKIT_ABI_VERSION);
+		failed++;
+	}
+	if (strlen(vfiokit_version()) < 5) {
+		fprintf(stderr, "version '%s'\n", vfiokit_version());
+		failed++;
+	}
+	if (strcmp(vfiokit_last_error(), "") != 0) {
+		fprintf(stderr, "last error before any failure: '%s'\n", vfiokit_last_error());
+		failed++;
+	}
+	printf("abi: library %s, ABI %u\n", vfiokit_version(), vfiokit_abi_version());
+	printf("%d passed, %d failed\n", 3 - failed, failed);
+	return failed != 0;
+}

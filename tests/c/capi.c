@@ -1,0 +1,306 @@
+/* The C API against the real kernel, in the test guest (tests/c/run): every export with bad
+ * arguments (NULL pointers, bad names, out-of-range regions, offsets and lengths, misaligned
+ * widths, double close, calls after a dependent object was closed), then a short real session
+ * with edu, then open/close cycles that must leak no fd and no mapping. */
+#include <vfiokit.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int passed, failed;
+
+#define CHECK(cond)                                                                                \
+	do {                                                                                       \
+		if (cond) {                                                                        \
+			passed++;                                                                  \
+		} else {                                                                           \
+			failed++;                                                                  \
+			fprintf(stderr, "%s:%d: CHECK(%s) failed; last error: %s\n", __FILE__,     \
+				__LINE__, #cond, vfiokit_last_error());                            \
+		}                                                                                  \
+	} while (0)
+
+/* Leaves a known message behind, so the next check can see that a call set a new one. */
+static void mark_error(void)
+{
+	vfiokit_device *d = NULL;
+	vfiokit_device_open("marker", NULL, &d);
+}
+
+static int fresh_message(void)
+{
+	return strstr(vfiokit_last_error(), "marker") == NULL && vfiokit_last_error()[0] != '\0';
+}
+
+/* `call` fails with -err and leaves a message of its own. */
+#define FAILS(call, err)                                                                           \
+	do {                                                                                       \
+		mark_error();                                                                      \
+		int rc_ = (call);                                                                  \
+		CHECK(rc_ == -(err));                                                              \
+		CHECK(fresh_message());                                                            \
+	} while (0)
+
+/* Same for calls that return a pointer (NULL) or a value. */
+#define FAILS_AS(call, failure)                                                                    \
+	do {                                                                                       \
+		mark_error();                                                                      \
+		CHECK((call) == (failure));                                                        \
+		CHECK(fresh_message());                                                            \
+	} while (0)
+
+static const char *env(const char *name)
+{
+	const char *v = getenv(name);
+	if (!v) {
+		fprintf(stderr, "%s is not set: run in tests/vm/run\n", name);
+		exit(2);
+	}
+	return v;
+}
+
+static long count_lines(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	long n = 0;
+	int c;
+	if (!f)
+		return -1;
+	while ((c = fgetc(f)) != EOF)
+		n += c == '\n';
+	fclose(f);
+	return n;
+}
+
+static long count_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	long n = 0;
+	if (!d)
+		return -1;
+	while (readdir(d))
+		n++;
+	closedir(d);
+	return n;
+}
+
+static void null_arguments(void)
+{
+	vfiokit_iommu *io = (vfiokit_iommu *)0x1;
+	vfiokit_device *dev = (vfiokit_device *)0x1;
+	uint64_t u64 = 0;
+	uint32_t u32 = 0;
+	size_t n = 7;
+	void *p = NULL;
+	char buf[8];
+
+	FAILS(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, NULL), EINVAL);
+	FAILS(vfiokit_iommu_open(99, &io), EINVAL);
+	CHECK(io == (vfiokit_iommu *)0x1); /* untouched on failure */
+	vfiokit_iommu_close(NULL);
+	vfiokit_device_close(NULL);
+	FAILS_AS(vfiokit_iommu_kind(NULL), VFIOKIT_IOMMU_AUTO);
+	FAILS(vfiokit_iommu_iova_ranges(NULL, NULL, 0, &n), EINVAL);
+	CHECK(n == 7);
+	FAILS(vfiokit_dma_map(NULL, buf, 4096, 0x10000), EINVAL);
+	FAILS(vfiokit_dma_map_any(NULL, buf, 4096, &u64), EINVAL);
+	FAILS(vfiokit_dma_unmap(NULL, 0x10000, 4096), EINVAL);
+	FAILS(vfiokit_dma_alloc(NULL, 4096, &p, &u64), EINVAL);
+	FAILS(vfiokit_dma_free(NULL, buf), EINVAL);
+
+	FAILS(vfiokit_device_open(NULL, NULL, &dev), EINVAL);
+	CHECK(dev == (vfiokit_device *)0x1);
+	FAILS(vfiokit_device_open(env("VFIOKIT_TEST_EDU"), NULL, NULL), EINVAL);
+	FAILS_AS(vfiokit_device_iommu(NULL), NULL);
+	FAILS(vfiokit_device_reset(NULL), EINVAL);
+	FAILS_AS(vfiokit_device_regions(NULL, &n), NULL);
+	FAILS_AS(vfiokit_device_areas(NULL, &n), NULL);
+	FAILS_AS(vfiokit_device_irqs(NULL, &n), NULL);
+	FAILS(vfiokit_region_map(NULL, 0, &p), EINVAL);
+	FAILS(vfiokit_region_read(NULL, 0, 0, buf, 4), EINVAL);
+	FAILS(vfiokit_region_write(NULL, 0, 0, buf, 4), EINVAL);
+	FAILS(vfiokit_read8(NULL, 0, 0, (uint8_t *)buf), EINVAL);
+	FAILS(vfiokit_read16(NULL, 0, 0, (uint16_t *)buf), EINVAL);
+	FAILS(vfiokit_read32(NULL, 0, 0, &u32), EINVAL);
+	FAILS(vfiokit_read64(NULL, 0, 0, &u64), EINVAL);
+	FAILS(vfiokit_write8(NULL, 0, 0, 1), EINVAL);
+	FAILS(vfiokit_write16(NULL, 0, 0, 1), EINVAL);
+	FAILS(vfiokit_write32(NULL, 0, 0, 1), EINVAL);
+	FAILS(vfiokit_write64(NULL, 0, 0, 1), EINVAL);
+	FAILS(vfiokit_pci_find_capability(NULL, 5, &u32), EINVAL);
+	FAILS(vfiokit_irq_enable(NULL, VFIOKIT_IRQ_MSI, 0, 1, (int *)buf), EINVAL);
+	FAILS(vfiokit_irq_disable(NULL, VFIOKIT_IRQ_MSI), EINVAL);
+	FAILS(vfiokit_irq_mask(NULL, VFIOKIT_IRQ_INTX, 0), EINVAL);
+	FAILS(vfiokit_irq_unmask(NULL, VFIOKIT_IRQ_INTX, 0), EINVAL);
+	FAILS(vfiokit_irq_trigger(NULL, VFIOKIT_IRQ_MSI, 0), EINVAL);
+	FAILS(vfiokit_irq_wait(NULL, VFIOKIT_IRQ_MSI, 0, 0, &u64), EINVAL);
+	FAILS(vfiokit_pci_bind(NULL), EINVAL);
+	FAILS(vfiokit_pci_unbind(NULL), EINVAL);
+}
+
+static void bad_names(void)
+{
+	vfiokit_device *dev = (vfiokit_device *)0x1;
+	FAILS(vfiokit_device_open("zz:zz.z", NULL, &dev), EINVAL);
+	CHECK(strstr(vfiokit_last_error(), "not a PCI address") != NULL);
+	FAILS(vfiokit_device_open("0000:00:1e.7", NULL, &dev), ENOENT);
+	FAILS(vfiokit_device_open("0000:00:00.0", NULL, &dev), ENODEV);
+	CHECK(strstr(vfiokit_last_error(), "vfiokit_pci_bind") != NULL);
+	FAILS(vfiokit_pci_bind("0000:00:1e.7"), ENOENT);
+	CHECK(dev == (vfiokit_device *)0x1);
+}
+
+static void with_edu(void)
+{
+	vfiokit_iommu *io = NULL;
+	vfiokit_device *dev = NULL;
+	const vfiokit_region *regions;
+	const vfiokit_irq *irqs;
+	size_t n = 0, nranges = 0;
+	uint32_t u32 = 0xdeadbeef, cap = 0;
+	uint64_t u64 = 0, iova = 0;
+	void *bar0 = NULL, *p = NULL, *buf = NULL;
+	int fd = -1, fds[2];
+	char small[16];
+
+	CHECK(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, &io) == 0);
+	CHECK(vfiokit_iommu_kind(io) == VFIOKIT_IOMMU_TYPE1 || vfiokit_iommu_kind(io) == VFIOKIT_IOMMU_IOMMUFD);
+	CHECK(vfiokit_device_open(env("VFIOKIT_TEST_EDU"), io, &dev) == 0);
+	CHECK(vfiokit_device_iommu(dev) == io);
+
+	regions = vfiokit_device_regions(dev, &n);
+	CHECK(regions != NULL && n == 9);
+	CHECK(regions[0].size == 1 << 20 && (regions[0].flags & VFIOKIT_REGION_MMAP));
+	CHECK(regions[VFIOKIT_PCI_VGA].flags == 0);
+	irqs = vfiokit_device_irqs(dev, &n);
+	CHECK(irqs != NULL && n == 5 && irqs[VFIOKIT_IRQ_MSI].count == 1);
+	CHECK(vfiokit_device_areas(dev, &n) != NULL && n == 1);
+	FAILS_AS(vfiokit_device_regions(dev, NULL), NULL);
+
+	/* Registers: through the mapping, and the pointer agrees. */
+	CHECK(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, 0, &u32) == 0 && u32 == 0x010000ed);
+	CHECK(vfiokit_region_map(dev, VFIOKIT_PCI_BAR0, &bar0) == 0 && bar0 != NULL);
+	CHECK(*(volatile uint32_t *)bar0 == 0x010000ed);
+	CHECK(vfiokit_write32(dev, VFIOKIT_PCI_BAR0, 4, 0x0f0f0f0f) == 0);
+	CHECK(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, 4, &u32) == 0 && u32 == 0xf0f0f0f0);
+	CHECK(vfiokit_region_read(dev, VFIOKIT_PCI_BAR0, 0, &u32, 4) == 0 && u32 == 0x010000ed);
+	CHECK(vfiokit_region_read(dev, VFIOKIT_PCI_BAR0, 0, NULL, 0) == 0);
+
+	/* Out of range, overflowing, misaligned, absent. */
+	u32 = 0x12345678;
+	FAILS(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, 1 << 20, &u32), EINVAL);
+	CHECK(u32 == 0x12345678);
+	FAILS(vfiokit_read64(dev, VFIOKIT_PCI_BAR0, UINT64_MAX - 7, &u64), EINVAL);
+	FAILS(vfiokit_region_read(dev, VFIOKIT_PCI_BAR0, UINT64_MAX, small, sizeof small), EINVAL);
+	FAILS(vfiokit_region_write(dev, VFIOKIT_PCI_CONFIG, 250, small, sizeof small), EINVAL);
+	FAILS(vfiokit_region_read(dev, VFIOKIT_PCI_BAR0, 0, NULL, 4), EINVAL);
+	FAILS(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, 2, &u32), EINVAL);
+	FAILS(vfiokit_write16(dev, VFIOKIT_PCI_BAR0, 1, 0), EINVAL);
+	FAILS(vfiokit_read8(dev, VFIOKIT_PCI_VGA, 0, (uint8_t *)small), EINVAL);
+	FAILS(vfiokit_read8(dev, 1000, 0, (uint8_t *)small), EINVAL);
+	FAILS(vfiokit_region_map(dev, VFIOKIT_PCI_CONFIG, &p), ENOTSUP);
+	FAILS(vfiokit_region_map(dev, 1000, &p), EINVAL);
+	FAILS(vfiokit_region_map(dev, VFIOKIT_PCI_BAR0, NULL), EINVAL);
+
+	/* Config space. */
+	CHECK(vfiokit_pci_find_capability(dev, 0x05, &cap) == 0 && cap == 0x40);
+	FAILS(vfiokit_pci_find_capability(dev, 0x11, &cap), ENOENT);
+	FAILS(vfiokit_pci_find_capability(dev, 0x05, NULL), EINVAL);
+	CHECK(vfiokit_read16(dev, VFIOKIT_PCI_CONFIG, 0, (uint16_t *)small) == 0 && *(uint16_t *)small == 0x1234);
+
+	/* IRQs. */
+	FAILS(vfiokit_irq_enable(dev, VFIOKIT_IRQ_MSI, 0, 2, fds), EINVAL);
+	FAILS(vfiokit_irq_enable(dev, VFIOKIT_IRQ_MSIX, 0, 1, fds), EINVAL);
+	FAILS(vfiokit_irq_enable(dev, VFIOKIT_IRQ_MSI, 0, 1, NULL), EINVAL);
+	FAILS(vfiokit_irq_wait(dev, VFIOKIT_IRQ_MSI, 0, 0, &u64), EINVAL); /* not enabled */
+	CHECK(vfiokit_irq_enable(dev, VFIOKIT_IRQ_MSI, 0, 1, &fd) == 0 && fd >= 0);
+	CHECK(vfiokit_irq_trigger(dev, VFIOKIT_IRQ_MSI, 0) == 0);
+	u64 = 0;
+	CHECK(vfiokit_irq_wait(dev, VFIOKIT_IRQ_MSI, 0, 1000, &u64) == 0 && u64 == 1);
+	FAILS(vfiokit_irq_wait(dev, VFIOKIT_IRQ_MSI, 0, 10, &u64), ETIMEDOUT);
+	FAILS(vfiokit_irq_trigger(dev, VFIOKIT_IRQ_MSI, 1), EINVAL);
+	CHECK(vfiokit_irq_disable(dev, VFIOKIT_IRQ_MSI) == 0);
+	FAILS(vfiokit_irq_disable(dev, VFIOKIT_IRQ_MSI), EINVAL);
+
+	/* DMA. */
+	CHECK(vfiokit_iommu_iova_ranges(io, NULL, 0, &nranges) == 0 && nranges > 0);
+	FAILS(vfiokit_iommu_iova_ranges(io, NULL, 1, &nranges), EINVAL);
+	{
+		vfiokit_iova_range ranges[16];
+		size_t got = 0;
+		CHECK(vfiokit_iommu_iova_ranges(io, ranges, 16, &got) == 0 && got == nranges);
+		CHECK(ranges[0].start <= ranges[0].last);
+	}
+	CHECK(vfiokit_dma_alloc(io, 4096, &buf, &iova) == 0 && buf != NULL && iova != 0);
+	FAILS(vfiokit_dma_map(io, buf, 4096, iova), EINVAL); /* overlaps */
+	FAILS(vfiokit_dma_map(io, (char *)buf + 1, 4096, 0x200000), EINVAL);
+	FAILS(vfiokit_dma_map_any(io, buf, 4096, NULL), EINVAL);
+	FAILS(vfiokit_dma_alloc(io, 0, &p, &u64), EINVAL);
+	FAILS(vfiokit_dma_alloc(io, 4096, NULL, &u64), EINVAL);
+	FAILS(vfiokit_dma_unmap(io, 0x7000000, 4096), ENOENT);
+	CHECK(vfiokit_dma_free(io, buf) == 0);
+	FAILS(vfiokit_dma_free(io, buf), EINVAL);
+
+	FAILS(vfiokit_device_reset(dev), ENOTSUP);
+
+	/* The context closed while its device is open: the device keeps it alive. */
+	vfiokit_iommu_close(io);
+	mark_error();
+	vfiokit_iommu_close(io);
+	CHECK(strstr(vfiokit_last_error(), "closed already") != NULL);
+	CHECK(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, 0, &u32) == 0 && u32 == 0x010000ed);
+	CHECK(vfiokit_dma_alloc(vfiokit_device_iommu(dev), 8192, &buf, &iova) == 0);
+	CHECK(vfiokit_dma_free(vfiokit_device_iommu(dev), buf) == 0);
+
+	vfiokit_device_close(dev);
+	mark_error();
+	vfiokit_device_close(dev);
+	CHECK(strstr(vfiokit_last_error(), "closed already") != NULL);
+}
+
+/* Handles opened and closed many times leave no fd and no mapping behind. */
+static void no_leaks(void)
+{
+	long fds = -1, maps = -1;
+	for (int i = 0; i < 60; i++) {
+		vfiokit_iommu *io = NULL;
+		vfiokit_device *dev = NULL, *nvme = NULL;
+		void *p, *buf;
+		uint64_t iova;
+		int ev[4];
+		if (i == 10) { /* after the first cycles have set up process-wide state */
+			fds = count_fds();
+			maps = count_lines("/proc/self/maps");
+		}
+		CHECK(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, &io) == 0);
+		CHECK(vfiokit_device_open(env("VFIOKIT_TEST_EDU"), io, &dev) == 0);
+		CHECK(vfiokit_device_open(env("VFIOKIT_TEST_NVME"), io, &nvme) == 0);
+		CHECK(vfiokit_region_map(dev, 0, &p) == 0);
+		CHECK(vfiokit_region_map(nvme, 0, &p) == 0);
+		CHECK(vfiokit_irq_enable(nvme, VFIOKIT_IRQ_MSIX, 0, 4, ev) == 0);
+		CHECK(vfiokit_irq_enable(dev, VFIOKIT_IRQ_INTX, 0, 1, ev) == 0);
+		CHECK(vfiokit_dma_alloc(io, 1 << 16, &buf, &iova) == 0);
+		vfiokit_iommu_close(io);
+		vfiokit_device_close(dev);
+		vfiokit_device_close(nvme);
+	}
+	CHECK(count_fds() == fds);
+	CHECK(count_lines("/proc/self/maps") == maps);
+	printf("no_leaks: %ld fds and %ld mappings after 50 cycles, as before\n", count_fds(),
+	       count_lines("/proc/self/maps"));
+}
+
+int main(void)
+{
+	CHECK(vfiokit_last_error()[0] == '\0');
+	null_arguments();
+	bad_names();
+	with_edu();
+	no_leaks();
+	printf("capi: %d passed, %d failed\n", passed, failed);
+	return failed != 0;
+}

@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 SONAME := libvfiokit.so.0
 RELEASE := target/release
 
-.PHONY: all install test test-c uninstall
+.PHONY: all demo install test test-c uninstall
 
 all:
 	$(CARGO) build --release --lib
@@ -36,3 +36,7 @@ test:
 # The C tests alone (built against an install in a temporary prefix, run in the guest).
 test-c:
 	tests/c/run
+
+# The demo: the guest's emulated devices driven through vfiokit by the C examples.
+demo:
+	c-examples/demo

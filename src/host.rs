@@ -10,6 +10,7 @@ use crate::sys::Context;
 
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 const VFIO_DRIVER: &str = "vfio-pci";
+const CDEV_DIR: &str = "/dev/vfio/devices/";
 
 /// A PCI device as sysfs describes it.
 #[derive(Debug, Clone)]
@@ -20,9 +21,18 @@ pub(crate) struct PciDevice {
 }
 
 impl PciDevice {
-    /// Resolves a PCI address ("0000:00:02.0", "00:02.0") or a sysfs device path.
+    /// Resolves a PCI address ("0000:00:02.0", "00:02.0"), a sysfs device path, or a VFIO
+    /// cdev path ("/dev/vfio/devices/vfio0").
     pub fn find(name: &str) -> Result<PciDevice> {
-        let address = if name.starts_with('/') {
+        let address = if let Some(node) = name.strip_prefix(CDEV_DIR) {
+            if !sysfs::exists(Path::new(name)) {
+                return Err(Error::new(libc::ENOENT, format!("no such VFIO device cdev {name}")));
+            }
+            let link = Path::new("/sys/class/vfio-dev").join(node).join("device");
+            let path = sysfs::canonical(&link).context(|| format!("{name}: no such VFIO device cdev ({})", link.display()))?;
+            let base = path.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+            pci::parse_address(&base).map_err(|_| Error::invalid(format!("{name} is not a PCI device's cdev")))?
+        } else if name.starts_with('/') {
             let path = sysfs::canonical(Path::new(name)).context(|| format!("device path {name}"))?;
             let base = path.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
             pci::parse_address(&base).map_err(|_| Error::invalid(format!("{name} is not a PCI device's sysfs path")))?
@@ -71,10 +81,20 @@ impl PciDevice {
         })
     }
 
-    /// The device's VFIO cdev ("/dev/vfio/devices/vfio0"), when the kernel offers one.
-    pub fn cdev(&self) -> Option<PathBuf> {
-        let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next()?;
-        Some(Path::new("/dev/vfio/devices").join(name))
+    /// The device's VFIO cdev ("/dev/vfio/devices/vfio0").
+    pub fn cdev(&self) -> Result<String> {
+        // 6.1 to 6.5 list the device under vfio-dev but have no /dev node for it.
+        let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next();
+        let node = name.map(|n| format!("{CDEV_DIR}{n}")).filter(|node| sysfs::exists(Path::new(node)));
+        node.ok_or_else(|| {
+            Error::new(
+                libc::ENODEV,
+                format!(
+                    "{} has no VFIO cdev: the kernel lacks CONFIG_VFIO_DEVICE_CDEV (use the type1 backend: VFIOKIT_IOMMU=type1)",
+                    self.address
+                ),
+            )
+        })
     }
 }
 

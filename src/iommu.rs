@@ -1,10 +1,12 @@
 //! The DMA context: which IOVAs a device may reach, and the memory behind them.
 //!
 //! One type, two kernel interfaces behind it: the legacy type1 container with its groups, and
-//! iommufd (an IOAS that devices opened through their cdev attach to).
+//! iommufd (an IOAS that devices opened through their cdev attach to). The IOVA allocator,
+//! DMA buffers and error messages are shared; only the ioctls differ.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -12,7 +14,7 @@ use crate::caps;
 use crate::error::{Error, Result};
 use crate::host::{self, PciDevice};
 use crate::iova::{IovaRange, IovaSpace};
-use crate::sys::{self, mem, vfio, Context};
+use crate::sys::{self, iommufd, mem, sysfs, vfio, Context};
 
 /// Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
 pub const IOMMU_AUTO: u32 = 0;
@@ -45,6 +47,10 @@ impl IommuKind {
                 Ok("type1") => Ok(IommuKind::Type1),
                 Ok("iommufd") => Ok(IommuKind::Iommufd),
                 Ok(other) => Err(Error::invalid(format!("VFIOKIT_IOMMU={other}: expected type1 or iommufd"))),
+                // iommufd where the kernel has it and gives devices a cdev (6.6+).
+                Err(_) if sysfs::exists(Path::new(IOMMUFD)) && sysfs::exists(Path::new("/dev/vfio/devices")) => {
+                    Ok(IommuKind::Iommufd)
+                }
                 Err(_) => Ok(IommuKind::Type1),
             },
             other => Err(Error::invalid(format!("unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd)"))),
@@ -53,11 +59,13 @@ impl IommuKind {
 }
 
 const CONTAINER: &str = "/dev/vfio/vfio";
+const IOMMUFD: &str = "/dev/iommu";
 const TYPE1V2: u32 = 3;
 const TYPE1: u32 = 1;
 
 enum Backend {
     Type1 { container: OwnedFd },
+    Iommufd { fd: OwnedFd, ioas: u32 },
 }
 
 struct State {
@@ -90,18 +98,27 @@ impl Drop for Inner {
 #[derive(Clone)]
 pub struct Iommu(Arc<Inner>);
 
+impl std::fmt::Debug for Iommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Iommu").field(&self.kind()).finish()
+    }
+}
+
 static DEFAULT: Mutex<Weak<Inner>> = Mutex::new(Weak::new());
 
 impl Iommu {
     /// Opens a new context of `kind` (an `IOMMU_*` code).
     pub fn open(kind: u32) -> Result<Iommu> {
-        let backend = match IommuKind::resolve(kind)? {
-            IommuKind::Type1 => Backend::Type1 { container: open_container()? },
+        let (backend, space) = match IommuKind::resolve(kind)? {
+            IommuKind::Type1 => (Backend::Type1 { container: open_container()? }, None),
             IommuKind::Iommufd => {
-                return Err(Error::new(libc::ENOTSUP, "iommufd contexts are not supported by this build yet"));
+                let fd = open_node(IOMMUFD, "is the kernel built with CONFIG_IOMMUFD?")?;
+                let ioas = iommufd::ioas_alloc(fd.as_fd()).context(|| "allocating an IOAS")?;
+                let space = IovaSpace::new(ioas_ranges(&fd, ioas)?);
+                (Backend::Iommufd { fd, ioas }, Some(space))
             }
         };
-        let state = State { groups: HashMap::new(), space: None, buffers: HashMap::new() };
+        let state = State { groups: HashMap::new(), space, buffers: HashMap::new() };
         Ok(Iommu(Arc::new(Inner { backend, state: Mutex::new(state) })))
     }
 
@@ -120,6 +137,7 @@ impl Iommu {
     pub fn kind(&self) -> IommuKind {
         match self.0.backend {
             Backend::Type1 { .. } => IommuKind::Type1,
+            Backend::Iommufd { .. } => IommuKind::Iommufd,
         }
     }
 
@@ -142,6 +160,27 @@ impl Iommu {
                 }
                 vfio::group_device_fd(state.groups[&group].as_fd(), &dev.address)
                     .context(|| format!("getting the VFIO device fd of {} from group {group}", dev.address))
+            }
+            Backend::Iommufd { fd, ioas } => {
+                let cdev = dev.cdev()?;
+                let device = open_node(&cdev, "")?;
+                iommufd::bind(device.as_fd(), fd.as_fd()).map_err(|sys::Errno(e)| match e {
+                    // The kernel's answer when another open of the cdev is bound already; our
+                    // arguments are otherwise always valid.
+                    libc::EINVAL | libc::EBUSY => Error::new(
+                        libc::EBUSY,
+                        format!(
+                            "binding {cdev} ({}) to iommufd: the device is already bound (open in another IOMMU context or process)",
+                            dev.address
+                        ),
+                    ),
+                    _ => Error::os(e, format!("binding {cdev} ({}) to iommufd", dev.address)),
+                })?;
+                iommufd::attach(device.as_fd(), *ioas).context(|| format!("attaching {cdev} ({}) to IOAS {ioas}", dev.address))?;
+                // The device's reserved regions (the MSI window...) are now cut out of the IOAS.
+                let ranges = ioas_ranges(fd, *ioas)?;
+                self.with_space(|space| Ok(space.set_valid(ranges)))?;
+                Ok(device)
             }
         }
     }
@@ -204,6 +243,8 @@ impl Iommu {
         let result = match &self.0.backend {
             // SAFETY: forwarded from the caller.
             Backend::Type1 { container } => unsafe { vfio::dma_map(container.as_fd(), vaddr as u64, len as u64, iova) },
+            // SAFETY: forwarded from the caller.
+            Backend::Iommufd { fd, ioas } => unsafe { iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova) },
         };
         result.map_err(|sys::Errno(e)| {
             let mut msg = format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: {}", std::io::Error::from_raw_os_error(e));
@@ -226,10 +267,10 @@ impl Iommu {
             Ok(())
         })?;
         match &self.0.backend {
-            Backend::Type1 { container } => vfio::dma_unmap(container.as_fd(), iova, len as u64)
-                .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))
-                .map(drop),
+            Backend::Type1 { container } => vfio::dma_unmap(container.as_fd(), iova, len as u64).map(drop),
+            Backend::Iommufd { fd, ioas } => iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64),
         }
+        .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))
     }
 
     /// Allocates `len` bytes (rounded up to pages) of zeroed memory and maps it for DMA.
@@ -293,15 +334,21 @@ fn check_dma_args(vaddr: *mut u8, len: usize, iova: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-fn open_container() -> Result<OwnedFd> {
-    let container = sys::open(CONTAINER, libc::O_RDWR).map_err(|sys::Errno(e)| {
+/// Opens a device node read/write; `missing` says what its absence means.
+fn open_node(path: &str, missing: &str) -> Result<OwnedFd> {
+    sys::open(path, libc::O_RDWR).map_err(|sys::Errno(e)| {
         let hint = match e {
-            libc::ENOENT => " (is the vfio module loaded?)",
-            libc::EACCES | libc::EPERM => " (permission: run as root or make it accessible)",
-            _ => "",
+            libc::ENOENT if !missing.is_empty() => format!(" ({missing})"),
+            libc::EACCES | libc::EPERM => " (permission: run as root or make it accessible to this user)".into(),
+            libc::EBUSY => " (already open: by another process, or by this one in another IOMMU context)".into(),
+            _ => String::new(),
         };
-        Error::os(e, format!("opening {CONTAINER}{hint}"))
-    })?;
+        Error::os(e, format!("opening {path}{hint}"))
+    })
+}
+
+fn open_container() -> Result<OwnedFd> {
+    let container = open_node(CONTAINER, "is the vfio module loaded?")?;
     let version = vfio::api_version(container.as_fd()).context(|| "VFIO_GET_API_VERSION")?;
     if version != vfio_bindings::bindings::vfio::VFIO_API_VERSION as i32 {
         return Err(Error::new(libc::ENOTSUP, format!("VFIO API version {version} is not the supported 0")));
@@ -310,16 +357,7 @@ fn open_container() -> Result<OwnedFd> {
 }
 
 fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd> {
-    let path = format!("/dev/vfio/{group}");
-    let fd = sys::open(&path, libc::O_RDWR).map_err(|sys::Errno(e)| {
-        let hint = match e {
-            libc::ENOENT => " (no such group node: is the device bound to vfio-pci?)",
-            libc::EACCES | libc::EPERM => " (permission: run as root or chown the group node)",
-            libc::EBUSY => " (already open: by another process, or by this one in another IOMMU context)",
-            _ => "",
-        };
-        Error::os(e, format!("opening {path}{hint}"))
-    })?;
+    let fd = open_node(&format!("/dev/vfio/{group}"), "no such group node: is the device bound to vfio-pci?")?;
     const VIABLE: u32 = vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_VIABLE;
     if vfio::group_flags(fd.as_fd()).context(|| format!("status of group {group}"))? & VIABLE == 0 {
         return Err(Error::new(libc::EBUSY, format!("group {group} is not viable: {}", host::group_blockers(group))));
@@ -333,6 +371,11 @@ fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd>
         })?;
     }
     Ok(fd)
+}
+
+fn ioas_ranges(fd: &OwnedFd, ioas: u32) -> Result<Vec<IovaRange>> {
+    let ranges = iommufd::ioas_iova_ranges(fd.as_fd(), ioas).context(|| format!("IOVA ranges of IOAS {ioas}"))?;
+    Ok(ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect())
 }
 
 /// The valid IOVA ranges from the type1 info's capability chain; without one (older kernels),

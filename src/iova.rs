@@ -23,9 +23,17 @@ impl IovaSpace {
     /// catches.
     const LOWEST: u64 = 0x1000;
 
-    pub fn new(mut valid: Vec<IovaRange>) -> Self {
+    pub fn new(valid: Vec<IovaRange>) -> Self {
+        let mut space = IovaSpace::default();
+        space.set_valid(valid);
+        space
+    }
+
+    /// Replaces the valid ranges (an iommufd IOAS narrows them as devices attach); existing
+    /// mappings stay recorded.
+    pub fn set_valid(&mut self, mut valid: Vec<IovaRange>) {
         valid.sort_by_key(|r| r.start);
-        IovaSpace { valid, used: BTreeMap::new() }
+        self.valid = valid;
     }
 
     pub fn valid(&self) -> &[IovaRange] {

@@ -1,7 +1,8 @@
 //! A small test runner for suites that must run inside the test guest (tests/vm/run).
 //!
-//! Run by `cargo test` on the host, the binary boots the guest and runs itself there (once per
-//! kernel in VFIOKIT_VM_KERNELS, default "legacy"); inside the guest (VFIOKIT_VM_KERNEL set)
+//! Run by `cargo test` on the host, the binary boots the guest and runs itself there, once per
+//! entry of VFIOKIT_VM_KERNELS (default "legacy iommufd iommufd:type1": a kernel, and the
+//! IOMMU backend forced through VFIOKIT_IOMMU); inside the guest (VFIOKIT_VM_KERNEL set)
 //! it runs the cases one by one, in one thread, so cases may fork. It never skips: a guest
 //! that cannot start fails the run.
 
@@ -45,18 +46,26 @@ pub fn main(cases: &[Case]) -> ExitCode {
 fn boot_guests(args: &[String]) -> ExitCode {
     let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vm/run");
     let exe = std::env::current_exe().expect("own path");
-    let kernels = std::env::var("VFIOKIT_VM_KERNELS").unwrap_or_else(|_| "legacy".into());
-    for kernel in kernels.split_whitespace() {
-        let status = Command::new(runner)
-            .args(["--kernel", kernel, "--"])
-            .arg(&exe)
-            .args(&args[1..])
-            .status()
-            .unwrap_or_else(|e| panic!("cannot start {runner}: {e}"));
+    let runs = std::env::var("VFIOKIT_VM_KERNELS").unwrap_or_else(|_| "legacy iommufd iommufd:type1".into());
+    let mut failed = Vec::new();
+    for run in runs.split_whitespace() {
+        let (kernel, backend) = run.split_once(':').unwrap_or((run, ""));
+        let mut cmd = Command::new(runner);
+        cmd.args(["--kernel", kernel, "--"]).arg(&exe).args(&args[1..]);
+        if backend.is_empty() {
+            cmd.env_remove("VFIOKIT_IOMMU");
+        } else {
+            cmd.env("VFIOKIT_IOMMU", backend);
+        }
+        println!("guest run: {kernel} kernel, {} backend", if backend.is_empty() { "auto" } else { backend });
+        let status = cmd.status().unwrap_or_else(|e| panic!("cannot start {runner}: {e}"));
         if !status.success() {
-            eprintln!("guest tests failed on the {kernel} kernel ({status})");
-            return ExitCode::FAILURE;
+            failed.push(run);
         }
     }
-    ExitCode::SUCCESS
+    if failed.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("guest tests failed on: {}", failed.join(" "));
+    ExitCode::FAILURE
 }

@@ -9,10 +9,12 @@ use std::ptr::NonNull;
 use common::*;
 use vfiokit::irq::*;
 use vfiokit::region::*;
-use vfiokit::{Device, Iommu, IOMMU_AUTO, IOMMU_TYPE1};
+use vfiokit::{Device, Iommu, IommuKind, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1};
 
 const CASES: &[harness::Case] = &[
+    ("backend_choice", backend_choice),
     ("open_by_every_name_form", open_by_every_name_form),
+    ("open_by_cdev_path", open_by_cdev_path),
     ("open_failures_name_their_cause", open_failures_name_their_cause),
     ("edu_records", edu_records),
     ("nvme_records_msix_mappable_mem64", nvme_records_msix_mappable_mem64),
@@ -44,11 +46,57 @@ fn main() -> std::process::ExitCode {
     harness::main(CASES)
 }
 
+/// What AUTO must pick here: iommufd where the kernel has it, unless VFIOKIT_IOMMU says type1.
+fn expected_kind() -> IommuKind {
+    let kernel_has_iommufd = std::path::Path::new("/dev/iommu").exists();
+    match std::env::var("VFIOKIT_IOMMU").as_deref() {
+        Ok("type1") => IommuKind::Type1,
+        Ok(_) => IommuKind::Iommufd,
+        Err(_) if kernel_has_iommufd => IommuKind::Iommufd,
+        Err(_) => IommuKind::Type1,
+    }
+}
+
+fn backend_choice() {
+    let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap();
+    assert_eq!(kernel == "iommufd", std::path::Path::new("/dev/iommu").exists(), "only the iommufd kernel has /dev/iommu");
+    assert_eq!(Iommu::open(IOMMU_AUTO).unwrap().kind(), expected_kind());
+    assert_eq!(open("EDU").iommu().kind(), expected_kind(), "the shared context");
+    assert_eq!(Iommu::open(IOMMU_TYPE1).unwrap().kind(), IommuKind::Type1, "type1 is there on both kernels");
+    fails(Iommu::open(7), libc::EINVAL, &["unknown IOMMU kind 7"]);
+    if kernel == "iommufd" {
+        assert_eq!(Iommu::open(IOMMU_IOMMUFD).unwrap().kind(), IommuKind::Iommufd);
+        // One device bound through iommufd cannot be opened again through its group.
+        let fd_ctx = Iommu::open(IOMMU_IOMMUFD).unwrap();
+        let _edu = open_in("EDU", &fd_ctx);
+        fails(Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_TYPE1).unwrap())), libc::EBUSY, &[]);
+        fails(Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_IOMMUFD).unwrap())), libc::EBUSY, &["already bound"]);
+    } else {
+        fails(Iommu::open(IOMMU_IOMMUFD), libc::ENOENT, &["/dev/iommu", "CONFIG_IOMMUFD"]);
+    }
+}
+
+fn open_by_cdev_path() {
+    let cdevs: Vec<String> = std::fs::read_dir(format!("/sys/bus/pci/devices/{}/vfio-dev", addr("EDU")))
+        .map(|rd| rd.flatten().map(|e| e.file_name().into_string().unwrap()).collect())
+        .unwrap_or_default();
+    if std::env::var("VFIOKIT_VM_KERNEL").unwrap() == "legacy" {
+        assert!(!std::path::Path::new("/dev/vfio/devices").exists(), "6.1 has no device cdevs");
+        fails(Device::open("/dev/vfio/devices/vfio0", None), libc::ENOENT, &["no such VFIO device cdev"]);
+        fails(Iommu::open(IOMMU_IOMMUFD), libc::ENOENT, &["/dev/iommu"]);
+        return;
+    }
+    let path = format!("/dev/vfio/devices/{}", cdevs[0]);
+    let d = Device::open(&path, None).unwrap();
+    assert_eq!(d.address(), addr("EDU"));
+    assert_eq!(rd::<u32>(&d, 0, edu::ID), 0x010000ed);
+}
+
 fn open_by_every_name_form() {
     let full = addr("EDU");
     let short = full.strip_prefix("0000:").expect("domain 0").to_owned();
     let sysfs = format!("/sys/bus/pci/devices/{full}");
-    let iommu = Iommu::open(IOMMU_TYPE1).unwrap();
+    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
     for name in [full.as_str(), short.as_str(), &short.to_uppercase(), sysfs.as_str()] {
         let d = Device::open(name, Some(&iommu)).unwrap_or_else(|e| panic!("open {name}: {e}"));
         assert_eq!(d.address(), full);
@@ -363,7 +411,10 @@ fn irq_misuse() {
 
 fn iova_ranges_and_mapping_rules() {
     let iommu = Iommu::open(IOMMU_AUTO).unwrap();
-    fails(iommu.iova_ranges(), libc::ENODEV, &["open a device first"]);
+    match iommu.kind() {
+        IommuKind::Type1 => fails(iommu.iova_ranges(), libc::ENODEV, &["open a device first"]),
+        IommuKind::Iommufd => assert!(!iommu.iova_ranges().unwrap().is_empty(), "an IOAS has ranges from the start"),
+    }
     let _d = open_in("EDU", &iommu);
     let ranges = iommu.iova_ranges().unwrap();
     assert!(!ranges.is_empty());
@@ -453,15 +504,15 @@ fn reset_where_supported() {
 
 fn several_devices_and_contexts() {
     // Two devices in one context share its DMA space.
-    let shared = Iommu::open(IOMMU_TYPE1).unwrap();
+    let shared = Iommu::open(IOMMU_AUTO).unwrap();
     let edu = open_in("EDU", &shared);
     let nvme = open_in("NVME", &shared);
     assert!(std::ptr::eq(edu.iommu() as *const _, edu.iommu() as *const _));
     let (buf, _) = nvme.iommu().alloc(4096).unwrap();
     edu.iommu().free(buf.as_ptr()).unwrap();
-    // A group already in one context cannot join another.
-    let other = Iommu::open(IOMMU_TYPE1).unwrap();
-    fails(Device::open(&addr("EDU"), Some(&other)), libc::EBUSY, &["already open"]);
+    // A device already in one context cannot join another.
+    let other = Iommu::open(IOMMU_AUTO).unwrap();
+    fails(Device::open(&addr("EDU"), Some(&other)), libc::EBUSY, &["already"]);
     // Separate contexts for separate devices.
     let testdev = open_in("TESTDEV", &other);
     assert_eq!(rd::<u16>(&testdev, PCI_CONFIG, 0), 0x1b36);
@@ -483,7 +534,11 @@ fn group_not_permitted() {
     in_child(|| {
         // SAFETY: dropping privileges in the child only.
         assert_eq!(unsafe { libc::setgid(65534) + libc::setuid(65534) }, 0);
-        let iommu = Iommu::open(IOMMU_TYPE1).expect("the container node is world-accessible");
+        if expected_kind() == IommuKind::Iommufd {
+            fails(Iommu::open(IOMMU_AUTO), libc::EACCES, &["/dev/iommu", "permission"]);
+            return;
+        }
+        let iommu = Iommu::open(IOMMU_AUTO).expect("the container node is world-accessible");
         let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr("EDU"))).unwrap();
         let node = format!("/dev/vfio/{}", group.file_name().unwrap().to_string_lossy());
         fails(Device::open(&addr("EDU"), Some(&iommu)), libc::EACCES, &[&node, "permission"]);
@@ -533,7 +588,7 @@ fn drop_capability(cap: u32) {
 
 fn open_close_cycles_leak_nothing() {
     let cycle = || {
-        let iommu = Iommu::open(IOMMU_TYPE1).unwrap();
+        let iommu = Iommu::open(IOMMU_AUTO).unwrap();
         let d = open_in("NVME", &iommu);
         d.map(0).unwrap();
         d.irq_enable(IRQ_MSIX, 0, 4).unwrap();

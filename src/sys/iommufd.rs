@@ -1,0 +1,105 @@
+//! The iommufd ioctls (/dev/iommu) and binding a VFIO device cdev to it. Structures come from
+//! `iommufd-bindings` and `vfio-bindings`; request numbers are `_IO(';', n)`.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use iommufd_bindings as k;
+use vfio_bindings::bindings::vfio as v;
+
+use super::{ioctl_ptr, Errno, SysResult};
+
+const fn io(n: u32) -> u64 {
+    ((k::IOMMUFD_TYPE as u64) << 8) | n as u64
+}
+
+const IOAS_ALLOC: u64 = io(k::IOMMUFD_CMD_IOAS_ALLOC);
+const IOAS_IOVA_RANGES: u64 = io(k::IOMMUFD_CMD_IOAS_IOVA_RANGES);
+const IOAS_MAP: u64 = io(k::IOMMUFD_CMD_IOAS_MAP);
+const IOAS_UNMAP: u64 = io(k::IOMMUFD_CMD_IOAS_UNMAP);
+const DEVICE_BIND_IOMMUFD: u64 = ((v::VFIO_TYPE as u64) << 8) | (v::VFIO_BASE + 18) as u64;
+const DEVICE_ATTACH_IOMMUFD_PT: u64 = ((v::VFIO_TYPE as u64) << 8) | (v::VFIO_BASE + 19) as u64;
+
+fn size<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+/// Allocates an IOAS (an I/O address space) and returns its id.
+pub(crate) fn ioas_alloc(iommufd: BorrowedFd) -> SysResult<u32> {
+    let mut arg = k::iommu_ioas_alloc { size: size::<k::iommu_ioas_alloc>(), flags: 0, out_ioas_id: 0 };
+    // SAFETY: IOAS_ALLOC reads and writes one iommu_ioas_alloc.
+    unsafe { ioctl_ptr(iommufd, IOAS_ALLOC, &mut arg)? };
+    Ok(arg.out_ioas_id)
+}
+
+/// The IOAS's usable IOVA ranges as inclusive (start, last) pairs.
+pub(crate) fn ioas_iova_ranges(iommufd: BorrowedFd, ioas: u32) -> SysResult<Vec<(u64, u64)>> {
+    let mut ranges: Vec<k::iommu_iova_range> = Vec::new();
+    // The kernel says how many there are (EMSGSIZE) when the array is too small; the count can
+    // change between calls as devices attach, hence the loop.
+    for _ in 0..4 {
+        let mut arg = k::iommu_ioas_iova_ranges {
+            size: size::<k::iommu_ioas_iova_ranges>(),
+            ioas_id: ioas,
+            num_iovas: ranges.len() as u32,
+            allowed_iovas: ranges.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: allowed_iovas points at num_iovas writable records.
+        match unsafe { ioctl_ptr(iommufd, IOAS_IOVA_RANGES, &mut arg) } {
+            Ok(_) => {
+                ranges.truncate(arg.num_iovas as usize);
+                return Ok(ranges.iter().map(|r| (r.start, r.last)).collect());
+            }
+            Err(Errno(libc::EMSGSIZE)) => ranges = vec![k::iommu_iova_range::default(); arg.num_iovas as usize],
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno(libc::EAGAIN))
+}
+
+/// # Safety
+/// `vaddr..vaddr+length` must stay mapped, and unaliased by references that assume no
+/// concurrent writes, for as long as the mapping exists.
+pub(crate) unsafe fn ioas_map(iommufd: BorrowedFd, ioas: u32, vaddr: u64, length: u64, iova: u64) -> SysResult<()> {
+    let mut arg = k::iommu_ioas_map {
+        size: size::<k::iommu_ioas_map>(),
+        flags: k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA
+            | k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE
+            | k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE,
+        ioas_id: ioas,
+        user_va: vaddr,
+        length,
+        iova,
+        ..Default::default()
+    };
+    // SAFETY: IOAS_MAP reads one iommu_ioas_map; the memory contract is the caller's.
+    unsafe { ioctl_ptr(iommufd, IOAS_MAP, &mut arg) }.map(drop)
+}
+
+pub(crate) fn ioas_unmap(iommufd: BorrowedFd, ioas: u32, iova: u64, length: u64) -> SysResult<()> {
+    let mut arg = k::iommu_ioas_unmap { size: size::<k::iommu_ioas_unmap>(), ioas_id: ioas, iova, length };
+    // SAFETY: IOAS_UNMAP reads and writes back one iommu_ioas_unmap.
+    unsafe { ioctl_ptr(iommufd, IOAS_UNMAP, &mut arg) }.map(drop)
+}
+
+/// Binds an opened VFIO device cdev to the iommufd (after which the device fd works).
+pub(crate) fn bind(device: BorrowedFd, iommufd: BorrowedFd) -> SysResult<()> {
+    let mut arg = v::vfio_device_bind_iommufd {
+        argsz: size::<v::vfio_device_bind_iommufd>(),
+        iommufd: iommufd.as_raw_fd(),
+        ..Default::default()
+    };
+    // SAFETY: BIND_IOMMUFD reads and writes back one vfio_device_bind_iommufd.
+    unsafe { ioctl_ptr(device, DEVICE_BIND_IOMMUFD, &mut arg) }.map(drop)
+}
+
+/// Attaches a bound device to an IOAS: its DMA is translated by the IOAS from now on.
+pub(crate) fn attach(device: BorrowedFd, ioas: u32) -> SysResult<()> {
+    let mut arg = v::vfio_device_attach_iommufd_pt {
+        argsz: size::<v::vfio_device_attach_iommufd_pt>(),
+        pt_id: ioas,
+        ..Default::default()
+    };
+    // SAFETY: ATTACH_IOMMUFD_PT reads and writes back one vfio_device_attach_iommufd_pt.
+    unsafe { ioctl_ptr(device, DEVICE_ATTACH_IOMMUFD_PT, &mut arg) }.map(drop)
+}

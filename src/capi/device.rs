@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
 use super::iommu::vfiokit_iommu;
-use super::{call, call_or, closing, need, opened, put, str_arg, Handle};
+use super::{call, call_or, close, need, opened, put, str_arg, Handle};
 use crate::device::{Device, Width};
 use crate::error::{Error, Result};
 
@@ -68,18 +68,8 @@ pub unsafe extern "C" fn vfiokit_device_open(name: *const c_char, iommu: *mut vf
 /// mappings or eventfds afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_device_close(dev: *mut vfiokit_device) {
-    call_or(
-        |_| (),
-        || {
-            if dev.is_null() {
-                return Ok(());
-            }
-            closing(dev, "vfiokit_device")?;
-            // SAFETY: from Box::into_raw in vfiokit_device_open, and open until now.
-            drop(unsafe { Box::from_raw(dev) });
-            Ok(())
-        },
-    )
+    // SAFETY: from Box::into_raw in vfiokit_device_open, and open until now.
+    close(dev, "vfiokit_device", |p| drop(unsafe { Box::from_raw(p) }))
 }
 
 /// The device's DMA context (borrowed: valid while the device is open; do not close it).

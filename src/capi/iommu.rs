@@ -3,7 +3,7 @@
 use std::ffi::{c_int, c_void};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::{call, call_or, closing, need, opened, put, Handle};
+use super::{call, call_or, close, need, opened, put, Handle};
 use crate::error::Result;
 use crate::iommu::{Iommu, IOMMU_AUTO};
 use crate::iova::IovaRange;
@@ -81,18 +81,8 @@ pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_io
 /// `iommu` must be NULL or from `vfiokit_iommu_open`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
-    call_or(
-        |_| (),
-        || {
-            if iommu.is_null() {
-                return Ok(());
-            }
-            closing(iommu, "vfiokit_iommu")?;
-            // SAFETY: the reference vfiokit_iommu_open handed out, released exactly once.
-            drop(unsafe { Arc::from_raw(iommu) });
-            Ok(())
-        },
-    )
+    // SAFETY: the reference vfiokit_iommu_open handed out, released exactly once.
+    close(iommu, "vfiokit_iommu", |p| drop(unsafe { Arc::from_raw(p) }))
 }
 
 /// `VFIOKIT_IOMMU_TYPE1` or `VFIOKIT_IOMMU_IOMMUFD`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.

@@ -109,6 +109,21 @@ fn closing<T>(p: *const T, name: &str) -> Result<()> {
     }
 }
 
+/// The body of every `_close`: NULL does nothing, a handle that is not open is refused (with a
+/// message), an open one is taken back and `free`d.
+fn close<T>(p: *mut T, name: &str, free: impl FnOnce(*mut T)) {
+    call_or(
+        |_| (),
+        || {
+            if !p.is_null() {
+                closing(p, name)?;
+                free(p);
+            }
+            Ok(())
+        },
+    )
+}
+
 /// A word at the head of each handle, overwritten when it is freed, so a closed or foreign
 /// pointer is reported (EBADF) instead of used, where the memory has not been reused yet.
 trait Handle: Sized {

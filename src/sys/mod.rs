@@ -75,38 +75,35 @@ pub(crate) fn ioctl_val(fd: BorrowedFd, request: u64, arg: libc::c_ulong) -> Sys
     check(unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg) })
 }
 
-/// Reads exactly `buf.len()` bytes at `offset`; a short read is EIO.
-pub(crate) fn pread_exact(fd: BorrowedFd, buf: &mut [u8], offset: u64) -> SysResult<()> {
+/// Repeats a positional transfer until `len` bytes are done: `step(done)` moves bytes from
+/// `done` on and returns how many; moving none (end of the region) is EIO.
+fn transfer_all(len: usize, mut step: impl FnMut(usize) -> libc::ssize_t) -> SysResult<()> {
     let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: rest is valid writable memory of rest.len() bytes.
-        let n = check_len(unsafe {
-            libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t)
-        })?;
-        if n == 0 {
-            return Err(Errno(libc::EIO));
+    while done < len {
+        match check_len(step(done))? {
+            0 => return Err(Errno(libc::EIO)),
+            n => done += n,
         }
-        done += n;
     }
     Ok(())
 }
 
-/// Writes exactly `buf.len()` bytes at `offset`; a short write is EIO.
+/// Reads exactly `buf.len()` bytes at `offset`.
+pub(crate) fn pread_exact(fd: BorrowedFd, buf: &mut [u8], offset: u64) -> SysResult<()> {
+    let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+    transfer_all(len, |done| {
+        // SAFETY: ptr+done..ptr+len lies in the caller's writable buffer.
+        unsafe { libc::pread(fd.as_raw_fd(), ptr.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) }
+    })
+}
+
+/// Writes exactly `buf.len()` bytes at `offset`.
 pub(crate) fn pwrite_all(fd: BorrowedFd, buf: &[u8], offset: u64) -> SysResult<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        // SAFETY: rest is valid readable memory of rest.len() bytes.
-        let n = check_len(unsafe {
-            libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t)
-        })?;
-        if n == 0 {
-            return Err(Errno(libc::EIO));
-        }
-        done += n;
-    }
-    Ok(())
+    let (ptr, len) = (buf.as_ptr(), buf.len());
+    transfer_all(len, |done| {
+        // SAFETY: ptr+done..ptr+len lies in the caller's buffer.
+        unsafe { libc::pwrite(fd.as_raw_fd(), ptr.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) }
+    })
 }
 
 /// A non-blocking, close-on-exec eventfd.

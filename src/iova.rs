@@ -1,6 +1,9 @@
-//! The IOVA allocator: first fit inside the kernel's valid IOVA ranges. Pure bookkeeping.
+//! Valid IOVA ranges (decoded from the type1 info reply) and the IOVA allocator: first fit
+//! inside them. Pure.
 
 use std::collections::BTreeMap;
+
+use crate::caps;
 
 /// An inclusive IOVA range `[start, last]`, as the kernel reports valid ranges. 16 bytes.
 #[repr(C)]
@@ -109,9 +112,32 @@ impl IovaSpace {
     }
 }
 
+/// Decodes `struct vfio_iommu_type1_info` (argsz, flags, iova_pgsizes, cap_offset, pad) and its
+/// IOVA-range capability.
+pub fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::DecodeError> {
+    const INFO_CAPS: u32 = 1 << 1;
+    const CAP_IOVA_RANGE: u16 = 1;
+    let what = "type1 info";
+    let flags = caps::u32_at(reply, 4, what)?;
+    let first = if flags & INFO_CAPS != 0 { caps::u32_at(reply, 16, what)? } else { 0 };
+    for cap in caps::walk(reply, first, 24)? {
+        if cap.id == CAP_IOVA_RANGE {
+            let what = "IOVA range capability";
+            let count = cap.u32_at(8, what)? as usize;
+            cap.check_array(16, count, 16, what)?;
+            return (0..count)
+                .map(|i| Ok(IovaRange { start: cap.u64_at(16 + 16 * i, what)?, last: cap.u64_at(24 + 16 * i, what)? }))
+                .collect();
+        }
+    }
+    Ok(vec![IovaRange { start: 0, last: u64::MAX }])
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::TYPE1_INFO;
 
     fn space() -> IovaSpace {
         // Like intel-iommu: everything below 4 GiB but the MSI window, and above.
@@ -159,5 +185,34 @@ mod tests {
         assert_eq!(s.alloc(0x2000, 0x1000), Some(0x1000));
         assert_eq!(s.alloc(0x1000, 0x1000), None);
         assert_eq!(s.alloc(u64::MAX, 0x1000), None);
+    }
+
+
+    #[test]
+    fn captured_type1_info_gives_the_ranges_around_the_interrupt_window() {
+        assert_eq!(
+            decode_type1_ranges(TYPE1_INFO).unwrap(),
+            [IovaRange { start: 0, last: 0xfed_fffff }, IovaRange { start: 0xfef0_0000, last: 0x7f_ffff_ffff }]
+        );
+    }
+
+    #[test]
+    fn captured_type1_info_corrupted() {
+        assert!(matches!(decode_type1_ranges(&TYPE1_INFO[..100]), Err(caps::DecodeError::Truncated { .. })));
+        // The IOVA-range capability (at 0x44) pointing back at the first one.
+        let mut looped = TYPE1_INFO.to_vec();
+        looped[0x48] = 0x18;
+        assert!(matches!(decode_type1_ranges(&looped), Err(caps::DecodeError::Loop { .. })));
+        // A range count that would need more bytes than there are.
+        let mut counted = TYPE1_INFO.to_vec();
+        counted[0x4c..0x50].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert!(matches!(decode_type1_ranges(&counted), Err(caps::DecodeError::Truncated { .. })));
+    }
+
+    #[test]
+    fn info_without_caps_allows_the_whole_space() {
+        let mut plain = TYPE1_INFO[..24].to_vec();
+        plain[4] = 1; // PGSIZES only
+        assert_eq!(decode_type1_ranges(&plain).unwrap(), [IovaRange { start: 0, last: u64::MAX }]);
     }
 }

@@ -13,7 +13,7 @@ mod error;
 mod fixtures;
 mod host;
 mod iommu;
-mod iova;
+pub mod iova;
 pub mod irq;
 pub mod pci;
 pub mod region;

@@ -250,8 +250,8 @@ int main(int argc, char **argv)
 	field(serial, identify, 4, 23);
 	field(model, identify, 24, 63);
 	field(firmware, identify, 64, 71);
-	printf("  PCI vendor %04x, model \"%s\", serial \"%s\", firmware \"%s\"\n",
-	       identify[0] | identify[1] << 8, model, serial, firmware);
+	printf("  identify data: 4 KiB written by the controller at IOVA %#llx (PCI vendor %04x)\n",
+	       (unsigned long long)id_iova, identify[0] | identify[1] << 8);
 
 	/* Orderly shutdown, then disable. */
 	TRY(vfiokit_write32(dev, VFIOKIT_PCI_BAR0, NVME_CC, CC_IOCQES | CC_IOSQES | CC_EN | CC_SHN_NORMAL));

@@ -259,17 +259,19 @@ impl Iommu {
 
     /// Removes the DMA mapping made at `iova` with length `len`.
     pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
-        self.with_space(|space| {
-            if !space.release(iova, len as u64) {
-                return Err(Error::new(libc::ENOENT, format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}")));
-            }
-            Ok(())
+        self.with_space(|space| match space.is_mapped(iova, len as u64) {
+            true => Ok(()),
+            false => Err(Error::new(libc::ENOENT, format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}"))),
         })?;
         match &self.0.backend {
             Backend::Type1 { container } => vfio::dma_unmap(container.as_fd(), iova, len as u64).map(drop),
             Backend::Iommufd { fd, ioas } => iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64),
         }
-        .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))
+        .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))?;
+        // Only now may the allocator hand the IOVA out again: released earlier, another thread
+        // could map it while the kernel still has the old mapping (EEXIST).
+        self.with_space(|space| Ok(space.release(iova, len as u64)))?;
+        Ok(())
     }
 
     /// Allocates `len` bytes (rounded up to pages) of zeroed memory and maps it for DMA.

@@ -96,14 +96,14 @@ impl IovaSpace {
         None
     }
 
+    /// Whether `[iova, iova+len)` is exactly one recorded mapping.
+    pub fn is_mapped(&self, iova: u64, len: u64) -> bool {
+        self.used.get(&iova) == Some(&len)
+    }
+
     /// Forgets the mapping `[iova, iova+len)`; false if no such mapping was recorded.
     pub fn release(&mut self, iova: u64, len: u64) -> bool {
-        if self.used.get(&iova) == Some(&len) {
-            self.used.remove(&iova);
-            true
-        } else {
-            false
-        }
+        self.is_mapped(iova, len) && self.used.remove(&iova).is_some()
     }
 
     pub fn describe(&self) -> String {

@@ -1,0 +1,603 @@
+"""vfiokit: userspace drivers for VFIO devices, from Python.
+
+A thin layer over libvfiokit's C ABI (ctypes, see ``_capi``); the objects here only add
+lifetimes (context managers, parents kept alive) and Python types::
+
+    import vfiokit
+    with vfiokit.open("0000:00:03.0") as dev:
+        bar0 = dev.map(0)
+        print(hex(bar0.read32(0)))
+        with dev.irq(vfiokit.IRQ_MSI) as irq:
+            bar0.write32(0x60, 1)
+            irq.wait(timeout=1.0)
+
+Errors are OSError subclasses (FileNotFoundError, PermissionError, TimeoutError, ...) with
+the library's errno and message; using a closed object raises ValueError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+import weakref
+from ctypes import byref, c_char, c_int, c_size_t, c_ubyte, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+try:
+    from . import _capi
+except ImportError as e:
+    # `python -m vfiokit` imports this package before its __main__ can catch anything: say
+    # the one line the CLI would (runpy sets argv[0] to "-m" only while locating the module).
+    if sys.argv[:1] == ["-m"]:
+        sys.exit(str(e))
+    raise
+from ._capi import (  # noqa: F401  (re-exported: the header's constants)
+    IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, IRQ_AUTOMASKED, IRQ_ERR, IRQ_EVENTFD, IRQ_INTX,
+    IRQ_MASKABLE, IRQ_MSI, IRQ_MSIX, IRQ_NORESIZE, IRQ_REQ, PCI_BAR0, PCI_BAR1, PCI_BAR2, PCI_BAR3,
+    PCI_BAR4, PCI_BAR5, PCI_CAP_EXTENDED, PCI_CONFIG, PCI_ROM, PCI_VGA, REGION_IO_PORT,
+    REGION_MEM64, REGION_MMAP, REGION_MSIX_MAPPABLE, REGION_PREFETCH, REGION_PRESENT,
+    REGION_READ, REGION_SPARSE, REGION_WRITE,
+)
+
+__version__ = "0.1.0"
+_lib = _capi.lib
+
+#: The loaded library's version string and C ABI version.
+LIBRARY_VERSION: str = _lib.vfiokit_version().decode()
+ABI_VERSION: int = _lib.vfiokit_abi_version()
+#: The path or name libvfiokit was loaded from.
+LIBRARY_PATH: str = _lib._name
+
+REGION_NAMES = ["BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "CONFIG", "VGA"]
+IRQ_NAMES = ["INTX", "MSI", "MSIX", "ERR", "REQ"]
+IOMMU_NAMES = {IOMMU_AUTO: "auto", IOMMU_TYPE1: "type1", IOMMU_IOMMUFD: "iommufd"}
+_REGION_FLAGS = [(REGION_PRESENT, "PRESENT"), (REGION_READ, "READ"), (REGION_WRITE, "WRITE"),
+                 (REGION_MMAP, "MMAP"), (REGION_SPARSE, "SPARSE"),
+                 (REGION_MSIX_MAPPABLE, "MSIX_MAPPABLE"), (REGION_IO_PORT, "IO_PORT"),
+                 (REGION_MEM64, "MEM64"), (REGION_PREFETCH, "PREFETCH")]
+_IRQ_FLAGS = [(IRQ_EVENTFD, "EVENTFD"), (IRQ_MASKABLE, "MASKABLE"),
+              (IRQ_AUTOMASKED, "AUTOMASKED"), (IRQ_NORESIZE, "NORESIZE")]
+
+
+def human_size(n: int) -> str:
+    """1048576 -> '1 MiB'; sizes that are not whole units keep one decimal."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v.is_integer() else f"{v:.1f} {unit}"
+    return f"{n} B"
+
+
+def flag_names(flags: int, table: list[tuple[int, str]]) -> str:
+    names = [name for bit, name in table if flags & bit]
+    rest = flags & ~sum(bit for bit, _ in table)
+    return "|".join(names + ([hex(rest)] if rest else [])) or "0"
+
+
+def region_name(index: int) -> str:
+    return REGION_NAMES[index] if index < len(REGION_NAMES) else f"region{index}"
+
+
+# The records: the C structs themselves (copied out of the device), with readable reprs.
+class RegionInfo(_capi.vfiokit_region):
+    """Record of region `index` (flags 0: the device has no such region)."""
+
+    @property
+    def name(self) -> str:
+        return region_name(self.index)
+
+    @property
+    def flag_names(self) -> str:
+        return flag_names(self.flags, _REGION_FLAGS)
+
+    @property
+    def mmappable(self) -> bool:
+        return self.num_areas > 0
+
+    def __repr__(self) -> str:
+        if not self.flags:
+            return f"<region {self.index} {self.name}: absent>"
+        return (f"<region {self.index} {self.name}: size {self.size:#x} ({human_size(self.size)}), "
+                f"fd offset {self.offset:#x}, {self.flag_names}, areas {self.first_area}+{self.num_areas}"
+                + (f", type {self.type}:{self.subtype}" if self.type or self.subtype else "") + ">")
+
+
+class AreaInfo(_capi.vfiokit_area):
+    """An mmappable window of a region (offset and size relative to the region)."""
+
+    def __repr__(self) -> str:
+        return (f"<area of region {self.region} {region_name(self.region)}: offset {self.offset:#x}, "
+                f"size {self.size:#x} ({human_size(self.size)})>")
+
+
+class IrqInfo(_capi.vfiokit_irq):
+    """Record of IRQ index `index` (count 0: the device has none of this kind)."""
+
+    @property
+    def name(self) -> str:
+        return IRQ_NAMES[self.index] if self.index < len(IRQ_NAMES) else f"irq{self.index}"
+
+    @property
+    def flag_names(self) -> str:
+        return flag_names(self.flags, _IRQ_FLAGS)
+
+    def __repr__(self) -> str:
+        return f"<irq {self.index} {self.name}: {self.count} vector(s), {self.flag_names}>"
+
+
+class IovaRange(NamedTuple):
+    """A valid IOVA range, inclusive: [start, last]."""
+    start: int
+    last: int
+
+    def __repr__(self) -> str:
+        return f"IovaRange({self.start:#x}, {self.last:#x})"
+
+
+def _records(getter: Callable[..., int], handle: int, cls: Any) -> list:
+    n = c_size_t()
+    base = getter(handle, byref(n))
+    size = ctypes.sizeof(cls)
+    # Copies: the records stay readable after the device is closed.
+    return [cls.from_buffer_copy(ctypes.string_at(base + i * size, size)) for i in range(n.value)]
+
+
+def _view(address: int, size: int, owner: object) -> memoryview:
+    """A writable memoryview over raw memory that keeps `owner` (and so the memory) alive."""
+    array = (c_ubyte * size).from_address(address)
+    array._owner = owner  # type: ignore[attr-defined]
+    return memoryview(array).cast("B")
+
+
+def _timeout_ms(timeout: Optional[float]) -> int:
+    if timeout is None:
+        return -1
+    return min(max(0, math.ceil(timeout * 1000)), 2**31 - 1)
+
+
+def _reader(bits: int, ctype: Any) -> Callable[[Region, int], int]:
+    func = getattr(_lib, f"vfiokit_read{bits}")
+
+    def read(self: Region, offset: int) -> int:
+        value = ctype()
+        func(self._device._handle(), self.index, offset, byref(value))
+        return value.value
+
+    read.__name__ = read.__qualname__ = f"read{bits}"
+    read.__doc__ = f"One {bits}-bit read at `offset` (aligned): through the mapping or the device fd."
+    return read
+
+
+def _writer(bits: int) -> Callable[[Region, int, int], None]:
+    func = getattr(_lib, f"vfiokit_write{bits}")
+
+    def write(self: Region, offset: int, value: int) -> None:
+        if not 0 <= value < 1 << bits:  # ctypes would silently truncate
+            raise ValueError(f"{value:#x} does not fit in {bits} bits")
+        func(self._device._handle(), self.index, offset, value)
+
+    write.__name__ = write.__qualname__ = f"write{bits}"
+    write.__doc__ = f"One {bits}-bit write at `offset` (aligned): through the mapping or the device fd."
+    return write
+
+
+class Region:
+    """Region `index` of a device: width-exact accessors, and `mem` once mapped.
+
+    The accessors go through the mapping where the offset is mmappable and through the device
+    fd where it is not (config space, I/O-port BARs, the MSI-X table), as the C library decides.
+    """
+
+    def __init__(self, device: Device, index: int):
+        if not 0 <= index < len(device.regions) or not device.regions[index].flags:
+            raise FileNotFoundError(2, f"{device.name} has no region {index} ({region_name(index)})")
+        self._device = device
+        self.index = index
+        self.info: RegionInfo = device.regions[index]
+        self.size: int = self.info.size
+        self.address: Optional[int] = None  # of the mapping, once mapped
+        self._mem: Optional[memoryview] = None
+
+    read8, read16, read32, read64 = (_reader(8, c_uint8), _reader(16, c_uint16),
+                                     _reader(32, c_uint32), _reader(64, c_uint64))
+    write8, write16, write32, write64 = _writer(8), _writer(16), _writer(32), _writer(64)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset`, through the device fd or mapping (no width guarantee)."""
+        buf = ctypes.create_string_buffer(length)
+        _lib.vfiokit_region_read(self._device._handle(), self.index, offset, buf, length)
+        return buf.raw
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Writes `data` at `offset` (no width guarantee: use writeN for registers)."""
+        _lib.vfiokit_region_write(self._device._handle(), self.index, offset, bytes(data), len(data))
+
+    @property
+    def mem(self) -> memoryview:
+        """A writable memoryview over the whole mapping (mmappable regions, after map()).
+
+        Valid while the device is open: close() releases it (slices of it must not outlive
+        the device). Plain loads and stores, so register widths are up to the caller.
+        """
+        if self.address is None:
+            raise ValueError(f"region {self.index} ({region_name(self.index)}) is not mapped: "
+                             f"use dev.map({self.index}), or the read/write accessors")
+        self._device._handle()
+        if self._mem is None:
+            self._mem = _view(self.address, self.size, self)
+        return self._mem
+
+    def _release(self) -> None:
+        if self._mem is not None:
+            self._mem.release()
+            self._mem = None
+        self.address = None
+
+    def __repr__(self) -> str:
+        state = f"mapped at {self.address:#x}" if self.address is not None else "not mapped"
+        return f"<vfiokit.Region {self.index} {region_name(self.index)} of {self._device.name}, {state}>"
+
+
+class Irq:
+    """Vectors first..first+count-1 of one IRQ index, enabled until close().
+
+    Each vector signals its own eventfd: fileno(vector) for selectors/asyncio (then wait(0)
+    to consume the count), or wait() to block (the GIL is released while waiting).
+    """
+
+    def __init__(self, device: Device, kind: int, first: int = 0, count: int = 1):
+        self._device = device
+        self.kind, self.first, self.count = kind, first, count
+        fds = (c_int * count)()
+        _lib.vfiokit_irq_enable(device._handle(), kind, first, count, fds)
+        self.fds: list[int] = list(fds)
+        self.closed = False
+
+    def _vector(self, vector: Optional[int]) -> int:
+        if self.closed:
+            raise ValueError("IRQ is disabled")
+        if vector is None:
+            return self.first
+        if not self.first <= vector < self.first + self.count:
+            raise ValueError(f"vector {vector} is not enabled here ({self.first}..{self.first + self.count - 1})")
+        return vector
+
+    def fileno(self, vector: Optional[int] = None) -> int:
+        """The eventfd of `vector` (default: the first), owned by the device."""
+        return self.fds[self._vector(vector) - self.first]
+
+    def wait(self, timeout: Optional[float] = None, vector: Optional[int] = None) -> int:
+        """Waits for `vector` to fire; returns how often it did. TimeoutError on timeout
+        (seconds; None waits forever, 0 polls)."""
+        v = self._vector(vector)
+        count = c_uint64()
+        _lib.vfiokit_irq_wait(self._device._handle(), self.kind, v, _timeout_ms(timeout), byref(count))
+        return count.value
+
+    def mask(self, vector: Optional[int] = None) -> None:
+        _lib.vfiokit_irq_mask(self._device._handle(), self.kind, self._vector(vector))
+
+    def unmask(self, vector: Optional[int] = None) -> None:
+        """Unmasks `vector` (INTx is automasked when it fires: unmask to get the next one)."""
+        _lib.vfiokit_irq_unmask(self._device._handle(), self.kind, self._vector(vector))
+
+    def trigger(self, vector: Optional[int] = None) -> None:
+        """Makes the kernel signal the vector's eventfd (a loopback test of the IRQ path)."""
+        _lib.vfiokit_irq_trigger(self._device._handle(), self.kind, self._vector(vector))
+
+    def close(self) -> None:
+        """Disables the IRQ index (its eventfds are closed). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._device._h is not None:  # a closed device has disabled it already
+            _lib.vfiokit_irq_disable(self._device._h, self.kind)
+
+    def __enter__(self) -> Irq:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        name = IRQ_NAMES[self.kind] if self.kind < len(IRQ_NAMES) else str(self.kind)
+        return (f"<vfiokit.Irq {name} vectors {self.first}..{self.first + self.count - 1} of "
+                f"{self._device.name}{' (disabled)' if self.closed else ''}>")
+
+
+Buffer = Any  # an object exporting a writable buffer (bytearray, mmap, ctypes array, ...)
+
+
+class DmaBuffer:
+    """Zeroed, page-rounded memory mapped for DMA at `iova`; freed by close()."""
+
+    def __init__(self, iommu: Iommu, size: int):
+        self._iommu = iommu
+        address, iova = c_void_p(), c_uint64()
+        _lib.vfiokit_dma_alloc(iommu._handle(), size, byref(address), byref(iova))
+        self.address: int = address.value or 0
+        self.iova: int = iova.value
+        self.size = size
+        self._mem: Optional[memoryview] = None
+        iommu._buffers.add(self)
+
+    @property
+    def mem(self) -> memoryview:
+        """A writable memoryview of the buffer (released by close())."""
+        if self.address == 0:
+            raise ValueError("DMA buffer is freed")
+        if self._mem is None:
+            self._mem = _view(self.address, self.size, self)
+        return self._mem
+
+    def close(self) -> None:
+        """Unmaps and frees the buffer. Idempotent."""
+        if self.address == 0:
+            return
+        if self._mem is not None:
+            self._mem.release()
+            self._mem = None
+        address, self.address = self.address, 0
+        self._iommu._buffers.discard(self)
+        if self._iommu._h is not None:
+            _lib.vfiokit_dma_free(self._iommu._h, address)
+
+    def __enter__(self) -> DmaBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = f"iova {self.iova:#x}" if self.address else "freed"
+        return f"<vfiokit.DmaBuffer {self.size:#x} ({human_size(self.size)}), {state}>"
+
+
+class Iommu:
+    """A DMA context: `IOMMU_AUTO` (iommufd where the kernel has it, else type1), `_TYPE1`
+    or `_IOMMUFD`. Devices opened in it keep it alive in the library; close() drops ours."""
+
+    def __init__(self, kind: int = IOMMU_AUTO):
+        handle = c_void_p()
+        _lib.vfiokit_iommu_open(kind, byref(handle))
+        self._h: Optional[int] = handle.value
+        self._owner: Optional[Device] = None  # set for a device's borrowed context
+        self._buffers: weakref.WeakSet[DmaBuffer] = weakref.WeakSet()
+        self._maps: dict[int, tuple[int, object]] = {}  # iova -> (length, what keeps the memory)
+
+    @classmethod
+    def _borrow(cls, handle: int, owner: Device) -> Iommu:
+        self = cls.__new__(cls)
+        self._h, self._owner = handle, owner
+        self._buffers, self._maps = weakref.WeakSet(), {}
+        return self
+
+    def _handle(self) -> int:
+        if self._h is None:
+            raise ValueError("DMA context is closed")
+        return self._h
+
+    @property
+    def kind(self) -> int:
+        """IOMMU_TYPE1 or IOMMU_IOMMUFD (never AUTO)."""
+        return _lib.vfiokit_iommu_kind(self._handle())
+
+    def iova_ranges(self) -> list[IovaRange]:
+        """The valid IOVA ranges (a type1 context has them once a device is in it)."""
+        n = c_size_t()
+        _lib.vfiokit_iommu_iova_ranges(self._handle(), None, 0, byref(n))
+        out = (_capi.vfiokit_iova_range * n.value)()
+        _lib.vfiokit_iommu_iova_ranges(self._handle(), out, n.value, byref(n))
+        return [IovaRange(r.start, r.last) for r in out[: n.value]]
+
+    @staticmethod
+    def _memory(buffer: Union[int, Buffer], length: Optional[int]) -> tuple[int, int, object]:
+        if isinstance(buffer, int):
+            if length is None:
+                raise TypeError("mapping an address needs a length")
+            return buffer, length, None
+        length = memoryview(buffer).nbytes if length is None else length
+        try:  # also pins the buffer: a bytearray cannot be resized while mapped
+            array = (c_char * length).from_buffer(buffer)
+        except TypeError as e:
+            raise TypeError(f"DMA needs a writable buffer: {e}") from None
+        return ctypes.addressof(array), length, array
+
+    def map(self, buffer: Union[int, Buffer], length: Optional[int], iova: int) -> int:
+        """Maps a buffer (kept alive while mapped) or a raw address for DMA at `iova`.
+        Memory, length and iova must be page-aligned (mmap.mmap(-1, n) gives such memory)."""
+        address, length, keep = self._memory(buffer, length)
+        _lib.vfiokit_dma_map(self._handle(), address, length, iova)
+        self._maps[iova] = (length, keep)
+        return iova
+
+    def map_any(self, buffer: Union[int, Buffer], length: Optional[int] = None) -> int:
+        """Maps at an IOVA the library picks inside the valid ranges; returns it."""
+        address, length, keep = self._memory(buffer, length)
+        iova = c_uint64()
+        _lib.vfiokit_dma_map_any(self._handle(), address, length, byref(iova))
+        self._maps[iova.value] = (length, keep)
+        return iova.value
+
+    def unmap(self, iova: int, length: Optional[int] = None) -> None:
+        """Removes the mapping made at `iova` (length: as mapped here, unless given)."""
+        if length is None:
+            if iova not in self._maps:
+                raise ValueError(f"nothing mapped at {iova:#x} through this object: give the length")
+            length = self._maps[iova][0]
+        _lib.vfiokit_dma_unmap(self._handle(), iova, length)
+        self._maps.pop(iova, None)
+
+    def alloc(self, size: int) -> DmaBuffer:
+        """Allocates zeroed memory mapped for DMA: `.iova`, `.mem`; free it with close()."""
+        return DmaBuffer(self, size)
+
+    def close(self) -> None:
+        """Frees this object's DMA buffers and drops the context (the library keeps it while
+        devices use it). A device's borrowed context is closed with the device. Idempotent."""
+        if self._h is None:
+            return
+        for buffer in list(self._buffers):
+            buffer.close()
+        handle, self._h = self._h, None
+        if self._owner is None:
+            _lib.vfiokit_iommu_close(handle)
+        self._maps.clear()
+
+    def __enter__(self) -> Iommu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        if self._h is None:
+            return "<vfiokit.Iommu (closed)>"
+        return f"<vfiokit.Iommu {IOMMU_NAMES.get(self.kind, self.kind)}>"
+
+
+class Device:
+    """An open VFIO device; see open()."""
+
+    def __init__(self, name: str, iommu: Optional[Iommu] = None):
+        handle = c_void_p()
+        _lib.vfiokit_device_open(os.fsencode(name), iommu._handle() if iommu else None, byref(handle))
+        self._h: Optional[int] = handle.value
+        self.name = name
+        self._iommu = iommu  # the caller's context object, kept alive with us
+        self._regions: dict[int, Region] = {}
+        self._irqs: list[weakref.ref[Irq]] = []
+        #: The records, copied at open: region i, the mmap areas, irq i.
+        self.regions: list[RegionInfo] = _records(_lib.vfiokit_device_regions, self._h, RegionInfo)
+        self.areas: list[AreaInfo] = _records(_lib.vfiokit_device_areas, self._h, AreaInfo)
+        self.irqs: list[IrqInfo] = _records(_lib.vfiokit_device_irqs, self._h, IrqInfo)
+
+    def _handle(self) -> int:
+        if self._h is None:
+            raise ValueError(f"device {self.name} is closed")
+        return self._h
+
+    @property
+    def closed(self) -> bool:
+        return self._h is None
+
+    def region(self, index: int) -> Region:
+        """Region `index` for the accessors (no mapping made)."""
+        self._handle()
+        if index not in self._regions:
+            self._regions[index] = Region(self, index)
+        return self._regions[index]
+
+    def map(self, index: int) -> Region:
+        """Maps region `index` (one contiguous mapping) and returns it, with `.mem`.
+        OSError (ENOTSUP) for regions that cannot be mmapped: use region(index) then."""
+        region = self.region(index)
+        if region.address is None:
+            ptr = c_void_p()
+            _lib.vfiokit_region_map(self._handle(), index, byref(ptr))
+            region.address = ptr.value
+        return region
+
+    @property
+    def config(self) -> Region:
+        """PCI config space (region 7): accessors only."""
+        return self.region(PCI_CONFIG)
+
+    def find_capability(self, cap_id: int) -> Optional[int]:
+        """Config-space offset of a capability (id < 0x100, or id + PCI_CAP_EXTENDED), or None."""
+        offset = c_uint32()
+        try:
+            _lib.vfiokit_pci_find_capability(self._handle(), cap_id, byref(offset))
+        except FileNotFoundError:
+            return None
+        return offset.value
+
+    def irq(self, kind: int, first: int = 0, count: int = 1) -> Irq:
+        """Enables vectors first..first+count-1 of IRQ index `kind` (IRQ_INTX, IRQ_MSI, ...)."""
+        irq = Irq(self, kind, first, count)
+        self._irqs.append(weakref.ref(irq))
+        return irq
+
+    def reset(self) -> None:
+        """Resets the device (OSError ENOTSUP if the kernel has no reset for it)."""
+        _lib.vfiokit_device_reset(self._handle())
+
+    @property
+    def iommu(self) -> Iommu:
+        """The device's DMA context: the one given to open(), or the process-wide shared one
+        (borrowed: its DMA buffers are freed when the device closes)."""
+        if self._iommu is None:
+            self._iommu = Iommu._borrow(_lib.vfiokit_device_iommu(self._handle()), self)
+        return self._iommu
+
+    def close(self) -> None:
+        """Closes the device: its mappings, IRQs and eventfds go away. Idempotent."""
+        if self._h is None:
+            return
+        if self._iommu is not None and self._iommu._owner is self:
+            self._iommu.close()
+        for ref in self._irqs:
+            irq = ref()
+            if irq is not None:
+                irq.closed = True
+        for region in self._regions.values():
+            region._release()
+        handle, self._h = self._h, None
+        _lib.vfiokit_device_close(handle)
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<vfiokit.Device {self.name}{' (closed)' if self._h is None else ''}>"
+
+
+def open(name: str, iommu: Optional[Iommu] = None) -> Device:  # noqa: A001 (like io.open)
+    """Opens a device by PCI address ("0000:00:03.0", "00:03.0"), sysfs path or VFIO cdev path,
+    in `iommu` (None: the process-wide shared context). A context manager."""
+    return Device(name, iommu)
+
+
+def bind(address: str) -> None:
+    """Binds a PCI device to vfio-pci through driver_override (root)."""
+    _lib.vfiokit_pci_bind(address.encode())
+
+
+def unbind(address: str) -> None:
+    """Unbinds a PCI device from vfio-pci and lets its native driver probe it (root)."""
+    _lib.vfiokit_pci_unbind(address.encode())
+
+
+__all__ = [
+    "open", "bind", "unbind", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "RegionInfo",
+    "AreaInfo", "IrqInfo", "IovaRange", "human_size", "LIBRARY_VERSION", "ABI_VERSION",
+] + [n for n in dir(_capi) if n.isupper() and n.split("_")[0] in ("IOMMU", "IRQ", "PCI", "REGION")]

@@ -1,6 +1,8 @@
 """Shared fixtures. Guest tests get device addresses from the test guest's environment and
 FAIL (never skip) when it is missing: a guest run without devices is a broken run."""
 
+from __future__ import annotations
+
 import os
 import subprocess
 import sys

@@ -155,7 +155,8 @@ const char *vfiokit_last_error(void);
 // `pci_address` must be NULL or a NUL-terminated string.
 int vfiokit_pci_bind(const char *pci_address);
 
-// Unbinds a PCI device from vfio-pci and lets its native driver probe it (needs root).
+// Unbinds a PCI device from vfio-pci and lets its native driver probe it (needs root);
+// `-EINVAL` for a device bound to another driver.
 //
 // # Safety
 // `pci_address` must be NULL or a NUL-terminated string.

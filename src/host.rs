@@ -134,11 +134,16 @@ pub fn bind(name: &str) -> Result<()> {
 }
 
 /// Unbinds a PCI device from vfio-pci and lets its own driver probe it again (root only).
+/// A device bound to another driver is refused: that driver is not ours to take away.
 pub fn unbind(name: &str) -> Result<()> {
     let dev = PciDevice::find(name)?;
     let a = &dev.address;
-    if dev.driver().is_some() {
-        sysfs::write(&dev.sysfs.join("driver/unbind"), a).context(|| format!("unbinding {a}"))?;
+    match dev.driver() {
+        Some(d) if d == VFIO_DRIVER => {
+            sysfs::write(&dev.sysfs.join("driver/unbind"), a).context(|| format!("unbinding {a}"))?
+        }
+        Some(d) => return Err(Error::invalid(format!("{a} is bound to {d}, not {VFIO_DRIVER}: not unbinding it"))),
+        None => {}
     }
     // An empty override lets the device's native driver match again.
     sysfs::write(&dev.sysfs.join("driver_override"), "\n").context(|| format!("clearing driver_override of {a}"))?;

@@ -176,7 +176,8 @@ pub unsafe extern "C" fn vfiokit_pci_bind(pci_address: *const c_char) -> c_int {
     call(|| crate::bind(unsafe { str_arg(pci_address, "pci_address") }?))
 }
 
-/// Unbinds a PCI device from vfio-pci and lets its native driver probe it (needs root).
+/// Unbinds a PCI device from vfio-pci and lets its native driver probe it (needs root);
+/// `-EINVAL` for a device bound to another driver.
 ///
 /// # Safety
 /// `pci_address` must be NULL or a NUL-terminated string.

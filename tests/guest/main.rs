@@ -16,6 +16,7 @@ const CASES: &[harness::Case] = &[
     ("open_by_every_name_form", open_by_every_name_form),
     ("open_by_cdev_path", open_by_cdev_path),
     ("open_failures_name_their_cause", open_failures_name_their_cause),
+    ("bind_and_unbind", bind_and_unbind),
     ("edu_records", edu_records),
     ("nvme_records_msix_mappable_mem64", nvme_records_msix_mappable_mem64),
     ("ivshmem_records_prefetchable_64bit", ivshmem_records_prefetchable_64bit),
@@ -124,6 +125,23 @@ fn open_failures_name_their_cause() {
         .expect("a virtio-pci device (the 9p share)");
     let name = virtio.file_name().into_string().unwrap();
     fails(Device::open(&name, None), libc::ENODEV, &["is bound to virtio-pci, not vfio-pci", "driver_override"]);
+    // Unbinding only ever takes a device from vfio-pci.
+    fails(vfiokit::unbind(&name), libc::EINVAL, &["is bound to virtio-pci, not vfio-pci: not unbinding it"]);
+    assert!(virtio.path().join("driver").exists(), "still bound");
+}
+
+/// bind/unbind round trip on pci-testdev, which has no native driver: unbound, then back.
+fn bind_and_unbind() {
+    let a = addr("TESTDEV");
+    let driver = || std::fs::read_link(format!("/sys/bus/pci/devices/{a}/driver")).ok();
+    vfiokit::bind(&a).unwrap();
+    vfiokit::unbind(&a).unwrap();
+    assert_eq!(driver(), None);
+    fails(Device::open(&a, None), libc::ENODEV, &["not bound to any driver"]);
+    vfiokit::bind(&a).unwrap();
+    assert!(driver().is_some_and(|d| d.ends_with("vfio-pci")));
+    vfiokit::bind(&a).unwrap(); // already bound: nothing to do
+    assert_eq!(rd::<u16>(&open("TESTDEV"), PCI_CONFIG, 0), 0x1b36);
 }
 
 fn edu_records() {

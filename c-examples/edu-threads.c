@@ -234,7 +234,10 @@ out:
 			fprintf(stderr, "edu-threads: vfiokit_irq_trigger failed: %s\n", vfiokit_last_error());
 			status = 1; /* the waiter returns by its timeout */
 		}
-		pthread_join(thread, NULL);
+		if ((rc = pthread_join(thread, NULL)) != 0) {
+			fprintf(stderr, "edu-threads: pthread_join: %s\n", strerror(rc));
+			return 1; /* the waiter may still use the handle: do not close it */
+		}
 		if (status == 0) {
 			unsigned got = atomic_load(&interrupts), bits = atomic_load(&seen_bits);
 			printf("  waiter: %u interrupts, %d wakeups (the last by vfiokit_irq_trigger), no timeout\n",

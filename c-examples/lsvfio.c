@@ -48,12 +48,17 @@ static int list(const char *address)
 		fprintf(stderr, "lsvfio: %s\n", vfiokit_last_error());
 		return 1;
 	}
-	vfiokit_read16(dev, VFIOKIT_PCI_CONFIG, 0, &vendor);
-	vfiokit_read16(dev, VFIOKIT_PCI_CONFIG, 2, &device);
-	printf("%s [%04x:%04x]\n", address, vendor, device);
-
 	const vfiokit_region *regions = vfiokit_device_regions(dev, &nregions);
 	const vfiokit_area *areas = vfiokit_device_areas(dev, &nareas);
+	const vfiokit_irq *irqs = vfiokit_device_irqs(dev, &nirqs);
+	if (vfiokit_read16(dev, VFIOKIT_PCI_CONFIG, 0, &vendor) < 0 ||
+	    vfiokit_read16(dev, VFIOKIT_PCI_CONFIG, 2, &device) < 0 || !regions || !areas || !irqs) {
+		fprintf(stderr, "lsvfio: %s: %s\n", address, vfiokit_last_error());
+		vfiokit_device_close(dev);
+		return 1;
+	}
+	printf("%s [%04x:%04x]\n", address, vendor, device);
+
 	for (size_t i = 0; i < nregions; i++) {
 		const vfiokit_region *r = &regions[i];
 		if (!(r->flags & VFIOKIT_REGION_PRESENT))
@@ -68,7 +73,6 @@ static int list(const char *address)
 			printf("    mmap area +%#llx, %#llx bytes\n", (unsigned long long)areas[a].offset,
 			       (unsigned long long)areas[a].size);
 	}
-	const vfiokit_irq *irqs = vfiokit_device_irqs(dev, &nirqs);
 	for (size_t i = 0; i < nirqs; i++)
 		if (irqs[i].count)
 			printf("  irq %zu %-5s %u vector%s%s%s\n", i, i < 5 ? irq_names[i] : "dev", irqs[i].count,

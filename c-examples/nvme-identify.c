@@ -266,8 +266,8 @@ int main(int argc, char **argv)
 	status = 0;
 out:
 	/* After a failure, stop the controller before its queues and buffers go away. */
-	if (status != 0 && sq_buf)
-		vfiokit_write32(dev, VFIOKIT_PCI_BAR0, NVME_CC, 0);
+	if (status != 0 && sq_buf && vfiokit_write32(dev, VFIOKIT_PCI_BAR0, NVME_CC, 0) < 0)
+		fprintf(stderr, "nvme-identify: disabling the controller failed: %s\n", vfiokit_last_error());
 	if (id_buf && vfiokit_dma_free(iommu, id_buf) < 0)
 		status = fail_free();
 	if (cq_buf && vfiokit_dma_free(iommu, cq_buf) < 0)

@@ -157,10 +157,21 @@ def _timeout_ms(timeout: Optional[float]) -> int:
     return min(max(0, math.ceil(timeout * 1000)), 2**31 - 1)
 
 
+# Typed memoryview formats of each access width: an item load or store is one access of
+# exactly that width (a fixed-size memcpy in CPython, one instruction on x86-64).
+_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
 def _reader(bits: int, ctype: Any) -> Callable[[Region, int], int]:
     func = getattr(_lib, f"vfiokit_read{bits}")
+    width = bits // 8
 
     def read(self: Region, offset: int) -> int:
+        # Mapped in full: straight through the mapping, as the C accessor would go, without
+        # the cost of a ctypes call (most of the time of a Python register access).
+        direct = self._direct
+        if direct is not None and offset % width == 0 and 0 <= offset <= self.size - width:
+            return direct[width][offset // width]
         value = ctype()
         func(self._device._handle(), self.index, offset, byref(value))
         return value.value
@@ -172,10 +183,15 @@ def _reader(bits: int, ctype: Any) -> Callable[[Region, int], int]:
 
 def _writer(bits: int) -> Callable[[Region, int, int], None]:
     func = getattr(_lib, f"vfiokit_write{bits}")
+    width = bits // 8
 
     def write(self: Region, offset: int, value: int) -> None:
         if not 0 <= value < 1 << bits:  # ctypes would silently truncate
             raise ValueError(f"{value:#x} does not fit in {bits} bits")
+        direct = self._direct
+        if direct is not None and offset % width == 0 and 0 <= offset <= self.size - width:
+            direct[width][offset // width] = value
+            return
         func(self._device._handle(), self.index, offset, value)
 
     write.__name__ = write.__qualname__ = f"write{bits}"
@@ -199,6 +215,8 @@ class Region:
         self.size: int = self.info.size
         self.address: Optional[int] = None  # of the mapping, once mapped
         self._mem: Optional[memoryview] = None
+        # Once mapped, if one mmap area covers the whole region: a typed view per width.
+        self._direct: Optional[dict[int, memoryview]] = None
 
     read8, read16, read32, read64 = (_reader(8, c_uint8), _reader(16, c_uint16),
                                      _reader(32, c_uint32), _reader(64, c_uint64))
@@ -229,7 +247,16 @@ class Region:
             self._mem = _view(self.address, self.size, self)
         return self._mem
 
+    def _mapped(self, address: int) -> None:
+        self.address = address
+        areas = self._device.areas[self.info.first_area:self.info.first_area + self.info.num_areas]
+        if len(areas) == 1 and areas[0].offset == 0 and areas[0].size == self.size:
+            self._direct = {w: self.mem[:self.size - self.size % w].cast(f) for w, f in _FORMATS.items()}
+
     def _release(self) -> None:
+        for view in (self._direct or {}).values():
+            view.release()
+        self._direct = None
         if self._mem is not None:
             self._mem.release()
             self._mem = None
@@ -515,7 +542,7 @@ class Device:
         if region.address is None:
             ptr = c_void_p()
             _lib.vfiokit_region_map(self._handle(), index, byref(ptr))
-            region.address = ptr.value
+            region._mapped(ptr.value)
         return region
 
     @property

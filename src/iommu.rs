@@ -97,6 +97,13 @@ impl Drop for Inner {
 #[derive(Clone)]
 pub struct Iommu(Arc<Inner>);
 
+/// The same context (not merely the same kind).
+impl PartialEq for Iommu {
+    fn eq(&self, other: &Iommu) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl std::fmt::Debug for Iommu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Iommu").field(&self.kind()).finish()

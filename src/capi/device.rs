@@ -47,12 +47,17 @@ pub unsafe extern "C" fn vfiokit_device_open(name: *const c_char, iommu: *mut vf
         need(out, "out")?;
         // SAFETY: forwarded from the caller.
         let name = unsafe { str_arg(name, "name") }?;
-        let iommu = match iommu.is_null() {
-            true => vfiokit_iommu::shared()?,
+        // With no context, the device's name is checked before the shared context is made,
+        // so a bad name is reported as such even where VFIO is missing.
+        let (device, iommu) = if iommu.is_null() {
+            let device = Device::open(name, None)?;
+            let shared = vfiokit_iommu::shared(device.iommu());
+            (device, shared)
+        } else {
             // SAFETY: forwarded from the caller.
-            false => unsafe { vfiokit_iommu::retain(iommu) }?,
+            let iommu = unsafe { vfiokit_iommu::retain(iommu) }?;
+            (Device::open(name, Some(&iommu.iommu))?, iommu)
         };
-        let device = Device::open(name, Some(&iommu.iommu))?;
         let handle = Box::new(vfiokit_device { magic: vfiokit_device::MAGIC, device, iommu });
         // SAFETY: checked non-null.
         unsafe { put(out, "out", opened(Box::into_raw(handle)).cast_mut()) }

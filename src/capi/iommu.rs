@@ -33,17 +33,19 @@ impl vfiokit_iommu {
         Arc::new(vfiokit_iommu { magic: Self::MAGIC, iommu })
     }
 
-    /// The handle for devices opened with a NULL context: one per process while in use, so
-    /// `vfiokit_device_iommu` gives every such device the same pointer.
-    pub(super) fn shared() -> Result<Arc<vfiokit_iommu>> {
+    /// The handle of the process-wide shared context that `iommu` (a device's) is: one per
+    /// process while in use, so `vfiokit_device_iommu` gives every such device the same pointer.
+    pub(super) fn shared(iommu: &Iommu) -> Arc<vfiokit_iommu> {
         static SHARED: Mutex<Weak<vfiokit_iommu>> = Mutex::new(Weak::new());
         let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = slot.upgrade() {
-            return Ok(h);
+        match slot.upgrade() {
+            Some(h) if h.iommu == *iommu => h,
+            _ => {
+                let h = vfiokit_iommu::new(iommu.clone());
+                *slot = Arc::downgrade(&h);
+                h
+            }
         }
-        let h = vfiokit_iommu::new(Iommu::shared()?);
-        *slot = Arc::downgrade(&h);
-        Ok(h)
     }
 
     /// A new reference to the handle behind `p`.

@@ -1,7 +1,9 @@
 /* The record layouts are ABI: sizes and offsets checked by the compiler against the header,
- * and the library's version against the header's. Runs anywhere (no device needed). */
+ * and the library's version against the header's; bad names fail cleanly. Runs anywhere (no
+ * device, no VFIO needed). */
 #include <vfiokit.h>
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -55,7 +57,18 @@ int main(void)
 		fprintf(stderr, "last error before any failure: '%s'\n", vfiokit_last_error());
 		failed++;
 	}
+	/* No device needed to report a bad name, even on a host without VFIO. */
+	vfiokit_device *dev = NULL;
+	if (vfiokit_device_open("0000:00:1e.7", NULL, &dev) != -ENOENT || dev != NULL ||
+	    !strstr(vfiokit_last_error(), "no PCI device 0000:00:1e.7")) {
+		fprintf(stderr, "missing device: '%s'\n", vfiokit_last_error());
+		failed++;
+	}
+	if (vfiokit_device_open("00:02", NULL, &dev) != -EINVAL || !strstr(vfiokit_last_error(), "not a PCI address")) {
+		fprintf(stderr, "bad address: '%s'\n", vfiokit_last_error());
+		failed++;
+	}
 	printf("abi: library %s, ABI %u\n", vfiokit_version(), vfiokit_abi_version());
-	printf("%d passed, %d failed\n", 3 - failed, failed);
+	printf("%d passed, %d failed\n", 5 - failed, failed);
 	return failed != 0;
 }

@@ -1,0 +1,524 @@
+//! vfiokit's benchmark suite: each operation through vfiokit, through the raw ioctls a careful
+//! hand-written driver would issue (raw.rs), and through the peer crates vfio-ioctls and
+//! pci-driver (peers.rs), interleaved round by round in one process (stats.rs).
+//!
+//!     vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5] [--rounds N] [--quick] [--out FILE]
+//!     vfiokit-bench --merge OUT FILE...      merge results files into OUT and print the table
+//!
+//! Runs in the test guest (tests/vm/run; bench/run does it all). Device addresses come from
+//! VFIOKIT_TEST_EDU, _TESTDEV, _NVME and _IVSHMEM. Every variant checks what it did (edu's id
+//! register, values read back, unmapped sizes, IRQ counts): a broken variant panics, it never
+//! measures nothing.
+
+mod peers;
+mod raw;
+mod sketch;
+mod stats;
+
+use std::cell::RefCell;
+use std::hint::black_box;
+use std::os::fd::AsRawFd;
+
+use raw::Backend;
+use stats::{run_case, variant, Figure};
+use vfiokit::{irq::IRQ_REQ, Device, Iommu};
+
+const EDU_ID: u32 = 0x0100_00ed;
+const MIB: usize = 1 << 20;
+/// Fixed IOVAs for the map benchmarks (inside every context's valid ranges).
+const IOVA: u64 = 1 << 30;
+const IOVA_ALLOC: u64 = 2 << 30;
+
+struct Opts {
+    backend: Backend,
+    ops: Vec<u32>,
+    rounds: usize,
+    quick: bool,
+    out: String,
+}
+
+fn env_addr(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run in the test guest (bench/run, tests/vm/run)"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--merge") {
+        return merge(&args[1..]);
+    }
+    let mut o = Opts {
+        backend: match std::env::var("VFIOKIT_IOMMU").as_deref() {
+            Ok("iommufd") => Backend::Iommufd,
+            _ => Backend::Type1,
+        },
+        ops: vec![1, 2, 3, 4, 5],
+        rounds: 21,
+        quick: false,
+        out: "target/bench/results.json".into(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value")).clone();
+        match a.as_str() {
+            "--backend" => {
+                o.backend = match val().as_str() {
+                    "type1" => Backend::Type1,
+                    "iommufd" => Backend::Iommufd,
+                    b => panic!("unknown backend {b}"),
+                }
+            }
+            "--ops" => o.ops = val().split(',').map(|s| s.trim().parse().expect("--ops 1,2,...")).collect(),
+            "--rounds" => o.rounds = val().parse().expect("--rounds N"),
+            "--quick" => o.quick = true,
+            "--out" => o.out = val(),
+            "-h" | "--help" => {
+                println!("usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5] [--rounds N] [--quick] [--out FILE]");
+                println!("       vfiokit-bench --merge OUT FILE...");
+                return;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    if o.quick && !args.iter().any(|a| a == "--rounds") {
+        o.rounds = 3;
+    }
+    let b = o.backend.name();
+    eprintln!("bench: backend {b}, ops {:?}, {} rounds{}", o.ops, o.rounds, if o.quick { " (quick)" } else { "" });
+    let mut figures = Vec::new();
+    for &op in &o.ops {
+        let f = match op {
+            1 => op_open(&o),
+            2 => op_registers(&o),
+            3 => op_copy(&o),
+            4 => op_dma(&o),
+            5 => op_irq(&o),
+            _ => panic!("no operation {op} (1..5)"),
+        };
+        print!("{}", stats::table(&f));
+        figures.extend(f);
+    }
+    let meta = [
+        ("backend", b.to_string()),
+        ("kernel", std::env::var("VFIOKIT_VM_KERNEL").unwrap_or_default()),
+        ("rounds", o.rounds.to_string()),
+        ("quick", o.quick.to_string()),
+    ];
+    stats::write_json(&o.out, &figures, &meta).expect("writing the results");
+    eprintln!("bench: {} figures written to {}", figures.len(), o.out);
+}
+
+fn merge(args: &[String]) {
+    let (out, files) = args.split_first().expect("--merge OUT FILE...");
+    let mut figures: Vec<Figure> = Vec::new();
+    for f in files {
+        figures.extend(stats::read_json(f).unwrap_or_else(|e| panic!("{e}")));
+    }
+    stats::write_json(out, &figures, &[("merged_from", files.join(" "))]).expect("writing the merged results");
+    print!("{}", stats::table(&figures));
+    eprintln!("bench: {} figures written to {out}", figures.len());
+}
+
+/// Batch size: `full` normally, a tenth (at least 1) with --quick.
+fn batch(o: &Opts, full: usize) -> usize {
+    if o.quick { (full / 10).max(1) } else { full }
+}
+
+fn kind(b: Backend) -> u32 {
+    match b {
+        Backend::Type1 => vfiokit::IOMMU_TYPE1,
+        Backend::Iommufd => vfiokit::IOMMU_IOMMUFD,
+    }
+}
+
+fn check_edu_records(dev: &Device) {
+    assert_eq!(dev.regions()[0].size, MIB as u64, "edu BAR0 is 1 MiB");
+    assert!(dev.irqs().len() >= 5 && dev.irqs()[1].count >= 1, "edu has MSI and REQ");
+    black_box(dev.areas().len());
+}
+
+/// 1. Open from scratch + full enumeration + close.
+fn op_open(o: &Opts) -> Vec<Figure> {
+    let edu = env_addr("VFIOKIT_TEST_EDU");
+    let (backend, k) = (o.backend, kind(o.backend));
+    let mut v = vec![
+        variant("raw", |n| {
+            for _ in 0..n {
+                let e = raw::open_enumerate_close(backend, &edu);
+                assert_eq!(e.region_sizes[0], MIB as u64, "raw: edu BAR0 size");
+                assert!(e.irq_counts[1] >= 1, "raw: edu MSI");
+                black_box(&e);
+            }
+        }),
+        variant("vfiokit", |n| {
+            for _ in 0..n {
+                let iommu = Iommu::open(k).expect("vfiokit: Iommu::open");
+                let dev = Device::open(&edu, Some(&iommu)).expect("vfiokit: Device::open");
+                check_edu_records(&dev);
+                drop(dev);
+                drop(iommu);
+            }
+        }),
+        variant("vfio-ioctls", |n| {
+            for _ in 0..n {
+                let (bar0, msi) = peers::vmm_open_enumerate_close(backend, &edu);
+                assert!(bar0 == MIB as u64 && msi >= 1, "vfio-ioctls: edu records");
+            }
+        }),
+    ];
+    if backend == Backend::Type1 {
+        v.push(variant("pci-driver", |n| {
+            for _ in 0..n {
+                assert_eq!(peers::pd_open_enumerate_close(&edu), MIB as u64, "pci-driver: edu BAR0");
+            }
+        }));
+    }
+    run_case("open+enumerate+close (edu)", backend.name(), o.rounds, batch(o, 10), 0, v)
+}
+
+/// 2. 32-bit register accesses through the accessors vs a volatile access on the same mapping.
+fn op_registers(o: &Opts) -> Vec<Figure> {
+    let mut out = Vec::new();
+    let iommu = Iommu::open(kind(o.backend)).expect("Iommu::open");
+    let edu = Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("open edu");
+    let bar0 = edu.map(0).expect("map edu BAR0").as_ptr();
+    let fast0 = sketch::Fast::new(&edu, 0);
+    let be = "any";
+
+    let n = batch(o, 20_000);
+    out.extend(run_case("read32 edu BAR0 0x00 (MMIO trap)", be, o.rounds, n, 0, vec![
+        variant("raw", |n| {
+            let mut bad = 0;
+            for _ in 0..n {
+                // SAFETY: offset 0 of the mapped BAR, aligned.
+                bad |= unsafe { bar0.cast::<u32>().read_volatile() } ^ EDU_ID;
+            }
+            assert_eq!(bad, 0, "raw: edu id register");
+        }),
+        variant("vfiokit", |n| {
+            let mut bad = 0;
+            for _ in 0..n {
+                bad |= edu.read_reg::<u32>(0, 0).expect("read_reg") ^ EDU_ID;
+            }
+            assert_eq!(bad, 0, "vfiokit: edu id register");
+        }),
+        variant("fix sketch", |n| {
+            let mut bad = 0;
+            for _ in 0..n {
+                bad |= fast0.read32(0).expect("read32") ^ EDU_ID;
+            }
+            assert_eq!(bad, 0, "sketch: edu id register");
+        }),
+    ]));
+
+    let mut seq = 0u32;
+    let check_liveness = |seq: u32| {
+        let back = edu.read_reg::<u32>(0, 4).expect("read liveness");
+        assert_eq!(back, !seq, "edu liveness register returns ~value");
+    };
+    let seq_raw = std::cell::Cell::new(0u32);
+    out.extend(run_case("write32 edu BAR0 0x04 (MMIO trap)", be, o.rounds, n, 0, vec![
+        variant("raw", |n| {
+            let mut s = seq_raw.get();
+            for _ in 0..n {
+                s = s.wrapping_add(1);
+                // SAFETY: offset 4 of the mapped BAR, aligned.
+                unsafe { bar0.add(4).cast::<u32>().write_volatile(s) };
+            }
+            seq_raw.set(s);
+            // SAFETY: as above.
+            assert_eq!(unsafe { bar0.add(4).cast::<u32>().read_volatile() }, !s, "raw: liveness");
+        }),
+        variant("vfiokit", |n| {
+            for _ in 0..n {
+                seq = seq.wrapping_add(1);
+                edu.write_reg::<u32>(0, 4, seq).expect("write_reg");
+            }
+            check_liveness(seq);
+        }),
+        variant("fix sketch", |n| {
+            let mut s = seq_raw.get();
+            for _ in 0..n {
+                s = s.wrapping_add(1);
+                fast0.write32(4, s).expect("write32");
+            }
+            seq_raw.set(s);
+            assert_eq!(fast0.read32(4).unwrap(), !s, "sketch: liveness");
+        }),
+    ]));
+    drop(edu);
+
+    let ivshmem = Device::open(&env_addr("VFIOKIT_TEST_IVSHMEM"), Some(&iommu)).expect("open ivshmem");
+    let bar2 = ivshmem.map(2).expect("map ivshmem BAR2").as_ptr();
+    let fast2 = sketch::Fast::new(&ivshmem, 2);
+    const OFF: usize = 0x100;
+    const PATTERN: u32 = 0x5a5a_1234;
+    // SAFETY: inside the mapped BAR (64 MiB).
+    unsafe { bar2.add(OFF).cast::<u32>().write_volatile(PATTERN) };
+    let n = batch(o, 1_000_000);
+    out.extend(run_case("read32 ivshmem BAR2 (RAM)", be, o.rounds, n, 0, vec![
+        variant("raw", |n| {
+            let mut bad = 0;
+            for _ in 0..n {
+                // SAFETY: inside the mapped BAR, aligned.
+                bad |= unsafe { bar2.add(OFF).cast::<u32>().read_volatile() } ^ PATTERN;
+            }
+            assert_eq!(bad, 0, "raw: ivshmem pattern");
+        }),
+        variant("vfiokit", |n| {
+            let mut bad = 0;
+            for _ in 0..n {
+                bad |= ivshmem.read_reg::<u32>(2, OFF as u64).expect("read_reg") ^ PATTERN;
+            }
+            assert_eq!(bad, 0, "vfiokit: ivshmem pattern");
+        }),
+        variant("fix sketch", |n| {
+            let mut bad = 0;
+            for _ in 0..n {
+                bad |= fast2.read32(OFF as u64).expect("read32") ^ PATTERN;
+            }
+            assert_eq!(bad, 0, "sketch: ivshmem pattern");
+        }),
+    ]));
+    const WOFF: usize = 0x200;
+    out.extend(run_case("write32 ivshmem BAR2 (RAM)", be, o.rounds, n, 0, vec![
+        variant("raw", |n| {
+            for i in 0..n as u32 {
+                // SAFETY: inside the mapped BAR, aligned.
+                unsafe { bar2.add(WOFF).cast::<u32>().write_volatile(i) };
+            }
+            // SAFETY: as above.
+            assert_eq!(unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() }, n as u32 - 1, "raw: written");
+        }),
+        variant("vfiokit", |n| {
+            for i in 0..n as u32 {
+                ivshmem.write_reg::<u32>(2, WOFF as u64, i).expect("write_reg");
+            }
+            // SAFETY: inside the mapped BAR, aligned.
+            assert_eq!(unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() }, n as u32 - 1, "vfiokit: written");
+        }),
+        variant("fix sketch", |n| {
+            for i in 0..n as u32 {
+                fast2.write32(WOFF as u64, i).expect("write32");
+            }
+            // SAFETY: inside the mapped BAR, aligned.
+            assert_eq!(unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() }, n as u32 - 1, "sketch: written");
+        }),
+    ]));
+    out
+}
+
+/// 3. Bulk copies of 1 MiB into and out of ivshmem's mapped RAM BAR.
+fn op_copy(o: &Opts) -> Vec<Figure> {
+    let mut out = Vec::new();
+    let iommu = Iommu::open(kind(o.backend)).expect("Iommu::open");
+    let dev = Device::open(&env_addr("VFIOKIT_TEST_IVSHMEM"), Some(&iommu)).expect("open ivshmem");
+    let bar2 = dev.map(2).expect("map BAR2").as_ptr();
+    let len = MIB;
+    let src = RefCell::new((0..len).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
+    let dst = RefCell::new(vec![0u8; len]);
+    let ram = RefCell::new(vec![0u8; len]);
+    // Fault the BAR pages in before timing.
+    // SAFETY: the BAR is 64 MiB; src is len bytes.
+    unsafe { std::ptr::copy_nonoverlapping(src.borrow().as_ptr(), bar2, len) };
+    let n = batch(o, 40);
+    let tag = std::cell::Cell::new(0u64);
+    let next_tag = || {
+        tag.set(tag.get() + 1);
+        tag.get()
+    };
+    let stamp = |src: &mut [u8]| {
+        let t = next_tag();
+        src[..8].copy_from_slice(&t.to_ne_bytes());
+        t
+    };
+    // SAFETY (all unsafe blocks below): bar2..bar2+len is inside the mapping, and the buffers
+    // are len bytes.
+    let bar_head = || unsafe { bar2.cast::<u64>().read_volatile() };
+    let bar_tail = || unsafe { bar2.add(len - 1).read_volatile() };
+    let set_head = |t: u64| unsafe { bar2.cast::<u64>().write_volatile(t) };
+    let (src, dst, ram, dev) = (&src, &dst, &ram, &dev);
+    out.extend(run_case("write 1 MiB into ivshmem BAR2", "any", o.rounds, n, len as u64, vec![
+        variant("raw", |n| {
+            let s = &mut *src.borrow_mut();
+            let t = stamp(s);
+            for _ in 0..n {
+                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), bar2, len) };
+            }
+            assert!(bar_head() == t && bar_tail() == s[len - 1], "raw: copied");
+        }),
+        variant("vfiokit", |n| {
+            let s = &mut *src.borrow_mut();
+            let t = stamp(s);
+            for _ in 0..n {
+                dev.write(2, 0, s).expect("write");
+            }
+            assert!(bar_head() == t && bar_tail() == s[len - 1], "vfiokit: copied");
+        }),
+        variant("memcpy RAM->RAM", |n| {
+            let s = &mut *src.borrow_mut();
+            let r = &mut *ram.borrow_mut();
+            let t = stamp(s);
+            for _ in 0..n {
+                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), r.as_mut_ptr(), len) };
+                black_box(&mut *r);
+            }
+            assert!(r[..8] == t.to_ne_bytes(), "memcpy: copied");
+        }),
+    ]));
+    out.extend(run_case("read 1 MiB from ivshmem BAR2", "any", o.rounds, n, len as u64, vec![
+        variant("raw", |n| {
+            let d = &mut *dst.borrow_mut();
+            let t = next_tag();
+            set_head(t);
+            for _ in 0..n {
+                unsafe { std::ptr::copy_nonoverlapping(bar2, d.as_mut_ptr(), len) };
+                black_box(&mut *d);
+            }
+            assert!(d[..8] == t.to_ne_bytes() && d[len - 1] == bar_tail(), "raw: read");
+        }),
+        variant("vfiokit", |n| {
+            let d = &mut *dst.borrow_mut();
+            let t = next_tag();
+            set_head(t);
+            for _ in 0..n {
+                dev.read(2, 0, d).expect("read");
+                black_box(&mut *d);
+            }
+            assert!(d[..8] == t.to_ne_bytes() && d[len - 1] == bar_tail(), "vfiokit: read");
+        }),
+        variant("memcpy RAM->RAM", |n| {
+            let d = &mut *dst.borrow_mut();
+            let s = src.borrow();
+            for _ in 0..n {
+                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), d.as_mut_ptr(), len) };
+                black_box(&mut *d);
+            }
+            assert!(d[len - 1] == s[len - 1], "memcpy: read");
+        }),
+    ]));
+    out
+}
+
+/// 4. DMA map + unmap of pre-faulted buffers, and dma_alloc + free.
+fn op_dma(o: &Opts) -> Vec<Figure> {
+    let backend = o.backend;
+    let b = backend.name();
+    // One context per variant, each with its own device, held for the whole operation: a group
+    // or cdev can be open in one context only, and an IOAS without a device skips the IOMMU.
+    let iommu = Iommu::open(kind(backend)).expect("Iommu::open");
+    let _edu = Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("vfiokit: open edu");
+    let rawctx = raw::Ctx::open(backend, &env_addr("VFIOKIT_TEST_TESTDEV"));
+    let vmm = peers::VmmCtx::open(backend, &env_addr("VFIOKIT_TEST_NVME"));
+    let pd = (backend == Backend::Type1).then(|| peers::PdCtx::open(&env_addr("VFIOKIT_TEST_IVSHMEM")));
+    let buf = raw::Prefaulted::new(64 * MIB, 2 * MIB);
+    let mut out = Vec::new();
+    for (len, full) in [(4096usize, 400usize), (2 * MIB, 40), (64 * MIB, 2)] {
+        let p = buf.ptr;
+        let name = format!("DMA map+unmap {}", size_name(len));
+        let (iommu, rawctx, vmm) = (&iommu, &rawctx, &vmm);
+        let mut v = vec![
+            variant("raw", move |n| {
+                for _ in 0..n {
+                    // SAFETY: buf outlives the mapping, which is removed right away.
+                    unsafe { rawctx.map(p, len, IOVA) };
+                    rawctx.unmap(IOVA, len);
+                }
+            }),
+            variant("vfiokit", move |n| {
+                for _ in 0..n {
+                    // SAFETY: as above.
+                    unsafe { iommu.map(p, len, IOVA) }.expect("vfiokit: map");
+                    iommu.unmap(IOVA, len).expect("vfiokit: unmap");
+                }
+            }),
+            variant("vfiokit map_any", move |n| {
+                for _ in 0..n {
+                    // SAFETY: as above.
+                    let iova = unsafe { iommu.map_any(p, len) }.expect("vfiokit: map_any");
+                    iommu.unmap(iova, len).expect("vfiokit: unmap");
+                }
+            }),
+            variant("vfio-ioctls", move |n| {
+                for _ in 0..n {
+                    // SAFETY: as above.
+                    unsafe { vmm.map(p, len, IOVA) };
+                    vmm.unmap(IOVA, len);
+                }
+            }),
+        ];
+        if let Some(pd) = &pd {
+            v.push(variant("pci-driver", move |n| {
+                for _ in 0..n {
+                    // SAFETY: as above.
+                    unsafe { pd.map(p, len, IOVA) };
+                    pd.unmap(IOVA, len);
+                }
+            }));
+        }
+        out.extend(run_case(&name, b, o.rounds, batch(o, full), 0, v));
+    }
+    for (len, full) in [(4096usize, 200usize), (2 * MIB, 20), (64 * MIB, 1)] {
+        let (iommu, rawctx) = (&iommu, &rawctx);
+        out.extend(run_case(&format!("dma_alloc+free {}", size_name(len)), b, o.rounds, batch(o, full), 0, vec![
+            variant("raw", move |n| {
+                for _ in 0..n {
+                    let p = rawctx.alloc(len, IOVA_ALLOC);
+                    rawctx.free(p, len, IOVA_ALLOC);
+                }
+            }),
+            variant("vfiokit", move |n| {
+                for _ in 0..n {
+                    let (p, iova) = iommu.alloc(len).expect("vfiokit: alloc");
+                    assert!(iova != 0 || len > 0);
+                    iommu.free(p.as_ptr()).expect("vfiokit: free");
+                }
+            }),
+        ]));
+    }
+    out
+}
+
+fn size_name(len: usize) -> String {
+    if len >= MIB { format!("{} MiB", len / MIB) } else { format!("{} KiB", len / 1024) }
+}
+
+/// 5. Interrupt round trip: trigger the REQ irq (index 4) from userspace, wait for its eventfd.
+/// Run twice: vfiokit on edu and raw on pci-testdev, then swapped, so that a difference between
+/// the two devices' paths cannot pass for vfiokit's overhead.
+fn op_irq(o: &Opts) -> Vec<Figure> {
+    let (edu, testdev) = (env_addr("VFIOKIT_TEST_EDU"), env_addr("VFIOKIT_TEST_TESTDEV"));
+    let mut out = irq_case(o, "irq trigger+wait (REQ)", &edu, &testdev);
+    out.extend(irq_case(o, "irq trigger+wait (REQ), devices swapped", &testdev, &edu));
+    out
+}
+
+fn irq_case(o: &Opts, name: &str, vfiokit_dev: &str, raw_dev: &str) -> Vec<Figure> {
+    let backend = o.backend;
+    let iommu = Iommu::open(kind(backend)).expect("Iommu::open");
+    let dev = Device::open(vfiokit_dev, Some(&iommu)).expect("vfiokit: open");
+    dev.irq_enable(IRQ_REQ, 0, 1).expect("vfiokit: enable REQ");
+    let rawctx = raw::Ctx::open(backend, raw_dev);
+    let dfd = rawctx.device.as_raw_fd();
+    let efd = raw::irq_enable(dfd, IRQ_REQ);
+    let efd_raw = efd.as_raw_fd();
+    let dev = &dev;
+    run_case(name, backend.name(), o.rounds, batch(o, 2000), 0, vec![
+        variant("raw", move |n| {
+            for _ in 0..n {
+                assert_eq!(raw::irq_round_trip(dfd, IRQ_REQ, efd_raw), 1, "raw: one interrupt");
+            }
+        }),
+        variant("vfiokit", move |n| {
+            for _ in 0..n {
+                dev.irq_trigger(IRQ_REQ, 0).expect("vfiokit: trigger");
+                assert_eq!(dev.irq_wait(IRQ_REQ, 0, -1).expect("vfiokit: wait"), 1, "vfiokit: one interrupt");
+            }
+        }),
+        variant("vfiokit 1s timeout", move |n| {
+            for _ in 0..n {
+                dev.irq_trigger(IRQ_REQ, 0).expect("vfiokit: trigger");
+                assert_eq!(dev.irq_wait(IRQ_REQ, 0, 1000).expect("vfiokit: wait"), 1, "vfiokit: one interrupt");
+            }
+        }),
+    ])
+}

@@ -9,6 +9,34 @@
 
 #include <stddef.h>
 #include <stdint.h>
+/* One access of exactly that width at base + off, where base comes from vfiokit_region_map and
+ * off is aligned and inside one of the region's mmap areas. Unchecked: for the hottest loops;
+ * vfiokit_readN/vfiokit_writeN check everything. */
+static inline uint8_t vfiokit_mmio_read8(const void *base, uint64_t off) {
+  return *(const volatile uint8_t *)((const char *)base + off);
+}
+static inline void vfiokit_mmio_write8(void *base, uint64_t off, uint8_t val) {
+  *(volatile uint8_t *)((char *)base + off) = val;
+}
+static inline uint16_t vfiokit_mmio_read16(const void *base, uint64_t off) {
+  return *(const volatile uint16_t *)((const char *)base + off);
+}
+static inline void vfiokit_mmio_write16(void *base, uint64_t off, uint16_t val) {
+  *(volatile uint16_t *)((char *)base + off) = val;
+}
+static inline uint32_t vfiokit_mmio_read32(const void *base, uint64_t off) {
+  return *(const volatile uint32_t *)((const char *)base + off);
+}
+static inline void vfiokit_mmio_write32(void *base, uint64_t off, uint32_t val) {
+  *(volatile uint32_t *)((char *)base + off) = val;
+}
+static inline uint64_t vfiokit_mmio_read64(const void *base, uint64_t off) {
+  return *(const volatile uint64_t *)((const char *)base + off);
+}
+static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) {
+  *(volatile uint64_t *)((char *)base + off) = val;
+}
+
 
 // The C ABI's version: bumped (with the soname) on any incompatible change.
 #define VFIOKIT_ABI_VERSION 1

@@ -22,6 +22,22 @@ use crate::sys::{self, mem, vfio, Context};
 struct Mapping {
     base: NonNull<u8>,
     len: usize,
+    /// The region's size when one area covers it whole, so any in-range access may use the
+    /// mapping (the accessors' fast path); 0 otherwise.
+    whole: u64,
+    /// The region's REGION_READ / REGION_WRITE flags.
+    access: u32,
+}
+
+impl Mapping {
+    /// The address of an access of `T` at `off` when the fast path may take it: aligned, in
+    /// range, allowed, and mapped.
+    #[inline(always)]
+    fn direct<T: Width>(&self, off: u64, access: u32) -> Option<*mut T> {
+        let fits = off % T::BYTES as u64 == 0 && off < self.whole && self.whole - off >= T::BYTES as u64;
+        // SAFETY (of the add): off + T::BYTES <= whole <= len, inside the mapping.
+        (fits && self.access & access != 0).then(|| unsafe { self.base.as_ptr().add(off as usize).cast::<T>() })
+    }
 }
 
 // SAFETY: the mapping is plain memory shared with a device; access discipline is the caller's.
@@ -225,13 +241,18 @@ impl Device {
             let page = sys::page_size();
             let len = (r.size as usize).next_multiple_of(page);
             let base = mem::reserve(len).context(what)?;
+            let areas = self.region_areas(r);
+            let whole = match areas {
+                [a] if a.offset == 0 && a.size == r.size => r.size,
+                _ => 0,
+            };
             // Built first, so an area failing below releases the reservation.
-            let mapping = Mapping { base, len };
+            let mapping = Mapping { base, len, whole, access: r.flags & (REGION_READ | REGION_WRITE) };
             let prot = [(REGION_READ, libc::PROT_READ), (REGION_WRITE, libc::PROT_WRITE)]
                 .iter()
                 .filter(|(f, _)| r.flags & f != 0)
                 .fold(0, |p, (_, bit)| p | bit);
-            for a in self.region_areas(r) {
+            for a in areas {
                 // SAFETY: base..base+len is our reservation; the area lies inside the region.
                 let at = unsafe { base.add(a.offset as usize) };
                 // SAFETY: the range is inside our fresh reservation.
@@ -298,7 +319,19 @@ impl Device {
     }
 
     /// One read of exactly `T`'s width at `off` (aligned to it).
+    #[inline]
     pub fn read_reg<T: Width>(&self, index: u32, off: u64) -> Result<T> {
+        match self.mappings.get(index as usize).and_then(OnceCell::get).and_then(|m| m.direct::<T>(off, REGION_READ)) {
+            // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
+            Some(p) => Ok(unsafe { p.read_volatile() }),
+            None => self.read_reg_slow(index, off),
+        }
+    }
+
+    /// Everything but a mapped region's plain access: the first mapping, the device fd, errors.
+    #[cold]
+    #[inline(never)]
+    fn read_reg_slow<T: Width>(&self, index: u32, off: u64) -> Result<T> {
         self.check_aligned::<T>(index, off)?;
         let r = self.region(index)?;
         self.check_range(r, off, T::BYTES, REGION_READ)?;
@@ -314,7 +347,19 @@ impl Device {
     }
 
     /// One write of exactly `T`'s width at `off` (aligned to it).
+    #[inline]
     pub fn write_reg<T: Width>(&self, index: u32, off: u64, value: T) -> Result<()> {
+        match self.mappings.get(index as usize).and_then(OnceCell::get).and_then(|m| m.direct::<T>(off, REGION_WRITE)) {
+            // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
+            Some(p) => unsafe { p.write_volatile(value) },
+            None => self.write_reg_slow(index, off, value)?,
+        }
+        Ok(())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write_reg_slow<T: Width>(&self, index: u32, off: u64, value: T) -> Result<()> {
         self.check_aligned::<T>(index, off)?;
         let r = self.region(index)?;
         self.check_range(r, off, T::BYTES, REGION_WRITE)?;
@@ -359,8 +404,8 @@ impl Device {
         Ok(irq)
     }
 
-    fn set_irqs(&self, mut encoded: Vec<u8>, what: impl FnOnce() -> String) -> Result<()> {
-        vfio::set_irqs(self.fd.as_fd(), &mut encoded).context(|| format!("{} on {}", what(), self.address))
+    fn set_irqs(&self, encoded: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
+        vfio::set_irqs(self.fd.as_fd(), encoded).context(|| format!("{} on {}", what(), self.address))
     }
 
     /// Routes vectors `first..first+count` of an IRQ index to new eventfds (owned by the
@@ -375,7 +420,7 @@ impl Device {
             .collect::<Result<Vec<_>>>()?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
-        self.set_irqs(irq::encode_eventfds(index, first, &raw), || {
+        self.set_irqs(&mut irq::encode_eventfds(index, first, &raw), || {
             format!("enabling {} vectors [{first}, +{count})", irq_name(index))
         })?;
         for (slot, fd) in vectors[index as usize][first as usize..].iter_mut().zip(fds) {
@@ -391,14 +436,18 @@ impl Device {
         if vectors[index as usize].iter().all(Option::is_none) {
             return Err(Error::invalid(format!("{} IRQ {} is not enabled", self.address, irq_name(index))));
         }
-        self.set_irqs(irq::encode_set(index, 0, 0, Action::Trigger), || format!("disabling {}", irq_name(index)))?;
+        self.set_irqs(&mut irq::encode_set(index, 0, 0, Action::Trigger), || format!("disabling {}", irq_name(index)))?;
         vectors[index as usize].fill(None);
         Ok(())
     }
 
     fn vector_action(&self, index: u32, vector: u32, action: Action) -> Result<()> {
         self.check_vectors(index, vector, 1)?;
-        self.set_irqs(irq::encode_set(index, vector, 1, action), || {
+        self.send_action(index, vector, action)
+    }
+
+    fn send_action(&self, index: u32, vector: u32, action: Action) -> Result<()> {
+        self.set_irqs(&mut irq::encode_set(index, vector, 1, action), || {
             format!("{action:?} of {} vector {vector}", irq_name(index)).to_lowercase()
         })
     }
@@ -413,27 +462,31 @@ impl Device {
 
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
     pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
-        self.eventfd(index, vector)?;
-        self.vector_action(index, vector, Action::Trigger)
+        self.with_eventfd(index, vector, |_| Ok(()))?;
+        self.send_action(index, vector, Action::Trigger)
     }
 
-    fn eventfd(&self, index: u32, vector: u32) -> Result<Arc<OwnedFd>> {
+    /// Runs `f` on an enabled vector's eventfd, under the vectors' lock (so `f` must not block).
+    fn with_eventfd<T>(&self, index: u32, vector: u32, f: impl FnOnce(&Arc<OwnedFd>) -> Result<T>) -> Result<T> {
         self.check_vectors(index, vector, 1)?;
         let vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
-        vectors[index as usize][vector as usize].clone().ok_or_else(|| {
-            Error::invalid(format!("{} {} vector {vector} is not enabled", self.address, irq_name(index)))
-        })
+        match &vectors[index as usize][vector as usize] {
+            Some(fd) => f(fd),
+            None => Err(Error::invalid(format!("{} {} vector {vector} is not enabled", self.address, irq_name(index)))),
+        }
     }
 
     /// Waits for the vector to fire and returns how many times it did since the last wait.
     /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`. Holds no lock while waiting.
     pub fn irq_wait(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
-        let fd = self.eventfd(index, vector)?;
+        let take = |fd: &OwnedFd| sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd");
+        // Already fired: answered by one non-blocking read, with no clock and no clone.
+        let fd = match self.with_eventfd(index, vector, |fd| Ok(take(fd)?.ok_or_else(|| fd.clone())))? {
+            Ok(count) => return Ok(count),
+            Err(fd) => fd,
+        };
         let deadline = (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         loop {
-            if let Some(count) = sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd")? {
-                return Ok(count);
-            }
             let left = match deadline {
                 None => -1,
                 Some(d) => d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
@@ -443,6 +496,10 @@ impl Device {
                     libc::ETIMEDOUT,
                     format!("{} {} vector {vector}: no interrupt within {timeout_ms} ms", self.address, irq_name(index)),
                 ));
+            }
+            // Another waiter may have taken it first: then wait on.
+            if let Some(count) = take(&fd)? {
+                return Ok(count);
             }
         }
     }

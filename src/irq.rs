@@ -51,31 +51,29 @@ const ACTION_TRIGGER: u32 = 1 << 5;
 const SET_LEN: usize = 20;
 
 /// A `struct vfio_irq_set` with no data: `action` on vectors `start..start+count`.
-/// With `Trigger` and `count == 0` it disables the whole index.
-pub fn encode_set(index: u32, start: u32, count: u32, action: Action) -> Vec<u8> {
+/// With `Trigger` and `count == 0` it disables the whole index. On the stack: it is on the
+/// IRQ round-trip path.
+pub fn encode_set(index: u32, start: u32, count: u32, action: Action) -> [u8; SET_LEN] {
     let flag = match action {
         Action::Trigger => ACTION_TRIGGER,
         Action::Mask => ACTION_MASK,
         Action::Unmask => ACTION_UNMASK,
     };
-    encode(DATA_NONE | flag, index, start, count, &[])
+    let mut set = [0u8; SET_LEN];
+    for (bytes, field) in set.chunks_exact_mut(4).zip([SET_LEN as u32, DATA_NONE | flag, index, start, count]) {
+        bytes.copy_from_slice(&field.to_ne_bytes());
+    }
+    set
 }
 
 /// A `struct vfio_irq_set` that routes vectors `start..start+fds.len()` to eventfds
 /// (-1 detaches a vector).
 pub fn encode_eventfds(index: u32, start: u32, fds: &[i32]) -> Vec<u8> {
-    let data: Vec<u8> = fds.iter().flat_map(|fd| fd.to_ne_bytes()).collect();
-    encode(DATA_EVENTFD | ACTION_TRIGGER, index, start, fds.len() as u32, &data)
-}
-
-fn encode(flags: u32, index: u32, start: u32, count: u32, data: &[u8]) -> Vec<u8> {
-    let argsz = (SET_LEN + data.len()) as u32;
-    let mut v = Vec::with_capacity(argsz as usize);
-    for field in [argsz, flags, index, start, count] {
-        v.extend(field.to_ne_bytes());
-    }
-    v.extend(data);
-    v
+    let mut set = encode_set(index, start, fds.len() as u32, Action::Trigger).to_vec();
+    set[..4].copy_from_slice(&((SET_LEN + 4 * fds.len()) as u32).to_ne_bytes());
+    set[4..8].copy_from_slice(&(DATA_EVENTFD | ACTION_TRIGGER).to_ne_bytes());
+    set.extend(fds.iter().flat_map(|fd| fd.to_ne_bytes()));
+    set
 }
 
 #[cfg(test)]

@@ -33,9 +33,10 @@ pub(crate) fn ioas_alloc(iommufd: BorrowedFd) -> SysResult<u32> {
 
 /// The IOAS's usable IOVA ranges as inclusive (start, last) pairs.
 pub(crate) fn ioas_iova_ranges(iommufd: BorrowedFd, ioas: u32) -> SysResult<Vec<(u64, u64)>> {
-    let mut ranges: Vec<k::iommu_iova_range> = Vec::new();
-    // The kernel says how many there are (EMSGSIZE) when the array is too small; the count can
-    // change between calls as devices attach, hence the loop.
+    // Room for the usual few ranges, so one call does; the kernel says how many there are
+    // (EMSGSIZE) when the array is too small, and the count can change between calls as
+    // devices attach, hence the loop.
+    let mut ranges = vec![k::iommu_iova_range::default(); 8];
     for _ in 0..4 {
         let mut arg = k::iommu_ioas_iova_ranges {
             size: size::<k::iommu_ioas_iova_ranges>(),

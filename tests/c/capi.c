@@ -185,6 +185,11 @@ static void with_edu(void)
 	CHECK(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, 0, &u32) == 0 && u32 == 0x010000ed);
 	CHECK(vfiokit_region_map(dev, VFIOKIT_PCI_BAR0, &bar0) == 0 && bar0 != NULL);
 	CHECK(*(volatile uint32_t *)bar0 == 0x010000ed);
+	CHECK(vfiokit_mmio_read32(bar0, 0) == 0x010000ed);
+	vfiokit_mmio_write32(bar0, 4, 0x00ff00ff);
+	CHECK(vfiokit_mmio_read32(bar0, 4) == 0xff00ff00);
+	vfiokit_mmio_write64(bar0, 0x80, 0x123456789abcdef0ull); /* edu's DMA source: 64-bit */
+	CHECK(vfiokit_mmio_read64(bar0, 0x80) == 0x123456789abcdef0ull);
 	CHECK(vfiokit_write32(dev, VFIOKIT_PCI_BAR0, 4, 0x0f0f0f0f) == 0);
 	CHECK(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, 4, &u32) == 0 && u32 == 0xf0f0f0f0);
 	CHECK(vfiokit_region_read(dev, VFIOKIT_PCI_BAR0, 0, &u32, 4) == 0 && u32 == 0x010000ed);

@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 SONAME := libvfiokit.so.0
 RELEASE := target/release
 
-.PHONY: all demo install test test-c uninstall
+.PHONY: all bench demo install test test-c uninstall
 
 all:
 	$(CARGO) build --release --lib
@@ -40,3 +40,7 @@ test-c:
 # The demo: the guest's emulated devices driven through vfiokit by the C examples.
 demo:
 	c-examples/demo
+
+# Benchmarks against raw ioctls and peer crates, in the guest (bench/README.md).
+bench:
+	bench/run

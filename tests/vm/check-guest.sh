@@ -68,6 +68,19 @@ check_device NVME 1b36:0010
 check_device TESTDEV 1b36:0005
 check_device IVSHMEM 1af4:1110
 check_device IVSHMEM_BIG 1af4:1110
+check_device UNPLUG 1234:11e8
+check "EDU and UNPLUG are two devices" test "${VFIOKIT_TEST_EDU:-}" != "${VFIOKIT_TEST_UNPLUG:-}"
+# The unplug victim sits in a PCIe hotplug slot that pciehp drives (slot address: its D:B:D).
+in_hotplug_slot() {
+	local s
+	for s in /sys/bus/pci/slots/*/address; do
+		[[ $(cat "$s" 2>/dev/null) == "${VFIOKIT_TEST_UNPLUG:0:10}" ]] && return 0
+	done
+	return 1
+}
+check "UNPLUG is in a hotplug slot (/sys/bus/pci/slots)" in_hotplug_slot
+pciehp_on() { dmesg | grep -q 'pciehp: Slot'; }
+check "pciehp drives the slot" pciehp_on
 check "VFIOKIT_TEST_NVME_SERIAL is set (${VFIOKIT_TEST_NVME_SERIAL:-})" test -n "${VFIOKIT_TEST_NVME_SERIAL:-}"
 check "the two ivshmem devices differ" test "${VFIOKIT_TEST_IVSHMEM:-}" != "${VFIOKIT_TEST_IVSHMEM_BIG:-}"
 if [[ -n ${VFIOKIT_TEST_IVSHMEM:-} && -n ${VFIOKIT_TEST_IVSHMEM_BIG:-} ]]; then
@@ -85,7 +98,7 @@ fi
 others=0
 for d in /sys/bus/pci/devices/*; do
 	[[ $(basename "$(readlink "$d/driver" 2>/dev/null)") == vfio-pci ]] || continue
-	case " ${VFIOKIT_TEST_EDU:-} ${VFIOKIT_TEST_NVME:-} ${VFIOKIT_TEST_TESTDEV:-} ${VFIOKIT_TEST_IVSHMEM:-} ${VFIOKIT_TEST_IVSHMEM_BIG:-} " in
+	case " ${VFIOKIT_TEST_EDU:-} ${VFIOKIT_TEST_NVME:-} ${VFIOKIT_TEST_TESTDEV:-} ${VFIOKIT_TEST_IVSHMEM:-} ${VFIOKIT_TEST_IVSHMEM_BIG:-} ${VFIOKIT_TEST_UNPLUG:-} " in
 	*" ${d##*/} "*) ;;
 	*) others=$((others + 1)) ;;
 	esac

@@ -243,7 +243,8 @@ const struct vfiokit_irq *vfiokit_device_irqs(const struct vfiokit_device *dev, 
 // `dev` must be NULL or live; `ptr` writable.
 int vfiokit_region_map(struct vfiokit_device *dev, uint32_t region, void **ptr);
 
-// Reads `len` bytes at `off` of a region into `buf`.
+// Reads `len` bytes at `off` of a region into `buf`. 1, 2, 4 or 8 bytes at an offset aligned
+// to that size are one access of that width; longer transfers use unspecified widths.
 //
 // # Safety
 // `dev` NULL or live; `buf` valid for `len` bytes.
@@ -253,7 +254,7 @@ int vfiokit_region_read(struct vfiokit_device *dev,
                         void *buf,
                         size_t len);
 
-// Writes `len` bytes from `buf` at `off` of a region.
+// Writes `len` bytes from `buf` at `off` of a region (access widths as for reads).
 //
 // # Safety
 // `dev` NULL or live; `buf` valid for `len` bytes.

@@ -273,28 +273,46 @@ impl Device {
         Ok(Some(unsafe { self.mapping(r)?.base.as_ptr().add(off as usize) }))
     }
 
-    /// Reads `buf.len()` bytes at `off` of a region (memcpy through the mapping where one area
-    /// covers the range, the device fd elsewhere).
+    /// Reads `buf.len()` bytes at `off` of a region: through the mapping where one area covers
+    /// the range, the device fd elsewhere. 1, 2, 4 or 8 bytes at an offset aligned to that size
+    /// are one access of that width (a register); longer copies use unspecified widths.
     pub fn read(&self, index: u32, off: u64, buf: &mut [u8]) -> Result<()> {
-        let r = self.region(index)?;
-        self.check_range(r, off, buf.len(), REGION_READ)?;
-        match self.mapped(r, off, buf.len())? {
-            // SAFETY: the source is inside our mapping, the destination is the caller's buffer.
-            Some(p) => unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) },
-            None => self.pread(r, off, buf)?,
+        match (buf.len(), off % buf.len().max(1) as u64) {
+            (1, _) => self.read_reg::<u8>(index, off)?.to_ne(buf),
+            (2, 0) => self.read_reg::<u16>(index, off)?.to_ne(buf),
+            (4, 0) => self.read_reg::<u32>(index, off)?.to_ne(buf),
+            (8, 0) => self.read_reg::<u64>(index, off)?.to_ne(buf),
+            (len, _) => {
+                let r = self.region(index)?;
+                self.check_range(r, off, len, REGION_READ)?;
+                match self.mapped(r, off, len)? {
+                    // SAFETY: the source is inside our mapping, the destination is the caller's.
+                    Some(p) => unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), len) },
+                    None => self.pread(r, off, buf)?,
+                }
+            }
         }
         Ok(())
     }
 
+    /// Writes `buf` at `off` of a region, with the same access rules as [`Device::read`].
     pub fn write(&self, index: u32, off: u64, buf: &[u8]) -> Result<()> {
-        let r = self.region(index)?;
-        self.check_range(r, off, buf.len(), REGION_WRITE)?;
-        match self.mapped(r, off, buf.len())? {
-            // SAFETY: the destination is inside our mapping, the source is the caller's buffer.
-            Some(p) => unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) },
-            None => self.pwrite(r, off, buf)?,
+        match (buf.len(), off % buf.len().max(1) as u64) {
+            (1, _) => self.write_reg(index, off, buf[0]),
+            (2, 0) => self.write_reg(index, off, u16::from_ne(buf)),
+            (4, 0) => self.write_reg(index, off, u32::from_ne(buf)),
+            (8, 0) => self.write_reg(index, off, u64::from_ne(buf)),
+            (len, _) => {
+                let r = self.region(index)?;
+                self.check_range(r, off, len, REGION_WRITE)?;
+                match self.mapped(r, off, len)? {
+                    // SAFETY: the destination is inside our mapping, the source is the caller's.
+                    Some(p) => unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, len) },
+                    None => self.pwrite(r, off, buf)?,
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn pread(&self, r: &Region, off: u64, buf: &mut [u8]) -> Result<()> {

@@ -171,7 +171,8 @@ unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
     }
 }
 
-/// Reads `len` bytes at `off` of a region into `buf`.
+/// Reads `len` bytes at `off` of a region into `buf`. 1, 2, 4 or 8 bytes at an offset aligned
+/// to that size are one access of that width; longer transfers use unspecified widths.
 ///
 /// # Safety
 /// `dev` NULL or live; `buf` valid for `len` bytes.
@@ -187,7 +188,7 @@ pub unsafe extern "C" fn vfiokit_region_read(dev: *mut vfiokit_device, region: u
     })
 }
 
-/// Writes `len` bytes from `buf` at `off` of a region.
+/// Writes `len` bytes from `buf` at `off` of a region (access widths as for reads).
 ///
 /// # Safety
 /// `dev` NULL or live; `buf` valid for `len` bytes.

@@ -98,21 +98,27 @@ impl PciDevice {
     }
 }
 
-/// Why a group is not viable: its other members that are bound to a driver other than vfio-pci.
-pub(crate) fn group_blockers(group: u32) -> String {
+/// Why a group is not viable: its members bound to a driver other than vfio-pci (bridges'
+/// pcieport aside), as "ADDR is bound to DRIVER" phrases; empty if none is.
+pub(crate) fn group_blockers(group: u32) -> Vec<String> {
     let dir = PathBuf::from(format!("/sys/kernel/iommu_groups/{group}/devices"));
-    let blockers: Vec<String> = sysfs::list(&dir)
+    sysfs::list(&dir)
         .into_iter()
         .filter_map(|addr| {
             let driver = sysfs::link_name(&dir.join(&addr).join("driver"))?;
             (driver != VFIO_DRIVER && driver != "pcieport").then(|| format!("{addr} is bound to {driver}"))
         })
-        .collect();
-    if blockers.is_empty() {
-        "a device in it is bound to a driver other than vfio-pci".to_owned()
-    } else {
-        blockers.join(", ")
-    }
+        .collect()
+}
+
+/// The error for a group that is not viable, naming what blocks it.
+pub(crate) fn not_viable(group: u32) -> Error {
+    let blockers = group_blockers(group);
+    let why = match blockers.is_empty() {
+        true => "a device in it is bound to a driver other than vfio-pci".to_owned(),
+        false => blockers.join(", "),
+    };
+    Error::new(libc::EBUSY, format!("group {group} is not viable: {why}; bind all of its devices to vfio-pci (or unbind them)"))
 }
 
 /// Binds a PCI device to vfio-pci through driver_override (root only).

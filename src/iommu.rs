@@ -171,6 +171,18 @@ impl Iommu {
                 let cdev = dev.cdev()?;
                 let device = open_node(&cdev, "")?;
                 iommufd::bind(device.as_fd(), fd.as_fd()).map_err(|sys::Errno(e)| match e {
+                    _ if dev.iommu_group().is_ok_and(|g| !host::group_blockers(g).is_empty()) => {
+                        host::not_viable(dev.iommu_group().unwrap_or_default())
+                    }
+                    // Another device of the group belongs to another iommufd (the kernel says
+                    // EPERM: the group's DMA has another owner).
+                    libc::EPERM => Error::new(
+                        libc::EBUSY,
+                        format!(
+                            "binding {cdev} ({}) to iommufd: its IOMMU group is in use by another IOMMU context or process",
+                            dev.address
+                        ),
+                    ),
                     // The kernel's answer when another open of the cdev is bound already; our
                     // arguments are otherwise always valid.
                     libc::EINVAL | libc::EBUSY => Error::new(
@@ -368,7 +380,7 @@ fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd>
     let fd = open_node(&format!("/dev/vfio/{group}"), "no such group node: is the device bound to vfio-pci?")?;
     const VIABLE: u32 = vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_VIABLE;
     if vfio::group_flags(fd.as_fd()).context(|| format!("status of group {group}"))? & VIABLE == 0 {
-        return Err(Error::new(libc::EBUSY, format!("group {group} is not viable: {}", host::group_blockers(group))));
+        return Err(host::not_viable(group));
     }
     vfio::group_set_container(fd.as_fd(), container.as_fd()).context(|| format!("adding group {group} to the container"))?;
     if first {

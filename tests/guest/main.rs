@@ -17,6 +17,8 @@ const CASES: &[harness::Case] = &[
     ("open_by_cdev_path", open_by_cdev_path),
     ("open_failures_name_their_cause", open_failures_name_their_cause),
     ("bind_and_unbind", bind_and_unbind),
+    ("group_of_two_devices_opened_once", group_of_two_devices_opened_once),
+    ("non_viable_group_names_its_blocker", non_viable_group_names_its_blocker),
     ("edu_records", edu_records),
     ("nvme_records_msix_mappable_mem64", nvme_records_msix_mappable_mem64),
     ("ivshmem_records_prefetchable_64bit", ivshmem_records_prefetchable_64bit),
@@ -776,4 +778,45 @@ fn ten_thousand_cycles_leak_nothing() {
     println!("  {CYCLES} x (open + close, map + unmap, alloc + free) in {:?}: fds, maps, locked {locked:?} kB unchanged", started.elapsed());
     iommu.free(buf.as_ptr()).unwrap();
     drop(keep);
+}
+
+fn group_of(role: &str) -> String {
+    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr(role))).unwrap();
+    link.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// Two functions of one slot share an IOMMU group: both open in one context, the group node
+/// opened once (type1); another context cannot take either.
+fn group_of_two_devices_opened_once() {
+    let group = group_of("GROUP_A");
+    assert_eq!(group, group_of("GROUP_B"), "the test bed's multi-function slot shares a group");
+    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let a = open_in("GROUP_A", &iommu);
+    let b = open_in("GROUP_B", &iommu);
+    assert_eq!(rd::<u32>(&a, 0, edu::ID), 0x010000ed);
+    assert_eq!(rd::<u16>(&b, PCI_CONFIG, 2), 0x0005, "pci-testdev");
+    let node = format!("/dev/vfio/{group}");
+    let opened = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy() == node))
+        .count();
+    let expected = if iommu.kind() == IommuKind::Type1 { 1 } else { 0 };
+    assert_eq!(opened, expected, "{node} opened once for both devices (type1), never (iommufd)");
+    drop(b);
+    let other = Iommu::open(IOMMU_AUTO).unwrap();
+    fails(Device::open(&addr("GROUP_B"), Some(&other)), libc::EBUSY, &[]);
+}
+
+/// A group with a member bound to another driver cannot be used; the error names that member.
+fn non_viable_group_names_its_blocker() {
+    let group = group_of("NONVIABLE");
+    let blocker = std::fs::read_dir(format!("/sys/kernel/iommu_groups/{group}/devices"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .find(|a| *a != addr("NONVIABLE"))
+        .expect("a second device in the group");
+    let why = format!("{blocker} is bound to virtio-pci");
+    fails(Device::open(&addr("NONVIABLE"), None), libc::EBUSY, &[&format!("group {group} is not viable"), &why]);
 }

@@ -23,7 +23,7 @@ import os
 import sys
 import weakref
 from ctypes import byref, c_char, c_int, c_size_t, c_ubyte, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 try:
     from . import _capi
@@ -199,6 +199,28 @@ def _writer(bits: int) -> Callable[[Region, int, int], None]:
     return write
 
 
+_C = TypeVar("_C", bound="_Closing")
+
+
+class _Closing:
+    """Closed on leaving a `with` block, and (best effort) when garbage-collected."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class Region:
     """Region `index` of a device: width-exact accessors, and `mem` once mapped.
 
@@ -267,7 +289,7 @@ class Region:
         return f"<vfiokit.Region {self.index} {region_name(self.index)} of {self._device.name}, {state}>"
 
 
-class Irq:
+class Irq(_Closing):
     """Vectors first..first+count-1 of one IRQ index, enabled until close().
 
     Each vector signals its own eventfd: fileno(vector) for selectors/asyncio (then wait(0)
@@ -322,18 +344,6 @@ class Irq:
         if self._device._h is not None:  # a closed device has disabled it already
             _lib.vfiokit_irq_disable(self._device._h, self.kind)
 
-    def __enter__(self) -> Irq:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         name = IRQ_NAMES[self.kind] if self.kind < len(IRQ_NAMES) else str(self.kind)
         return (f"<vfiokit.Irq {name} vectors {self.first}..{self.first + self.count - 1} of "
@@ -343,7 +353,7 @@ class Irq:
 Buffer = Any  # an object exporting a writable buffer (bytearray, mmap, ctypes array, ...)
 
 
-class DmaBuffer:
+class DmaBuffer(_Closing):
     """Zeroed, page-rounded memory mapped for DMA at `iova`; freed by close()."""
 
     def __init__(self, iommu: Iommu, size: int):
@@ -377,24 +387,12 @@ class DmaBuffer:
         if self._iommu._h is not None:
             _lib.vfiokit_dma_free(self._iommu._h, address)
 
-    def __enter__(self) -> DmaBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = f"iova {self.iova:#x}" if self.address else "freed"
         return f"<vfiokit.DmaBuffer {self.size:#x} ({human_size(self.size)}), {state}>"
 
 
-class Iommu:
+class Iommu(_Closing):
     """A DMA context: `IOMMU_AUTO` (iommufd where the kernel has it, else type1), `_TYPE1`
     or `_IOMMUFD`. Devices opened in it keep it alive in the library; close() drops ours."""
 
@@ -485,25 +483,13 @@ class Iommu:
             _lib.vfiokit_iommu_close(handle)
         self._maps.clear()
 
-    def __enter__(self) -> Iommu:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         if self._h is None:
             return "<vfiokit.Iommu (closed)>"
         return f"<vfiokit.Iommu {IOMMU_NAMES.get(self.kind, self.kind)}>"
 
 
-class Device:
+class Device(_Closing):
     """An open VFIO device; see open()."""
 
     def __init__(self, name: str, iommu: Optional[Iommu] = None):
@@ -591,18 +577,6 @@ class Device:
             region._release()
         handle, self._h = self._h, None
         _lib.vfiokit_device_close(handle)
-
-    def __enter__(self) -> Device:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return f"<vfiokit.Device {self.name}{' (closed)' if self._h is None else ''}>"

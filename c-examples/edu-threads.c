@@ -16,7 +16,8 @@
  *
  * Usage: edu-threads [PCI-ADDRESS]   (default: the first 1234:11e8 device bound to vfio-pci) */
 #define _DEFAULT_SOURCE
-#include <vfiokit.h>
+#define EXAMPLE "edu-threads"
+#include "example.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -97,58 +98,6 @@ static int wait_seen(uint32_t bit)
 	return 0;
 }
 
-static int find_device(unsigned vendor, unsigned device, char *buf, size_t len)
-{
-	const char *dir = "/sys/bus/pci/drivers/vfio-pci";
-	struct dirent **entries;
-	int n = scandir(dir, &entries, NULL, alphasort), found = -1;
-	for (int i = 0; i < n; i++) {
-		char path[512];
-		unsigned v = 0, d = 0;
-		FILE *f;
-		snprintf(path, sizeof path, "%s/%s/vendor", dir, entries[i]->d_name);
-		if (found < 0 && (f = fopen(path, "r"))) {
-			if (fscanf(f, "%x", &v) != 1)
-				v = 0;
-			fclose(f);
-			snprintf(path, sizeof path, "%s/%s/device", dir, entries[i]->d_name);
-			if ((f = fopen(path, "r"))) {
-				if (fscanf(f, "%x", &d) != 1)
-					d = 0;
-				fclose(f);
-			}
-			if (v == vendor && d == device) {
-				snprintf(buf, len, "%s", entries[i]->d_name);
-				found = 0;
-			}
-		}
-		free(entries[i]);
-	}
-	if (n >= 0)
-		free(entries);
-	return found;
-}
-
-#define TRY(call)                                                                                  \
-	do {                                                                                       \
-		int rc_ = (call);                                                                  \
-		if (rc_ < 0) {                                                                     \
-			fprintf(stderr, "edu-threads: %s failed (%s): %s\n", #call,                \
-				strerror(-rc_), vfiokit_last_error());                             \
-			goto out;                                                                  \
-		}                                                                                  \
-	} while (0)
-
-#define EXPECT(cond, ...)                                                                          \
-	do {                                                                                       \
-		if (!(cond)) {                                                                     \
-			fprintf(stderr, "edu-threads: unexpected: " __VA_ARGS__);                  \
-			fputc('\n', stderr);                                                       \
-			status = 2;                                                                \
-			goto out;                                                                  \
-		}                                                                                  \
-	} while (0)
-
 int main(int argc, char **argv)
 {
 	char found[256];
@@ -162,7 +111,7 @@ int main(int argc, char **argv)
 	double t0, busy_s;
 
 	if (!address) {
-		if (find_device(0x1234, 0x11e8, found, sizeof found) < 0) {
+		if (find_device(0x1234, 0x11e8, 0, found, sizeof found) < 0) {
 			fprintf(stderr, "edu-threads: no edu device (1234:11e8) bound to vfio-pci; usage: edu-threads [PCI-ADDRESS]\n");
 			return 1;
 		}

@@ -16,7 +16,8 @@
  *
  * Usage: edu [PCI-ADDRESS]   (default: the first 1234:11e8 device bound to vfio-pci) */
 #define _DEFAULT_SOURCE
-#include <vfiokit.h>
+#define EXAMPLE "edu"
+#include "example.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -49,61 +50,6 @@ enum {
 #define PCI_COMMAND 0x04
 #define PCI_COMMAND_MEMORY 0x2
 #define PCI_COMMAND_MASTER 0x4
-
-/* Run a vfiokit call; on failure say which and why, and leave through `out`. */
-#define TRY(call)                                                                                  \
-	do {                                                                                       \
-		int rc_ = (call);                                                                  \
-		if (rc_ < 0) {                                                                     \
-			fprintf(stderr, "edu: %s failed (%s): %s\n", #call, strerror(-rc_),        \
-				vfiokit_last_error());                                             \
-			goto out;                                                                  \
-		}                                                                                  \
-	} while (0)
-
-/* Check what the device did; on a mismatch say so and leave with status 2. */
-#define EXPECT(cond, ...)                                                                          \
-	do {                                                                                       \
-		if (!(cond)) {                                                                     \
-			fprintf(stderr, "edu: unexpected: " __VA_ARGS__);                          \
-			fputc('\n', stderr);                                                       \
-			status = 2;                                                                \
-			goto out;                                                                  \
-		}                                                                                  \
-	} while (0)
-
-/* The first device with this vendor:device bound to vfio-pci, into buf; 0 if found. */
-static int find_device(unsigned vendor, unsigned device, char *buf, size_t len)
-{
-	const char *dir = "/sys/bus/pci/drivers/vfio-pci";
-	struct dirent **entries;
-	int n = scandir(dir, &entries, NULL, alphasort), found = -1;
-	for (int i = 0; i < n; i++) {
-		char path[512];
-		unsigned v = 0, d = 0;
-		FILE *f;
-		snprintf(path, sizeof path, "%s/%s/vendor", dir, entries[i]->d_name);
-		if (found < 0 && (f = fopen(path, "r"))) {
-			if (fscanf(f, "%x", &v) != 1)
-				v = 0;
-			fclose(f);
-			snprintf(path, sizeof path, "%s/%s/device", dir, entries[i]->d_name);
-			if ((f = fopen(path, "r"))) {
-				if (fscanf(f, "%x", &d) != 1)
-					d = 0;
-				fclose(f);
-			}
-			if (v == vendor && d == device) {
-				snprintf(buf, len, "%s", entries[i]->d_name);
-				found = 0;
-			}
-		}
-		free(entries[i]);
-	}
-	if (n >= 0)
-		free(entries);
-	return found;
-}
 
 /* Reads the pending interrupt bits and acknowledges them. */
 static int ack(vfiokit_device *dev, uint32_t *pending)
@@ -138,7 +84,7 @@ int main(int argc, char **argv)
 	int status = 1, efd, rc;
 
 	if (!address) {
-		if (find_device(0x1234, 0x11e8, found, sizeof found) < 0) {
+		if (find_device(0x1234, 0x11e8, 0, found, sizeof found) < 0) {
 			fprintf(stderr, "edu: no edu device (1234:11e8) bound to vfio-pci; usage: edu [PCI-ADDRESS]\n");
 			return 1;
 		}

@@ -16,7 +16,8 @@
  *
  * Usage: nvme-identify [PCI-ADDRESS]   (default: the first NVMe controller bound to vfio-pci) */
 #define _DEFAULT_SOURCE
-#include <vfiokit.h>
+#define EXAMPLE "nvme-identify"
+#include "example.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -68,51 +69,6 @@ struct nvme_completion { /* 16 bytes */
 };
 _Static_assert(sizeof(struct nvme_command) == 64, "NVMe submission entries are 64 bytes");
 _Static_assert(sizeof(struct nvme_completion) == 16, "NVMe completion entries are 16 bytes");
-
-#define TRY(call)                                                                                  \
-	do {                                                                                       \
-		int rc_ = (call);                                                                  \
-		if (rc_ < 0) {                                                                     \
-			fprintf(stderr, "nvme-identify: %s failed (%s): %s\n", #call,              \
-				strerror(-rc_), vfiokit_last_error());                             \
-			goto out;                                                                  \
-		}                                                                                  \
-	} while (0)
-
-#define EXPECT(cond, ...)                                                                          \
-	do {                                                                                       \
-		if (!(cond)) {                                                                     \
-			fprintf(stderr, "nvme-identify: " __VA_ARGS__);                            \
-			fputc('\n', stderr);                                                       \
-			status = 2;                                                                \
-			goto out;                                                                  \
-		}                                                                                  \
-	} while (0)
-
-/* The first PCI device of this class (0x010802: NVM Express) bound to vfio-pci; 0 if found. */
-static int find_device(unsigned class, char *buf, size_t len)
-{
-	const char *dir = "/sys/bus/pci/drivers/vfio-pci";
-	struct dirent **entries;
-	int n = scandir(dir, &entries, NULL, alphasort), found = -1;
-	for (int i = 0; i < n; i++) {
-		char path[512];
-		unsigned c = 0;
-		FILE *f;
-		snprintf(path, sizeof path, "%s/%s/class", dir, entries[i]->d_name);
-		if (found < 0 && (f = fopen(path, "r"))) {
-			if (fscanf(f, "%x", &c) == 1 && c == class) {
-				snprintf(buf, len, "%s", entries[i]->d_name);
-				found = 0;
-			}
-			fclose(f);
-		}
-		free(entries[i]);
-	}
-	if (n >= 0)
-		free(entries);
-	return found;
-}
 
 static int fail_free(void)
 {
@@ -170,7 +126,7 @@ int main(int argc, char **argv)
 	double timeout_s;
 
 	if (!address) {
-		if (find_device(0x010802, found, sizeof found) < 0) {
+		if (find_device(0, 0, 0x010802, found, sizeof found) < 0) {
 			fprintf(stderr, "nvme-identify: no NVMe controller bound to vfio-pci; usage: nvme-identify [PCI-ADDRESS]\n");
 			return 1;
 		}

@@ -110,13 +110,9 @@ int main(int argc, char **argv)
 	uint16_t cmd;
 	double t0, busy_s;
 
-	if (!address) {
-		if (find_device(0x1234, 0x11e8, 0, found, sizeof found) < 0) {
-			fprintf(stderr, "edu-threads: no edu device (1234:11e8) bound to vfio-pci; usage: edu-threads [PCI-ADDRESS]\n");
-			return 1;
-		}
-		address = found;
-	}
+	address = pick_device(address, 0x1234, 0x11e8, 0, "edu device (1234:11e8)", found, sizeof found);
+	if (!address)
+		return 1;
 	TRY(vfiokit_device_open(address, NULL, &dev));
 	TRY(vfiokit_read16(dev, VFIOKIT_PCI_CONFIG, 0x04, &cmd));
 	TRY(vfiokit_write16(dev, VFIOKIT_PCI_CONFIG, 0x04, cmd | 0x6)); /* memory, bus master: MSI */

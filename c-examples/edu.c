@@ -83,13 +83,9 @@ int main(int argc, char **argv)
 	uint16_t cmd;
 	int status = 1, efd, rc;
 
-	if (!address) {
-		if (find_device(0x1234, 0x11e8, 0, found, sizeof found) < 0) {
-			fprintf(stderr, "edu: no edu device (1234:11e8) bound to vfio-pci; usage: edu [PCI-ADDRESS]\n");
-			return 1;
-		}
-		address = found;
-	}
+	address = pick_device(address, 0x1234, 0x11e8, 0, "edu device (1234:11e8)", found, sizeof found);
+	if (!address)
+		return 1;
 	TRY(vfiokit_device_open(address, NULL, &dev));
 	iommu = vfiokit_device_iommu(dev);
 	printf("edu: opened %s (DMA context: %s)\n", address,

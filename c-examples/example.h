@@ -1,6 +1,6 @@
 /* What the C examples share: TRY and EXPECT, which report a failed vfiokit call (with
  * vfiokit_last_error()) or an unexpected result from the device and jump to `out` (EXPECT also
- * sets `status` to 2), and find_device, which picks a device bound to vfio-pci by its ids.
+ * sets `status` to 2), and find_device/pick_device, which pick a device bound to vfio-pci by its ids.
  * An example defines EXAMPLE, its name, before including this. */
 #ifndef VFIOKIT_EXAMPLE_H
 #define VFIOKIT_EXAMPLE_H
@@ -67,6 +67,19 @@ static int find_device(unsigned vendor, unsigned device, unsigned class, char *b
 	if (n >= 0)
 		free(entries);
 	return found;
+}
+
+/* The device to drive: `address` when given, else the first find_device picks (into buf);
+ * NULL, after a message naming `what` and the usage, when there is none. */
+static const char *pick_device(const char *address, unsigned vendor, unsigned device, unsigned class,
+			       const char *what, char *buf, size_t len)
+{
+	if (address)
+		return address;
+	if (find_device(vendor, device, class, buf, len) == 0)
+		return buf;
+	fprintf(stderr, EXAMPLE ": no %s bound to vfio-pci; usage: " EXAMPLE " [PCI-ADDRESS]\n", what);
+	return NULL;
 }
 
 #endif

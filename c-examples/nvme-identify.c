@@ -125,13 +125,9 @@ int main(int argc, char **argv)
 	int status = 1, efd, rc;
 	double timeout_s;
 
-	if (!address) {
-		if (find_device(0, 0, 0x010802, found, sizeof found) < 0) {
-			fprintf(stderr, "nvme-identify: no NVMe controller bound to vfio-pci; usage: nvme-identify [PCI-ADDRESS]\n");
-			return 1;
-		}
-		address = found;
-	}
+	address = pick_device(address, 0, 0, 0x010802, "NVMe controller", found, sizeof found);
+	if (!address)
+		return 1;
 	TRY(vfiokit_device_open(address, NULL, &dev));
 	iommu = vfiokit_device_iommu(dev);
 

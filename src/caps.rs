@@ -37,7 +37,13 @@ impl<'a> Cap<'a> {
 
     /// Checks that `count` elements of `elem` bytes starting at `start` fit in the reply;
     /// done before allocating, so a hostile count cannot make us allocate.
-    pub fn check_array(&self, start: usize, count: usize, elem: usize, what: &'static str) -> Result<(), DecodeError> {
+    pub fn check_array(
+        &self,
+        start: usize,
+        count: usize,
+        elem: usize,
+        what: &'static str,
+    ) -> Result<(), DecodeError> {
         let need = count.checked_mul(elem).and_then(|n| n.checked_add(start)).unwrap_or(usize::MAX);
         if need > self.bytes.len() {
             return Err(DecodeError::Truncated { what, need, have: self.bytes.len() });
@@ -46,7 +52,11 @@ impl<'a> Cap<'a> {
     }
 }
 
-fn field<const N: usize>(bytes: &[u8], off: usize, what: &'static str) -> Result<[u8; N], DecodeError> {
+fn field<const N: usize>(
+    bytes: &[u8],
+    off: usize,
+    what: &'static str,
+) -> Result<[u8; N], DecodeError> {
     off.checked_add(N)
         .and_then(|end| bytes.get(off..end))
         .map(|s| s.try_into().expect("slice of length N"))
@@ -64,11 +74,16 @@ pub(crate) fn u64_at(bytes: &[u8], off: usize, what: &'static str) -> Result<u64
 
 /// All capabilities of the chain starting at `first` (0: none) in `reply`, whose fixed header
 /// is `fixed_len` bytes (capabilities may not overlap it).
-pub(crate) fn walk(reply: &[u8], first: u32, fixed_len: usize) -> Result<Vec<Cap<'_>>, DecodeError> {
+pub(crate) fn walk(
+    reply: &[u8],
+    first: u32,
+    fixed_len: usize,
+) -> Result<Vec<Cap<'_>>, DecodeError> {
     let mut caps = Vec::new();
     let mut offset = first as usize;
     while offset != 0 {
-        if offset < fixed_len || offset.checked_add(HEADER_LEN).is_none_or(|end| end > reply.len()) {
+        if offset < fixed_len || offset.checked_add(HEADER_LEN).is_none_or(|end| end > reply.len())
+        {
             return Err(DecodeError::OutOfBounds { offset, len: reply.len() });
         }
         // Each capability needs its own 8-byte header, so a chain longer than this has
@@ -129,7 +144,10 @@ mod tests {
     fn offsets_outside_the_reply_or_into_the_header_are_errors() {
         let mut reply = vec![0u8; 16];
         reply.extend(cap(1, 1000));
-        assert_eq!(walk(&reply, 16, 16).unwrap_err(), DecodeError::OutOfBounds { offset: 1000, len: 24 });
+        assert_eq!(
+            walk(&reply, 16, 16).unwrap_err(),
+            DecodeError::OutOfBounds { offset: 1000, len: 24 }
+        );
         assert!(matches!(walk(&reply, 8, 16), Err(DecodeError::OutOfBounds { offset: 8, .. })));
         assert!(matches!(walk(&reply, 20, 16), Err(DecodeError::OutOfBounds { offset: 20, .. })));
         assert!(matches!(walk(&reply, u32::MAX, 16), Err(DecodeError::OutOfBounds { .. })));

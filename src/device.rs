@@ -14,8 +14,8 @@ use crate::host::PciDevice;
 use crate::iommu::Iommu;
 use crate::irq::{self, Action, Irq};
 use crate::pci;
-use crate::region::{self, Area, Region, PCI_CONFIG, REGION_READ, REGION_WRITE};
-use crate::sys::{self, mem, vfio, Context};
+use crate::region::{self, Area, PCI_CONFIG, REGION_READ, REGION_WRITE, Region};
+use crate::sys::{self, Context, mem, vfio};
 
 /// One contiguous virtual range for a region: its mmappable areas mapped, the rest reserved
 /// with no access.
@@ -34,9 +34,11 @@ impl Mapping {
     /// range, allowed, and mapped.
     #[inline(always)]
     fn direct<T: Width>(&self, off: u64, access: u32) -> Option<*mut T> {
-        let fits = off % T::BYTES as u64 == 0 && off < self.whole && self.whole - off >= T::BYTES as u64;
+        let fits =
+            off % T::BYTES as u64 == 0 && off < self.whole && self.whole - off >= T::BYTES as u64;
         // SAFETY (of the add): off + T::BYTES <= whole <= len, inside the mapping.
-        (fits && self.access & access != 0).then(|| unsafe { self.base.as_ptr().add(off as usize).cast::<T>() })
+        (fits && self.access & access != 0)
+            .then(|| unsafe { self.base.as_ptr().add(off as usize).cast::<T>() })
     }
 }
 
@@ -97,7 +99,10 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("address", &self.address).field("fd", &self.fd).finish_non_exhaustive()
+        f.debug_struct("Device")
+            .field("address", &self.address)
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,7 +121,8 @@ impl Device {
     }
 
     fn from_fd(address: String, iommu: Iommu, fd: OwnedFd) -> Result<Device> {
-        let info = vfio::device_info(fd.as_fd()).context(|| format!("VFIO_DEVICE_GET_INFO on {address}"))?;
+        let info = vfio::device_info(fd.as_fd())
+            .context(|| format!("VFIO_DEVICE_GET_INFO on {address}"))?;
         if info.flags & k::VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(Error::new(libc::ENOTSUP, format!("{address} is not a VFIO PCI device")));
         }
@@ -126,7 +132,9 @@ impl Device {
                     .map_err(|e| Error::new(libc::EPROTO, format!("{address} region {i}: {e}"))),
                 // vfio-pci answers EINVAL for an index it has nothing at.
                 Err(sys::Errno(libc::EINVAL)) => Ok(region::RegionInfo::default()),
-                Err(sys::Errno(e)) => Err(Error::os(e, format!("VFIO_DEVICE_GET_REGION_INFO {i} on {address}"))),
+                Err(sys::Errno(e)) => {
+                    Err(Error::os(e, format!("VFIO_DEVICE_GET_REGION_INFO {i} on {address}")))
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         let bars = read_bars(&fd, &infos).context(|| format!("reading the BARs of {address}"))?;
@@ -144,7 +152,9 @@ impl Device {
                 Ok(ki) => Ok(irq::record(i, ki.flags, ki.count)),
                 // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them.
                 Err(sys::Errno(libc::EINVAL)) => Ok(irq::record(i, 0, 0)),
-                Err(sys::Errno(e)) => Err(Error::os(e, format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}"))),
+                Err(sys::Errno(e)) => {
+                    Err(Error::os(e, format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")))
+                }
             })
             .collect::<Result<Vec<Irq>>>()?;
         let vectors = irqs.iter().map(|irq| vec![None; irq.count as usize]).collect();
@@ -187,7 +197,10 @@ impl Device {
         if self.flags & k::VFIO_DEVICE_FLAGS_RESET == 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
-                format!("{} does not support reset (the kernel found no function-level, PM or bus reset)", self.address),
+                format!(
+                    "{} does not support reset (the kernel found no function-level, PM or bus reset)",
+                    self.address
+                ),
             ));
         }
         vfio::device_reset(self.fd.as_fd()).context(|| format!("resetting {}", self.address))
@@ -214,7 +227,10 @@ impl Device {
         }
         if r.flags & access == 0 {
             let what = if access == REGION_READ { "read" } else { "written" };
-            return Err(Error::new(libc::EACCES, format!("{} region {} cannot be {what}", self.address, r.index)));
+            return Err(Error::new(
+                libc::EACCES,
+                format!("{} region {} cannot be {what}", self.address, r.index),
+            ));
         }
         Ok(())
     }
@@ -247,7 +263,8 @@ impl Device {
                 _ => 0,
             };
             // Built first, so an area failing below releases the reservation.
-            let mapping = Mapping { base, len, whole, access: r.flags & (REGION_READ | REGION_WRITE) };
+            let mapping =
+                Mapping { base, len, whole, access: r.flags & (REGION_READ | REGION_WRITE) };
             let prot = [(REGION_READ, libc::PROT_READ), (REGION_WRITE, libc::PROT_WRITE)]
                 .iter()
                 .filter(|(f, _)| r.flags & f != 0)
@@ -256,8 +273,16 @@ impl Device {
                 // SAFETY: base..base+len is our reservation; the area lies inside the region.
                 let at = unsafe { base.add(a.offset as usize) };
                 // SAFETY: the range is inside our fresh reservation.
-                unsafe { mem::map_shared_fixed(at, (a.size as usize).next_multiple_of(page), self.fd.as_fd(), r.offset + a.offset, prot) }
-                    .context(what)?;
+                unsafe {
+                    mem::map_shared_fixed(
+                        at,
+                        (a.size as usize).next_multiple_of(page),
+                        self.fd.as_fd(),
+                        r.offset + a.offset,
+                        prot,
+                    )
+                }
+                .context(what)?;
             }
             Ok(mapping)
         })
@@ -316,13 +341,25 @@ impl Device {
     }
 
     fn pread(&self, r: &Region, off: u64, buf: &mut [u8]) -> Result<()> {
-        sys::pread_exact(self.fd.as_fd(), buf, r.offset + off)
-            .context(|| format!("reading {} bytes at {off:#x} of {} region {}", buf.len(), self.address, r.index))
+        sys::pread_exact(self.fd.as_fd(), buf, r.offset + off).context(|| {
+            format!(
+                "reading {} bytes at {off:#x} of {} region {}",
+                buf.len(),
+                self.address,
+                r.index
+            )
+        })
     }
 
     fn pwrite(&self, r: &Region, off: u64, buf: &[u8]) -> Result<()> {
-        sys::pwrite_all(self.fd.as_fd(), buf, r.offset + off)
-            .context(|| format!("writing {} bytes at {off:#x} of {} region {}", buf.len(), self.address, r.index))
+        sys::pwrite_all(self.fd.as_fd(), buf, r.offset + off).context(|| {
+            format!(
+                "writing {} bytes at {off:#x} of {} region {}",
+                buf.len(),
+                self.address,
+                r.index
+            )
+        })
     }
 
     fn check_aligned<T: Width>(&self, index: u32, off: u64) -> Result<()> {
@@ -339,7 +376,12 @@ impl Device {
     /// One read of exactly `T`'s width at `off` (aligned to it).
     #[inline]
     pub fn read_reg<T: Width>(&self, index: u32, off: u64) -> Result<T> {
-        match self.mappings.get(index as usize).and_then(OnceCell::get).and_then(|m| m.direct::<T>(off, REGION_READ)) {
+        match self
+            .mappings
+            .get(index as usize)
+            .and_then(OnceCell::get)
+            .and_then(|m| m.direct::<T>(off, REGION_READ))
+        {
             // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
             Some(p) => Ok(unsafe { p.read_volatile() }),
             None => self.read_reg_slow(index, off),
@@ -367,7 +409,12 @@ impl Device {
     /// One write of exactly `T`'s width at `off` (aligned to it).
     #[inline]
     pub fn write_reg<T: Width>(&self, index: u32, off: u64, value: T) -> Result<()> {
-        match self.mappings.get(index as usize).and_then(OnceCell::get).and_then(|m| m.direct::<T>(off, REGION_WRITE)) {
+        match self
+            .mappings
+            .get(index as usize)
+            .and_then(OnceCell::get)
+            .and_then(|m| m.direct::<T>(off, REGION_WRITE))
+        {
             // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
             Some(p) => unsafe { p.write_volatile(value) },
             None => self.write_reg_slow(index, off, value)?,
@@ -403,10 +450,9 @@ impl Device {
     }
 
     fn irq_record(&self, index: u32) -> Result<&Irq> {
-        self.irqs
-            .get(index as usize)
-            .filter(|i| i.count > 0)
-            .ok_or_else(|| Error::invalid(format!("{} has no IRQ {index} ({})", self.address, irq_name(index))))
+        self.irqs.get(index as usize).filter(|i| i.count > 0).ok_or_else(|| {
+            Error::invalid(format!("{} has no IRQ {index} ({})", self.address, irq_name(index)))
+        })
     }
 
     fn check_vectors(&self, index: u32, first: u32, count: u32) -> Result<&Irq> {
@@ -423,7 +469,8 @@ impl Device {
     }
 
     fn set_irqs(&self, encoded: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
-        vfio::set_irqs(self.fd.as_fd(), encoded).context(|| format!("{} on {}", what(), self.address))
+        vfio::set_irqs(self.fd.as_fd(), encoded)
+            .context(|| format!("{} on {}", what(), self.address))
     }
 
     /// Routes vectors `first..first+count` of an IRQ index to new eventfds (owned by the
@@ -431,7 +478,10 @@ impl Device {
     pub fn irq_enable(&self, index: u32, first: u32, count: u32) -> Result<Vec<RawFd>> {
         let irq = self.check_vectors(index, first, count)?;
         if irq.flags & irq::IRQ_EVENTFD == 0 {
-            return Err(Error::new(libc::ENOTSUP, format!("{} IRQ {} cannot signal an eventfd", self.address, irq_name(index))));
+            return Err(Error::new(
+                libc::ENOTSUP,
+                format!("{} IRQ {} cannot signal an eventfd", self.address, irq_name(index)),
+            ));
         }
         let fds = (0..count)
             .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
@@ -452,9 +502,15 @@ impl Device {
         self.irq_record(index)?;
         let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
         if vectors[index as usize].iter().all(Option::is_none) {
-            return Err(Error::invalid(format!("{} IRQ {} is not enabled", self.address, irq_name(index))));
+            return Err(Error::invalid(format!(
+                "{} IRQ {} is not enabled",
+                self.address,
+                irq_name(index)
+            )));
         }
-        self.set_irqs(&mut irq::encode_set(index, 0, 0, Action::Trigger), || format!("disabling {}", irq_name(index)))?;
+        self.set_irqs(&mut irq::encode_set(index, 0, 0, Action::Trigger), || {
+            format!("disabling {}", irq_name(index))
+        })?;
         vectors[index as usize].fill(None);
         Ok(())
     }
@@ -485,34 +541,53 @@ impl Device {
     }
 
     /// Runs `f` on an enabled vector's eventfd, under the vectors' lock (so `f` must not block).
-    fn with_eventfd<T>(&self, index: u32, vector: u32, f: impl FnOnce(&Arc<OwnedFd>) -> Result<T>) -> Result<T> {
+    fn with_eventfd<T>(
+        &self,
+        index: u32,
+        vector: u32,
+        f: impl FnOnce(&Arc<OwnedFd>) -> Result<T>,
+    ) -> Result<T> {
         self.check_vectors(index, vector, 1)?;
         let vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
         match &vectors[index as usize][vector as usize] {
             Some(fd) => f(fd),
-            None => Err(Error::invalid(format!("{} {} vector {vector} is not enabled", self.address, irq_name(index)))),
+            None => Err(Error::invalid(format!(
+                "{} {} vector {vector} is not enabled",
+                self.address,
+                irq_name(index)
+            ))),
         }
     }
 
     /// Waits for the vector to fire and returns how many times it did since the last wait.
     /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`. Holds no lock while waiting.
     pub fn irq_wait(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
-        let take = |fd: &OwnedFd| sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd");
+        let take =
+            |fd: &OwnedFd| sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd");
         // Already fired: answered by one non-blocking read, with no clock and no clone.
-        let fd = match self.with_eventfd(index, vector, |fd| Ok(take(fd)?.ok_or_else(|| fd.clone())))? {
-            Ok(count) => return Ok(count),
-            Err(fd) => fd,
-        };
-        let deadline = (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
+        let fd =
+            match self.with_eventfd(index, vector, |fd| Ok(take(fd)?.ok_or_else(|| fd.clone())))? {
+                Ok(count) => return Ok(count),
+                Err(fd) => fd,
+            };
+        let deadline =
+            (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         loop {
             let left = match deadline {
                 None => -1,
-                Some(d) => d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+                Some(d) => {
+                    d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128)
+                        as i32
+                }
             };
             if !sys::poll_readable(fd.as_fd(), left).context(|| "waiting on an IRQ eventfd")? {
                 return Err(Error::new(
                     libc::ETIMEDOUT,
-                    format!("{} {} vector {vector}: no interrupt within {timeout_ms} ms", self.address, irq_name(index)),
+                    format!(
+                        "{} {} vector {vector}: no interrupt within {timeout_ms} ms",
+                        self.address,
+                        irq_name(index)
+                    ),
                 ));
             }
             // Another waiter may have taken it first: then wait on.
@@ -530,7 +605,9 @@ fn irq_name(index: u32) -> &'static str {
 /// The six BAR registers from config space (zeros if the device has no config region).
 fn read_bars(fd: &OwnedFd, infos: &[region::RegionInfo]) -> sys::SysResult<[u32; 6]> {
     let mut bars = [0u32; 6];
-    let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= 0x28) else { return Ok(bars) };
+    let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= 0x28) else {
+        return Ok(bars);
+    };
     let mut raw = [0u8; 24];
     sys::pread_exact(fd.as_fd(), &mut raw, config.offset + 0x10)?;
     for (bar, bytes) in bars.iter_mut().zip(raw.chunks_exact(4)) {

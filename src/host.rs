@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::pci;
-use crate::sys::sysfs;
 use crate::sys::Context;
+use crate::sys::sysfs;
 
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 const VFIO_DRIVER: &str = "vfio-pci";
@@ -29,19 +29,28 @@ impl PciDevice {
                 return Err(Error::new(libc::ENOENT, format!("no such VFIO device cdev {name}")));
             }
             let link = Path::new("/sys/class/vfio-dev").join(node).join("device");
-            let path = sysfs::canonical(&link).context(|| format!("{name}: no such VFIO device cdev ({})", link.display()))?;
-            let base = path.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
-            pci::parse_address(&base).map_err(|_| Error::invalid(format!("{name} is not a PCI device's cdev")))?
+            let path = sysfs::canonical(&link)
+                .context(|| format!("{name}: no such VFIO device cdev ({})", link.display()))?;
+            let base =
+                path.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+            pci::parse_address(&base)
+                .map_err(|_| Error::invalid(format!("{name} is not a PCI device's cdev")))?
         } else if name.starts_with('/') {
-            let path = sysfs::canonical(Path::new(name)).context(|| format!("device path {name}"))?;
-            let base = path.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
-            pci::parse_address(&base).map_err(|_| Error::invalid(format!("{name} is not a PCI device's sysfs path")))?
+            let path =
+                sysfs::canonical(Path::new(name)).context(|| format!("device path {name}"))?;
+            let base =
+                path.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+            pci::parse_address(&base)
+                .map_err(|_| Error::invalid(format!("{name} is not a PCI device's sysfs path")))?
         } else {
             pci::parse_address(name).map_err(|e| Error::invalid(e.to_string()))?
         };
         let sysfs = Path::new(PCI_DEVICES).join(&address);
         if !sysfs::exists(&sysfs) {
-            return Err(Error::new(libc::ENOENT, format!("no PCI device {address} (nothing at {})", sysfs.display())));
+            return Err(Error::new(
+                libc::ENOENT,
+                format!("no PCI device {address} (nothing at {})", sysfs.display()),
+            ));
         }
         Ok(PciDevice { address, sysfs })
     }
@@ -85,7 +94,8 @@ impl PciDevice {
     pub fn cdev(&self) -> Result<String> {
         // 6.1 to 6.5 list the device under vfio-dev but have no /dev node for it.
         let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next();
-        let node = name.map(|n| format!("{CDEV_DIR}{n}")).filter(|node| sysfs::exists(Path::new(node)));
+        let node =
+            name.map(|n| format!("{CDEV_DIR}{n}")).filter(|node| sysfs::exists(Path::new(node)));
         node.ok_or_else(|| {
             Error::new(
                 libc::ENODEV,
@@ -106,7 +116,8 @@ pub(crate) fn group_blockers(group: u32) -> Vec<String> {
         .into_iter()
         .filter_map(|addr| {
             let driver = sysfs::link_name(&dir.join(&addr).join("driver"))?;
-            (driver != VFIO_DRIVER && driver != "pcieport").then(|| format!("{addr} is bound to {driver}"))
+            (driver != VFIO_DRIVER && driver != "pcieport")
+                .then(|| format!("{addr} is bound to {driver}"))
         })
         .collect()
 }
@@ -118,7 +129,12 @@ pub(crate) fn not_viable(group: u32) -> Error {
         true => "a device in it is bound to a driver other than vfio-pci".to_owned(),
         false => blockers.join(", "),
     };
-    Error::new(libc::EBUSY, format!("group {group} is not viable: {why}; bind all of its devices to vfio-pci (or unbind them)"))
+    Error::new(
+        libc::EBUSY,
+        format!(
+            "group {group} is not viable: {why}; bind all of its devices to vfio-pci (or unbind them)"
+        ),
+    )
 }
 
 /// Binds a PCI device to vfio-pci through driver_override (root only).
@@ -128,14 +144,19 @@ pub fn bind(name: &str) -> Result<()> {
         return Ok(());
     }
     let a = &dev.address;
-    sysfs::write(&dev.sysfs.join("driver_override"), VFIO_DRIVER).context(|| format!("setting driver_override of {a}"))?;
+    sysfs::write(&dev.sysfs.join("driver_override"), VFIO_DRIVER)
+        .context(|| format!("setting driver_override of {a}"))?;
     if dev.driver().is_some() {
-        sysfs::write(&dev.sysfs.join("driver/unbind"), a).context(|| format!("unbinding {a} from its driver"))?;
+        sysfs::write(&dev.sysfs.join("driver/unbind"), a)
+            .context(|| format!("unbinding {a} from its driver"))?;
     }
     sysfs::write(Path::new("/sys/bus/pci/drivers_probe"), a).context(|| format!("probing {a}"))?;
     match dev.driver() {
         Some(d) if d == VFIO_DRIVER => Ok(()),
-        _ => Err(Error::new(libc::ENODEV, format!("{VFIO_DRIVER} did not claim {a}: is the vfio-pci module loaded?"))),
+        _ => Err(Error::new(
+            libc::ENODEV,
+            format!("{VFIO_DRIVER} did not claim {a}: is the vfio-pci module loaded?"),
+        )),
     }
 }
 
@@ -145,14 +166,18 @@ pub fn unbind(name: &str) -> Result<()> {
     let dev = PciDevice::find(name)?;
     let a = &dev.address;
     match dev.driver() {
-        Some(d) if d == VFIO_DRIVER => {
-            sysfs::write(&dev.sysfs.join("driver/unbind"), a).context(|| format!("unbinding {a}"))?
+        Some(d) if d == VFIO_DRIVER => sysfs::write(&dev.sysfs.join("driver/unbind"), a)
+            .context(|| format!("unbinding {a}"))?,
+        Some(d) => {
+            return Err(Error::invalid(format!(
+                "{a} is bound to {d}, not {VFIO_DRIVER}: not unbinding it"
+            )));
         }
-        Some(d) => return Err(Error::invalid(format!("{a} is bound to {d}, not {VFIO_DRIVER}: not unbinding it"))),
         None => {}
     }
     // An empty override lets the device's native driver match again.
-    sysfs::write(&dev.sysfs.join("driver_override"), "\n").context(|| format!("clearing driver_override of {a}"))?;
+    sysfs::write(&dev.sysfs.join("driver_override"), "\n")
+        .context(|| format!("clearing driver_override of {a}"))?;
     // No driver may want the device; that is not an error.
     let _ = sysfs::write(Path::new("/sys/bus/pci/drivers_probe"), a);
     Ok(())

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use crate::error::{Error, Result};
 use crate::host::{self, PciDevice};
 use crate::iova::{self, IovaRange, IovaSpace};
-use crate::sys::{self, iommufd, mem, sysfs, vfio, Context};
+use crate::sys::{self, Context, iommufd, mem, sysfs, vfio};
 
 /// Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
 pub const IOMMU_AUTO: u32 = 0;
@@ -45,14 +45,21 @@ impl IommuKind {
             IOMMU_AUTO => match std::env::var("VFIOKIT_IOMMU").as_deref() {
                 Ok("type1") => Ok(IommuKind::Type1),
                 Ok("iommufd") => Ok(IommuKind::Iommufd),
-                Ok(other) => Err(Error::invalid(format!("VFIOKIT_IOMMU={other}: expected type1 or iommufd"))),
+                Ok(other) => {
+                    Err(Error::invalid(format!("VFIOKIT_IOMMU={other}: expected type1 or iommufd")))
+                }
                 // iommufd where the kernel has it and gives devices a cdev (6.6+).
-                Err(_) if sysfs::exists(Path::new(IOMMUFD)) && sysfs::exists(Path::new("/dev/vfio/devices")) => {
+                Err(_)
+                    if sysfs::exists(Path::new(IOMMUFD))
+                        && sysfs::exists(Path::new("/dev/vfio/devices")) =>
+                {
                     Ok(IommuKind::Iommufd)
                 }
                 Err(_) => Ok(IommuKind::Type1),
             },
-            other => Err(Error::invalid(format!("unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd)"))),
+            other => Err(Error::invalid(format!(
+                "unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd)"
+            ))),
         }
     }
 }
@@ -164,8 +171,9 @@ impl Iommu {
                     }
                     state.groups.insert(group, fd);
                 }
-                vfio::group_device_fd(state.groups[&group].as_fd(), &dev.address)
-                    .context(|| format!("getting the VFIO device fd of {} from group {group}", dev.address))
+                vfio::group_device_fd(state.groups[&group].as_fd(), &dev.address).context(|| {
+                    format!("getting the VFIO device fd of {} from group {group}", dev.address)
+                })
             }
             Backend::Iommufd { fd, ioas } => {
                 let cdev = dev.cdev()?;
@@ -194,7 +202,8 @@ impl Iommu {
                     ),
                     _ => Error::os(e, format!("binding {cdev} ({}) to iommufd", dev.address)),
                 })?;
-                iommufd::attach(device.as_fd(), *ioas).context(|| format!("attaching {cdev} ({}) to IOAS {ioas}", dev.address))?;
+                iommufd::attach(device.as_fd(), *ioas)
+                    .context(|| format!("attaching {cdev} ({}) to IOAS {ioas}", dev.address))?;
                 // The device's reserved regions (the MSI window...) are now cut out of the IOAS.
                 let ranges = ioas_ranges(fd, *ioas)?;
                 self.with_space(|space| Ok(space.set_valid(ranges)))?;
@@ -227,7 +236,9 @@ impl Iommu {
     /// not be behind a Rust reference while a device may write it.
     pub unsafe fn map(&self, vaddr: *mut u8, len: usize, iova: u64) -> Result<()> {
         check_dma_args(vaddr, len, Some(iova))?;
-        self.with_space(|space| space.claim(iova, len as u64).map_err(|why| Error::invalid(format!("DMA map: {why}"))))?;
+        self.with_space(|space| {
+            space.claim(iova, len as u64).map_err(|why| Error::invalid(format!("DMA map: {why}")))
+        })?;
         // SAFETY: forwarded from the caller.
         let mapped = unsafe { self.map_raw(vaddr, len, iova) };
         if mapped.is_err() {
@@ -244,7 +255,10 @@ impl Iommu {
         check_dma_args(vaddr, len, None)?;
         let iova = self.with_space(|space| {
             space.alloc(len as u64, dma_alignment(len)).ok_or_else(|| {
-                Error::new(libc::ENOSPC, format!("no free IOVA range of {len:#x} bytes in {}", space.describe()))
+                Error::new(
+                    libc::ENOSPC,
+                    format!("no free IOVA range of {len:#x} bytes in {}", space.describe()),
+                )
             })
         })?;
         // SAFETY: forwarded from the caller.
@@ -260,9 +274,13 @@ impl Iommu {
     unsafe fn map_raw(&self, vaddr: *mut u8, len: usize, iova: u64) -> Result<()> {
         let result = match &self.0.backend {
             // SAFETY: forwarded from the caller.
-            Backend::Type1 { container } => unsafe { vfio::dma_map(container.as_fd(), vaddr as u64, len as u64, iova) },
+            Backend::Type1 { container } => unsafe {
+                vfio::dma_map(container.as_fd(), vaddr as u64, len as u64, iova)
+            },
             // SAFETY: forwarded from the caller.
-            Backend::Iommufd { fd, ioas } => unsafe { iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova) },
+            Backend::Iommufd { fd, ioas } => unsafe {
+                iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova)
+            },
         };
         result.map_err(|sys::Errno(e)| {
             let mut msg = format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: {}", std::io::Error::from_raw_os_error(e));
@@ -280,11 +298,18 @@ impl Iommu {
     pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
         self.with_space(|space| match space.is_mapped(iova, len as u64) {
             true => Ok(()),
-            false => Err(Error::new(libc::ENOENT, format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}"))),
+            false => Err(Error::new(
+                libc::ENOENT,
+                format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}"),
+            )),
         })?;
         match &self.0.backend {
-            Backend::Type1 { container } => vfio::dma_unmap(container.as_fd(), iova, len as u64).map(drop),
-            Backend::Iommufd { fd, ioas } => iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64),
+            Backend::Type1 { container } => {
+                vfio::dma_unmap(container.as_fd(), iova, len as u64).map(drop)
+            }
+            Backend::Iommufd { fd, ioas } => {
+                iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64)
+            }
         }
         .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))?;
         // Only now may the allocator hand the IOVA out again: released earlier, another thread
@@ -300,7 +325,8 @@ impl Iommu {
             return Err(Error::invalid("DMA buffer length is zero"));
         }
         let len = len.next_multiple_of(sys::page_size());
-        let addr = mem::anonymous(len).context(|| format!("allocating a {len:#x}-byte DMA buffer"))?;
+        let addr =
+            mem::anonymous(len).context(|| format!("allocating a {len:#x}-byte DMA buffer"))?;
         // SAFETY: fresh private memory that only the buffer registry (and the caller) reach.
         match unsafe { self.map_any(addr.as_ptr(), len) } {
             Ok(iova) => {
@@ -317,11 +343,9 @@ impl Iommu {
 
     /// Unmaps and frees a buffer from [`Iommu::alloc`].
     pub fn free(&self, vaddr: *mut u8) -> Result<()> {
-        let (iova, len) = self
-            .state()
-            .buffers
-            .remove(&(vaddr as usize))
-            .ok_or_else(|| Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context")))?;
+        let (iova, len) = self.state().buffers.remove(&(vaddr as usize)).ok_or_else(|| {
+            Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context"))
+        })?;
         let unmapped = self.unmap(iova, len);
         // SAFETY: the buffer came from alloc and is no longer registered or DMA-mapped.
         unsafe { mem::unmap(NonNull::new(vaddr).expect("registered buffers are non-null"), len) };
@@ -359,8 +383,13 @@ fn open_node(path: &str, missing: &str) -> Result<OwnedFd> {
     sys::open(path, libc::O_RDWR).map_err(|sys::Errno(e)| {
         let hint = match e {
             libc::ENOENT if !missing.is_empty() => format!(" ({missing})"),
-            libc::EACCES | libc::EPERM => " (permission: run as root or make it accessible to this user)".into(),
-            libc::EBUSY => " (already open: by another process, or by this one in another IOMMU context)".into(),
+            libc::EACCES | libc::EPERM => {
+                " (permission: run as root or make it accessible to this user)".into()
+            }
+            libc::EBUSY => {
+                " (already open: by another process, or by this one in another IOMMU context)"
+                    .into()
+            }
             _ => String::new(),
         };
         Error::os(e, format!("opening {path}{hint}"))
@@ -371,22 +400,37 @@ fn open_container() -> Result<OwnedFd> {
     let container = open_node(CONTAINER, "is the vfio module loaded?")?;
     let version = vfio::api_version(container.as_fd()).context(|| "VFIO_GET_API_VERSION")?;
     if version != vfio_bindings::bindings::vfio::VFIO_API_VERSION as i32 {
-        return Err(Error::new(libc::ENOTSUP, format!("VFIO API version {version} is not the supported 0")));
+        return Err(Error::new(
+            libc::ENOTSUP,
+            format!("VFIO API version {version} is not the supported 0"),
+        ));
     }
     Ok(container)
 }
 
 fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd> {
-    let fd = open_node(&format!("/dev/vfio/{group}"), "no such group node: is the device bound to vfio-pci?")?;
+    let fd = open_node(
+        &format!("/dev/vfio/{group}"),
+        "no such group node: is the device bound to vfio-pci?",
+    )?;
     const VIABLE: u32 = vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_VIABLE;
     if vfio::group_flags(fd.as_fd()).context(|| format!("status of group {group}"))? & VIABLE == 0 {
         return Err(host::not_viable(group));
     }
-    vfio::group_set_container(fd.as_fd(), container.as_fd()).context(|| format!("adding group {group} to the container"))?;
+    vfio::group_set_container(fd.as_fd(), container.as_fd())
+        .context(|| format!("adding group {group} to the container"))?;
     if first {
-        let kind = if vfio::check_extension(container.as_fd(), TYPE1V2).unwrap_or(false) { TYPE1V2 } else { TYPE1 };
+        let kind = if vfio::check_extension(container.as_fd(), TYPE1V2).unwrap_or(false) {
+            TYPE1V2
+        } else {
+            TYPE1
+        };
         vfio::set_iommu(container.as_fd(), kind).map_err(|sys::Errno(e)| {
-            let hint = if e == libc::EPERM { " (no interrupt remapping? the IOMMU must support it)" } else { "" };
+            let hint = if e == libc::EPERM {
+                " (no interrupt remapping? the IOMMU must support it)"
+            } else {
+                ""
+            };
             Error::os(e, format!("setting the type1 IOMMU on the container{hint}"))
         })?;
     }
@@ -394,7 +438,8 @@ fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd>
 }
 
 fn ioas_ranges(fd: &OwnedFd, ioas: u32) -> Result<Vec<IovaRange>> {
-    let ranges = iommufd::ioas_iova_ranges(fd.as_fd(), ioas).context(|| format!("IOVA ranges of IOAS {ioas}"))?;
+    let ranges = iommufd::ioas_iova_ranges(fd.as_fd(), ioas)
+        .context(|| format!("IOVA ranges of IOAS {ioas}"))?;
     Ok(ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect())
 }
 
@@ -402,5 +447,6 @@ fn ioas_ranges(fd: &OwnedFd, ioas: u32) -> Result<Vec<IovaRange>> {
 /// the whole 64-bit space.
 fn type1_ranges(container: &OwnedFd) -> Result<Vec<IovaRange>> {
     let reply = vfio::iommu_info(container.as_fd()).context(|| "VFIO_IOMMU_GET_INFO")?;
-    iova::decode_type1_ranges(&reply).map_err(|e| Error::new(libc::EPROTO, format!("type1 IOMMU info: {e}")))
+    iova::decode_type1_ranges(&reply)
+        .map_err(|e| Error::new(libc::EPROTO, format!("type1 IOMMU info: {e}")))
 }

@@ -62,7 +62,10 @@ impl IovaSpace {
             return Err("length is zero".into());
         }
         if !self.fits_valid(iova, len) {
-            return Err(format!("[{iova:#x}, +{len:#x}) is outside the valid IOVA ranges {}", self.describe()));
+            return Err(format!(
+                "[{iova:#x}, +{len:#x}) is outside the valid IOVA ranges {}",
+                self.describe()
+            ));
         }
         if let Some((s, l)) = self.overlap(iova, len) {
             return Err(format!("[{iova:#x}, +{len:#x}) overlaps the mapping [{s:#x}, +{l:#x})"));
@@ -107,7 +110,8 @@ impl IovaSpace {
     }
 
     pub fn describe(&self) -> String {
-        let parts: Vec<String> = self.valid.iter().map(|r| format!("[{:#x}, {:#x}]", r.start, r.last)).collect();
+        let parts: Vec<String> =
+            self.valid.iter().map(|r| format!("[{:#x}, {:#x}]", r.start, r.last)).collect();
         parts.join(" ")
     }
 }
@@ -126,13 +130,17 @@ pub fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::DecodeE
             let count = cap.u32_at(8, what)? as usize;
             cap.check_array(16, count, 16, what)?;
             return (0..count)
-                .map(|i| Ok(IovaRange { start: cap.u64_at(16 + 16 * i, what)?, last: cap.u64_at(24 + 16 * i, what)? }))
+                .map(|i| {
+                    Ok(IovaRange {
+                        start: cap.u64_at(16 + 16 * i, what)?,
+                        last: cap.u64_at(24 + 16 * i, what)?,
+                    })
+                })
                 .collect();
         }
     }
     Ok(vec![IovaRange { start: 0, last: u64::MAX }])
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -187,18 +195,23 @@ mod tests {
         assert_eq!(s.alloc(u64::MAX, 0x1000), None);
     }
 
-
     #[test]
     fn captured_type1_info_gives_the_ranges_around_the_interrupt_window() {
         assert_eq!(
             decode_type1_ranges(TYPE1_INFO).unwrap(),
-            [IovaRange { start: 0, last: 0xfed_fffff }, IovaRange { start: 0xfef0_0000, last: 0x7f_ffff_ffff }]
+            [
+                IovaRange { start: 0, last: 0xfed_fffff },
+                IovaRange { start: 0xfef0_0000, last: 0x7f_ffff_ffff }
+            ]
         );
     }
 
     #[test]
     fn captured_type1_info_corrupted() {
-        assert!(matches!(decode_type1_ranges(&TYPE1_INFO[..100]), Err(caps::DecodeError::Truncated { .. })));
+        assert!(matches!(
+            decode_type1_ranges(&TYPE1_INFO[..100]),
+            Err(caps::DecodeError::Truncated { .. })
+        ));
         // The IOVA-range capability (at 0x44) pointing back at the first one.
         let mut looped = TYPE1_INFO.to_vec();
         looped[0x48] = 0x18;

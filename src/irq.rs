@@ -60,7 +60,9 @@ pub fn encode_set(index: u32, start: u32, count: u32, action: Action) -> [u8; SE
         Action::Unmask => ACTION_UNMASK,
     };
     let mut set = [0u8; SET_LEN];
-    for (bytes, field) in set.chunks_exact_mut(4).zip([SET_LEN as u32, DATA_NONE | flag, index, start, count]) {
+    for (bytes, field) in
+        set.chunks_exact_mut(4).zip([SET_LEN as u32, DATA_NONE | flag, index, start, count])
+    {
         bytes.copy_from_slice(&field.to_ne_bytes());
     }
     set
@@ -105,12 +107,21 @@ mod tests {
 
     #[test]
     fn disable_is_a_dataless_trigger_of_zero_vectors() {
-        assert_eq!(words(&encode_set(IRQ_INTX, 0, 0, Action::Trigger)), [20, DATA_NONE | ACTION_TRIGGER, 0, 0, 0]);
-        assert_eq!(words(&encode_set(IRQ_INTX, 0, 1, Action::Unmask))[1], DATA_NONE | ACTION_UNMASK);
+        assert_eq!(
+            words(&encode_set(IRQ_INTX, 0, 0, Action::Trigger)),
+            [20, DATA_NONE | ACTION_TRIGGER, 0, 0, 0]
+        );
+        assert_eq!(
+            words(&encode_set(IRQ_INTX, 0, 1, Action::Unmask))[1],
+            DATA_NONE | ACTION_UNMASK
+        );
     }
 
     #[test]
     fn unknown_kernel_flags_are_dropped() {
-        assert_eq!(record(1, 0xff01, 4), Irq { index: 1, flags: IRQ_EVENTFD, count: 4, ..Default::default() });
+        assert_eq!(
+            record(1, 0xff01, 4),
+            Irq { index: 1, flags: IRQ_EVENTFD, count: 4, ..Default::default() }
+        );
     }
 }

@@ -5,8 +5,8 @@
 //! `caps`, `region`, `irq`, `pci`, `iova` (pure decoding and bookkeeping); `host` (sysfs
 //! discovery and binding); `iommu` (DMA contexts); `device`; `capi` (the C ABI).
 
-mod caps;
 mod capi;
+mod caps;
 mod device;
 mod error;
 #[cfg(test)]
@@ -23,7 +23,7 @@ pub use caps::DecodeError;
 pub use device::{Device, Width};
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
-pub use iommu::{Iommu, IommuKind, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1};
+pub use iommu::{IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu, IommuKind};
 pub use iova::IovaRange;
 pub use irq::Irq;
 pub use region::{Area, Region};

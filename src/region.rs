@@ -59,7 +59,9 @@ pub struct Area {
 }
 
 const _: () = assert!(size_of::<Region>() == 64 && align_of::<Region>() == 8);
-const _: () = assert!(std::mem::offset_of!(Region, r#type) == 24 && std::mem::offset_of!(Region, reserved) == 40);
+const _: () = assert!(
+    std::mem::offset_of!(Region, r#type) == 24 && std::mem::offset_of!(Region, reserved) == 40
+);
 const _: () = assert!(size_of::<Area>() == 32 && std::mem::offset_of!(Area, offset) == 8);
 
 // Kernel uapi values (linux/vfio.h).
@@ -102,7 +104,10 @@ pub fn decode_region_info(reply: &[u8]) -> Result<RegionInfo, DecodeError> {
         match cap.id {
             CAP_SPARSE_MMAP => info.sparse = Some(decode_sparse(&cap, info.size)?),
             CAP_TYPE => {
-                info.type_subtype = (cap.u32_at(8, "region type capability")?, cap.u32_at(12, "region type capability")?)
+                info.type_subtype = (
+                    cap.u32_at(8, "region type capability")?,
+                    cap.u32_at(12, "region type capability")?,
+                )
             }
             CAP_MSIX_MAPPABLE => info.msix_mappable = true,
             // Capabilities no record field describes (NVLink2 link speeds, ...) are skipped.
@@ -120,7 +125,12 @@ fn decode_sparse(cap: &caps::Cap, region_size: u64) -> Result<Vec<(u64, u64)>, D
     for i in 0..count {
         let (offset, size) = (cap.u64_at(16 + 16 * i, what)?, cap.u64_at(24 + 16 * i, what)?);
         if offset.checked_add(size).is_none_or(|end| end > region_size) {
-            return Err(DecodeError::OutOfRange { what: "sparse mmap area", start: offset, size, limit: region_size });
+            return Err(DecodeError::OutOfRange {
+                what: "sparse mmap area",
+                start: offset,
+                size,
+                limit: region_size,
+            });
         }
         if size > 0 {
             areas.push((offset, size));
@@ -162,7 +172,9 @@ pub fn bar_flags(bars: &[u32; 6], index: usize) -> u32 {
 /// flags from [`bar_flags`] (0 for non-BAR regions).
 pub fn record(index: u32, info: &RegionInfo, bar_attrs: u32, areas: &mut Vec<Area>) -> Region {
     let mut flags = 0;
-    for (kernel, ours) in [(KFLAG_READ, REGION_READ), (KFLAG_WRITE, REGION_WRITE), (KFLAG_MMAP, REGION_MMAP)] {
+    for (kernel, ours) in
+        [(KFLAG_READ, REGION_READ), (KFLAG_WRITE, REGION_WRITE), (KFLAG_MMAP, REGION_MMAP)]
+    {
         if info.flags & kernel != 0 {
             flags |= ours;
         }
@@ -178,9 +190,16 @@ pub fn record(index: u32, info: &RegionInfo, bar_attrs: u32, areas: &mut Vec<Are
         match &info.sparse {
             Some(sparse) => {
                 flags |= REGION_SPARSE;
-                areas.extend(sparse.iter().map(|&(offset, size)| Area { region: index, offset, size, ..Default::default() }));
+                areas.extend(sparse.iter().map(|&(offset, size)| Area {
+                    region: index,
+                    offset,
+                    size,
+                    ..Default::default()
+                }));
             }
-            None if info.size > 0 => areas.push(Area { region: index, offset: 0, size: info.size, ..Default::default() }),
+            None if info.size > 0 => {
+                areas.push(Area { region: index, offset: 0, size: info.size, ..Default::default() })
+            }
             None => {}
         }
     }
@@ -235,7 +254,15 @@ mod tests {
         assert_eq!((info.sparse.as_ref(), info.type_subtype), (None, (0, 0)));
         let mut areas = vec![];
         let r = record(0, &info, REGION_MEM64, &mut areas);
-        assert_eq!(r.flags, REGION_PRESENT | REGION_READ | REGION_WRITE | REGION_MMAP | REGION_MSIX_MAPPABLE | REGION_MEM64);
+        assert_eq!(
+            r.flags,
+            REGION_PRESENT
+                | REGION_READ
+                | REGION_WRITE
+                | REGION_MMAP
+                | REGION_MSIX_MAPPABLE
+                | REGION_MEM64
+        );
         assert_eq!(areas, [Area { region: 0, offset: 0, size: 0x4000, ..Default::default() }]);
     }
 
@@ -256,11 +283,17 @@ mod tests {
         looped[36] = 32;
         assert_eq!(decode_region_info(&looped).unwrap_err(), DecodeError::Loop { offset: 32 });
         // Cut inside the capability header.
-        assert!(matches!(decode_region_info(&fixtures::NVME_BAR0[..36]), Err(DecodeError::OutOfBounds { offset: 32, .. })));
+        assert!(matches!(
+            decode_region_info(&fixtures::NVME_BAR0[..36]),
+            Err(DecodeError::OutOfBounds { offset: 32, .. })
+        ));
         // The chain start moved past the end.
         let mut far = fixtures::NVME_BAR0.to_vec();
         far[12] = 0xf0;
-        assert!(matches!(decode_region_info(&far), Err(DecodeError::OutOfBounds { offset: 0xf0, .. })));
+        assert!(matches!(
+            decode_region_info(&far),
+            Err(DecodeError::OutOfBounds { offset: 0xf0, .. })
+        ));
     }
 
     #[test]

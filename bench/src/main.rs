@@ -20,8 +20,8 @@ use std::hint::black_box;
 use std::os::fd::AsRawFd;
 
 use raw::Backend;
-use stats::{run_case, variant, Figure};
-use vfiokit::{irq::IRQ_REQ, Device, Iommu};
+use stats::{Figure, run_case, variant};
+use vfiokit::{Device, Iommu, irq::IRQ_REQ};
 
 const EDU_ID: u32 = 0x0100_00ed;
 const MIB: usize = 1 << 20;
@@ -38,7 +38,9 @@ struct Opts {
 }
 
 fn env_addr(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run in the test guest (bench/run, tests/vm/run)"))
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run in the test guest (bench/run, tests/vm/run)")
+    })
 }
 
 fn main() {
@@ -67,12 +69,16 @@ fn main() {
                     b => panic!("unknown backend {b}"),
                 }
             }
-            "--ops" => o.ops = val().split(',').map(|s| s.trim().parse().expect("--ops 1,2,...")).collect(),
+            "--ops" => {
+                o.ops = val().split(',').map(|s| s.trim().parse().expect("--ops 1,2,...")).collect()
+            }
             "--rounds" => o.rounds = val().parse().expect("--rounds N"),
             "--quick" => o.quick = true,
             "--out" => o.out = val(),
             "-h" | "--help" => {
-                println!("usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5] [--rounds N] [--quick] [--out FILE]");
+                println!(
+                    "usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5] [--rounds N] [--quick] [--out FILE]"
+                );
                 println!("       vfiokit-bench --merge OUT FILE...");
                 return;
             }
@@ -83,7 +89,12 @@ fn main() {
         o.rounds = 3;
     }
     let b = o.backend.name();
-    eprintln!("bench: backend {b}, ops {:?}, {} rounds{}", o.ops, o.rounds, if o.quick { " (quick)" } else { "" });
+    eprintln!(
+        "bench: backend {b}, ops {:?}, {} rounds{}",
+        o.ops,
+        o.rounds,
+        if o.quick { " (quick)" } else { "" }
+    );
     let mut figures = Vec::new();
     for &op in &o.ops {
         let f = match op {
@@ -113,7 +124,8 @@ fn merge(args: &[String]) {
     for f in files {
         figures.extend(stats::read_json(f).unwrap_or_else(|e| panic!("{e}")));
     }
-    stats::write_json(out, &figures, &[("merged_from", files.join(" "))]).expect("writing the merged results");
+    stats::write_json(out, &figures, &[("merged_from", files.join(" "))])
+        .expect("writing the merged results");
     print!("{}", stats::table(&figures));
     eprintln!("bench: {} figures written to {out}", figures.len());
 }
@@ -168,7 +180,11 @@ fn op_open(o: &Opts) -> Vec<Figure> {
     if backend == Backend::Type1 {
         v.push(variant("pci-driver", |n| {
             for _ in 0..n {
-                assert_eq!(peers::pd_open_enumerate_close(&edu), MIB as u64, "pci-driver: edu BAR0");
+                assert_eq!(
+                    peers::pd_open_enumerate_close(&edu),
+                    MIB as u64,
+                    "pci-driver: edu BAR0"
+                );
             }
         }));
     }
@@ -185,30 +201,37 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
     let be = "any";
 
     let n = batch(o, 20_000);
-    out.extend(run_case("read32 edu BAR0 0x00 (MMIO trap)", be, o.rounds, n, 0, vec![
-        variant("raw", |n| {
-            let mut bad = 0;
-            for _ in 0..n {
-                // SAFETY: offset 0 of the mapped BAR, aligned.
-                bad |= unsafe { bar0.cast::<u32>().read_volatile() } ^ EDU_ID;
-            }
-            assert_eq!(bad, 0, "raw: edu id register");
-        }),
-        variant("vfiokit", |n| {
-            let mut bad = 0;
-            for _ in 0..n {
-                bad |= edu.read_reg::<u32>(0, 0).expect("read_reg") ^ EDU_ID;
-            }
-            assert_eq!(bad, 0, "vfiokit: edu id register");
-        }),
-        variant("fix sketch", |n| {
-            let mut bad = 0;
-            for _ in 0..n {
-                bad |= fast0.read32(0).expect("read32") ^ EDU_ID;
-            }
-            assert_eq!(bad, 0, "sketch: edu id register");
-        }),
-    ]));
+    out.extend(run_case(
+        "read32 edu BAR0 0x00 (MMIO trap)",
+        be,
+        o.rounds,
+        n,
+        0,
+        vec![
+            variant("raw", |n| {
+                let mut bad = 0;
+                for _ in 0..n {
+                    // SAFETY: offset 0 of the mapped BAR, aligned.
+                    bad |= unsafe { bar0.cast::<u32>().read_volatile() } ^ EDU_ID;
+                }
+                assert_eq!(bad, 0, "raw: edu id register");
+            }),
+            variant("vfiokit", |n| {
+                let mut bad = 0;
+                for _ in 0..n {
+                    bad |= edu.read_reg::<u32>(0, 0).expect("read_reg") ^ EDU_ID;
+                }
+                assert_eq!(bad, 0, "vfiokit: edu id register");
+            }),
+            variant("fix sketch", |n| {
+                let mut bad = 0;
+                for _ in 0..n {
+                    bad |= fast0.read32(0).expect("read32") ^ EDU_ID;
+                }
+                assert_eq!(bad, 0, "sketch: edu id register");
+            }),
+        ],
+    ));
 
     let mut seq = 0u32;
     let check_liveness = |seq: u32| {
@@ -216,38 +239,50 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
         assert_eq!(back, !seq, "edu liveness register returns ~value");
     };
     let seq_raw = std::cell::Cell::new(0u32);
-    out.extend(run_case("write32 edu BAR0 0x04 (MMIO trap)", be, o.rounds, n, 0, vec![
-        variant("raw", |n| {
-            let mut s = seq_raw.get();
-            for _ in 0..n {
-                s = s.wrapping_add(1);
-                // SAFETY: offset 4 of the mapped BAR, aligned.
-                unsafe { bar0.add(4).cast::<u32>().write_volatile(s) };
-            }
-            seq_raw.set(s);
-            // SAFETY: as above.
-            assert_eq!(unsafe { bar0.add(4).cast::<u32>().read_volatile() }, !s, "raw: liveness");
-        }),
-        variant("vfiokit", |n| {
-            for _ in 0..n {
-                seq = seq.wrapping_add(1);
-                edu.write_reg::<u32>(0, 4, seq).expect("write_reg");
-            }
-            check_liveness(seq);
-        }),
-        variant("fix sketch", |n| {
-            let mut s = seq_raw.get();
-            for _ in 0..n {
-                s = s.wrapping_add(1);
-                fast0.write32(4, s).expect("write32");
-            }
-            seq_raw.set(s);
-            assert_eq!(fast0.read32(4).unwrap(), !s, "sketch: liveness");
-        }),
-    ]));
+    out.extend(run_case(
+        "write32 edu BAR0 0x04 (MMIO trap)",
+        be,
+        o.rounds,
+        n,
+        0,
+        vec![
+            variant("raw", |n| {
+                let mut s = seq_raw.get();
+                for _ in 0..n {
+                    s = s.wrapping_add(1);
+                    // SAFETY: offset 4 of the mapped BAR, aligned.
+                    unsafe { bar0.add(4).cast::<u32>().write_volatile(s) };
+                }
+                seq_raw.set(s);
+                // SAFETY: as above.
+                assert_eq!(
+                    unsafe { bar0.add(4).cast::<u32>().read_volatile() },
+                    !s,
+                    "raw: liveness"
+                );
+            }),
+            variant("vfiokit", |n| {
+                for _ in 0..n {
+                    seq = seq.wrapping_add(1);
+                    edu.write_reg::<u32>(0, 4, seq).expect("write_reg");
+                }
+                check_liveness(seq);
+            }),
+            variant("fix sketch", |n| {
+                let mut s = seq_raw.get();
+                for _ in 0..n {
+                    s = s.wrapping_add(1);
+                    fast0.write32(4, s).expect("write32");
+                }
+                seq_raw.set(s);
+                assert_eq!(fast0.read32(4).unwrap(), !s, "sketch: liveness");
+            }),
+        ],
+    ));
     drop(edu);
 
-    let ivshmem = Device::open(&env_addr("VFIOKIT_TEST_IVSHMEM"), Some(&iommu)).expect("open ivshmem");
+    let ivshmem =
+        Device::open(&env_addr("VFIOKIT_TEST_IVSHMEM"), Some(&iommu)).expect("open ivshmem");
     let bar2 = ivshmem.map(2).expect("map ivshmem BAR2").as_ptr();
     let fast2 = sketch::Fast::new(&ivshmem, 2);
     const OFF: usize = 0x100;
@@ -255,55 +290,81 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
     // SAFETY: inside the mapped BAR (64 MiB).
     unsafe { bar2.add(OFF).cast::<u32>().write_volatile(PATTERN) };
     let n = batch(o, 1_000_000);
-    out.extend(run_case("read32 ivshmem BAR2 (RAM)", be, o.rounds, n, 0, vec![
-        variant("raw", |n| {
-            let mut bad = 0;
-            for _ in 0..n {
-                // SAFETY: inside the mapped BAR, aligned.
-                bad |= unsafe { bar2.add(OFF).cast::<u32>().read_volatile() } ^ PATTERN;
-            }
-            assert_eq!(bad, 0, "raw: ivshmem pattern");
-        }),
-        variant("vfiokit", |n| {
-            let mut bad = 0;
-            for _ in 0..n {
-                bad |= ivshmem.read_reg::<u32>(2, OFF as u64).expect("read_reg") ^ PATTERN;
-            }
-            assert_eq!(bad, 0, "vfiokit: ivshmem pattern");
-        }),
-        variant("fix sketch", |n| {
-            let mut bad = 0;
-            for _ in 0..n {
-                bad |= fast2.read32(OFF as u64).expect("read32") ^ PATTERN;
-            }
-            assert_eq!(bad, 0, "sketch: ivshmem pattern");
-        }),
-    ]));
+    out.extend(run_case(
+        "read32 ivshmem BAR2 (RAM)",
+        be,
+        o.rounds,
+        n,
+        0,
+        vec![
+            variant("raw", |n| {
+                let mut bad = 0;
+                for _ in 0..n {
+                    // SAFETY: inside the mapped BAR, aligned.
+                    bad |= unsafe { bar2.add(OFF).cast::<u32>().read_volatile() } ^ PATTERN;
+                }
+                assert_eq!(bad, 0, "raw: ivshmem pattern");
+            }),
+            variant("vfiokit", |n| {
+                let mut bad = 0;
+                for _ in 0..n {
+                    bad |= ivshmem.read_reg::<u32>(2, OFF as u64).expect("read_reg") ^ PATTERN;
+                }
+                assert_eq!(bad, 0, "vfiokit: ivshmem pattern");
+            }),
+            variant("fix sketch", |n| {
+                let mut bad = 0;
+                for _ in 0..n {
+                    bad |= fast2.read32(OFF as u64).expect("read32") ^ PATTERN;
+                }
+                assert_eq!(bad, 0, "sketch: ivshmem pattern");
+            }),
+        ],
+    ));
     const WOFF: usize = 0x200;
-    out.extend(run_case("write32 ivshmem BAR2 (RAM)", be, o.rounds, n, 0, vec![
-        variant("raw", |n| {
-            for i in 0..n as u32 {
+    out.extend(run_case(
+        "write32 ivshmem BAR2 (RAM)",
+        be,
+        o.rounds,
+        n,
+        0,
+        vec![
+            variant("raw", |n| {
+                for i in 0..n as u32 {
+                    // SAFETY: inside the mapped BAR, aligned.
+                    unsafe { bar2.add(WOFF).cast::<u32>().write_volatile(i) };
+                }
+                // SAFETY: as above.
+                assert_eq!(
+                    unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() },
+                    n as u32 - 1,
+                    "raw: written"
+                );
+            }),
+            variant("vfiokit", |n| {
+                for i in 0..n as u32 {
+                    ivshmem.write_reg::<u32>(2, WOFF as u64, i).expect("write_reg");
+                }
                 // SAFETY: inside the mapped BAR, aligned.
-                unsafe { bar2.add(WOFF).cast::<u32>().write_volatile(i) };
-            }
-            // SAFETY: as above.
-            assert_eq!(unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() }, n as u32 - 1, "raw: written");
-        }),
-        variant("vfiokit", |n| {
-            for i in 0..n as u32 {
-                ivshmem.write_reg::<u32>(2, WOFF as u64, i).expect("write_reg");
-            }
-            // SAFETY: inside the mapped BAR, aligned.
-            assert_eq!(unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() }, n as u32 - 1, "vfiokit: written");
-        }),
-        variant("fix sketch", |n| {
-            for i in 0..n as u32 {
-                fast2.write32(WOFF as u64, i).expect("write32");
-            }
-            // SAFETY: inside the mapped BAR, aligned.
-            assert_eq!(unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() }, n as u32 - 1, "sketch: written");
-        }),
-    ]));
+                assert_eq!(
+                    unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() },
+                    n as u32 - 1,
+                    "vfiokit: written"
+                );
+            }),
+            variant("fix sketch", |n| {
+                for i in 0..n as u32 {
+                    fast2.write32(WOFF as u64, i).expect("write32");
+                }
+                // SAFETY: inside the mapped BAR, aligned.
+                assert_eq!(
+                    unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() },
+                    n as u32 - 1,
+                    "sketch: written"
+                );
+            }),
+        ],
+    ));
     out
 }
 
@@ -337,65 +398,79 @@ fn op_copy(o: &Opts) -> Vec<Figure> {
     let bar_tail = || unsafe { bar2.add(len - 1).read_volatile() };
     let set_head = |t: u64| unsafe { bar2.cast::<u64>().write_volatile(t) };
     let (src, dst, ram, dev) = (&src, &dst, &ram, &dev);
-    out.extend(run_case("write 1 MiB into ivshmem BAR2", "any", o.rounds, n, len as u64, vec![
-        variant("raw", |n| {
-            let s = &mut *src.borrow_mut();
-            let t = stamp(s);
-            for _ in 0..n {
-                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), bar2, len) };
-            }
-            assert!(bar_head() == t && bar_tail() == s[len - 1], "raw: copied");
-        }),
-        variant("vfiokit", |n| {
-            let s = &mut *src.borrow_mut();
-            let t = stamp(s);
-            for _ in 0..n {
-                dev.write(2, 0, s).expect("write");
-            }
-            assert!(bar_head() == t && bar_tail() == s[len - 1], "vfiokit: copied");
-        }),
-        variant("memcpy RAM->RAM", |n| {
-            let s = &mut *src.borrow_mut();
-            let r = &mut *ram.borrow_mut();
-            let t = stamp(s);
-            for _ in 0..n {
-                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), r.as_mut_ptr(), len) };
-                black_box(&mut *r);
-            }
-            assert!(r[..8] == t.to_ne_bytes(), "memcpy: copied");
-        }),
-    ]));
-    out.extend(run_case("read 1 MiB from ivshmem BAR2", "any", o.rounds, n, len as u64, vec![
-        variant("raw", |n| {
-            let d = &mut *dst.borrow_mut();
-            let t = next_tag();
-            set_head(t);
-            for _ in 0..n {
-                unsafe { std::ptr::copy_nonoverlapping(bar2, d.as_mut_ptr(), len) };
-                black_box(&mut *d);
-            }
-            assert!(d[..8] == t.to_ne_bytes() && d[len - 1] == bar_tail(), "raw: read");
-        }),
-        variant("vfiokit", |n| {
-            let d = &mut *dst.borrow_mut();
-            let t = next_tag();
-            set_head(t);
-            for _ in 0..n {
-                dev.read(2, 0, d).expect("read");
-                black_box(&mut *d);
-            }
-            assert!(d[..8] == t.to_ne_bytes() && d[len - 1] == bar_tail(), "vfiokit: read");
-        }),
-        variant("memcpy RAM->RAM", |n| {
-            let d = &mut *dst.borrow_mut();
-            let s = src.borrow();
-            for _ in 0..n {
-                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), d.as_mut_ptr(), len) };
-                black_box(&mut *d);
-            }
-            assert!(d[len - 1] == s[len - 1], "memcpy: read");
-        }),
-    ]));
+    out.extend(run_case(
+        "write 1 MiB into ivshmem BAR2",
+        "any",
+        o.rounds,
+        n,
+        len as u64,
+        vec![
+            variant("raw", |n| {
+                let s = &mut *src.borrow_mut();
+                let t = stamp(s);
+                for _ in 0..n {
+                    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), bar2, len) };
+                }
+                assert!(bar_head() == t && bar_tail() == s[len - 1], "raw: copied");
+            }),
+            variant("vfiokit", |n| {
+                let s = &mut *src.borrow_mut();
+                let t = stamp(s);
+                for _ in 0..n {
+                    dev.write(2, 0, s).expect("write");
+                }
+                assert!(bar_head() == t && bar_tail() == s[len - 1], "vfiokit: copied");
+            }),
+            variant("memcpy RAM->RAM", |n| {
+                let s = &mut *src.borrow_mut();
+                let r = &mut *ram.borrow_mut();
+                let t = stamp(s);
+                for _ in 0..n {
+                    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), r.as_mut_ptr(), len) };
+                    black_box(&mut *r);
+                }
+                assert!(r[..8] == t.to_ne_bytes(), "memcpy: copied");
+            }),
+        ],
+    ));
+    out.extend(run_case(
+        "read 1 MiB from ivshmem BAR2",
+        "any",
+        o.rounds,
+        n,
+        len as u64,
+        vec![
+            variant("raw", |n| {
+                let d = &mut *dst.borrow_mut();
+                let t = next_tag();
+                set_head(t);
+                for _ in 0..n {
+                    unsafe { std::ptr::copy_nonoverlapping(bar2, d.as_mut_ptr(), len) };
+                    black_box(&mut *d);
+                }
+                assert!(d[..8] == t.to_ne_bytes() && d[len - 1] == bar_tail(), "raw: read");
+            }),
+            variant("vfiokit", |n| {
+                let d = &mut *dst.borrow_mut();
+                let t = next_tag();
+                set_head(t);
+                for _ in 0..n {
+                    dev.read(2, 0, d).expect("read");
+                    black_box(&mut *d);
+                }
+                assert!(d[..8] == t.to_ne_bytes() && d[len - 1] == bar_tail(), "vfiokit: read");
+            }),
+            variant("memcpy RAM->RAM", |n| {
+                let d = &mut *dst.borrow_mut();
+                let s = src.borrow();
+                for _ in 0..n {
+                    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), d.as_mut_ptr(), len) };
+                    black_box(&mut *d);
+                }
+                assert!(d[len - 1] == s[len - 1], "memcpy: read");
+            }),
+        ],
+    ));
     out
 }
 
@@ -406,10 +481,12 @@ fn op_dma(o: &Opts) -> Vec<Figure> {
     // One context per variant, each with its own device, held for the whole operation: a group
     // or cdev can be open in one context only, and an IOAS without a device skips the IOMMU.
     let iommu = Iommu::open(kind(backend)).expect("Iommu::open");
-    let _edu = Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("vfiokit: open edu");
+    let _edu =
+        Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("vfiokit: open edu");
     let rawctx = raw::Ctx::open(backend, &env_addr("VFIOKIT_TEST_TESTDEV"));
     let vmm = peers::VmmCtx::open(backend, &env_addr("VFIOKIT_TEST_NVME"));
-    let pd = (backend == Backend::Type1).then(|| peers::PdCtx::open(&env_addr("VFIOKIT_TEST_IVSHMEM")));
+    let pd =
+        (backend == Backend::Type1).then(|| peers::PdCtx::open(&env_addr("VFIOKIT_TEST_IVSHMEM")));
     let buf = raw::Prefaulted::new(64 * MIB, 2 * MIB);
     let mut out = Vec::new();
     for (len, full) in [(4096usize, 400usize), (2 * MIB, 40), (64 * MIB, 2)] {
@@ -459,21 +536,28 @@ fn op_dma(o: &Opts) -> Vec<Figure> {
     }
     for (len, full) in [(4096usize, 200usize), (2 * MIB, 20), (64 * MIB, 1)] {
         let (iommu, rawctx) = (&iommu, &rawctx);
-        out.extend(run_case(&format!("dma_alloc+free {}", size_name(len)), b, o.rounds, batch(o, full), 0, vec![
-            variant("raw", move |n| {
-                for _ in 0..n {
-                    let p = rawctx.alloc(len, IOVA_ALLOC);
-                    rawctx.free(p, len, IOVA_ALLOC);
-                }
-            }),
-            variant("vfiokit", move |n| {
-                for _ in 0..n {
-                    let (p, iova) = iommu.alloc(len).expect("vfiokit: alloc");
-                    assert!(iova != 0 || len > 0);
-                    iommu.free(p.as_ptr()).expect("vfiokit: free");
-                }
-            }),
-        ]));
+        out.extend(run_case(
+            &format!("dma_alloc+free {}", size_name(len)),
+            b,
+            o.rounds,
+            batch(o, full),
+            0,
+            vec![
+                variant("raw", move |n| {
+                    for _ in 0..n {
+                        let p = rawctx.alloc(len, IOVA_ALLOC);
+                        rawctx.free(p, len, IOVA_ALLOC);
+                    }
+                }),
+                variant("vfiokit", move |n| {
+                    for _ in 0..n {
+                        let (p, iova) = iommu.alloc(len).expect("vfiokit: alloc");
+                        assert!(iova != 0 || len > 0);
+                        iommu.free(p.as_ptr()).expect("vfiokit: free");
+                    }
+                }),
+            ],
+        ));
     }
     out
 }
@@ -502,23 +586,38 @@ fn irq_case(o: &Opts, name: &str, vfiokit_dev: &str, raw_dev: &str) -> Vec<Figur
     let efd = raw::irq_enable(dfd, IRQ_REQ);
     let efd_raw = efd.as_raw_fd();
     let dev = &dev;
-    run_case(name, backend.name(), o.rounds, batch(o, 2000), 0, vec![
-        variant("raw", move |n| {
-            for _ in 0..n {
-                assert_eq!(raw::irq_round_trip(dfd, IRQ_REQ, efd_raw), 1, "raw: one interrupt");
-            }
-        }),
-        variant("vfiokit", move |n| {
-            for _ in 0..n {
-                dev.irq_trigger(IRQ_REQ, 0).expect("vfiokit: trigger");
-                assert_eq!(dev.irq_wait(IRQ_REQ, 0, -1).expect("vfiokit: wait"), 1, "vfiokit: one interrupt");
-            }
-        }),
-        variant("vfiokit 1s timeout", move |n| {
-            for _ in 0..n {
-                dev.irq_trigger(IRQ_REQ, 0).expect("vfiokit: trigger");
-                assert_eq!(dev.irq_wait(IRQ_REQ, 0, 1000).expect("vfiokit: wait"), 1, "vfiokit: one interrupt");
-            }
-        }),
-    ])
+    run_case(
+        name,
+        backend.name(),
+        o.rounds,
+        batch(o, 2000),
+        0,
+        vec![
+            variant("raw", move |n| {
+                for _ in 0..n {
+                    assert_eq!(raw::irq_round_trip(dfd, IRQ_REQ, efd_raw), 1, "raw: one interrupt");
+                }
+            }),
+            variant("vfiokit", move |n| {
+                for _ in 0..n {
+                    dev.irq_trigger(IRQ_REQ, 0).expect("vfiokit: trigger");
+                    assert_eq!(
+                        dev.irq_wait(IRQ_REQ, 0, -1).expect("vfiokit: wait"),
+                        1,
+                        "vfiokit: one interrupt"
+                    );
+                }
+            }),
+            variant("vfiokit 1s timeout", move |n| {
+                for _ in 0..n {
+                    dev.irq_trigger(IRQ_REQ, 0).expect("vfiokit: trigger");
+                    assert_eq!(
+                        dev.irq_wait(IRQ_REQ, 0, 1000).expect("vfiokit: wait"),
+                        1,
+                        "vfiokit: one interrupt"
+                    );
+                }
+            }),
+        ],
+    )
 }

@@ -28,13 +28,16 @@ impl VmmCtx {
         match backend {
             Backend::Type1 => {
                 let container = Arc::new(VfioContainer::new(None).expect("vfio-ioctls: container"));
-                let device = VfioDevice::new(&path, container.clone() as Arc<dyn VfioOps>, false).expect("vfio-ioctls: device");
+                let device = VfioDevice::new(&path, container.clone() as Arc<dyn VfioOps>, false)
+                    .expect("vfio-ioctls: device");
                 VmmCtx::Type1 { device, container }
             }
             Backend::Iommufd => {
                 let iommufd = Arc::new(IommuFd::new().expect("vfio-ioctls: /dev/iommu"));
-                let ctx = Arc::new(VfioIommufd::new(iommufd, None, None).expect("vfio-ioctls: IOAS"));
-                let device = VfioDevice::new(&path, ctx.clone() as Arc<dyn VfioOps>, true).expect("vfio-ioctls: device");
+                let ctx =
+                    Arc::new(VfioIommufd::new(iommufd, None, None).expect("vfio-ioctls: IOAS"));
+                let device = VfioDevice::new(&path, ctx.clone() as Arc<dyn VfioOps>, true)
+                    .expect("vfio-ioctls: device");
                 VmmCtx::Iommufd { device, ctx }
             }
         }
@@ -88,7 +91,8 @@ impl PdCtx {
         let path = sysfs(address);
         let group = crate::raw::group_of(address);
         let container = Arc::new(PdContainer::new(&[group]).expect("pci-driver: container"));
-        let device = VfioPciDevice::open_in_container(&path, container).expect("pci-driver: device");
+        let device =
+            VfioPciDevice::open_in_container(&path, container).expect("pci-driver: device");
         PdCtx { device }
     }
 
@@ -96,7 +100,8 @@ impl PdCtx {
     /// As for the crate's `PciIommu::map`.
     pub unsafe fn map(&self, vaddr: *mut u8, len: usize, iova: u64) {
         // SAFETY: forwarded.
-        unsafe { self.device.iommu().map(iova, len, vaddr, Permissions::ReadWrite) }.expect("pci-driver: DMA map")
+        unsafe { self.device.iommu().map(iova, len, vaddr, Permissions::ReadWrite) }
+            .expect("pci-driver: DMA map")
     }
 
     pub fn unmap(&self, iova: u64, len: usize) {

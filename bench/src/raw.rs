@@ -55,13 +55,15 @@ fn open(path: &str) -> OwnedFd {
 
 /// The IOMMU group number of a PCI device (readlink of its iommu_group).
 pub fn group_of(address: &str) -> u32 {
-    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{address}/iommu_group")).expect("iommu_group link");
+    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{address}/iommu_group"))
+        .expect("iommu_group link");
     link.file_name().unwrap().to_str().unwrap().parse().unwrap()
 }
 
 /// The VFIO cdev of a PCI device (/dev/vfio/devices/vfioN, from sysfs).
 pub fn cdev_of(address: &str) -> String {
-    let mut dir = std::fs::read_dir(format!("/sys/bus/pci/devices/{address}/vfio-dev")).expect("vfio-dev directory");
+    let mut dir = std::fs::read_dir(format!("/sys/bus/pci/devices/{address}/vfio-dev"))
+        .expect("vfio-dev directory");
     let name = dir.next().expect("one vfio-dev entry").unwrap().file_name();
     format!("/dev/vfio/devices/{}", name.to_str().unwrap())
 }
@@ -100,11 +102,17 @@ impl Ctx {
                 // SAFETY: value ioctls.
                 unsafe {
                     assert_eq!(libc::ioctl(c, GET_API_VERSION), k::VFIO_API_VERSION as i32);
-                    assert_eq!(libc::ioctl(c, CHECK_EXTENSION, k::VFIO_TYPE1v2_IOMMU as libc::c_ulong), 1);
+                    assert_eq!(
+                        libc::ioctl(c, CHECK_EXTENSION, k::VFIO_TYPE1v2_IOMMU as libc::c_ulong),
+                        1
+                    );
                 }
                 let group = open(&format!("/dev/vfio/{}", group_of(address)));
                 let g = group.as_raw_fd();
-                let mut status = k::vfio_group_status { argsz: size_of::<k::vfio_group_status>() as u32, flags: 0 };
+                let mut status = k::vfio_group_status {
+                    argsz: size_of::<k::vfio_group_status>() as u32,
+                    flags: 0,
+                };
                 // SAFETY: one vfio_group_status.
                 unsafe { ioctl(g, GROUP_GET_STATUS, &mut status, "GROUP_GET_STATUS") };
                 assert!(status.flags & k::VFIO_GROUP_FLAGS_VIABLE != 0, "raw: group not viable");
@@ -112,18 +120,25 @@ impl Ctx {
                 // SAFETY: one int.
                 unsafe { ioctl(g, GROUP_SET_CONTAINER, &mut cfd, "GROUP_SET_CONTAINER") };
                 // SAFETY: value ioctl.
-                let r = unsafe { libc::ioctl(c, SET_IOMMU, k::VFIO_TYPE1v2_IOMMU as libc::c_ulong) };
+                let r =
+                    unsafe { libc::ioctl(c, SET_IOMMU, k::VFIO_TYPE1v2_IOMMU as libc::c_ulong) };
                 assert!(r >= 0, "raw: SET_IOMMU: {}", std::io::Error::last_os_error());
                 let name = CString::new(address).unwrap();
                 // SAFETY: NUL-terminated name.
-                let dfd = unsafe { ioctl(g, GROUP_GET_DEVICE_FD, name.as_ptr().cast_mut(), "GROUP_GET_DEVICE_FD") };
+                let dfd = unsafe {
+                    ioctl(g, GROUP_GET_DEVICE_FD, name.as_ptr().cast_mut(), "GROUP_GET_DEVICE_FD")
+                };
                 // SAFETY: fresh fd.
                 let device = unsafe { OwnedFd::from_raw_fd(dfd) };
                 Ctx { device, _group: Some(group), fd: container, ioas: 0, backend }
             }
             Backend::Iommufd => {
                 let iommufd = open("/dev/iommu");
-                let mut alloc = iofd::iommu_ioas_alloc { size: size_of::<iofd::iommu_ioas_alloc>() as u32, flags: 0, out_ioas_id: 0 };
+                let mut alloc = iofd::iommu_ioas_alloc {
+                    size: size_of::<iofd::iommu_ioas_alloc>() as u32,
+                    flags: 0,
+                    out_ioas_id: 0,
+                };
                 // SAFETY: one iommu_ioas_alloc.
                 unsafe { ioctl(iommufd.as_raw_fd(), IOAS_ALLOC, &mut alloc, "IOAS_ALLOC") };
                 let device = open(&cdev_of(address));
@@ -133,14 +148,23 @@ impl Ctx {
                     ..Default::default()
                 };
                 // SAFETY: one vfio_device_bind_iommufd.
-                unsafe { ioctl(device.as_raw_fd(), DEVICE_BIND_IOMMUFD, &mut bind, "BIND_IOMMUFD") };
+                unsafe {
+                    ioctl(device.as_raw_fd(), DEVICE_BIND_IOMMUFD, &mut bind, "BIND_IOMMUFD")
+                };
                 let mut attach = k::vfio_device_attach_iommufd_pt {
                     argsz: size_of::<k::vfio_device_attach_iommufd_pt>() as u32,
                     pt_id: alloc.out_ioas_id,
                     ..Default::default()
                 };
                 // SAFETY: one vfio_device_attach_iommufd_pt.
-                unsafe { ioctl(device.as_raw_fd(), DEVICE_ATTACH_IOMMUFD_PT, &mut attach, "ATTACH_IOMMUFD_PT") };
+                unsafe {
+                    ioctl(
+                        device.as_raw_fd(),
+                        DEVICE_ATTACH_IOMMUFD_PT,
+                        &mut attach,
+                        "ATTACH_IOMMUFD_PT",
+                    )
+                };
                 Ctx { device, _group: None, fd: iommufd, ioas: alloc.out_ioas_id, backend }
             }
         }
@@ -193,7 +217,12 @@ impl Ctx {
                 assert_eq!(u.size, len as u64, "raw: UNMAP_DMA unmapped a different size");
             }
             Backend::Iommufd => {
-                let mut u = iofd::iommu_ioas_unmap { size: size_of::<iofd::iommu_ioas_unmap>() as u32, ioas_id: self.ioas, iova, length: len as u64 };
+                let mut u = iofd::iommu_ioas_unmap {
+                    size: size_of::<iofd::iommu_ioas_unmap>() as u32,
+                    ioas_id: self.ioas,
+                    iova,
+                    length: len as u64,
+                };
                 // SAFETY: one ioas_unmap.
                 unsafe { ioctl(self.fd.as_raw_fd(), IOAS_UNMAP, &mut u, "IOAS_UNMAP") };
                 assert_eq!(u.length, len as u64, "raw: IOAS_UNMAP unmapped a different size");
@@ -204,7 +233,16 @@ impl Ctx {
     /// dma_alloc's equivalent: fresh anonymous memory, mapped for DMA.
     pub fn alloc(&self, len: usize, iova: u64) -> *mut u8 {
         // SAFETY: fresh anonymous mapping.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         assert!(p != libc::MAP_FAILED, "raw: mmap");
         // SAFETY: fresh memory, unmapped from the IOMMU before it is freed.
         unsafe { self.map(p.cast(), len, iova) };
@@ -234,7 +272,10 @@ pub struct Enumeration {
 /// chain walked), every IRQ_INFO.
 pub fn enumerate(device: RawFd) -> Enumeration {
     let mut e = Enumeration::default();
-    let mut info = k::vfio_device_info { argsz: size_of::<k::vfio_device_info>() as u32, ..Default::default() };
+    let mut info = k::vfio_device_info {
+        argsz: size_of::<k::vfio_device_info>() as u32,
+        ..Default::default()
+    };
     // SAFETY: one vfio_device_info.
     unsafe { ioctl(device, DEVICE_GET_INFO, &mut info, "DEVICE_GET_INFO") };
     assert!(info.flags & k::VFIO_DEVICE_FLAGS_PCI != 0);
@@ -247,7 +288,9 @@ pub fn enumerate(device: RawFd) -> Enumeration {
         loop {
             let ri = buf.as_mut_ptr().cast::<k::vfio_region_info>();
             // SAFETY: buf holds at least `want` bytes (checked below) and is 8-aligned.
-            unsafe { ri.write(k::vfio_region_info { argsz: want as u32, index: i, ..Default::default() }) };
+            unsafe {
+                ri.write(k::vfio_region_info { argsz: want as u32, index: i, ..Default::default() })
+            };
             // SAFETY: argsz = want bytes are writable.
             if unsafe { libc::ioctl(device, DEVICE_GET_REGION_INFO, ri) } < 0 {
                 assert_eq!(errno(), libc::EINVAL, "raw: REGION_INFO {i}");
@@ -269,7 +312,9 @@ pub fn enumerate(device: RawFd) -> Enumeration {
                 let mut off = r.cap_offset as usize;
                 while off >= head && off + 8 <= want {
                     // SAFETY: inside the reply.
-                    let h = unsafe { bytes.add(off).cast::<k::vfio_info_cap_header>().read_unaligned() };
+                    let h = unsafe {
+                        bytes.add(off).cast::<k::vfio_info_cap_header>().read_unaligned()
+                    };
                     e.caps += 1;
                     if h.id as u32 == k::VFIO_REGION_INFO_CAP_SPARSE_MMAP {
                         // SAFETY: inside the reply.
@@ -282,7 +327,11 @@ pub fn enumerate(device: RawFd) -> Enumeration {
         }
     }
     for i in 0..info.num_irqs {
-        let mut irq = k::vfio_irq_info { argsz: size_of::<k::vfio_irq_info>() as u32, index: i, ..Default::default() };
+        let mut irq = k::vfio_irq_info {
+            argsz: size_of::<k::vfio_irq_info>() as u32,
+            index: i,
+            ..Default::default()
+        };
         // SAFETY: one vfio_irq_info.
         if unsafe { libc::ioctl(device, DEVICE_GET_IRQ_INFO, &mut irq) } < 0 {
             assert_eq!(errno(), libc::EINVAL, "raw: IRQ_INFO {i}");
@@ -361,7 +410,16 @@ impl Prefaulted {
     pub fn new(len: usize, align: usize) -> Prefaulted {
         let raw_len = len + align;
         // SAFETY: fresh anonymous mapping.
-        let raw = unsafe { libc::mmap(std::ptr::null_mut(), raw_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                raw_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         assert!(raw != libc::MAP_FAILED);
         let ptr = (raw as usize).next_multiple_of(align) as *mut u8;
         for off in (0..len).step_by(4096) {

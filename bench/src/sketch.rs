@@ -17,7 +17,9 @@ pub struct Fast {
 #[cold]
 #[inline(never)]
 fn bad(off: u64, bytes: usize) -> Error {
-    Error::invalid(format!("offset {off:#x} (+{bytes}) is misaligned, outside the region or not allowed"))
+    Error::invalid(format!(
+        "offset {off:#x} (+{bytes}) is misaligned, outside the region or not allowed"
+    ))
 }
 
 impl Fast {
@@ -25,14 +27,21 @@ impl Fast {
     pub fn new(dev: &Device, index: u32) -> Fast {
         let r = dev.regions()[index as usize];
         let a = &dev.areas()[r.first_area as usize];
-        assert!(r.num_areas == 1 && a.offset == 0 && a.size >= r.size, "one area covering the region");
+        assert!(
+            r.num_areas == 1 && a.offset == 0 && a.size >= r.size,
+            "one area covering the region"
+        );
         Fast { base: dev.map(index).expect("map"), size: r.size, flags: r.flags }
     }
 
     #[inline]
     fn at<T>(&self, off: u64, access: u32) -> Result<*mut T> {
         let bytes = size_of::<T>() as u64;
-        if off % bytes != 0 || off >= self.size || self.size - off < bytes || self.flags & access == 0 {
+        if off % bytes != 0
+            || off >= self.size
+            || self.size - off < bytes
+            || self.flags & access == 0
+        {
             return Err(bad(off, bytes as usize));
         }
         // SAFETY: checked inside the mapping.

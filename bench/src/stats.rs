@@ -48,9 +48,19 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// Runs a case: one warm-up batch of each variant, then `rounds` interleaved rounds.
-pub fn run_case(operation: &str, backend: &str, rounds: usize, batch: usize, bytes: u64, mut variants: Vec<Variant>) -> Vec<Figure> {
+pub fn run_case(
+    operation: &str,
+    backend: &str,
+    rounds: usize,
+    batch: usize,
+    bytes: u64,
+    mut variants: Vec<Variant>,
+) -> Vec<Figure> {
     assert_eq!(variants[0].name, "raw", "the baseline comes first");
-    eprintln!("bench: {operation} [{backend}]: {rounds} rounds x {batch}, variants {}", names(&variants));
+    eprintln!(
+        "bench: {operation} [{backend}]: {rounds} rounds x {batch}, variants {}",
+        names(&variants)
+    );
     for v in variants.iter_mut() {
         (v.run)(batch.div_ceil(4).max(1));
     }
@@ -139,7 +149,9 @@ pub fn read_json(path: &str) -> Result<Vec<Figure>, String> {
     text.lines()
         .map(str::trim)
         .filter(|l| l.starts_with("{\"operation\""))
-        .map(|l| parse_line(l.trim_end_matches(',')).ok_or_else(|| format!("{path}: cannot parse {l}")))
+        .map(|l| {
+            parse_line(l.trim_end_matches(',')).ok_or_else(|| format!("{path}: cannot parse {l}"))
+        })
         .collect()
 }
 

@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
 use super::iommu::vfiokit_iommu;
-use super::{call, call_or, close, need, opened, put, str_arg, Handle};
+use super::{Handle, call, call_or, close, need, opened, put, str_arg};
 use crate::device::{Device, Width};
 use crate::error::{Error, Result};
 
@@ -42,7 +42,11 @@ unsafe fn dev<'a>(dev: *const vfiokit_device) -> Result<&'a Device> {
 /// # Safety
 /// `name` must be NULL or a NUL-terminated string; `iommu` NULL or live; `out` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_device_open(name: *const c_char, iommu: *mut vfiokit_iommu, out: *mut *mut vfiokit_device) -> c_int {
+pub unsafe extern "C" fn vfiokit_device_open(
+    name: *const c_char,
+    iommu: *mut vfiokit_iommu,
+    out: *mut *mut vfiokit_device,
+) -> c_int {
     call(|| {
         need(out, "out")?;
         // SAFETY: forwarded from the caller.
@@ -119,7 +123,10 @@ fn records<'a, T: 'a>(n: *mut usize, get: impl FnOnce() -> Result<&'a [T]>) -> *
 /// # Safety
 /// `dev` must be NULL or live; `n` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_device_regions(dev: *const vfiokit_device, n: *mut usize) -> *const crate::Region {
+pub unsafe extern "C" fn vfiokit_device_regions(
+    dev: *const vfiokit_device,
+    n: *mut usize,
+) -> *const crate::Region {
     // SAFETY: forwarded from the caller; the records live as long as the handle.
     records(n, || Ok(unsafe { self::dev(dev) }?.regions()))
 }
@@ -129,7 +136,10 @@ pub unsafe extern "C" fn vfiokit_device_regions(dev: *const vfiokit_device, n: *
 /// # Safety
 /// `dev` must be NULL or live; `n` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_device_areas(dev: *const vfiokit_device, n: *mut usize) -> *const crate::Area {
+pub unsafe extern "C" fn vfiokit_device_areas(
+    dev: *const vfiokit_device,
+    n: *mut usize,
+) -> *const crate::Area {
     // SAFETY: forwarded from the caller; the records live as long as the handle.
     records(n, || Ok(unsafe { self::dev(dev) }?.areas()))
 }
@@ -139,7 +149,10 @@ pub unsafe extern "C" fn vfiokit_device_areas(dev: *const vfiokit_device, n: *mu
 /// # Safety
 /// `dev` must be NULL or live; `n` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_device_irqs(dev: *const vfiokit_device, n: *mut usize) -> *const crate::Irq {
+pub unsafe extern "C" fn vfiokit_device_irqs(
+    dev: *const vfiokit_device,
+    n: *mut usize,
+) -> *const crate::Irq {
     // SAFETY: forwarded from the caller; the records live as long as the handle.
     records(n, || Ok(unsafe { self::dev(dev) }?.irqs()))
 }
@@ -150,7 +163,11 @@ pub unsafe extern "C" fn vfiokit_device_irqs(dev: *const vfiokit_device, n: *mut
 /// # Safety
 /// `dev` must be NULL or live; `ptr` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_region_map(dev: *mut vfiokit_device, region: u32, ptr: *mut *mut c_void) -> c_int {
+pub unsafe extern "C" fn vfiokit_region_map(
+    dev: *mut vfiokit_device,
+    region: u32,
+    ptr: *mut *mut c_void,
+) -> c_int {
     call(|| {
         need(ptr, "ptr")?;
         // SAFETY: forwarded from the caller.
@@ -177,7 +194,13 @@ unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
 /// # Safety
 /// `dev` NULL or live; `buf` valid for `len` bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_region_read(dev: *mut vfiokit_device, region: u32, off: u64, buf: *mut c_void, len: usize) -> c_int {
+pub unsafe extern "C" fn vfiokit_region_read(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    buf: *mut c_void,
+    len: usize,
+) -> c_int {
     call(|| {
         // SAFETY: forwarded from the caller; the slice is only written through.
         let out = unsafe { bytes(buf, len) }?;
@@ -193,7 +216,13 @@ pub unsafe extern "C" fn vfiokit_region_read(dev: *mut vfiokit_device, region: u
 /// # Safety
 /// `dev` NULL or live; `buf` valid for `len` bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_region_write(dev: *mut vfiokit_device, region: u32, off: u64, buf: *const c_void, len: usize) -> c_int {
+pub unsafe extern "C" fn vfiokit_region_write(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    buf: *const c_void,
+    len: usize,
+) -> c_int {
     // SAFETY: forwarded from the caller.
     call(|| unsafe { self::dev(dev) }?.write(region, off, unsafe { bytes(buf, len) }?))
 }
@@ -221,7 +250,12 @@ fn write_reg<T: Width>(dev: *mut vfiokit_device, region: u32, off: u64, val: T) 
 /// # Safety
 /// `dev` NULL or live; `val` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_read8(dev: *mut vfiokit_device, region: u32, off: u64, val: *mut u8) -> c_int {
+pub unsafe extern "C" fn vfiokit_read8(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: *mut u8,
+) -> c_int {
     read_reg(dev, region, off, val)
 }
 
@@ -230,7 +264,12 @@ pub unsafe extern "C" fn vfiokit_read8(dev: *mut vfiokit_device, region: u32, of
 /// # Safety
 /// `dev` NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_write8(dev: *mut vfiokit_device, region: u32, off: u64, val: u8) -> c_int {
+pub unsafe extern "C" fn vfiokit_write8(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: u8,
+) -> c_int {
     write_reg(dev, region, off, val)
 }
 
@@ -240,7 +279,12 @@ pub unsafe extern "C" fn vfiokit_write8(dev: *mut vfiokit_device, region: u32, o
 /// # Safety
 /// `dev` NULL or live; `val` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_read16(dev: *mut vfiokit_device, region: u32, off: u64, val: *mut u16) -> c_int {
+pub unsafe extern "C" fn vfiokit_read16(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: *mut u16,
+) -> c_int {
     read_reg(dev, region, off, val)
 }
 
@@ -249,7 +293,12 @@ pub unsafe extern "C" fn vfiokit_read16(dev: *mut vfiokit_device, region: u32, o
 /// # Safety
 /// `dev` NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_write16(dev: *mut vfiokit_device, region: u32, off: u64, val: u16) -> c_int {
+pub unsafe extern "C" fn vfiokit_write16(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: u16,
+) -> c_int {
     write_reg(dev, region, off, val)
 }
 
@@ -259,7 +308,12 @@ pub unsafe extern "C" fn vfiokit_write16(dev: *mut vfiokit_device, region: u32, 
 /// # Safety
 /// `dev` NULL or live; `val` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_read32(dev: *mut vfiokit_device, region: u32, off: u64, val: *mut u32) -> c_int {
+pub unsafe extern "C" fn vfiokit_read32(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: *mut u32,
+) -> c_int {
     read_reg(dev, region, off, val)
 }
 
@@ -268,7 +322,12 @@ pub unsafe extern "C" fn vfiokit_read32(dev: *mut vfiokit_device, region: u32, o
 /// # Safety
 /// `dev` NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_write32(dev: *mut vfiokit_device, region: u32, off: u64, val: u32) -> c_int {
+pub unsafe extern "C" fn vfiokit_write32(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: u32,
+) -> c_int {
     write_reg(dev, region, off, val)
 }
 
@@ -278,7 +337,12 @@ pub unsafe extern "C" fn vfiokit_write32(dev: *mut vfiokit_device, region: u32, 
 /// # Safety
 /// `dev` NULL or live; `val` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_read64(dev: *mut vfiokit_device, region: u32, off: u64, val: *mut u64) -> c_int {
+pub unsafe extern "C" fn vfiokit_read64(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: *mut u64,
+) -> c_int {
     read_reg(dev, region, off, val)
 }
 
@@ -287,7 +351,12 @@ pub unsafe extern "C" fn vfiokit_read64(dev: *mut vfiokit_device, region: u32, o
 /// # Safety
 /// `dev` NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_write64(dev: *mut vfiokit_device, region: u32, off: u64, val: u64) -> c_int {
+pub unsafe extern "C" fn vfiokit_write64(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: u64,
+) -> c_int {
     write_reg(dev, region, off, val)
 }
 
@@ -297,7 +366,11 @@ pub unsafe extern "C" fn vfiokit_write64(dev: *mut vfiokit_device, region: u32, 
 /// # Safety
 /// `dev` NULL or live; `offset` writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_pci_find_capability(dev: *mut vfiokit_device, cap_id: u32, offset: *mut u32) -> c_int {
+pub unsafe extern "C" fn vfiokit_pci_find_capability(
+    dev: *mut vfiokit_device,
+    cap_id: u32,
+    offset: *mut u32,
+) -> c_int {
     call(|| {
         need(offset, "offset")?;
         // SAFETY: forwarded from the caller.
@@ -316,7 +389,13 @@ pub unsafe extern "C" fn vfiokit_pci_find_capability(dev: *mut vfiokit_device, c
 /// # Safety
 /// `dev` NULL or live; `eventfds` valid for `count` ints.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_irq_enable(dev: *mut vfiokit_device, irq: u32, first: u32, count: u32, eventfds: *mut c_int) -> c_int {
+pub unsafe extern "C" fn vfiokit_irq_enable(
+    dev: *mut vfiokit_device,
+    irq: u32,
+    first: u32,
+    count: u32,
+    eventfds: *mut c_int,
+) -> c_int {
     call(|| {
         need(eventfds, "eventfds")?;
         // SAFETY: forwarded from the caller.
@@ -342,7 +421,11 @@ pub unsafe extern "C" fn vfiokit_irq_disable(dev: *mut vfiokit_device, irq: u32)
 /// # Safety
 /// `dev` NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_irq_mask(dev: *mut vfiokit_device, irq: u32, vector: u32) -> c_int {
+pub unsafe extern "C" fn vfiokit_irq_mask(
+    dev: *mut vfiokit_device,
+    irq: u32,
+    vector: u32,
+) -> c_int {
     // SAFETY: forwarded from the caller.
     call(|| unsafe { self::dev(dev) }?.irq_mask(irq, vector))
 }
@@ -352,7 +435,11 @@ pub unsafe extern "C" fn vfiokit_irq_mask(dev: *mut vfiokit_device, irq: u32, ve
 /// # Safety
 /// `dev` NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_irq_unmask(dev: *mut vfiokit_device, irq: u32, vector: u32) -> c_int {
+pub unsafe extern "C" fn vfiokit_irq_unmask(
+    dev: *mut vfiokit_device,
+    irq: u32,
+    vector: u32,
+) -> c_int {
     // SAFETY: forwarded from the caller.
     call(|| unsafe { self::dev(dev) }?.irq_unmask(irq, vector))
 }
@@ -362,7 +449,11 @@ pub unsafe extern "C" fn vfiokit_irq_unmask(dev: *mut vfiokit_device, irq: u32, 
 /// # Safety
 /// `dev` NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_irq_trigger(dev: *mut vfiokit_device, irq: u32, vector: u32) -> c_int {
+pub unsafe extern "C" fn vfiokit_irq_trigger(
+    dev: *mut vfiokit_device,
+    irq: u32,
+    vector: u32,
+) -> c_int {
     // SAFETY: forwarded from the caller.
     call(|| unsafe { self::dev(dev) }?.irq_trigger(irq, vector))
 }
@@ -373,7 +464,13 @@ pub unsafe extern "C" fn vfiokit_irq_trigger(dev: *mut vfiokit_device, irq: u32,
 /// # Safety
 /// `dev` NULL or live; `count` NULL or writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_irq_wait(dev: *mut vfiokit_device, irq: u32, vector: u32, timeout_ms: c_int, count: *mut u64) -> c_int {
+pub unsafe extern "C" fn vfiokit_irq_wait(
+    dev: *mut vfiokit_device,
+    irq: u32,
+    vector: u32,
+    timeout_ms: c_int,
+    count: *mut u64,
+) -> c_int {
     call(|| {
         // SAFETY: forwarded from the caller.
         let n = unsafe { self::dev(dev) }?.irq_wait(irq, vector, timeout_ms)?;

@@ -3,9 +3,9 @@
 use std::ffi::{c_int, c_void};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::{call, call_or, close, need, opened, put, Handle};
+use super::{Handle, call, call_or, close, need, opened, put};
 use crate::error::Result;
-use crate::iommu::{Iommu, IOMMU_AUTO};
+use crate::iommu::{IOMMU_AUTO, Iommu};
 use crate::iova::IovaRange;
 
 /// A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
@@ -131,7 +131,12 @@ pub unsafe extern "C" fn vfiokit_iommu_iova_ranges(
 /// # Safety
 /// The memory must stay mapped until unmapped here or the context closes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_dma_map(iommu: *mut vfiokit_iommu, vaddr: *mut c_void, len: usize, iova: u64) -> c_int {
+pub unsafe extern "C" fn vfiokit_dma_map(
+    iommu: *mut vfiokit_iommu,
+    vaddr: *mut c_void,
+    len: usize,
+    iova: u64,
+) -> c_int {
     call(|| {
         // SAFETY: forwarded from the caller (pointer validity and memory lifetime).
         unsafe { vfiokit_iommu::from_ptr(iommu)?.iommu.map(vaddr.cast(), len, iova) }
@@ -143,7 +148,12 @@ pub unsafe extern "C" fn vfiokit_dma_map(iommu: *mut vfiokit_iommu, vaddr: *mut 
 /// # Safety
 /// As for `vfiokit_dma_map`; `iova` valid for a write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_dma_map_any(iommu: *mut vfiokit_iommu, vaddr: *mut c_void, len: usize, iova: *mut u64) -> c_int {
+pub unsafe extern "C" fn vfiokit_dma_map_any(
+    iommu: *mut vfiokit_iommu,
+    vaddr: *mut c_void,
+    len: usize,
+    iova: *mut u64,
+) -> c_int {
     call(|| {
         need(iova, "iova")?;
         // SAFETY: forwarded from the caller.
@@ -158,7 +168,11 @@ pub unsafe extern "C" fn vfiokit_dma_map_any(iommu: *mut vfiokit_iommu, vaddr: *
 /// # Safety
 /// `iommu` must be NULL or a live context.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_dma_unmap(iommu: *mut vfiokit_iommu, iova: u64, len: usize) -> c_int {
+pub unsafe extern "C" fn vfiokit_dma_unmap(
+    iommu: *mut vfiokit_iommu,
+    iova: u64,
+    len: usize,
+) -> c_int {
     // SAFETY: forwarded from the caller.
     call(|| unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.unmap(iova, len))
 }
@@ -168,7 +182,12 @@ pub unsafe extern "C" fn vfiokit_dma_unmap(iommu: *mut vfiokit_iommu, iova: u64,
 /// # Safety
 /// `vaddr` and `iova` must be valid for writes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfiokit_dma_alloc(iommu: *mut vfiokit_iommu, len: usize, vaddr: *mut *mut c_void, iova: *mut u64) -> c_int {
+pub unsafe extern "C" fn vfiokit_dma_alloc(
+    iommu: *mut vfiokit_iommu,
+    len: usize,
+    vaddr: *mut *mut c_void,
+    iova: *mut u64,
+) -> c_int {
     call(|| {
         need(vaddr, "vaddr")?;
         need(iova, "iova")?;

@@ -12,12 +12,11 @@ mod iommu;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::ffi::{CStr, CString, c_char, c_int};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
-use std::ffi::{c_char, c_int, CStr, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::error::{Error, Result};
-
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -82,7 +81,9 @@ unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str> {
         return Err(null(what));
     }
     // SAFETY: upheld by the caller.
-    unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+    unsafe { CStr::from_ptr(s) }
+        .to_str()
+        .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
 }
 
 /// Handles handed out by `_open` and not closed yet. Only open and close consult it, so a
@@ -105,7 +106,10 @@ fn closing<T>(p: *const T, name: &str) -> Result<()> {
     if open_handles().remove(&(p as usize)) {
         Ok(())
     } else {
-        Err(Error::new(libc::EBADF, format!("{name} {p:p} is not open: closed already, or not from {name}_open")))
+        Err(Error::new(
+            libc::EBADF,
+            format!("{name} {p:p} is not open: closed already, or not from {name}_open"),
+        ))
     }
 }
 
@@ -137,7 +141,10 @@ trait Handle: Sized {
         // SAFETY: upheld by the caller.
         let h = unsafe { p.as_ref() }.ok_or_else(|| null(Self::NAME))?;
         if h.magic() != Self::MAGIC {
-            return Err(Error::new(libc::EBADF, format!("{} {p:p} is not open (closed already?)", Self::NAME)));
+            return Err(Error::new(
+                libc::EBADF,
+                format!("{} {p:p} is not open (closed already?)", Self::NAME),
+            ));
         }
         Ok(h)
     }
@@ -152,10 +159,11 @@ pub extern "C" fn vfiokit_abi_version() -> u32 {
 /// The library's version, e.g. "0.1.0". Static storage.
 #[unsafe(no_mangle)]
 pub extern "C" fn vfiokit_version() -> *const c_char {
-    static VERSION: &CStr = match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
-        Ok(v) => v,
-        Err(_) => panic!("version has no interior NUL"),
-    };
+    static VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => panic!("version has no interior NUL"),
+        };
     VERSION.as_ptr()
 }
 

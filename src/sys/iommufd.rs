@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use iommufd_bindings as k;
 use vfio_bindings::bindings::vfio as v;
 
-use super::{ioctl_ptr, Errno, SysResult};
+use super::{Errno, SysResult, ioctl_ptr};
 
 const fn io(n: u32) -> u64 {
     ((k::IOMMUFD_TYPE as u64) << 8) | n as u64
@@ -25,7 +25,8 @@ fn size<T>() -> u32 {
 
 /// Allocates an IOAS (an I/O address space) and returns its id.
 pub(crate) fn ioas_alloc(iommufd: BorrowedFd) -> SysResult<u32> {
-    let mut arg = k::iommu_ioas_alloc { size: size::<k::iommu_ioas_alloc>(), flags: 0, out_ioas_id: 0 };
+    let mut arg =
+        k::iommu_ioas_alloc { size: size::<k::iommu_ioas_alloc>(), flags: 0, out_ioas_id: 0 };
     // SAFETY: IOAS_ALLOC reads and writes one iommu_ioas_alloc.
     unsafe { ioctl_ptr(iommufd, IOAS_ALLOC, &mut arg)? };
     Ok(arg.out_ioas_id)
@@ -51,7 +52,9 @@ pub(crate) fn ioas_iova_ranges(iommufd: BorrowedFd, ioas: u32) -> SysResult<Vec<
                 ranges.truncate(arg.num_iovas as usize);
                 return Ok(ranges.iter().map(|r| (r.start, r.last)).collect());
             }
-            Err(Errno(libc::EMSGSIZE)) => ranges = vec![k::iommu_iova_range::default(); arg.num_iovas as usize],
+            Err(Errno(libc::EMSGSIZE)) => {
+                ranges = vec![k::iommu_iova_range::default(); arg.num_iovas as usize]
+            }
             Err(e) => return Err(e),
         }
     }
@@ -61,7 +64,13 @@ pub(crate) fn ioas_iova_ranges(iommufd: BorrowedFd, ioas: u32) -> SysResult<Vec<
 /// # Safety
 /// `vaddr..vaddr+length` must stay mapped, and unaliased by references that assume no
 /// concurrent writes, for as long as the mapping exists.
-pub(crate) unsafe fn ioas_map(iommufd: BorrowedFd, ioas: u32, vaddr: u64, length: u64, iova: u64) -> SysResult<()> {
+pub(crate) unsafe fn ioas_map(
+    iommufd: BorrowedFd,
+    ioas: u32,
+    vaddr: u64,
+    length: u64,
+    iova: u64,
+) -> SysResult<()> {
     let mut arg = k::iommu_ioas_map {
         size: size::<k::iommu_ioas_map>(),
         flags: k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA
@@ -78,7 +87,8 @@ pub(crate) unsafe fn ioas_map(iommufd: BorrowedFd, ioas: u32, vaddr: u64, length
 }
 
 pub(crate) fn ioas_unmap(iommufd: BorrowedFd, ioas: u32, iova: u64, length: u64) -> SysResult<()> {
-    let mut arg = k::iommu_ioas_unmap { size: size::<k::iommu_ioas_unmap>(), ioas_id: ioas, iova, length };
+    let mut arg =
+        k::iommu_ioas_unmap { size: size::<k::iommu_ioas_unmap>(), ioas_id: ioas, iova, length };
     // SAFETY: IOAS_UNMAP reads and writes back one iommu_ioas_unmap.
     unsafe { ioctl_ptr(iommufd, IOAS_UNMAP, &mut arg) }.map(drop)
 }

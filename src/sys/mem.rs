@@ -33,10 +33,23 @@ pub(crate) fn reserve(len: usize) -> SysResult<NonNull<u8>> {
 ///
 /// # Safety
 /// `addr..addr+len` must be inside a reservation made by [`reserve`] and not in use by anyone.
-pub(crate) unsafe fn map_shared_fixed(addr: NonNull<u8>, len: usize, fd: BorrowedFd, offset: u64, prot: i32) -> SysResult<()> {
+pub(crate) unsafe fn map_shared_fixed(
+    addr: NonNull<u8>,
+    len: usize,
+    fd: BorrowedFd,
+    offset: u64,
+    prot: i32,
+) -> SysResult<()> {
     // SAFETY: upheld by the caller: the range is ours to replace.
     check_map(unsafe {
-        libc::mmap(addr.as_ptr().cast(), len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), offset as libc::off_t)
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+        )
     })
     .map(drop)
 }

@@ -93,7 +93,14 @@ pub(crate) fn pread_exact(fd: BorrowedFd, buf: &mut [u8], offset: u64) -> SysRes
     let (ptr, len) = (buf.as_mut_ptr(), buf.len());
     transfer_all(len, |done| {
         // SAFETY: ptr+done..ptr+len lies in the caller's writable buffer.
-        unsafe { libc::pread(fd.as_raw_fd(), ptr.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) }
+        unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                ptr.add(done).cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        }
     })
 }
 
@@ -102,7 +109,14 @@ pub(crate) fn pwrite_all(fd: BorrowedFd, buf: &[u8], offset: u64) -> SysResult<(
     let (ptr, len) = (buf.as_ptr(), buf.len());
     transfer_all(len, |done| {
         // SAFETY: ptr+done..ptr+len lies in the caller's buffer.
-        unsafe { libc::pwrite(fd.as_raw_fd(), ptr.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) }
+        unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                ptr.add(done).cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        }
     })
 }
 
@@ -142,7 +156,9 @@ pub(crate) fn eventfd_take(fd: BorrowedFd) -> SysResult<Option<u64>> {
 pub(crate) fn memlock_limit() -> u64 {
     let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: rl is a valid rlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } < 0 || rl.rlim_cur == libc::RLIM_INFINITY {
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } < 0
+        || rl.rlim_cur == libc::RLIM_INFINITY
+    {
         return u64::MAX;
     }
     rl.rlim_cur

@@ -6,7 +6,7 @@ use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 
 use vfio_bindings::bindings::vfio::*;
 
-use super::{ioctl_ptr, ioctl_val, Errno, SysResult};
+use super::{Errno, SysResult, ioctl_ptr, ioctl_val};
 
 const fn vfio_io(n: u32) -> u64 {
     ((VFIO_TYPE as u64) << 8) | (VFIO_BASE + n) as u64
@@ -134,7 +134,12 @@ pub(crate) fn iommu_info(container: BorrowedFd) -> SysResult<Vec<u8>> {
 /// # Safety
 /// `vaddr..vaddr+size` must stay mapped and unaliased by Rust references that assume no
 /// concurrent writes for as long as the DMA mapping exists.
-pub(crate) unsafe fn dma_map(container: BorrowedFd, vaddr: u64, size: u64, iova: u64) -> SysResult<()> {
+pub(crate) unsafe fn dma_map(
+    container: BorrowedFd,
+    vaddr: u64,
+    size: u64,
+    iova: u64,
+) -> SysResult<()> {
     let mut map = vfio_iommu_type1_dma_map {
         argsz: argsz::<vfio_iommu_type1_dma_map>(),
         flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,

@@ -3,7 +3,8 @@
 use vfiokit::{Device, Iommu, Width};
 
 pub fn addr(role: &str) -> String {
-    std::env::var(format!("VFIOKIT_TEST_{role}")).unwrap_or_else(|_| panic!("VFIOKIT_TEST_{role} is not set: run in tests/vm/run"))
+    std::env::var(format!("VFIOKIT_TEST_{role}"))
+        .unwrap_or_else(|_| panic!("VFIOKIT_TEST_{role} is not set: run in tests/vm/run"))
 }
 
 pub fn open(role: &str) -> Device {
@@ -15,11 +16,13 @@ pub fn open_in(role: &str, iommu: &Iommu) -> Device {
 }
 
 pub fn rd<T: Width>(d: &Device, region: u32, off: u64) -> T {
-    d.read_reg::<T>(region, off).unwrap_or_else(|e| panic!("read at {off:#x} of region {region}: {e}"))
+    d.read_reg::<T>(region, off)
+        .unwrap_or_else(|e| panic!("read at {off:#x} of region {region}: {e}"))
 }
 
 pub fn wr<T: Width>(d: &Device, region: u32, off: u64, v: T) {
-    d.write_reg(region, off, v).unwrap_or_else(|e| panic!("write at {off:#x} of region {region}: {e}"))
+    d.write_reg(region, off, v)
+        .unwrap_or_else(|e| panic!("write at {off:#x} of region {region}: {e}"))
 }
 
 /// Asserts a failure with this errno whose message contains every `words`.
@@ -94,5 +97,8 @@ pub fn in_child(f: impl FnOnce()) {
     let mut status = 0;
     // SAFETY: waiting for our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed (status {status:#x})");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed (status {status:#x})"
+    );
 }

@@ -6,7 +6,7 @@
 //! it runs the cases one by one, in one thread, so cases may fork. It never skips: a guest
 //! that cannot start fails the run.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::{Command, ExitCode};
 
 pub type Case = (&'static str, fn());
@@ -14,11 +14,15 @@ pub type Case = (&'static str, fn());
 pub fn main(cases: &[Case]) -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // libtest-style filter: any argument not starting with '-' selects cases by substring.
-    let filters: Vec<&str> = args[1..].iter().map(String::as_str).filter(|a| !a.starts_with('-')).collect();
+    let filters: Vec<&str> =
+        args[1..].iter().map(String::as_str).filter(|a| !a.starts_with('-')).collect();
     if std::env::var_os("VFIOKIT_VM_KERNEL").is_none() {
         return boot_guests(&args);
     }
-    let selected: Vec<&Case> = cases.iter().filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f))).collect();
+    let selected: Vec<&Case> = cases
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
+        .collect();
     let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap_or_default();
     println!("running {} guest tests ({kernel} kernel)", selected.len());
     let (mut passed, mut failed) = (0, Vec::new());
@@ -46,7 +50,8 @@ pub fn main(cases: &[Case]) -> ExitCode {
 fn boot_guests(args: &[String]) -> ExitCode {
     let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vm/run");
     let exe = std::env::current_exe().expect("own path");
-    let runs = std::env::var("VFIOKIT_VM_KERNELS").unwrap_or_else(|_| "legacy iommufd iommufd:type1".into());
+    let runs = std::env::var("VFIOKIT_VM_KERNELS")
+        .unwrap_or_else(|_| "legacy iommufd iommufd:type1".into());
     let mut failed = Vec::new();
     for run in runs.split_whitespace() {
         let (kernel, backend) = run.split_once(':').unwrap_or((run, ""));
@@ -58,7 +63,10 @@ fn boot_guests(args: &[String]) -> ExitCode {
         } else {
             cmd.env("VFIOKIT_IOMMU", backend);
         }
-        println!("guest run: {kernel} kernel, {} backend", if backend.is_empty() { "auto" } else { backend });
+        println!(
+            "guest run: {kernel} kernel, {} backend",
+            if backend.is_empty() { "auto" } else { backend }
+        );
         let status = cmd.status().unwrap_or_else(|e| panic!("cannot start {runner}: {e}"));
         if !status.success() {
             failed.push(run);

@@ -9,7 +9,7 @@ use std::ptr::NonNull;
 use common::*;
 use vfiokit::irq::*;
 use vfiokit::region::*;
-use vfiokit::{Device, Iommu, IommuKind, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1};
+use vfiokit::{Device, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu, IommuKind};
 
 const CASES: &[harness::Case] = &[
     ("backend_choice", backend_choice),
@@ -46,7 +46,10 @@ const CASES: &[harness::Case] = &[
     ("ten_thousand_cycles_leak_nothing", ten_thousand_cycles_leak_nothing),
     ("threads_share_handles", threads_share_handles),
     ("fds_are_close_on_exec", fds_are_close_on_exec),
-    ("exit_without_close_leaves_the_device_reusable", exit_without_close_leaves_the_device_reusable),
+    (
+        "exit_without_close_leaves_the_device_reusable",
+        exit_without_close_leaves_the_device_reusable,
+    ),
     ("second_process_gets_ebusy", second_process_gets_ebusy),
 ];
 
@@ -67,30 +70,51 @@ fn expected_kind() -> IommuKind {
 
 fn backend_choice() {
     let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap();
-    assert_eq!(kernel == "iommufd", std::path::Path::new("/dev/iommu").exists(), "only the iommufd kernel has /dev/iommu");
+    assert_eq!(
+        kernel == "iommufd",
+        std::path::Path::new("/dev/iommu").exists(),
+        "only the iommufd kernel has /dev/iommu"
+    );
     assert_eq!(Iommu::open(IOMMU_AUTO).unwrap().kind(), expected_kind());
     assert_eq!(open("EDU").iommu().kind(), expected_kind(), "the shared context");
-    assert_eq!(Iommu::open(IOMMU_TYPE1).unwrap().kind(), IommuKind::Type1, "type1 is there on both kernels");
+    assert_eq!(
+        Iommu::open(IOMMU_TYPE1).unwrap().kind(),
+        IommuKind::Type1,
+        "type1 is there on both kernels"
+    );
     fails(Iommu::open(7), libc::EINVAL, &["unknown IOMMU kind 7"]);
     if kernel == "iommufd" {
         assert_eq!(Iommu::open(IOMMU_IOMMUFD).unwrap().kind(), IommuKind::Iommufd);
         // One device bound through iommufd cannot be opened again through its group.
         let fd_ctx = Iommu::open(IOMMU_IOMMUFD).unwrap();
         let _edu = open_in("EDU", &fd_ctx);
-        fails(Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_TYPE1).unwrap())), libc::EBUSY, &[]);
-        fails(Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_IOMMUFD).unwrap())), libc::EBUSY, &["already bound"]);
+        fails(
+            Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_TYPE1).unwrap())),
+            libc::EBUSY,
+            &[],
+        );
+        fails(
+            Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_IOMMUFD).unwrap())),
+            libc::EBUSY,
+            &["already bound"],
+        );
     } else {
         fails(Iommu::open(IOMMU_IOMMUFD), libc::ENOENT, &["/dev/iommu", "CONFIG_IOMMUFD"]);
     }
 }
 
 fn open_by_cdev_path() {
-    let cdevs: Vec<String> = std::fs::read_dir(format!("/sys/bus/pci/devices/{}/vfio-dev", addr("EDU")))
-        .map(|rd| rd.flatten().map(|e| e.file_name().into_string().unwrap()).collect())
-        .unwrap_or_default();
+    let cdevs: Vec<String> =
+        std::fs::read_dir(format!("/sys/bus/pci/devices/{}/vfio-dev", addr("EDU")))
+            .map(|rd| rd.flatten().map(|e| e.file_name().into_string().unwrap()).collect())
+            .unwrap_or_default();
     if std::env::var("VFIOKIT_VM_KERNEL").unwrap() == "legacy" {
         assert!(!std::path::Path::new("/dev/vfio/devices").exists(), "6.1 has no device cdevs");
-        fails(Device::open("/dev/vfio/devices/vfio0", None), libc::ENOENT, &["no such VFIO device cdev"]);
+        fails(
+            Device::open("/dev/vfio/devices/vfio0", None),
+            libc::ENOENT,
+            &["no such VFIO device cdev"],
+        );
         fails(Iommu::open(IOMMU_IOMMUFD), libc::ENOENT, &["/dev/iommu"]);
         return;
     }
@@ -119,17 +143,32 @@ fn open_failures_name_their_cause() {
     fails(Device::open("/nonexistent/0000:00:03.0", None), libc::ENOENT, &["/nonexistent"]);
     // Devices the guest did not bind: the host bridge (no driver) and the 9p transport,
     // which virtio-pci drives.
-    fails(Device::open("0000:00:00.0", None), libc::ENODEV, &["not bound to any driver", "vfiokit_pci_bind"]);
+    fails(
+        Device::open("0000:00:00.0", None),
+        libc::ENODEV,
+        &["not bound to any driver", "vfiokit_pci_bind"],
+    );
     let virtio = std::fs::read_dir("/sys/bus/pci/devices")
         .unwrap()
         .flatten()
-        .find(|e| std::fs::read_to_string(e.path().join("vendor")).unwrap().trim() == "0x1af4"
-            && std::fs::read_link(e.path().join("driver")).is_ok_and(|d| d.ends_with("virtio-pci")))
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("vendor")).unwrap().trim() == "0x1af4"
+                && std::fs::read_link(e.path().join("driver"))
+                    .is_ok_and(|d| d.ends_with("virtio-pci"))
+        })
         .expect("a virtio-pci device (the 9p share)");
     let name = virtio.file_name().into_string().unwrap();
-    fails(Device::open(&name, None), libc::ENODEV, &["is bound to virtio-pci, not vfio-pci", "driver_override"]);
+    fails(
+        Device::open(&name, None),
+        libc::ENODEV,
+        &["is bound to virtio-pci, not vfio-pci", "driver_override"],
+    );
     // Unbinding only ever takes a device from vfio-pci.
-    fails(vfiokit::unbind(&name), libc::EINVAL, &["is bound to virtio-pci, not vfio-pci: not unbinding it"]);
+    fails(
+        vfiokit::unbind(&name),
+        libc::EINVAL,
+        &["is bound to virtio-pci, not vfio-pci: not unbinding it"],
+    );
     assert!(virtio.path().join("driver").exists(), "still bound");
 }
 
@@ -165,8 +204,14 @@ fn edu_records() {
     assert_eq!((area.region, area.offset, area.size), (0, 0, 1 << 20));
     let irqs = d.irqs();
     assert_eq!(irqs.len(), 5);
-    assert_eq!((irqs[IRQ_INTX as usize].count, irqs[IRQ_INTX as usize].flags), (1, IRQ_EVENTFD | IRQ_MASKABLE | IRQ_AUTOMASKED));
-    assert_eq!((irqs[IRQ_MSI as usize].count, irqs[IRQ_MSI as usize].flags), (1, IRQ_EVENTFD | IRQ_NORESIZE));
+    assert_eq!(
+        (irqs[IRQ_INTX as usize].count, irqs[IRQ_INTX as usize].flags),
+        (1, IRQ_EVENTFD | IRQ_MASKABLE | IRQ_AUTOMASKED)
+    );
+    assert_eq!(
+        (irqs[IRQ_MSI as usize].count, irqs[IRQ_MSI as usize].flags),
+        (1, IRQ_EVENTFD | IRQ_NORESIZE)
+    );
     assert_eq!(irqs[IRQ_MSIX as usize].count, 0);
     assert_eq!(irqs[IRQ_ERR as usize].count, 0, "not PCIe: no ERR irq");
     assert_eq!(irqs[IRQ_REQ as usize].count, 1);
@@ -176,7 +221,11 @@ fn nvme_records_msix_mappable_mem64() {
     let d = open("NVME");
     let bar0 = d.regions()[0];
     assert_eq!(bar0.flags & REGION_MEM64, REGION_MEM64);
-    assert_eq!(bar0.flags & REGION_MSIX_MAPPABLE, REGION_MSIX_MAPPABLE, "vfio-pci lets the MSI-X BAR be mmapped");
+    assert_eq!(
+        bar0.flags & REGION_MSIX_MAPPABLE,
+        REGION_MSIX_MAPPABLE,
+        "vfio-pci lets the MSI-X BAR be mmapped"
+    );
     assert_eq!(bar0.flags & REGION_MMAP, REGION_MMAP);
     assert_eq!(d.regions()[1].flags, 0, "the upper half of the 64-bit BAR0");
     assert_eq!(d.regions()[PCI_CONFIG as usize].size, 4096, "PCIe config space");
@@ -189,9 +238,21 @@ fn ivshmem_records_prefetchable_64bit() {
         let d = open(role);
         let bar2 = d.regions()[2];
         assert_eq!(bar2.size, size, "{role}");
-        assert_eq!(bar2.flags, REGION_PRESENT | REGION_READ | REGION_WRITE | REGION_MMAP | REGION_MEM64 | REGION_PREFETCH);
+        assert_eq!(
+            bar2.flags,
+            REGION_PRESENT
+                | REGION_READ
+                | REGION_WRITE
+                | REGION_MMAP
+                | REGION_MEM64
+                | REGION_PREFETCH
+        );
         assert_eq!(d.regions()[3].flags, 0);
-        assert_eq!(d.regions()[0].flags & (REGION_MEM64 | REGION_PREFETCH | REGION_IO_PORT), 0, "BAR0 is 32-bit MMIO");
+        assert_eq!(
+            d.regions()[0].flags & (REGION_MEM64 | REGION_PREFETCH | REGION_IO_PORT),
+            0,
+            "BAR0 is 32-bit MMIO"
+        );
     }
 }
 
@@ -254,7 +315,11 @@ fn testdev_protocol(d: &Device, bar: u32) {
             writes += 1;
         }
     }
-    assert_eq!(le32(12), count + writes, "each write at the test's offset {offset:#x} reached the device");
+    assert_eq!(
+        le32(12),
+        count + writes,
+        "each write at the test's offset {offset:#x} reached the device"
+    );
     // Wider reads return the header byte at their offset (the device answers byte-wise).
     assert_eq!(rd::<u16>(d, bar, 12) as u32, (count + writes) & 0xff);
     assert_eq!(rd::<u32>(d, bar, 12), (count + writes) & 0xff);
@@ -337,7 +402,11 @@ fn config_space_and_capabilities() {
     assert_eq!(d.find_capability(vfiokit::pci::PCI_CAP_EXTENDED + 0x0001).unwrap(), None, "no AER");
     let edu = open("EDU");
     assert_eq!(edu.find_capability(0x05).unwrap(), Some(0x40));
-    assert_eq!(edu.find_capability(vfiokit::pci::PCI_CAP_EXTENDED + 0x0001).unwrap(), None, "256-byte config space");
+    assert_eq!(
+        edu.find_capability(vfiokit::pci::PCI_CAP_EXTENDED + 0x0001).unwrap(),
+        None,
+        "256-byte config space"
+    );
     // A config write that sticks: the interrupt line register is virtualized by vfio-pci.
     wr(&edu, PCI_CONFIG, 0x3c, 0x5au8);
     assert_eq!(rd::<u8>(&edu, PCI_CONFIG, 0x3c), 0x5a);
@@ -377,7 +446,10 @@ fn edu_intx_must_be_unmasked_to_fire_again() {
     edu_raise(&d, 2);
     fails(d.irq_wait(IRQ_INTX, 0, 300), libc::ETIMEDOUT, &["INTx"]);
     d.irq_unmask(IRQ_INTX, 0).unwrap();
-    assert!(d.irq_wait(IRQ_INTX, 0, 5000).unwrap() >= 1, "unmasking delivers the pending interrupt");
+    assert!(
+        d.irq_wait(IRQ_INTX, 0, 5000).unwrap() >= 1,
+        "unmasking delivers the pending interrupt"
+    );
     edu_ack(&d);
     d.irq_unmask(IRQ_INTX, 0).unwrap();
     // Masked by hand: a raise is held back until unmask.
@@ -438,13 +510,18 @@ fn iova_ranges_and_mapping_rules() {
     let iommu = Iommu::open(IOMMU_AUTO).unwrap();
     match iommu.kind() {
         IommuKind::Type1 => fails(iommu.iova_ranges(), libc::ENODEV, &["open a device first"]),
-        IommuKind::Iommufd => assert!(!iommu.iova_ranges().unwrap().is_empty(), "an IOAS has ranges from the start"),
+        IommuKind::Iommufd => {
+            assert!(!iommu.iova_ranges().unwrap().is_empty(), "an IOAS has ranges from the start")
+        }
     }
     let _d = open_in("EDU", &iommu);
     let ranges = iommu.iova_ranges().unwrap();
     assert!(!ranges.is_empty());
     let msi_window = 0xfee0_0000u64;
-    assert!(!ranges.iter().any(|r| r.start <= msi_window && msi_window <= r.last), "the MSI window is reserved: {ranges:x?}");
+    assert!(
+        !ranges.iter().any(|r| r.start <= msi_window && msi_window <= r.last),
+        "the MSI window is reserved: {ranges:x?}"
+    );
     let page = 4096;
     let (buf, iova) = iommu.alloc(3 * page).unwrap();
     assert!(ranges.iter().any(|r| r.start <= iova && iova + 3 * page as u64 - 1 <= r.last));
@@ -564,7 +641,8 @@ fn group_not_permitted() {
             return;
         }
         let iommu = Iommu::open(IOMMU_AUTO).expect("the container node is world-accessible");
-        let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr("EDU"))).unwrap();
+        let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr("EDU")))
+            .unwrap();
         let node = format!("/dev/vfio/{}", group.file_name().unwrap().to_string_lossy());
         fails(Device::open(&addr("EDU"), Some(&iommu)), libc::EACCES, &[&node, "permission"]);
     });
@@ -579,7 +657,11 @@ fn memlock_too_low_is_named() {
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) }, 0);
         let d = open("EDU");
         let asked = 1 << 20;
-        fails(d.iommu().alloc(asked), libc::ENOMEM, &["RLIMIT_MEMLOCK is 65536 bytes", &format!("{asked} more")]);
+        fails(
+            d.iommu().alloc(asked),
+            libc::ENOMEM,
+            &["RLIMIT_MEMLOCK is 65536 bytes", &format!("{asked} more")],
+        );
     });
 }
 
@@ -697,8 +779,16 @@ fn threads_share_handles() {
     }
     waiter.join().expect("waiter");
     assert_eq!(seen.load(Ordering::Relaxed), TRIGGERS, "every trigger counted once");
-    assert!(started.elapsed() < std::time::Duration::from_secs(120), "no deadlock: {:?}", started.elapsed());
-    println!("  7 threads: {} register round trips, 200 DMA alloc/free, {TRIGGERS} IRQs in {:?}", 4 * ROUNDS, started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(120),
+        "no deadlock: {:?}",
+        started.elapsed()
+    );
+    println!(
+        "  7 threads: {} register round trips, 200 DMA alloc/free, {TRIGGERS} IRQs in {:?}",
+        4 * ROUNDS,
+        started.elapsed()
+    );
 }
 
 /// Everything vfiokit opens is close-on-exec: a child that execs inherits no VFIO fd.
@@ -706,7 +796,8 @@ fn fds_are_close_on_exec() {
     let d = open("NVME");
     d.irq_enable(IRQ_MSIX, 0, 2).unwrap();
     let _buf = d.iommu().alloc(4096).unwrap();
-    let out = std::process::Command::new("/bin/ls").arg("-l").arg("/proc/self/fd/").output().unwrap();
+    let out =
+        std::process::Command::new("/bin/ls").arg("-l").arg("/proc/self/fd/").output().unwrap();
     let listing = String::from_utf8_lossy(&out.stdout);
     for vfio_fd in ["/dev/vfio", "/dev/iommu", "eventfd", "anon_inode:[vfio"] {
         assert!(!listing.contains(vfio_fd), "{vfio_fd} leaked into an exec'd child:\n{listing}");
@@ -744,7 +835,10 @@ fn second_process_gets_ebusy() {
 fn locked_kb() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let field = |name: &str| {
-        status.lines().find_map(|l| l.strip_prefix(name)).map_or(0, |v| v.trim().trim_end_matches(" kB").parse().unwrap())
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or(0, |v| v.trim().trim_end_matches(" kB").parse().unwrap())
     };
     (field("VmLck:"), field("VmPin:"))
 }
@@ -775,13 +869,17 @@ fn ten_thousand_cycles_leak_nothing() {
     }
     assert_eq!(fds_and_maps(), before, "(fds, mappings) after {CYCLES} cycles");
     assert_eq!(locked_kb(), locked, "(VmLck, VmPin) kB after {CYCLES} cycles");
-    println!("  {CYCLES} x (open + close, map + unmap, alloc + free) in {:?}: fds, maps, locked {locked:?} kB unchanged", started.elapsed());
+    println!(
+        "  {CYCLES} x (open + close, map + unmap, alloc + free) in {:?}: fds, maps, locked {locked:?} kB unchanged",
+        started.elapsed()
+    );
     iommu.free(buf.as_ptr()).unwrap();
     drop(keep);
 }
 
 fn group_of(role: &str) -> String {
-    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr(role))).unwrap();
+    let link =
+        std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr(role))).unwrap();
     link.file_name().unwrap().to_string_lossy().into_owned()
 }
 
@@ -818,5 +916,9 @@ fn non_viable_group_names_its_blocker() {
         .find(|a| *a != addr("NONVIABLE"))
         .expect("a second device in the group");
     let why = format!("{blocker} is bound to virtio-pci");
-    fails(Device::open(&addr("NONVIABLE"), None), libc::EBUSY, &[&format!("group {group} is not viable"), &why]);
+    fails(
+        Device::open(&addr("NONVIABLE"), None),
+        libc::EBUSY,
+        &[&format!("group {group} is not viable"), &why],
+    );
 }

@@ -197,16 +197,17 @@ int vfiokit_pci_unbind(const char *pci_address);
 // `name` must be NULL or a NUL-terminated string; `iommu` NULL or live; `out` writable.
 int vfiokit_device_open(const char *name, struct vfiokit_iommu *iommu, struct vfiokit_device **out);
 
-// Closes a device: disables its IRQs, unmaps its regions, closes its fds. NULL is fine.
-//
-// Closing a handle twice is refused with `EBADF` (the message says so).
+// Closes a device: ends every `vfiokit_irq_wait` on it (they return `-ECANCELED`), and once
+// the calls other threads are making on it have returned, disables its IRQs, unmaps its
+// regions and closes its fds. NULL is fine; closing a handle twice is refused with `EBADF`.
 //
 // # Safety
 // `dev` must be NULL or from `vfiokit_device_open`; nothing may use it or its records,
-// mappings or eventfds afterwards.
+// mappings or eventfds after the calls in flight have returned.
 void vfiokit_device_close(struct vfiokit_device *dev);
 
 // The device's DMA context (borrowed: valid while the device is open; do not close it).
+// Devices opened in the same context give the same pointer.
 //
 // # Safety
 // `dev` must be NULL or live.
@@ -247,7 +248,7 @@ int vfiokit_region_map(struct vfiokit_device *dev, uint32_t region, void **ptr);
 // to that size are one access of that width; longer transfers use unspecified widths.
 //
 // # Safety
-// `dev` NULL or live; `buf` valid for `len` bytes.
+// `dev` NULL or live; `buf` valid for writes of `len` bytes.
 int vfiokit_region_read(struct vfiokit_device *dev,
                         uint32_t region,
                         uint64_t off,

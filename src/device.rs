@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use once_cell::sync::OnceCell;
@@ -15,7 +15,7 @@ use crate::iommu::Iommu;
 use crate::irq::{self, Action, Irq};
 use crate::pci;
 use crate::region::{self, Area, PCI_CONFIG, REGION_READ, REGION_WRITE, Region};
-use crate::sys::{self, Context, mem, vfio};
+use crate::sys::{self, Context, Readable, mem, vfio};
 
 /// One contiguous virtual range for a region: its mmappable areas mapped, the rest reserved
 /// with no access.
@@ -81,8 +81,31 @@ macro_rules! width {
 }
 width!(u8, u16, u32, u64);
 
-/// Eventfds of each IRQ index's vectors (None: vector not routed).
-type Vectors = Vec<Vec<Option<Arc<OwnedFd>>>>;
+/// The routed vectors of one IRQ index, and what wakes the threads waiting on them.
+#[derive(Default)]
+struct IrqRoute {
+    /// Each vector's eventfd (None: not routed).
+    vectors: Vec<Option<Arc<OwnedFd>>>,
+    /// An eventfd signalled, then replaced, when vectors of this index that threads may be
+    /// waiting on are disabled or routed anew; present while any vector is routed.
+    cancel: Option<Arc<OwnedFd>>,
+}
+
+impl IrqRoute {
+    /// Wakes every waiter on this index; each then checks whether its vector is still routed.
+    fn wake_waiters(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            // A fresh eventfd signalled once cannot overflow, so this cannot fail.
+            let _ = sys::eventfd_signal(cancel.as_fd());
+        }
+    }
+}
+
+struct IrqState {
+    routes: Vec<IrqRoute>,
+    /// Set by [`Device::cancel_waits`]: every wait, current or later, ends with ECANCELED.
+    cancelled: bool,
+}
 
 pub struct Device {
     address: String,
@@ -91,7 +114,7 @@ pub struct Device {
     areas: Vec<Area>,
     irqs: Vec<Irq>,
     mappings: Vec<OnceCell<Mapping>>,
-    vectors: Mutex<Vectors>,
+    irq_state: Mutex<IrqState>,
     fd: OwnedFd,
     // Dropped last: a type1 device must leave before its group and container.
     iommu: Iommu,
@@ -157,7 +180,10 @@ impl Device {
                 }
             })
             .collect::<Result<Vec<Irq>>>()?;
-        let vectors = irqs.iter().map(|irq| vec![None; irq.count as usize]).collect();
+        let routes = irqs
+            .iter()
+            .map(|irq| IrqRoute { vectors: vec![None; irq.count as usize], cancel: None })
+            .collect();
         Ok(Device {
             address,
             flags: info.flags,
@@ -165,7 +191,7 @@ impl Device {
             regions,
             areas,
             irqs,
-            vectors: Mutex::new(vectors),
+            irq_state: Mutex::new(IrqState { routes, cancelled: false }),
             fd,
             iommu,
         })
@@ -473,8 +499,13 @@ impl Device {
             .context(|| format!("{} on {}", what(), self.address))
     }
 
+    fn irq_state(&self) -> MutexGuard<'_, IrqState> {
+        self.irq_state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Routes vectors `first..first+count` of an IRQ index to new eventfds (owned by the
-    /// device) and enables them. Returns the eventfds.
+    /// device) and enables them. Returns the eventfds. Threads waiting on vectors this
+    /// re-routes end their wait with ECANCELED.
     pub fn irq_enable(&self, index: u32, first: u32, count: u32) -> Result<Vec<RawFd>> {
         let irq = self.check_vectors(index, first, count)?;
         if irq.flags & irq::IRQ_EVENTFD == 0 {
@@ -487,21 +518,35 @@ impl Device {
             .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
             .collect::<Result<Vec<_>>>()?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.irq_state();
+        let route = &mut state.routes[index as usize];
+        let span = first as usize..(first + count) as usize;
+        let rerouted = route.vectors[span.clone()].iter().any(Option::is_some);
+        // Made before the kernel is told, so a failure leaves everything as it was.
+        let new_cancel = match rerouted || route.cancel.is_none() {
+            true => Some(Arc::new(sys::eventfd().context(|| "creating an eventfd")?)),
+            false => None,
+        };
         self.set_irqs(&mut irq::encode_eventfds(index, first, &raw), || {
             format!("enabling {} vectors [{first}, +{count})", irq_name(index))
         })?;
-        for (slot, fd) in vectors[index as usize][first as usize..].iter_mut().zip(fds) {
+        for (slot, fd) in route.vectors[span].iter_mut().zip(fds) {
             *slot = Some(fd);
+        }
+        if let Some(cancel) = new_cancel {
+            route.wake_waiters();
+            route.cancel = Some(cancel);
         }
         Ok(raw)
     }
 
-    /// Disables an IRQ index and closes its eventfds.
+    /// Disables an IRQ index and closes its eventfds; threads waiting on it end their wait
+    /// with ECANCELED.
     pub fn irq_disable(&self, index: u32) -> Result<()> {
         self.irq_record(index)?;
-        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
-        if vectors[index as usize].iter().all(Option::is_none) {
+        let mut state = self.irq_state();
+        let route = &mut state.routes[index as usize];
+        if route.vectors.iter().all(Option::is_none) {
             return Err(Error::invalid(format!(
                 "{} IRQ {} is not enabled",
                 self.address,
@@ -511,8 +556,18 @@ impl Device {
         self.set_irqs(&mut irq::encode_set(index, 0, 0, Action::Trigger), || {
             format!("disabling {}", irq_name(index))
         })?;
-        vectors[index as usize].fill(None);
+        route.vectors.fill(None);
+        route.wake_waiters();
         Ok(())
+    }
+
+    /// Ends every wait in [`Device::irq_wait`], current and later, with ECANCELED: how a
+    /// driver stops its interrupt threads before dropping the device (the C API's close does
+    /// this first).
+    pub fn cancel_waits(&self) {
+        let mut state = self.irq_state();
+        state.cancelled = true;
+        state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
     }
 
     fn vector_action(&self, index: u32, vector: u32, action: Action) -> Result<()> {
@@ -536,22 +591,27 @@ impl Device {
 
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
     pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
-        self.with_eventfd(index, vector, |_| Ok(()))?;
+        self.with_route(index, vector, |_, _| Ok(()))?;
         self.send_action(index, vector, Action::Trigger)
     }
 
-    /// Runs `f` on an enabled vector's eventfd, under the vectors' lock (so `f` must not block).
-    fn with_eventfd<T>(
+    /// Runs `f` on an enabled vector's eventfd and its index's cancel eventfd, under the IRQ
+    /// lock (so `f` must not block).
+    fn with_route<T>(
         &self,
         index: u32,
         vector: u32,
-        f: impl FnOnce(&Arc<OwnedFd>) -> Result<T>,
+        f: impl FnOnce(&Arc<OwnedFd>, &Arc<OwnedFd>) -> Result<T>,
     ) -> Result<T> {
         self.check_vectors(index, vector, 1)?;
-        let vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
-        match &vectors[index as usize][vector as usize] {
-            Some(fd) => f(fd),
-            None => Err(Error::invalid(format!(
+        let state = self.irq_state();
+        if state.cancelled {
+            return Err(self.cancelled(index, vector, "the device is being closed"));
+        }
+        let route = &state.routes[index as usize];
+        match (&route.vectors[vector as usize], &route.cancel) {
+            (Some(fd), Some(cancel)) => f(fd, cancel),
+            _ => Err(Error::invalid(format!(
                 "{} {} vector {vector} is not enabled",
                 self.address,
                 irq_name(index)
@@ -559,17 +619,42 @@ impl Device {
         }
     }
 
+    fn cancelled(&self, index: u32, vector: u32, why: &str) -> Error {
+        Error::new(
+            libc::ECANCELED,
+            format!("{} {} vector {vector}: wait cancelled: {why}", self.address, irq_name(index)),
+        )
+    }
+
+    /// After a wake-up on the cancel eventfd: the index's new cancel eventfd when `fd` is still
+    /// the vector's eventfd (other vectors were re-routed), ECANCELED when it is not.
+    fn still_routed(&self, index: u32, vector: u32, fd: &Arc<OwnedFd>) -> Result<Arc<OwnedFd>> {
+        let state = self.irq_state();
+        let route = &state.routes[index as usize];
+        match (&route.vectors[vector as usize], &route.cancel) {
+            _ if state.cancelled => {
+                Err(self.cancelled(index, vector, "the device is being closed"))
+            }
+            (Some(now), Some(cancel)) if Arc::ptr_eq(now, fd) => Ok(cancel.clone()),
+            _ => Err(self.cancelled(index, vector, "the IRQ was disabled or re-enabled")),
+        }
+    }
+
     /// Waits for the vector to fire and returns how many times it did since the last wait.
-    /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`. Holds no lock while waiting.
+    /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`; a wait ended by
+    /// [`Device::irq_disable`], an [`Device::irq_enable`] that re-routes the vector, or
+    /// [`Device::cancel_waits`] is `ECANCELED`. Holds no lock while waiting.
     pub fn irq_wait(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
         let take =
             |fd: &OwnedFd| sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd");
         // Already fired: answered by one non-blocking read, with no clock and no clone.
-        let fd =
-            match self.with_eventfd(index, vector, |fd| Ok(take(fd)?.ok_or_else(|| fd.clone())))? {
-                Ok(count) => return Ok(count),
-                Err(fd) => fd,
-            };
+        let fired = self.with_route(index, vector, |fd, cancel| {
+            Ok(take(fd)?.ok_or_else(|| (fd.clone(), cancel.clone())))
+        })?;
+        let (fd, mut cancel) = match fired {
+            Ok(count) => return Ok(count),
+            Err(fds) => fds,
+        };
         let deadline =
             (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         loop {
@@ -580,19 +665,26 @@ impl Device {
                         as i32
                 }
             };
-            if !sys::poll_readable(fd.as_fd(), left).context(|| "waiting on an IRQ eventfd")? {
-                return Err(Error::new(
-                    libc::ETIMEDOUT,
-                    format!(
-                        "{} {} vector {vector}: no interrupt within {timeout_ms} ms",
-                        self.address,
-                        irq_name(index)
-                    ),
-                ));
-            }
-            // Another waiter may have taken it first: then wait on.
-            if let Some(count) = take(&fd)? {
-                return Ok(count);
+            match sys::poll_readable(fd.as_fd(), cancel.as_fd(), left)
+                .context(|| "waiting on an IRQ eventfd")?
+            {
+                None => {
+                    return Err(Error::new(
+                        libc::ETIMEDOUT,
+                        format!(
+                            "{} {} vector {vector}: no interrupt within {timeout_ms} ms",
+                            self.address,
+                            irq_name(index)
+                        ),
+                    ));
+                }
+                Some(Readable::Cancel) => cancel = self.still_routed(index, vector, &fd)?,
+                // Another waiter may have taken it first: then wait on.
+                Some(Readable::Fd) => {
+                    if let Some(count) = take(&fd)? {
+                        return Ok(count);
+                    }
+                }
             }
         }
     }

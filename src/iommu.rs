@@ -4,7 +4,7 @@
 //! iommufd (an IOAS that devices opened through their cdev attach to). The IOVA allocator,
 //! DMA buffers and error messages are shared; only the ioctls differ.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -74,26 +74,76 @@ enum Backend {
     Iommufd { fd: OwnedFd, ioas: u32 },
 }
 
+/// The device may only read this memory: an IOMMU mapping without write permission.
+pub const DMA_READONLY: u32 = 1 << 0;
+/// `alloc` only: back the buffer with 2 MiB hugetlb pages (length rounded, IOVA aligned).
+pub const DMA_HUGE_2M: u32 = 1 << 1;
+/// `alloc` only: back the buffer with 1 GiB hugetlb pages (length rounded, IOVA aligned).
+pub const DMA_HUGE_1G: u32 = 1 << 2;
+const DMA_FLAGS: u32 = DMA_READONLY | DMA_HUGE_2M | DMA_HUGE_1G;
+
+/// A DMA buffer from `alloc`.
+struct Buffer {
+    iova: u64,
+    len: usize,
+}
+
+/// A map made on a type1 context before its first group: the kernel takes it at attach.
+struct EarlyMap {
+    vaddr: usize,
+    len: usize,
+    iova: u64,
+    writable: bool,
+}
+
 struct State {
     /// Groups attached to the container, kept until the context closes so that DMA mappings
     /// outlive any one device.
     groups: HashMap<u32, OwnedFd>,
-    /// Valid IOVA ranges and the mappings in them; type1 knows its ranges only once a group is
-    /// attached.
-    space: Option<IovaSpace>,
-    /// DMA buffers from `alloc`: address -> (iova, len).
-    buffers: HashMap<usize, (u64, usize)>,
+    /// Valid IOVA ranges and the mappings in them. A type1 container reports its ranges only
+    /// once a group is in it: until then the whole space, and `early` holds the maps.
+    space: IovaSpace,
+    /// Type1 before the first group: the maps the kernel has not been given yet.
+    early: Option<Vec<EarlyMap>>,
+    /// DMA buffers from `alloc`, by address, and their IOVAs.
+    buffers: HashMap<usize, Buffer>,
+    buffer_iovas: HashSet<u64>,
+    /// Guard mode: allocated IOVA ranges get an unmapped page after them (their IOVAs here).
+    guarded: Option<HashSet<u64>>,
 }
 
-struct Inner {
+impl State {
+    /// How much IOVA space the mapping at `iova` of `len` bytes holds: its guard page too.
+    fn reserved(&self, iova: u64, len: u64) -> u64 {
+        match &self.guarded {
+            Some(g) if g.contains(&iova) => len + sys::page_size() as u64,
+            _ => len,
+        }
+    }
+}
+
+/// What an [`Iommu`] shares; the C ABI hands out `Arc<DmaContext>` pointers as handles.
+pub(crate) struct DmaContext {
+    /// [`DmaContext::MAGIC`] while alive, so the C ABI can tell a live context from a closed
+    /// or foreign pointer (where the memory has not been reused yet).
+    magic: u64,
     backend: Backend,
     state: Mutex<State>,
 }
 
-impl Drop for Inner {
+impl DmaContext {
+    const MAGIC: u64 = u64::from_be_bytes(*b"vfkIOMMU");
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.magic == Self::MAGIC
+    }
+}
+
+impl Drop for DmaContext {
     fn drop(&mut self) {
+        self.magic = 0;
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        for (&addr, &(_, len)) in &state.buffers {
+        for (&addr, &Buffer { len, .. }) in &state.buffers {
             // SAFETY: alloc mapped this range; the context is going away, so no one can free it.
             unsafe { mem::unmap(NonNull::new(addr as *mut u8).expect("non-null buffer"), len) };
         }
@@ -102,7 +152,7 @@ impl Drop for Inner {
 
 /// A DMA context shared by the devices opened in it. Cloning shares it.
 #[derive(Clone)]
-pub struct Iommu(Arc<Inner>);
+pub struct Iommu(Arc<DmaContext>);
 
 /// The same context (not merely the same kind).
 impl PartialEq for Iommu {
@@ -117,22 +167,37 @@ impl std::fmt::Debug for Iommu {
     }
 }
 
-static DEFAULT: Mutex<Weak<Inner>> = Mutex::new(Weak::new());
+static DEFAULT: Mutex<Weak<DmaContext>> = Mutex::new(Weak::new());
 
 impl Iommu {
     /// Opens a new context of `kind` (an `IOMMU_*` code).
     pub fn open(kind: u32) -> Result<Iommu> {
-        let (backend, space) = match IommuKind::resolve(kind)? {
-            IommuKind::Type1 => (Backend::Type1 { container: open_container()? }, None),
+        let (backend, space, early) = match IommuKind::resolve(kind)? {
+            IommuKind::Type1 => {
+                let whole = vec![IovaRange { start: 0, last: u64::MAX }];
+                (Backend::Type1 { container: open_container()? }, whole, Some(Vec::new()))
+            }
             IommuKind::Iommufd => {
                 let fd = open_node(IOMMUFD, "is the kernel built with CONFIG_IOMMUFD?")?;
                 let ioas = iommufd::ioas_alloc(fd.as_fd()).context(|| "allocating an IOAS")?;
-                let space = IovaSpace::new(ioas_ranges(&fd, ioas)?);
-                (Backend::Iommufd { fd, ioas }, Some(space))
+                let ranges = ioas_ranges(&fd, ioas)?;
+                (Backend::Iommufd { fd, ioas }, ranges, None)
             }
         };
-        let state = State { groups: HashMap::new(), space, buffers: HashMap::new() };
-        Ok(Iommu(Arc::new(Inner { backend, state: Mutex::new(state) })))
+        let guard = std::env::var("VFIOKIT_DMA_GUARD").is_ok_and(|v| v == "1");
+        let state = State {
+            groups: HashMap::new(),
+            space: IovaSpace::new(space),
+            early,
+            buffers: HashMap::new(),
+            buffer_iovas: HashSet::new(),
+            guarded: guard.then(HashSet::new),
+        };
+        Ok(Iommu(Arc::new(DmaContext {
+            magic: DmaContext::MAGIC,
+            backend,
+            state: Mutex::new(state),
+        })))
     }
 
     /// The process-wide context used by devices opened without one; it lives while any
@@ -145,6 +210,18 @@ impl Iommu {
         let iommu = Iommu::open(IOMMU_AUTO)?;
         *slot = Arc::downgrade(&iommu.0);
         Ok(iommu)
+    }
+
+    pub(crate) fn from_arc(context: Arc<DmaContext>) -> Iommu {
+        Iommu(context)
+    }
+
+    pub(crate) fn into_arc(self) -> Arc<DmaContext> {
+        self.0
+    }
+
+    pub(crate) fn as_arc(&self) -> &Arc<DmaContext> {
+        &self.0
     }
 
     pub fn kind(&self) -> IommuKind {
@@ -166,8 +243,12 @@ impl Iommu {
                 let mut state = self.state();
                 if !state.groups.contains_key(&group) {
                     let fd = attach_group(container, group, state.groups.is_empty())?;
-                    if state.space.is_none() {
-                        state.space = Some(IovaSpace::new(type1_ranges(container)?));
+                    if let Some(early) = state.early.take() {
+                        // On failure the group fd closes, leaving the container as it was.
+                        let ranges = replay_early_maps(container, &early).inspect_err(|_| {
+                            state.early = Some(early);
+                        })?;
+                        state.space.set_valid(ranges);
                     }
                     state.groups.insert(group, fd);
                 }
@@ -206,7 +287,7 @@ impl Iommu {
                     .context(|| format!("attaching {cdev} ({}) to IOAS {ioas}", dev.address))?;
                 // The device's reserved regions (the MSI window...) are now cut out of the IOAS.
                 let ranges = ioas_ranges(fd, *ioas)?;
-                self.with_space(|space| Ok(space.set_valid(ranges)))?;
+                self.state().space.set_valid(ranges);
                 Ok(device)
             }
         }
@@ -214,35 +295,48 @@ impl Iommu {
 
     /// The IOVA ranges devices in this context may use.
     pub fn iova_ranges(&self) -> Result<Vec<IovaRange>> {
-        self.with_space(|space| Ok(space.valid().to_vec()))
-    }
-
-    fn with_space<T>(&self, f: impl FnOnce(&mut IovaSpace) -> Result<T>) -> Result<T> {
-        let mut state = self.state();
-        match state.space.as_mut() {
-            Some(space) => f(space),
-            None => Err(Error::new(
+        let state = self.state();
+        if state.early.is_some() {
+            return Err(Error::new(
                 libc::ENODEV,
-                "no device is attached yet: a type1 container has IOVA ranges and accepts DMA mappings only once \
-                 a device's group is in it (open a device first)",
-            )),
+                "no device is attached yet: a type1 container reports its IOVA ranges once a device's group \
+                 is in it (open a device first; maps made before then are checked against them then)",
+            ));
         }
+        Ok(state.space.valid().to_vec())
     }
 
-    /// Maps `len` bytes at `vaddr` for device DMA at `iova`.
+    /// Maps `len` bytes at `vaddr` for device DMA at `iova`, readable and writable.
     ///
     /// # Safety
     /// The memory must stay mapped until it is unmapped here (or the context closes), and must
     /// not be behind a Rust reference while a device may write it.
     pub unsafe fn map(&self, vaddr: *mut u8, len: usize, iova: u64) -> Result<()> {
-        check_dma_args(vaddr, len, Some(iova))?;
-        self.with_space(|space| {
-            space.claim(iova, len as u64).map_err(|why| Error::invalid(format!("DMA map: {why}")))
-        })?;
         // SAFETY: forwarded from the caller.
-        let mapped = unsafe { self.map_raw(vaddr, len, iova) };
+        unsafe { self.map_flags(vaddr, len, iova, 0) }
+    }
+
+    /// [`Iommu::map`] with `DMA_*` flags (only [`DMA_READONLY`] applies to a map).
+    ///
+    /// # Safety
+    /// As for [`Iommu::map`].
+    pub unsafe fn map_flags(
+        &self,
+        vaddr: *mut u8,
+        len: usize,
+        iova: u64,
+        flags: u32,
+    ) -> Result<()> {
+        check_dma_args(vaddr, len, Some(iova))?;
+        let writable = map_permission(flags)?;
+        self.state()
+            .space
+            .claim(iova, len as u64)
+            .map_err(|why| Error::invalid(format!("DMA map: {why}")))?;
+        // SAFETY: forwarded from the caller.
+        let mapped = unsafe { self.map_raw(vaddr, len, iova, writable) };
         if mapped.is_err() {
-            self.with_space(|space| Ok(space.release(iova, len as u64)))?;
+            self.state().space.release(iova, len as u64);
         }
         mapped
     }
@@ -252,85 +346,162 @@ impl Iommu {
     /// # Safety
     /// As for [`Iommu::map`].
     pub unsafe fn map_any(&self, vaddr: *mut u8, len: usize) -> Result<u64> {
-        check_dma_args(vaddr, len, None)?;
-        let iova = self.with_space(|space| {
-            space.alloc(len as u64, dma_alignment(len)).ok_or_else(|| {
-                Error::new(
-                    libc::ENOSPC,
-                    format!("no free IOVA range of {len:#x} bytes in {}", space.describe()),
-                )
-            })
-        })?;
         // SAFETY: forwarded from the caller.
-        match unsafe { self.map_raw(vaddr, len, iova) } {
+        unsafe { self.map_any_flags(vaddr, len, 0) }
+    }
+
+    /// [`Iommu::map_any`] with `DMA_*` flags (only [`DMA_READONLY`] applies to a map).
+    ///
+    /// # Safety
+    /// As for [`Iommu::map`].
+    pub unsafe fn map_any_flags(&self, vaddr: *mut u8, len: usize, flags: u32) -> Result<u64> {
+        check_dma_args(vaddr, len, None)?;
+        let writable = map_permission(flags)?;
+        let iova = self.alloc_iova(len, dma_alignment(len))?;
+        // SAFETY: forwarded from the caller.
+        match unsafe { self.map_raw(vaddr, len, iova, writable) } {
             Ok(()) => Ok(iova),
             Err(e) => {
-                self.with_space(|space| Ok(space.release(iova, len as u64)))?;
+                self.release_iova(iova, len);
                 Err(e)
             }
         }
     }
 
-    unsafe fn map_raw(&self, vaddr: *mut u8, len: usize, iova: u64) -> Result<()> {
-        let result = match &self.0.backend {
-            // SAFETY: forwarded from the caller.
-            Backend::Type1 { container } => unsafe {
-                vfio::dma_map(container.as_fd(), vaddr as u64, len as u64, iova)
-            },
-            // SAFETY: forwarded from the caller.
-            Backend::Iommufd { fd, ioas } => unsafe {
-                iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova)
-            },
-        };
-        result.map_err(|sys::Errno(e)| {
-            let mut msg = format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: {}", std::io::Error::from_raw_os_error(e));
-            if e == libc::ENOMEM {
-                msg += &format!(
-                    " (RLIMIT_MEMLOCK is {} bytes; {len} more were asked: raise it with ulimit -l or grant CAP_IPC_LOCK)",
-                    sys::memlock_limit()
-                );
-            }
-            Error::new(e, msg)
-        })
+    /// An IOVA for `len` bytes aligned to `align`, with a guard page after it in guard mode.
+    fn alloc_iova(&self, len: usize, align: u64) -> Result<u64> {
+        let mut state = self.state();
+        let guard = if state.guarded.is_some() { sys::page_size() } else { 0 };
+        let iova = state.space.alloc((len + guard) as u64, align).ok_or_else(|| {
+            Error::new(
+                libc::ENOSPC,
+                format!("no free IOVA range of {len:#x} bytes in {}", state.space.describe()),
+            )
+        })?;
+        if let Some(guarded) = state.guarded.as_mut().filter(|_| guard > 0) {
+            guarded.insert(iova);
+        }
+        Ok(iova)
     }
 
-    /// Removes the DMA mapping made at `iova` with length `len`.
+    /// Gives an IOVA range (and its guard page) back to the allocator.
+    fn release_iova(&self, iova: u64, len: usize) {
+        let mut state = self.state();
+        let reserved = state.reserved(iova, len as u64);
+        state.space.release(iova, reserved);
+        if let Some(guarded) = state.guarded.as_mut() {
+            guarded.remove(&iova);
+        }
+    }
+
+    unsafe fn map_raw(&self, vaddr: *mut u8, len: usize, iova: u64, writable: bool) -> Result<()> {
+        let result = match &self.0.backend {
+            Backend::Type1 { container } => {
+                let mut state = self.state();
+                if let Some(early) = state.early.as_mut() {
+                    // No group yet: the kernel takes the map when the first one attaches.
+                    early.push(EarlyMap { vaddr: vaddr as usize, len, iova, writable });
+                    return Ok(());
+                }
+                drop(state);
+                // SAFETY: forwarded from the caller.
+                unsafe {
+                    vfio::dma_map(container.as_fd(), vaddr as u64, len as u64, iova, writable)
+                }
+            }
+            // SAFETY: forwarded from the caller.
+            Backend::Iommufd { fd, ioas } => unsafe {
+                iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova, writable)
+            },
+        };
+        result.map_err(|sys::Errno(e)| map_error(e, len, iova))
+    }
+
+    /// Removes the DMA mapping made at `iova` with length `len`. A DMA buffer's mapping is
+    /// refused: [`Iommu::free`] unmaps and frees it.
     pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
-        self.with_space(|space| match space.is_mapped(iova, len as u64) {
-            true => Ok(()),
-            false => Err(Error::new(
+        if self.state().buffer_iovas.contains(&iova) {
+            return Err(Error::new(
+                libc::EBUSY,
+                format!(
+                    "IOVA {iova:#x} is the mapping of a DMA buffer from alloc: free the buffer (vfiokit_dma_free) instead"
+                ),
+            ));
+        }
+        self.unmap_mapping(iova, len)
+    }
+
+    fn unmap_mapping(&self, iova: u64, len: usize) -> Result<()> {
+        let mut state = self.state();
+        let reserved = state.reserved(iova, len as u64);
+        if !state.space.is_mapped(iova, reserved) {
+            return Err(Error::new(
                 libc::ENOENT,
                 format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}"),
-            )),
-        })?;
-        match &self.0.backend {
-            Backend::Type1 { container } => {
-                vfio::dma_unmap(container.as_fd(), iova, len as u64).map(drop)
-            }
-            Backend::Iommufd { fd, ioas } => {
-                iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64)
-            }
+            ));
         }
-        .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))?;
+        if let Some(early) = state.early.as_mut() {
+            early.retain(|m| m.iova != iova);
+        } else {
+            drop(state);
+            match &self.0.backend {
+                Backend::Type1 { container } => {
+                    vfio::dma_unmap(container.as_fd(), iova, len as u64, false).map(drop)
+                }
+                Backend::Iommufd { fd, ioas } => {
+                    iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64).map(drop)
+                }
+            }
+            .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))?;
+        }
         // Only now may the allocator hand the IOVA out again: released earlier, another thread
         // could map it while the kernel still has the old mapping (EEXIST).
-        self.with_space(|space| Ok(space.release(iova, len as u64)))?;
+        self.release_iova(iova, len);
         Ok(())
     }
 
     /// Allocates `len` bytes (rounded up to pages) of zeroed memory and maps it for DMA.
     /// Returns its address and IOVA; [`Iommu::free`] releases both.
     pub fn alloc(&self, len: usize) -> Result<(NonNull<u8>, u64)> {
+        self.alloc_flags(len, 0)
+    }
+
+    /// [`Iommu::alloc`] with `DMA_*` flags: [`DMA_READONLY`], and [`DMA_HUGE_2M`] or
+    /// [`DMA_HUGE_1G`] for hugetlb-backed memory (length rounded up to the huge page, IOVA
+    /// aligned to it).
+    pub fn alloc_flags(&self, len: usize, flags: u32) -> Result<(NonNull<u8>, u64)> {
         if len == 0 {
             return Err(Error::invalid("DMA buffer length is zero"));
         }
-        let len = len.next_multiple_of(sys::page_size());
-        let addr =
-            mem::anonymous(len).context(|| format!("allocating a {len:#x}-byte DMA buffer"))?;
-        // SAFETY: fresh private memory that only the buffer registry (and the caller) reach.
-        match unsafe { self.map_any(addr.as_ptr(), len) } {
+        check_flags(flags)?;
+        let huge_shift = match flags & (DMA_HUGE_2M | DMA_HUGE_1G) {
+            0 => 0,
+            DMA_HUGE_2M => 21,
+            DMA_HUGE_1G => 30,
+            _ => return Err(Error::invalid("DMA_HUGE_2M and DMA_HUGE_1G exclude each other")),
+        };
+        let page = if huge_shift == 0 { sys::page_size() } else { 1 << huge_shift };
+        let len = len.checked_next_multiple_of(page).ok_or_else(|| {
+            Error::invalid(format!("DMA buffer length {len:#x} overflows when rounded to pages"))
+        })?;
+        let addr = mem::anonymous(len, huge_shift)
+            .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
+        let align = dma_alignment(len).max(page as u64);
+        let mapped = self.alloc_iova(len, align).and_then(|iova| {
+            // SAFETY: fresh private memory that only the buffer registry (and the caller) reach.
+            match unsafe { self.map_raw(addr.as_ptr(), len, iova, flags & DMA_READONLY == 0) } {
+                Ok(()) => Ok(iova),
+                Err(e) => {
+                    self.release_iova(iova, len);
+                    Err(e)
+                }
+            }
+        });
+        match mapped {
             Ok(iova) => {
-                self.state().buffers.insert(addr.as_ptr() as usize, (iova, len));
+                let mut state = self.state();
+                state.buffers.insert(addr.as_ptr() as usize, Buffer { iova, len });
+                state.buffer_iovas.insert(iova);
                 Ok((addr, iova))
             }
             Err(e) => {
@@ -341,15 +512,41 @@ impl Iommu {
         }
     }
 
-    /// Unmaps and frees a buffer from [`Iommu::alloc`].
+    /// Unmaps and frees a buffer from [`Iommu::alloc`]. In guard mode its memory is poisoned
+    /// (0x6b) first, so a device still reading it sees garbage rather than stale data.
     pub fn free(&self, vaddr: *mut u8) -> Result<()> {
-        let (iova, len) = self.state().buffers.remove(&(vaddr as usize)).ok_or_else(|| {
-            Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context"))
-        })?;
-        let unmapped = self.unmap(iova, len);
+        let mut state = self.state();
+        let Some(buffer) = state.buffers.remove(&(vaddr as usize)) else {
+            return Err(Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context")));
+        };
+        state.buffer_iovas.remove(&buffer.iova);
+        let poison = state.guarded.is_some();
+        drop(state);
+        let addr = NonNull::new(vaddr).expect("registered buffers are non-null");
+        if poison {
+            // SAFETY: our buffer, which the caller gives up by freeing it.
+            unsafe { std::ptr::write_bytes(addr.as_ptr(), 0x6b, buffer.len) };
+        }
+        let unmapped = self.unmap_mapping(buffer.iova, buffer.len);
         // SAFETY: the buffer came from alloc and is no longer registered or DMA-mapped.
-        unsafe { mem::unmap(NonNull::new(vaddr).expect("registered buffers are non-null"), len) };
+        unsafe { mem::unmap(addr, buffer.len) };
         unmapped
+    }
+
+    /// Turns guard mode on or off for later allocations (the `VFIOKIT_DMA_GUARD=1` environment
+    /// variable turns it on for every new context): each IOVA range `alloc` and `map_any` hand
+    /// out is followed by an unmapped page, so a device running past the end of a buffer is
+    /// stopped by the IOMMU, and freed buffers are poisoned.
+    pub fn set_dma_guard(&self, on: bool) {
+        let mut state = self.state();
+        match (on, state.guarded.is_some()) {
+            (true, false) => state.guarded = Some(HashSet::new()),
+            // Ranges handed out under guard keep their guard page until released.
+            (false, true) if state.guarded.as_ref().is_some_and(HashSet::is_empty) => {
+                state.guarded = None
+            }
+            _ => {}
+        }
     }
 }
 
@@ -362,6 +559,67 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn dma_alignment(len: usize) -> u64 {
     const HUGE: usize = 2 << 20;
     if len >= HUGE { HUGE as u64 } else { sys::page_size() as u64 }
+}
+
+fn check_flags(flags: u32) -> Result<()> {
+    match flags & !DMA_FLAGS {
+        0 => Ok(()),
+        unknown => Err(Error::invalid(format!("unknown DMA flags {unknown:#x}"))),
+    }
+}
+
+/// Whether a map with `flags` is writable by the device; hugepage flags are for `alloc` only.
+fn map_permission(flags: u32) -> Result<bool> {
+    check_flags(flags)?;
+    if flags & (DMA_HUGE_2M | DMA_HUGE_1G) != 0 {
+        return Err(Error::invalid(
+            "DMA_HUGE_2M/DMA_HUGE_1G apply to allocations: a map uses the memory it is given",
+        ));
+    }
+    Ok(flags & DMA_READONLY == 0)
+}
+
+fn map_error(e: i32, len: usize, iova: u64) -> Error {
+    let mut msg = format!(
+        "DMA map of {len:#x} bytes at IOVA {iova:#x}: {}",
+        std::io::Error::from_raw_os_error(e)
+    );
+    if e == libc::ENOMEM {
+        msg += &format!(
+            " (RLIMIT_MEMLOCK is {} bytes; {len} more were asked: raise it with ulimit -l or grant CAP_IPC_LOCK)",
+            sys::memlock_limit()
+        );
+    }
+    Error::new(e, msg)
+}
+
+/// Why a DMA buffer's memory could not be had, with the hugetlb knob to turn where it applies.
+fn alloc_error(e: i32, len: usize, huge_shift: u32) -> Error {
+    let what = format!("allocating a {len:#x}-byte DMA buffer");
+    if huge_shift == 0 {
+        return Error::os(e, what);
+    }
+    let kb = 1usize << (huge_shift - 10);
+    let knob = match huge_shift {
+        21 => "/proc/sys/vm/nr_hugepages".to_string(),
+        _ => format!("/sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages"),
+    };
+    let free =
+        sysfs::read_u64(&format!("/sys/kernel/mm/hugepages/hugepages-{kb}kB/free_hugepages"));
+    match (e, free) {
+        (libc::ENOMEM, Ok(free)) => Error::new(
+            libc::ENOMEM,
+            format!(
+                "{what} in {kb} kB hugepages: {} are needed and {free} are free (reserve more in {knob})",
+                len >> huge_shift
+            ),
+        ),
+        (_, Err(_)) => Error::new(
+            libc::ENOTSUP,
+            format!("{what} in {kb} kB hugepages: this kernel has no {kb} kB hugetlb pages"),
+        ),
+        _ => Error::os(e, format!("{what} in {kb} kB hugepages")),
+    }
 }
 
 fn check_dma_args(vaddr: *mut u8, len: usize, iova: Option<u64>) -> Result<()> {
@@ -441,6 +699,41 @@ fn ioas_ranges(fd: &OwnedFd, ioas: u32) -> Result<Vec<IovaRange>> {
     let ranges = iommufd::ioas_iova_ranges(fd.as_fd(), ioas)
         .context(|| format!("IOVA ranges of IOAS {ioas}"))?;
     Ok(ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect())
+}
+
+/// Gives the kernel the maps made before the container had a group (now it has one), after
+/// checking them against the valid ranges it now reports, which it returns.
+fn replay_early_maps(container: &OwnedFd, early: &[EarlyMap]) -> Result<Vec<IovaRange>> {
+    let ranges = type1_ranges(container)?;
+    for m in early {
+        let last = m.iova + (m.len as u64 - 1);
+        if !ranges.iter().any(|r| r.start <= m.iova && last <= r.last) {
+            return Err(Error::invalid(format!(
+                "the DMA map of {:#x} bytes at IOVA {:#x}, made before any device, is outside the IOVA ranges \
+                 of this IOMMU: {}",
+                m.len,
+                m.iova,
+                ranges
+                    .iter()
+                    .map(|r| format!("[{:#x}, {:#x}]", r.start, r.last))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )));
+        }
+    }
+    for (i, m) in early.iter().enumerate() {
+        // SAFETY: the caller of the map that recorded this took on its memory contract.
+        let done = unsafe {
+            vfio::dma_map(container.as_fd(), m.vaddr as u64, m.len as u64, m.iova, m.writable)
+        };
+        if let Err(sys::Errno(e)) = done {
+            for undo in &early[..i] {
+                let _ = vfio::dma_unmap(container.as_fd(), undo.iova, undo.len as u64, false);
+            }
+            return Err(map_error(e, m.len, m.iova));
+        }
+    }
+    Ok(ranges)
 }
 
 /// The valid IOVA ranges from the type1 info's capability chain; without one (older kernels),

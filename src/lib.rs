@@ -23,7 +23,10 @@ pub use caps::DecodeError;
 pub use device::{Device, Width};
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
-pub use iommu::{IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu, IommuKind};
+pub use iommu::{
+    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu,
+    IommuKind,
+};
 pub use iova::IovaRange;
 pub use irq::Irq;
 pub use region::{Area, Region};

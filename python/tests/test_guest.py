@@ -75,6 +75,36 @@ def test_edu_msi(edu):
             irq.wait(0)
 
 
+@pytest.mark.parametrize("closer", ["irq", "device"])
+def test_close_from_another_thread_ends_a_wait(edu, closer):
+    """Irq.close() or Device.close() in one thread ends another's Irq.wait() (no timeout) with
+    ECANCELED within 100 ms; the device's fds go with it."""
+    import threading
+    fds_before = len(os.listdir("/proc/self/fd"))
+    dev = vfiokit.open(edu)
+    irq = dev.irq(vfiokit.IRQ_MSI)
+    result = {}
+
+    def wait():
+        try:
+            irq.wait()
+        except OSError as e:
+            result["error"], result["at"] = e, time.monotonic()
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    (irq if closer == "irq" else dev).close()
+    closed = time.monotonic()
+    t.join(5)
+    assert not t.is_alive()
+    assert result["error"].errno == errno.ECANCELED
+    assert ("disabled" if closer == "irq" else "closed") in str(result["error"])
+    assert result["at"] - closed < 0.1
+    dev.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_edu_dma_round_trip(edu):
     with vfiokit.open(edu) as dev:
         bus_master(dev)

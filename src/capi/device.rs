@@ -1,39 +1,142 @@
 //! C exports for devices: records, regions, accessors, config space, IRQs.
 
+use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::iommu::vfiokit_iommu;
-use super::{Handle, call, call_or, close, need, opened, put, str_arg};
+use super::{ArcHandle, call, call_or, need, put, str_arg};
 use crate::device::{Device, Width};
 use crate::error::{Error, Result};
 
 /// An open VFIO device (opaque).
 pub struct vfiokit_device {
+    _private: [u8; 0],
+}
+
+/// What a device handle points to: type-stable memory, never returned to the allocator and
+/// reused only for later device handles. So a call that starts after close reads "closed"
+/// (EBADF) instead of freed memory, and calls in flight during close keep the device alive:
+/// the last of them to return releases it (fds, mappings, eventfds).
+pub(super) struct DeviceSlot {
+    /// [`DeviceSlot::MAGIC`] once made: a best-effort check for foreign pointers.
     magic: u64,
-    device: Device,
-    iommu: Arc<vfiokit_iommu>,
+    /// CLOSED and DROPPED bits, and the number of calls in flight below them.
+    state: AtomicU64,
+    /// Written only while no call can read it: before the handle is handed out, and by the
+    /// one thread that wins the CLOSED -> DROPPED transition.
+    device: UnsafeCell<Option<Device>>,
 }
 
-impl Handle for vfiokit_device {
+// SAFETY: `device` is read only by calls holding an in-flight count on an open slot, and written
+// only when no such call exists (see the field); Device itself is Send + Sync.
+unsafe impl Sync for DeviceSlot {}
+
+const CLOSED: u64 = 1 << 63;
+const DROPPED: u64 = 1 << 62;
+
+/// Slots whose device was dropped, for reuse by later opens.
+static FREE_SLOTS: Mutex<Vec<&'static DeviceSlot>> = Mutex::new(Vec::new());
+
+impl DeviceSlot {
     const MAGIC: u64 = u64::from_be_bytes(*b"vfkDEVIC");
-    const NAME: &'static str = "dev";
-    fn magic(&self) -> u64 {
-        self.magic
+
+    /// A slot holding `device`, open, with no call in flight.
+    fn fill(device: Device) -> &'static DeviceSlot {
+        let free = FREE_SLOTS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let slot = free.unwrap_or_else(|| {
+            Box::leak(Box::new(DeviceSlot {
+                magic: Self::MAGIC,
+                state: AtomicU64::new(CLOSED | DROPPED),
+                device: UnsafeCell::new(None),
+            }))
+        });
+        // SAFETY: the slot is DROPPED and unreachable from any handle C holds as open: calls
+        // that still arrive on it see CLOSED and leave without touching `device`.
+        unsafe { *slot.device.get() = Some(device) };
+        // Clears both bits and keeps the counts of such late calls, which undo their own.
+        slot.state.fetch_and(!(CLOSED | DROPPED), Ordering::Release);
+        slot
+    }
+
+    /// Starts a call: the device, held until the returned guard drops.
+    fn enter(&'static self) -> Result<InFlight> {
+        let state = self.state.fetch_add(1, Ordering::Acquire);
+        let call = InFlight(self);
+        if state & CLOSED != 0 {
+            return Err(Error::new(
+                libc::EBADF,
+                format!("dev {:p} is not open (closed already?)", self),
+            ));
+        }
+        Ok(call)
+    }
+
+    /// Called as a call leaves: the last one out of a closed slot drops the device.
+    fn leave(&'static self) {
+        if self.state.fetch_sub(1, Ordering::AcqRel) != CLOSED | 1
+            || self
+                .state
+                .compare_exchange(CLOSED, CLOSED | DROPPED, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // SAFETY: we won CLOSED -> DROPPED with no call in flight; later calls see CLOSED.
+        drop(unsafe { (*self.device.get()).take() });
+        FREE_SLOTS.lock().unwrap_or_else(|e| e.into_inner()).push(self);
     }
 }
 
-impl Drop for vfiokit_device {
+/// A call in flight on a device: derefs to the device, leaves the slot when dropped.
+struct InFlight(&'static DeviceSlot);
+
+impl InFlight {
+    /// Marks the slot closed and ends the IRQ waits on it; the device goes when the last call
+    /// in flight (this one included) returns.
+    fn close(self) -> Result<()> {
+        let slot = self.0;
+        if slot.state.fetch_or(CLOSED, Ordering::AcqRel) & CLOSED != 0 {
+            // Another thread's close got there first.
+            return Err(Error::new(
+                libc::EBADF,
+                format!("vfiokit_device {slot:p} is closed already"),
+            ));
+        }
+        self.cancel_waits();
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for InFlight {
+    type Target = Device;
+    fn deref(&self) -> &Device {
+        // SAFETY: while this call is in flight the device is present and not written.
+        unsafe { (*self.0.device.get()).as_ref() }.expect("an open slot holds its device")
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.magic = 0;
+        self.0.leave()
     }
 }
 
+/// The device behind `dev`, held for the duration of one call.
+///
 /// # Safety
-/// `dev` must be NULL or point to memory at least as large as a handle.
-unsafe fn dev<'a>(dev: *const vfiokit_device) -> Result<&'a Device> {
+/// `dev` must be NULL or a pointer from `vfiokit_device_open` (open or closed), or point to
+/// readable memory at least as large as a handle.
+unsafe fn dev(dev: *const vfiokit_device) -> Result<InFlight> {
     // SAFETY: forwarded from the caller.
-    Ok(&unsafe { vfiokit_device::from_ptr(dev) }?.device)
+    let slot = unsafe { dev.cast::<DeviceSlot>().as_ref() }.ok_or_else(|| super::null("dev"))?;
+    if slot.magic != DeviceSlot::MAGIC {
+        return Err(Error::new(libc::EBADF, format!("dev {dev:p} is not a vfiokit_device")));
+    }
+    // SAFETY: slots are leaked, so every real handle is 'static.
+    let slot: &'static DeviceSlot = unsafe { &*(slot as *const DeviceSlot) };
+    slot.enter()
 }
 
 /// Opens a device by PCI address ("0000:00:02.0", "00:02.0") or sysfs path, in `iommu`
@@ -53,35 +156,38 @@ pub unsafe extern "C" fn vfiokit_device_open(
         let name = unsafe { str_arg(name, "name") }?;
         // With no context, the device's name is checked before the shared context is made,
         // so a bad name is reported as such even where VFIO is missing.
-        let (device, iommu) = if iommu.is_null() {
-            let device = Device::open(name, None)?;
-            let shared = vfiokit_iommu::shared(device.iommu());
-            (device, shared)
-        } else {
+        let device = match iommu.is_null() {
+            true => Device::open(name, None)?,
             // SAFETY: forwarded from the caller.
-            let iommu = unsafe { vfiokit_iommu::retain(iommu) }?;
-            (Device::open(name, Some(&iommu.iommu))?, iommu)
+            false => Device::open(name, Some(&unsafe { super::iommu::iommu(iommu) }?))?,
         };
-        let handle = Box::new(vfiokit_device { magic: vfiokit_device::MAGIC, device, iommu });
+        let slot: *const DeviceSlot = DeviceSlot::fill(device);
         // SAFETY: checked non-null.
-        unsafe { put(out, "out", opened(Box::into_raw(handle)).cast_mut()) }
+        unsafe { put(out, "out", slot.cast_mut().cast()) }
     })
 }
 
-/// Closes a device: disables its IRQs, unmaps its regions, closes its fds. NULL is fine.
-///
-/// Closing a handle twice is refused with `EBADF` (the message says so).
+/// Closes a device: ends every `vfiokit_irq_wait` on it (they return `-ECANCELED`), and once
+/// the calls other threads are making on it have returned, disables its IRQs, unmaps its
+/// regions and closes its fds. NULL is fine; closing a handle twice is refused with `EBADF`.
 ///
 /// # Safety
 /// `dev` must be NULL or from `vfiokit_device_open`; nothing may use it or its records,
-/// mappings or eventfds afterwards.
+/// mappings or eventfds after the calls in flight have returned.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_device_close(dev: *mut vfiokit_device) {
-    // SAFETY: from Box::into_raw in vfiokit_device_open, and open until now.
-    close(dev, "vfiokit_device", |p| drop(unsafe { Box::from_raw(p) }))
+    call_or(
+        |_| (),
+        || match dev.is_null() {
+            true => Ok(()),
+            // SAFETY: forwarded from the caller.
+            false => unsafe { self::dev(dev) }?.close(),
+        },
+    )
 }
 
 /// The device's DMA context (borrowed: valid while the device is open; do not close it).
+/// Devices opened in the same context give the same pointer.
 ///
 /// # Safety
 /// `dev` must be NULL or live.
@@ -90,7 +196,7 @@ pub unsafe extern "C" fn vfiokit_device_iommu(dev: *const vfiokit_device) -> *mu
     call_or(
         |_| std::ptr::null_mut(),
         // SAFETY: forwarded from the caller.
-        || Ok(Arc::as_ptr(&unsafe { vfiokit_device::from_ptr(dev) }?.iommu).cast_mut()),
+        || Ok(vfiokit_iommu::borrow_c(unsafe { self::dev(dev) }?.iommu().as_arc())),
     )
 }
 
@@ -105,12 +211,22 @@ pub unsafe extern "C" fn vfiokit_device_reset(dev: *mut vfiokit_device) -> c_int
 }
 
 /// Returns a record array owned by the device (NULL on error) and its length in `*n`.
-fn records<'a, T: 'a>(n: *mut usize, get: impl FnOnce() -> Result<&'a [T]>) -> *const T {
+///
+/// # Safety
+/// `dev` must be NULL or live; `n` NULL or writable.
+unsafe fn records<T>(
+    dev: *const vfiokit_device,
+    n: *mut usize,
+    get: impl FnOnce(&Device) -> &[T],
+) -> *const T {
     call_or(
         |_| std::ptr::null(),
         || {
             need(n, "n")?;
-            let records = get()?;
+            // SAFETY: forwarded from the caller.
+            let handle = unsafe { self::dev(dev) }?;
+            // The records live as long as the handle: the caller's reference outlives this call.
+            let records = get(&handle);
             // SAFETY: checked non-null.
             unsafe { put(n, "n", records.len()) }?;
             Ok(records.as_ptr())
@@ -127,8 +243,8 @@ pub unsafe extern "C" fn vfiokit_device_regions(
     dev: *const vfiokit_device,
     n: *mut usize,
 ) -> *const crate::Region {
-    // SAFETY: forwarded from the caller; the records live as long as the handle.
-    records(n, || Ok(unsafe { self::dev(dev) }?.regions()))
+    // SAFETY: forwarded from the caller.
+    unsafe { records(dev, n, Device::regions) }
 }
 
 /// The mmap-area records (each region's slice is first_area..first_area+num_areas).
@@ -140,8 +256,8 @@ pub unsafe extern "C" fn vfiokit_device_areas(
     dev: *const vfiokit_device,
     n: *mut usize,
 ) -> *const crate::Area {
-    // SAFETY: forwarded from the caller; the records live as long as the handle.
-    records(n, || Ok(unsafe { self::dev(dev) }?.areas()))
+    // SAFETY: forwarded from the caller.
+    unsafe { records(dev, n, Device::areas) }
 }
 
 /// The IRQ records; record i describes irq index i. Valid until close.
@@ -153,8 +269,8 @@ pub unsafe extern "C" fn vfiokit_device_irqs(
     dev: *const vfiokit_device,
     n: *mut usize,
 ) -> *const crate::Irq {
-    // SAFETY: forwarded from the caller; the records live as long as the handle.
-    records(n, || Ok(unsafe { self::dev(dev) }?.irqs()))
+    // SAFETY: forwarded from the caller.
+    unsafe { records(dev, n, Device::irqs) }
 }
 
 /// One contiguous mapping of a region (mmappable areas mapped, the rest inaccessible).
@@ -177,8 +293,10 @@ pub unsafe extern "C" fn vfiokit_region_map(
     })
 }
 
+/// The caller's buffer for a write to the device.
+///
 /// # Safety
-/// `buf` must be NULL or valid for `len` bytes.
+/// `buf` must be NULL or valid for reads of `len` bytes, for `'a`.
 unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
     match (buf.is_null(), len) {
         (_, 0) => Ok(&[]),
@@ -188,11 +306,25 @@ unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
     }
 }
 
+/// The caller's buffer for a read from the device.
+///
+/// # Safety
+/// `buf` must be NULL or valid for writes of `len` bytes, for `'a`, and not otherwise
+/// referenced meanwhile.
+unsafe fn bytes_mut<'a>(buf: *mut c_void, len: usize) -> Result<&'a mut [u8]> {
+    match (buf.is_null(), len) {
+        (_, 0) => Ok(&mut []),
+        (true, _) => Err(super::null("buf")),
+        // SAFETY: upheld by the caller.
+        (false, _) => Ok(unsafe { std::slice::from_raw_parts_mut(buf.cast(), len) }),
+    }
+}
+
 /// Reads `len` bytes at `off` of a region into `buf`. 1, 2, 4 or 8 bytes at an offset aligned
 /// to that size are one access of that width; longer transfers use unspecified widths.
 ///
 /// # Safety
-/// `dev` NULL or live; `buf` valid for `len` bytes.
+/// `dev` NULL or live; `buf` valid for writes of `len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_region_read(
     dev: *mut vfiokit_device,
@@ -201,14 +333,8 @@ pub unsafe extern "C" fn vfiokit_region_read(
     buf: *mut c_void,
     len: usize,
 ) -> c_int {
-    call(|| {
-        // SAFETY: forwarded from the caller; the slice is only written through.
-        let out = unsafe { bytes(buf, len) }?;
-        // SAFETY: as above: the caller gave us len writable bytes.
-        let out = unsafe { std::slice::from_raw_parts_mut(out.as_ptr().cast_mut(), out.len()) };
-        // SAFETY: forwarded from the caller.
-        unsafe { self::dev(dev) }?.read(region, off, out)
-    })
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { self::dev(dev) }?.read(region, off, unsafe { bytes_mut(buf, len) }?))
 }
 
 /// Writes `len` bytes from `buf` at `off` of a region (access widths as for reads).
@@ -227,18 +353,27 @@ pub unsafe extern "C" fn vfiokit_region_write(
     call(|| unsafe { self::dev(dev) }?.write(region, off, unsafe { bytes(buf, len) }?))
 }
 
-fn read_reg<T: Width>(dev: *mut vfiokit_device, region: u32, off: u64, val: *mut T) -> c_int {
+/// # Safety
+/// `dev` NULL or live; `val` NULL or writable.
+unsafe fn read_reg<T: Width>(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    val: *mut T,
+) -> c_int {
     call(|| {
         need(val, "val")?;
-        // SAFETY: the exports forward their callers' guarantee that dev is NULL or live.
+        // SAFETY: forwarded from the caller.
         let v = unsafe { self::dev(dev) }?.read_reg::<T>(region, off)?;
         // SAFETY: checked non-null; the caller provides a writable slot.
         unsafe { put(val, "val", v) }
     })
 }
 
-fn write_reg<T: Width>(dev: *mut vfiokit_device, region: u32, off: u64, val: T) -> c_int {
-    // SAFETY: the exports forward their callers' guarantee that dev is NULL or live.
+/// # Safety
+/// `dev` NULL or live.
+unsafe fn write_reg<T: Width>(dev: *mut vfiokit_device, region: u32, off: u64, val: T) -> c_int {
+    // SAFETY: forwarded from the caller.
     call(|| unsafe { self::dev(dev) }?.write_reg(region, off, val))
 }
 
@@ -256,7 +391,8 @@ pub unsafe extern "C" fn vfiokit_read8(
     off: u64,
     val: *mut u8,
 ) -> c_int {
-    read_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { read_reg(dev, region, off, val) }
 }
 
 /// One 8-bit write at `off` (aligned), through the mapping or the device fd as for reads.
@@ -270,7 +406,8 @@ pub unsafe extern "C" fn vfiokit_write8(
     off: u64,
     val: u8,
 ) -> c_int {
-    write_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { write_reg(dev, region, off, val) }
 }
 
 /// One 16-bit read at `off` (aligned): through the mapping where the offset is mmappable,
@@ -285,7 +422,8 @@ pub unsafe extern "C" fn vfiokit_read16(
     off: u64,
     val: *mut u16,
 ) -> c_int {
-    read_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { read_reg(dev, region, off, val) }
 }
 
 /// One 16-bit write at `off` (aligned), through the mapping or the device fd as for reads.
@@ -299,7 +437,8 @@ pub unsafe extern "C" fn vfiokit_write16(
     off: u64,
     val: u16,
 ) -> c_int {
-    write_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { write_reg(dev, region, off, val) }
 }
 
 /// One 32-bit read at `off` (aligned): through the mapping where the offset is mmappable,
@@ -314,7 +453,8 @@ pub unsafe extern "C" fn vfiokit_read32(
     off: u64,
     val: *mut u32,
 ) -> c_int {
-    read_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { read_reg(dev, region, off, val) }
 }
 
 /// One 32-bit write at `off` (aligned), through the mapping or the device fd as for reads.
@@ -328,7 +468,8 @@ pub unsafe extern "C" fn vfiokit_write32(
     off: u64,
     val: u32,
 ) -> c_int {
-    write_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { write_reg(dev, region, off, val) }
 }
 
 /// One 64-bit read at `off` (aligned): through the mapping where the offset is mmappable,
@@ -343,7 +484,8 @@ pub unsafe extern "C" fn vfiokit_read64(
     off: u64,
     val: *mut u64,
 ) -> c_int {
-    read_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { read_reg(dev, region, off, val) }
 }
 
 /// One 64-bit write at `off` (aligned), through the mapping or the device fd as for reads.
@@ -357,7 +499,8 @@ pub unsafe extern "C" fn vfiokit_write64(
     off: u64,
     val: u64,
 ) -> c_int {
-    write_reg(dev, region, off, val)
+    // SAFETY: forwarded from the caller.
+    unsafe { write_reg(dev, region, off, val) }
 }
 
 /// The config-space offset of a capability: `cap_id < 0x100` standard, `id + 0x10000`

@@ -1,65 +1,32 @@
 //! C exports for DMA contexts.
 
-use std::ffi::{c_int, c_void};
-use std::sync::{Arc, Mutex, Weak};
-
-use super::{Handle, call, call_or, close, need, opened, put};
+use super::{ArcHandle, call, call_or, need, put};
 use crate::error::Result;
-use crate::iommu::{IOMMU_AUTO, Iommu};
+use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu};
 use crate::iova::IovaRange;
+use std::ffi::{c_int, c_void};
 
 /// A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
 pub struct vfiokit_iommu {
-    magic: u64,
-    pub(super) iommu: Iommu,
+    _private: [u8; 0],
 }
 
-impl Handle for vfiokit_iommu {
-    const MAGIC: u64 = u64::from_be_bytes(*b"vfkIOMMU");
+impl ArcHandle for vfiokit_iommu {
+    type Target = DmaContext;
     const NAME: &'static str = "iommu";
-    fn magic(&self) -> u64 {
-        self.magic
+    const TYPE: &'static str = "vfiokit_iommu";
+    fn is_open(target: &DmaContext) -> bool {
+        target.is_live()
     }
 }
 
-impl Drop for vfiokit_iommu {
-    fn drop(&mut self) {
-        self.magic = 0;
-    }
-}
-
-impl vfiokit_iommu {
-    fn new(iommu: Iommu) -> Arc<vfiokit_iommu> {
-        Arc::new(vfiokit_iommu { magic: Self::MAGIC, iommu })
-    }
-
-    /// The handle of the process-wide shared context that `iommu` (a device's) is: one per
-    /// process while in use, so `vfiokit_device_iommu` gives every such device the same pointer.
-    pub(super) fn shared(iommu: &Iommu) -> Arc<vfiokit_iommu> {
-        static SHARED: Mutex<Weak<vfiokit_iommu>> = Mutex::new(Weak::new());
-        let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.upgrade() {
-            Some(h) if h.iommu == *iommu => h,
-            _ => {
-                let h = vfiokit_iommu::new(iommu.clone());
-                *slot = Arc::downgrade(&h);
-                h
-            }
-        }
-    }
-
-    /// A new reference to the handle behind `p`.
-    ///
-    /// # Safety
-    /// `p` must be NULL or a pointer from `vfiokit_iommu_open`/`vfiokit_device_iommu`.
-    pub(super) unsafe fn retain(p: *const vfiokit_iommu) -> Result<Arc<vfiokit_iommu>> {
-        // SAFETY: forwarded from the caller.
-        unsafe { Self::from_ptr(p) }?;
-        // SAFETY: p came from Arc::into_raw (open) or Arc::as_ptr of a live Arc (device).
-        unsafe { Arc::increment_strong_count(p) };
-        // SAFETY: balanced by the increment above.
-        Ok(unsafe { Arc::from_raw(p) })
-    }
+/// The context behind `p`, held for the duration of one call.
+///
+/// # Safety
+/// As for [`ArcHandle::retain`].
+pub(super) unsafe fn iommu(p: *const vfiokit_iommu) -> Result<Iommu> {
+    // SAFETY: forwarded from the caller.
+    Ok(Iommu::from_arc(unsafe { vfiokit_iommu::retain(p) }?))
 }
 
 /// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1` or `_IOMMUFD`.
@@ -70,9 +37,9 @@ impl vfiokit_iommu {
 pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_iommu) -> c_int {
     call(|| {
         need(out, "out")?;
-        let h = vfiokit_iommu::new(Iommu::open(kind)?);
+        let h = vfiokit_iommu::into_c(Iommu::open(kind)?.into_arc());
         // SAFETY: checked non-null; the caller provides a writable slot.
-        unsafe { put(out, "out", opened(Arc::into_raw(h)).cast_mut()) }
+        unsafe { put(out, "out", h) }
     })
 }
 
@@ -83,8 +50,8 @@ pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_io
 /// `iommu` must be NULL or from `vfiokit_iommu_open`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
-    // SAFETY: the reference vfiokit_iommu_open handed out, released exactly once.
-    close(iommu, "vfiokit_iommu", |p| drop(unsafe { Arc::from_raw(p) }))
+    // SAFETY: forwarded from the caller.
+    unsafe { vfiokit_iommu::close(iommu, |_| ()) }
 }
 
 /// `VFIOKIT_IOMMU_TYPE1` or `VFIOKIT_IOMMU_IOMMUFD`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
@@ -94,7 +61,7 @@ pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_iommu_kind(iommu: *const vfiokit_iommu) -> u32 {
     // SAFETY: forwarded from the caller.
-    call_or(|_| IOMMU_AUTO, || Ok(unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.kind().code()))
+    call_or(|_| IOMMU_AUTO, || Ok(unsafe { self::iommu(iommu) }?.kind().code()))
 }
 
 /// Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which
@@ -111,12 +78,12 @@ pub unsafe extern "C" fn vfiokit_iommu_iova_ranges(
 ) -> c_int {
     call(|| {
         // SAFETY: forwarded from the caller.
-        let h = unsafe { vfiokit_iommu::from_ptr(iommu) }?;
+        let h = unsafe { self::iommu(iommu) }?;
         need(n, "n")?;
         if cap > 0 {
             need(out, "out")?;
         }
-        let ranges = h.iommu.iova_ranges()?;
+        let ranges = h.iova_ranges()?;
         for (i, r) in ranges.iter().take(cap).enumerate() {
             // SAFETY: i < cap, and out holds cap records.
             unsafe { out.add(i).write(*r) };
@@ -139,7 +106,7 @@ pub unsafe extern "C" fn vfiokit_dma_map(
 ) -> c_int {
     call(|| {
         // SAFETY: forwarded from the caller (pointer validity and memory lifetime).
-        unsafe { vfiokit_iommu::from_ptr(iommu)?.iommu.map(vaddr.cast(), len, iova) }
+        unsafe { self::iommu(iommu)?.map(vaddr.cast(), len, iova) }
     })
 }
 
@@ -157,7 +124,7 @@ pub unsafe extern "C" fn vfiokit_dma_map_any(
     call(|| {
         need(iova, "iova")?;
         // SAFETY: forwarded from the caller.
-        let at = unsafe { vfiokit_iommu::from_ptr(iommu)?.iommu.map_any(vaddr.cast(), len) }?;
+        let at = unsafe { self::iommu(iommu)?.map_any(vaddr.cast(), len) }?;
         // SAFETY: checked non-null.
         unsafe { put(iova, "iova", at) }
     })
@@ -174,7 +141,7 @@ pub unsafe extern "C" fn vfiokit_dma_unmap(
     len: usize,
 ) -> c_int {
     // SAFETY: forwarded from the caller.
-    call(|| unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.unmap(iova, len))
+    call(|| unsafe { self::iommu(iommu) }?.unmap(iova, len))
 }
 
 /// Allocates zeroed, page-rounded memory mapped for DMA; returns its address and IOVA.
@@ -192,7 +159,7 @@ pub unsafe extern "C" fn vfiokit_dma_alloc(
         need(vaddr, "vaddr")?;
         need(iova, "iova")?;
         // SAFETY: forwarded from the caller.
-        let (addr, at) = unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.alloc(len)?;
+        let (addr, at) = unsafe { self::iommu(iommu) }?.alloc(len)?;
         // SAFETY: both checked non-null.
         unsafe {
             put(vaddr, "vaddr", addr.as_ptr().cast())?;
@@ -208,5 +175,89 @@ pub unsafe extern "C" fn vfiokit_dma_alloc(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_dma_free(iommu: *mut vfiokit_iommu, vaddr: *mut c_void) -> c_int {
     // SAFETY: forwarded from the caller.
-    call(|| unsafe { vfiokit_iommu::from_ptr(iommu) }?.iommu.free(vaddr.cast()))
+    call(|| unsafe { self::iommu(iommu) }?.free(vaddr.cast()))
+}
+
+/// `vfiokit_dma_map` with `VFIOKIT_DMA_*` flags: `VFIOKIT_DMA_READONLY` makes the mapping
+/// readable only by the device. 0 is `vfiokit_dma_map`.
+///
+/// # Safety
+/// As for `vfiokit_dma_map`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_map_flags(
+    iommu: *mut vfiokit_iommu,
+    vaddr: *mut c_void,
+    len: usize,
+    iova: u64,
+    flags: u32,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller (pointer validity and memory lifetime).
+        unsafe { self::iommu(iommu)?.map_flags(vaddr.cast(), len, iova, flags) }
+    })
+}
+
+/// `vfiokit_dma_map_any` with `VFIOKIT_DMA_*` flags (as for `vfiokit_dma_map_flags`).
+///
+/// # Safety
+/// As for `vfiokit_dma_map`; `iova` valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_map_any_flags(
+    iommu: *mut vfiokit_iommu,
+    vaddr: *mut c_void,
+    len: usize,
+    flags: u32,
+    iova: *mut u64,
+) -> c_int {
+    call(|| {
+        need(iova, "iova")?;
+        // SAFETY: forwarded from the caller.
+        let at = unsafe { self::iommu(iommu)?.map_any_flags(vaddr.cast(), len, flags) }?;
+        // SAFETY: checked non-null.
+        unsafe { put(iova, "iova", at) }
+    })
+}
+
+/// `vfiokit_dma_alloc` with `VFIOKIT_DMA_*` flags: `VFIOKIT_DMA_READONLY` (the device may
+/// only read it), `VFIOKIT_DMA_HUGE_2M` or `VFIOKIT_DMA_HUGE_1G` (hugetlb pages: the length
+/// is rounded up to the huge page and the IOVA aligned to it; `-ENOMEM` names the sysfs knob
+/// and how many pages are missing). 0 is `vfiokit_dma_alloc`.
+///
+/// # Safety
+/// `vaddr` and `iova` must be valid for writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_alloc_flags(
+    iommu: *mut vfiokit_iommu,
+    len: usize,
+    flags: u32,
+    vaddr: *mut *mut c_void,
+    iova: *mut u64,
+) -> c_int {
+    call(|| {
+        need(vaddr, "vaddr")?;
+        need(iova, "iova")?;
+        // SAFETY: forwarded from the caller.
+        let (addr, at) = unsafe { self::iommu(iommu) }?.alloc_flags(len, flags)?;
+        // SAFETY: both checked non-null.
+        unsafe {
+            put(vaddr, "vaddr", addr.as_ptr().cast())?;
+            put(iova, "iova", at)
+        }
+    })
+}
+
+/// Guard mode on (`on` non-zero) or off for later allocations: each IOVA range that
+/// `vfiokit_dma_alloc*` and `vfiokit_dma_map_any*` hand out is followed by an unmapped page, so
+/// a device DMA running past the end of a buffer is stopped by the IOMMU, and freed buffers
+/// are poisoned (0x6b). `VFIOKIT_DMA_GUARD=1` in the environment turns it on for every context.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_set_dma_guard(
+    iommu: *mut vfiokit_iommu,
+    on: c_int,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| Ok(unsafe { self::iommu(iommu) }?.set_dma_guard(on != 0)))
 }

@@ -70,12 +70,14 @@ pub(crate) unsafe fn ioas_map(
     vaddr: u64,
     length: u64,
     iova: u64,
+    writable: bool,
 ) -> SysResult<()> {
+    let write = if writable { k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE } else { 0 };
     let mut arg = k::iommu_ioas_map {
         size: size::<k::iommu_ioas_map>(),
         flags: k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA
             | k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE
-            | k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE,
+            | write,
         ioas_id: ioas,
         user_va: vaddr,
         length,
@@ -86,11 +88,13 @@ pub(crate) unsafe fn ioas_map(
     unsafe { ioctl_ptr(iommufd, IOAS_MAP, &mut arg) }.map(drop)
 }
 
-pub(crate) fn ioas_unmap(iommufd: BorrowedFd, ioas: u32, iova: u64, length: u64) -> SysResult<()> {
+/// Returns the number of bytes unmapped; iova 0 with length `u64::MAX` unmaps everything.
+pub(crate) fn ioas_unmap(iommufd: BorrowedFd, ioas: u32, iova: u64, length: u64) -> SysResult<u64> {
     let mut arg =
         k::iommu_ioas_unmap { size: size::<k::iommu_ioas_unmap>(), ioas_id: ioas, iova, length };
     // SAFETY: IOAS_UNMAP reads and writes back one iommu_ioas_unmap.
-    unsafe { ioctl_ptr(iommufd, IOAS_UNMAP, &mut arg) }.map(drop)
+    unsafe { ioctl_ptr(iommufd, IOAS_UNMAP, &mut arg)? };
+    Ok(arg.length)
 }
 
 /// Binds an opened VFIO device cdev to the iommufd (after which the device fd works).

@@ -54,15 +54,20 @@ pub(crate) unsafe fn map_shared_fixed(
     .map(drop)
 }
 
-/// Anonymous, private, zero-filled read/write memory (DMA buffers).
-pub(crate) fn anonymous(len: usize) -> SysResult<NonNull<u8>> {
+/// Anonymous, private, zero-filled read/write memory (DMA buffers); `huge_shift` 0 for normal
+/// pages, else the log2 of the hugetlb page size to back it with (21: 2 MiB, 30: 1 GiB).
+pub(crate) fn anonymous(len: usize, huge_shift: u32) -> SysResult<NonNull<u8>> {
+    let huge = match huge_shift {
+        0 => 0,
+        shift => libc::MAP_HUGETLB | (shift as i32) << libc::MAP_HUGE_SHIFT,
+    };
     // SAFETY: a fresh anonymous mapping touches no existing memory.
     check_map(unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | huge,
             -1,
             0,
         )

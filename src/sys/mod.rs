@@ -128,17 +128,41 @@ pub(crate) fn eventfd() -> SysResult<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Waits until `fd` is readable; `timeout_ms < 0` waits forever. Returns false on timeout.
-pub(crate) fn poll_readable(fd: BorrowedFd, timeout_ms: i32) -> SysResult<bool> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+/// Waits until `fd` or `cancel` is readable; `timeout_ms < 0` waits forever. Returns which
+/// became readable, `None` on timeout.
+pub(crate) fn poll_readable(
+    fd: BorrowedFd,
+    cancel: BorrowedFd,
+    timeout_ms: i32,
+) -> SysResult<Option<Readable>> {
+    let pfd =
+        |fd: BorrowedFd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfds = [pfd(fd), pfd(cancel)];
     loop {
-        // SAFETY: pfd is one valid pollfd.
-        match check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) }) {
-            Ok(n) => return Ok(n > 0),
+        // SAFETY: pfds is two valid pollfds.
+        match check(unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) }) {
+            Ok(0) => return Ok(None),
+            // Cancellation first: a waiter told to stop must not take a count after it.
+            Ok(_) if pfds[1].revents != 0 => return Ok(Some(Readable::Cancel)),
+            Ok(_) => return Ok(Some(Readable::Fd)),
             Err(Errno(libc::EINTR)) => continue,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Which of [`poll_readable`]'s fds is readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readable {
+    Fd,
+    Cancel,
+}
+
+/// Adds one to an eventfd's counter, making it readable.
+pub(crate) fn eventfd_signal(fd: BorrowedFd) -> SysResult<()> {
+    let one = 1u64;
+    // SAFETY: one is 8 readable bytes, what an eventfd write needs.
+    check_len(unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) }).map(drop)
 }
 
 /// Takes the eventfd's counter (resetting it to zero); `None` if it was zero.

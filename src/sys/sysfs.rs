@@ -31,3 +31,8 @@ pub(crate) fn list(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// A file holding one decimal number (sysfs counters).
+pub(crate) fn read_u64(path: &str) -> SysResult<u64> {
+    fs::read_to_string(path)?.trim().parse().map_err(|_| super::Errno(libc::EPROTO))
+}

@@ -139,10 +139,12 @@ pub(crate) unsafe fn dma_map(
     vaddr: u64,
     size: u64,
     iova: u64,
+    writable: bool,
 ) -> SysResult<()> {
+    let write = if writable { VFIO_DMA_MAP_FLAG_WRITE } else { 0 };
     let mut map = vfio_iommu_type1_dma_map {
         argsz: argsz::<vfio_iommu_type1_dma_map>(),
-        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        flags: VFIO_DMA_MAP_FLAG_READ | write,
         vaddr,
         iova,
         size,
@@ -151,10 +153,12 @@ pub(crate) unsafe fn dma_map(
     unsafe { ioctl_ptr(container, IOMMU_MAP_DMA, &mut map) }.map(drop)
 }
 
-/// Returns the number of bytes the kernel unmapped.
-pub(crate) fn dma_unmap(container: BorrowedFd, iova: u64, size: u64) -> SysResult<u64> {
+/// Returns the number of bytes the kernel unmapped. `all` unmaps every mapping (iova and size
+/// must then be 0).
+pub(crate) fn dma_unmap(container: BorrowedFd, iova: u64, size: u64, all: bool) -> SysResult<u64> {
     let mut unmap = vfio_iommu_type1_dma_unmap {
         argsz: argsz::<vfio_iommu_type1_dma_unmap>(),
+        flags: if all { VFIO_DMA_UNMAP_FLAG_ALL } else { 0 },
         iova,
         size,
         ..Default::default()

@@ -35,9 +35,15 @@ const CASES: &[harness::Case] = &[
     ("nvme_msix_subrange_and_trigger", nvme_msix_subrange_and_trigger),
     ("err_and_req_irqs", err_and_req_irqs),
     ("irq_misuse", irq_misuse),
+    ("disable_and_cancel_end_waits", disable_and_cancel_end_waits),
     ("iova_ranges_and_mapping_rules", iova_ranges_and_mapping_rules),
     ("edu_dma_round_trip", edu_dma_round_trip),
     ("dma_to_unmapped_iova_does_not_reach_memory", dma_to_unmapped_iova_does_not_reach_memory),
+    ("readonly_dma_memory_is_not_written", readonly_dma_memory_is_not_written),
+    ("hugepage_buffers", hugepage_buffers),
+    ("guard_pages_stop_an_overrun", guard_pages_stop_an_overrun),
+    ("maps_before_the_first_device", maps_before_the_first_device),
+    ("dma_flag_and_buffer_misuse", dma_flag_and_buffer_misuse),
     ("reset_where_supported", reset_where_supported),
     ("several_devices_and_contexts", several_devices_and_contexts),
     ("group_not_permitted", group_not_permitted),
@@ -506,6 +512,40 @@ fn irq_misuse() {
     fails(d.irq_disable(IRQ_MSI), libc::EINVAL, &["not enabled"]);
 }
 
+/// A thread waiting forever is woken by irq_disable, by an irq_enable that re-routes its vector,
+/// and by cancel_waits, each with ECANCELED; a waiter on another vector waits on.
+fn disable_and_cancel_end_waits() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let d = Arc::new(open("NVME"));
+    let waiter = |vector: u32| {
+        let d = d.clone();
+        let t = std::thread::spawn(move || (d.irq_wait(IRQ_MSIX, vector, -1), Instant::now()));
+        std::thread::sleep(Duration::from_millis(200));
+        t
+    };
+    d.irq_enable(IRQ_MSIX, 0, 2).unwrap();
+    let (w0, w1) = (waiter(0), waiter(1));
+    d.irq_enable(IRQ_MSIX, 0, 1).unwrap();
+    let (r, _) = w0.join().unwrap();
+    fails(r, libc::ECANCELED, &["vector 0", "disabled or re-enabled"]);
+    d.irq_trigger(IRQ_MSIX, 1).unwrap();
+    assert_eq!(w1.join().unwrap().0.unwrap(), 1, "the other vector's wait is not cancelled");
+
+    let w0 = waiter(0);
+    d.irq_disable(IRQ_MSIX).unwrap();
+    let disabled = Instant::now();
+    let (r, woke) = w0.join().unwrap();
+    fails(r, libc::ECANCELED, &["disabled"]);
+    assert!(woke.saturating_duration_since(disabled) < Duration::from_millis(100));
+
+    d.irq_enable(IRQ_MSIX, 0, 1).unwrap();
+    let w0 = waiter(0);
+    d.cancel_waits();
+    fails(w0.join().unwrap().0, libc::ECANCELED, &["being closed"]);
+    fails(d.irq_wait(IRQ_MSIX, 0, 0), libc::ECANCELED, &["being closed"]);
+}
+
 fn iova_ranges_and_mapping_rules() {
     let iommu = Iommu::open(IOMMU_AUTO).unwrap();
     match iommu.kind() {
@@ -594,6 +634,176 @@ fn dma_to_unmapped_iova_does_not_reach_memory() {
     iommu.free(src.as_ptr()).unwrap();
     // SAFETY: from Box::into_raw above, no longer mapped.
     drop(unsafe { Box::from_raw(victim.as_ptr().cast::<[u8; 8192]>()) });
+}
+
+/// Reads `len` bytes the device may have written.
+fn volatile_bytes(p: NonNull<u8>, len: usize) -> Vec<u8> {
+    // SAFETY: the caller's mapped buffer of at least len bytes; volatile: a device writes it.
+    (0..len).map(|i| unsafe { p.as_ptr().add(i).read_volatile() }).collect()
+}
+
+/// DMA_READONLY: edu's engine reads the buffer; its write into it is blocked by the vIOMMU.
+fn readonly_dma_memory_is_not_written() {
+    let d = open("EDU");
+    enable_bus_master(&d);
+    let iommu = d.iommu();
+    let (ro, ro_iova) = iommu.alloc_flags(4096, vfiokit::DMA_READONLY).unwrap();
+    let (rw, rw_iova) = iommu.alloc(4096).unwrap();
+    // SAFETY: our buffers, idle.
+    unsafe {
+        std::ptr::write_bytes(ro.as_ptr(), 0x5a, 4096);
+        std::ptr::write_bytes(rw.as_ptr(), 0xc3, 4096);
+    }
+    edu::dma(&d, ro_iova, edu::BUFFER, 1024, false);
+    edu::dma(&d, edu::BUFFER, rw_iova, 1024, true);
+    assert!(volatile_bytes(rw, 1024).iter().all(|&b| b == 0x5a), "the device read the buffer");
+    // SAFETY: our buffer, idle.
+    unsafe { std::ptr::write_bytes(rw.as_ptr(), 0xc3, 4096) };
+    edu::dma(&d, rw_iova, edu::BUFFER, 1024, false);
+    edu::dma(&d, edu::BUFFER, ro_iova, 1024, true);
+    assert!(volatile_bytes(ro, 4096).iter().all(|&b| b == 0x5a), "the write was blocked");
+    // The same through map_flags of the caller's memory.
+    let (mem, _) = iommu.alloc(8192).unwrap();
+    // SAFETY: mem is ours and stays mapped until freed after the unmap below.
+    let iova = unsafe { iommu.map_any_flags(mem.as_ptr(), 4096, vfiokit::DMA_READONLY) }.unwrap();
+    edu::dma(&d, edu::BUFFER, iova, 512, true);
+    assert!(volatile_bytes(mem, 512).iter().all(|&b| b == 0), "read-only map: no write");
+    iommu.unmap(iova, 4096).unwrap();
+    for b in [ro, rw, mem] {
+        iommu.free(b.as_ptr()).unwrap();
+    }
+}
+
+/// DMA_HUGE_2M: hugetlb-backed, rounded to 2 MiB, IOVA aligned; too few pages is ENOMEM
+/// naming the knob. A kernel without hugetlb (the tinyconfig iommufd guest) says so.
+fn hugepage_buffers() {
+    const MB2: usize = 2 << 20;
+    let d = open("EDU");
+    enable_bus_master(&d);
+    let iommu = d.iommu();
+    let knob = "/proc/sys/vm/nr_hugepages";
+    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists() {
+        fails(
+            iommu.alloc_flags(4096, vfiokit::DMA_HUGE_2M),
+            libc::ENOTSUP,
+            &["no 2048 kB hugetlb"],
+        );
+        return;
+    }
+    std::fs::write(knob, "0").unwrap();
+    fails(
+        iommu.alloc_flags(MB2 + 1, vfiokit::DMA_HUGE_2M),
+        libc::ENOMEM,
+        &["2 are needed and 0 are free", knob],
+    );
+    std::fs::write(knob, "4").unwrap();
+    let (buf, iova) = iommu.alloc_flags(4096, vfiokit::DMA_HUGE_2M).unwrap();
+    assert_eq!(iova % MB2 as u64, 0, "IOVA aligned to the huge page");
+    assert!(iova < 1 << 28, "edu reaches it");
+    // SAFETY: our buffer.
+    unsafe { std::ptr::write_bytes(buf.as_ptr(), 0x11, 4096) };
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let start = format!("{:x}-", buf.as_ptr() as usize);
+    let entry =
+        smaps.split("\n").skip_while(|l| !l.starts_with(&start)).take(20).collect::<Vec<_>>();
+    assert!(
+        entry.iter().any(|l| l.starts_with("KernelPageSize:") && l.contains(" 2048 kB")),
+        "{entry:?}"
+    );
+    edu::dma(&d, iova, edu::BUFFER, 1024, false);
+    edu::dma(&d, edu::BUFFER, iova + 8192, 1024, true);
+    assert!(
+        volatile_bytes(NonNull::new(buf.as_ptr().wrapping_add(8192)).unwrap(), 1024)
+            .iter()
+            .all(|&b| b == 0x11)
+    );
+    iommu.free(buf.as_ptr()).unwrap();
+    std::fs::write(knob, "0").unwrap();
+}
+
+/// Guard mode: a DMA running 4 KiB past the end of a buffer is stopped by the vIOMMU and the
+/// next buffer is intact; freed buffers are poisoned.
+fn guard_pages_stop_an_overrun() {
+    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let d = open_in("EDU", &iommu);
+    enable_bus_master(&d);
+    iommu.set_dma_guard(true);
+    let (a, a_iova) = iommu.alloc(4096).unwrap();
+    let (b, b_iova) = iommu.alloc(4096).unwrap();
+    assert!(b_iova >= a_iova + 8192 || a_iova >= b_iova + 8192, "a guard page between them");
+    // SAFETY: our buffers, idle.
+    unsafe {
+        std::ptr::write_bytes(b.as_ptr(), 0xee, 4096);
+    }
+    // edu writes its 0x40000 buffer (zeros, then the pattern) past a's end into the guard page.
+    edu::dma(&d, b_iova, edu::BUFFER, 64, false);
+    let overrun = a_iova + 4096;
+    edu::dma(&d, edu::BUFFER, overrun, 64, true);
+    assert!(volatile_bytes(b, 4096).iter().all(|&x| x == 0xee), "the neighbour is intact");
+    iommu.free(a.as_ptr()).unwrap();
+    iommu.free(b.as_ptr()).unwrap();
+    iommu.set_dma_guard(false);
+}
+
+/// A type1 context takes maps before its first device (as iommufd does) and hands them to the
+/// kernel when the first group attaches; a map outside the ranges the kernel then reports
+/// makes that attach fail, naming it.
+fn maps_before_the_first_device() {
+    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let (buf, iova) = iommu.alloc(4096).unwrap();
+    // SAFETY: our buffer.
+    unsafe { std::ptr::write_bytes(buf.as_ptr(), 0x77, 4096) };
+    let d = open_in("EDU", &iommu);
+    enable_bus_master(&d);
+    edu::dma(&d, iova, edu::BUFFER, 256, false);
+    edu::dma(&d, edu::BUFFER, iova + 2048, 256, true);
+    assert!(
+        volatile_bytes(NonNull::new(buf.as_ptr().wrapping_add(2048)).unwrap(), 256)
+            .iter()
+            .all(|&b| b == 0x77)
+    );
+    iommu.free(buf.as_ptr()).unwrap();
+    drop(d);
+
+    // The interrupt window is never a valid type1 IOVA: a map there fails the first attach.
+    // (An IOAS knows its ranges from the start, so iommufd has no such case.)
+    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    if iommu.kind() == IommuKind::Type1 {
+        let (mem, _) = iommu.alloc(4096).unwrap();
+        // SAFETY: mem stays allocated until the context closes.
+        unsafe { iommu.map(mem.as_ptr(), 4096, 0xfee0_0000) }.unwrap();
+        fails(
+            Device::open(&addr("EDU"), Some(&iommu)),
+            libc::EINVAL,
+            &["IOVA 0xfee00000", "made before any device", "outside the IOVA ranges"],
+        );
+        iommu.unmap(0xfee0_0000, 4096).unwrap();
+        let _d = open_in("EDU", &iommu);
+        assert!(!iommu.iova_ranges().unwrap().is_empty(), "the retried attach took");
+    }
+}
+
+/// Bad flags and lengths, and an unmap that would leave a buffer without its mapping.
+fn dma_flag_and_buffer_misuse() {
+    let d = open("EDU");
+    let iommu = d.iommu();
+    fails(iommu.alloc_flags(4096, 1 << 7), libc::EINVAL, &["unknown DMA flags 0x80"]);
+    fails(
+        iommu.alloc_flags(4096, vfiokit::DMA_HUGE_2M | vfiokit::DMA_HUGE_1G),
+        libc::EINVAL,
+        &["exclude each other"],
+    );
+    fails(iommu.alloc_flags(usize::MAX - 4095, 0), libc::EINVAL, &["overflows"]);
+    let (buf, iova) = iommu.alloc(4096).unwrap();
+    // SAFETY: never reached: the flag is refused first.
+    fails(
+        unsafe { iommu.map_any_flags(buf.as_ptr(), 4096, vfiokit::DMA_HUGE_2M) },
+        libc::EINVAL,
+        &["allocations"],
+    );
+    fails(iommu.unmap(iova, 4096), libc::EBUSY, &["DMA buffer", "vfiokit_dma_free"]);
+    iommu.free(buf.as_ptr()).unwrap();
+    fails(iommu.free(buf.as_ptr()), libc::EINVAL, &["not a DMA buffer"]);
 }
 
 fn reset_where_supported() {

@@ -2,8 +2,8 @@
 //! regions in front of everything the kernel reports.
 //!
 //! Layers, each using only those above it: `sys` (the only code that makes system calls);
-//! `caps`, `region`, `irq`, `pci`, `iova` (pure decoding and bookkeeping); `host` (sysfs
-//! discovery and binding); `iommu` (DMA contexts); `device`; `capi` (the C ABI).
+//! `caps`, `region`, `irq`, `pci`, `iova` (pure decoding and bookkeeping); `host`
+//! (sysfs discovery and binding); `iommu` (DMA contexts); `device`; `capi` (the C ABI).
 
 mod capi;
 mod caps;
@@ -27,7 +27,7 @@ pub use iommu::{
     DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu,
     IommuKind,
 };
-pub use iova::IovaRange;
+pub use iova::{IovaRange, IovaSpace};
 pub use irq::Irq;
 pub use region::{Area, Region};
 

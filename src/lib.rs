@@ -2,12 +2,13 @@
 //! regions in front of everything the kernel reports.
 //!
 //! Layers, each using only those above it: `sys` (the only code that makes system calls);
-//! `caps`, `region`, `irq`, `pci`, `iova` (pure decoding and bookkeeping); `host`
+//! `caps`, `region`, `irq`, `pci`, `iova`, `dmamap` (pure decoding and bookkeeping); `host`
 //! (sysfs discovery and binding); `iommu` (DMA contexts); `device`; `capi` (the C ABI).
 
 mod capi;
 mod caps;
 mod device;
+pub mod dmamap;
 mod error;
 #[cfg(test)]
 mod fixtures;
@@ -21,6 +22,7 @@ mod sys;
 
 pub use caps::DecodeError;
 pub use device::{Device, Width};
+pub use dmamap::{DmaMap, DmaMapping};
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
 pub use iommu::{

@@ -50,6 +50,19 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // iommufd (/dev/iommu) with devices opened through their VFIO cdev.
 #define VFIOKIT_IOMMU_IOMMUFD 2
 
+// The device may only read this memory: an IOMMU mapping without write permission.
+#define VFIOKIT_DMA_READONLY (1 << 0)
+
+// `alloc` only: back the buffer with 2 MiB hugetlb pages (length rounded, IOVA aligned).
+#define VFIOKIT_DMA_HUGE_2M (1 << 1)
+
+// `alloc` only: back the buffer with 1 GiB hugetlb pages (length rounded, IOVA aligned).
+#define VFIOKIT_DMA_HUGE_1G (1 << 2)
+
+// IOVA 0 is never handed out, so a zero IOVA in a descriptor is always a bug the IOMMU
+// catches: allocation starts at this address.
+#define VFIOKIT_IovaSpace_LOWEST 4096
+
 // IRQ indices of a PCI device: fixed by vfio-pci.
 #define VFIOKIT_IRQ_INTX 0
 
@@ -428,6 +441,60 @@ int vfiokit_dma_alloc(struct vfiokit_iommu *iommu, size_t len, void **vaddr, uin
 // # Safety
 // Nothing may use the buffer afterwards.
 int vfiokit_dma_free(struct vfiokit_iommu *iommu, void *vaddr);
+
+// `vfiokit_dma_map` with `VFIOKIT_DMA_*` flags: `VFIOKIT_DMA_READONLY` makes the mapping
+// readable only by the device. 0 is `vfiokit_dma_map`.
+//
+// # Safety
+// As for `vfiokit_dma_map`.
+int vfiokit_dma_map_flags(struct vfiokit_iommu *iommu,
+                          void *vaddr,
+                          size_t len,
+                          uint64_t iova,
+                          uint32_t flags);
+
+// `vfiokit_dma_map_any` with `VFIOKIT_DMA_*` flags (as for `vfiokit_dma_map_flags`).
+//
+// # Safety
+// As for `vfiokit_dma_map`; `iova` valid for a write.
+int vfiokit_dma_map_any_flags(struct vfiokit_iommu *iommu,
+                              void *vaddr,
+                              size_t len,
+                              uint32_t flags,
+                              uint64_t *iova);
+
+// `vfiokit_dma_alloc` with `VFIOKIT_DMA_*` flags: `VFIOKIT_DMA_READONLY` (the device may
+// only read it), `VFIOKIT_DMA_HUGE_2M` or `VFIOKIT_DMA_HUGE_1G` (hugetlb pages: the length
+// is rounded up to the huge page and the IOVA aligned to it; `-ENOMEM` names the sysfs knob
+// and how many pages are missing). 0 is `vfiokit_dma_alloc`.
+//
+// # Safety
+// `vaddr` and `iova` must be valid for writes.
+int vfiokit_dma_alloc_flags(struct vfiokit_iommu *iommu,
+                            size_t len,
+                            uint32_t flags,
+                            void **vaddr,
+                            uint64_t *iova);
+
+// Guard mode on (`on` non-zero) or off for later allocations: each IOVA range that
+// `vfiokit_dma_alloc*` and `vfiokit_dma_map_any*` hand out is followed by an unmapped page, so
+// a device DMA running past the end of a buffer is stopped by the IOMMU, and freed buffers
+// are poisoned (0x6b). `VFIOKIT_DMA_GUARD=1` in the environment turns it on for every context.
+//
+// # Safety
+// `iommu` must be NULL or a live context.
+int vfiokit_iommu_set_dma_guard(struct vfiokit_iommu *iommu, int on);
+
+// The IOVA of `vaddr`: `[vaddr, vaddr+len)` must lie wholly inside one mapping made by
+// `vfiokit_dma_map*`, `vfiokit_dma_map_any*` or `vfiokit_dma_alloc*` (`len` 0 counts as 1);
+// `-ENOENT` otherwise. O(log n) in the number of mappings: for building PRP/SGL lists.
+//
+// # Safety
+// `iommu` must be NULL or a live context; `iova` valid for a write.
+int vfiokit_dma_translate(struct vfiokit_iommu *iommu,
+                          const void *vaddr,
+                          size_t len,
+                          uint64_t *iova);
 
 #ifdef __cplusplus
 }  // extern "C"

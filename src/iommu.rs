@@ -10,6 +10,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use crate::dmamap::DmaMap;
 use crate::error::{Error, Result};
 use crate::host::{self, PciDevice};
 use crate::iova::{self, IovaRange, IovaSpace};
@@ -105,14 +106,23 @@ struct State {
     space: IovaSpace,
     /// Type1 before the first group: the maps the kernel has not been given yet.
     early: Option<Vec<EarlyMap>>,
-    /// DMA buffers from `alloc`, by address, and their IOVAs.
+    /// Every DMA mapping by IOVA and by address (for translate).
+    maps: DmaMap,
+    /// DMA buffers from `alloc`, by address.
     buffers: HashMap<usize, Buffer>,
-    buffer_iovas: HashSet<u64>,
     /// Guard mode: allocated IOVA ranges get an unmapped page after them (their IOVAs here).
     guarded: Option<HashSet<u64>>,
 }
 
 impl State {
+    /// Records a mapping the kernel (or the early list) has taken; its IOVA range was claimed,
+    /// so no other record can overlap it.
+    fn record(&mut self, vaddr: *mut u8, len: usize, iova: u64) -> Result<()> {
+        self.maps
+            .insert(vaddr as usize, len, iova)
+            .map_err(|why| Error::invalid(format!("DMA map: {why}")))
+    }
+
     /// How much IOVA space the mapping at `iova` of `len` bytes holds: its guard page too.
     fn reserved(&self, iova: u64, len: u64) -> u64 {
         match &self.guarded {
@@ -189,8 +199,8 @@ impl Iommu {
             groups: HashMap::new(),
             space: IovaSpace::new(space),
             early,
+            maps: DmaMap::new(),
             buffers: HashMap::new(),
-            buffer_iovas: HashSet::new(),
             guarded: guard.then(HashSet::new),
         };
         Ok(Iommu(Arc::new(DmaContext {
@@ -401,7 +411,7 @@ impl Iommu {
                 if let Some(early) = state.early.as_mut() {
                     // No group yet: the kernel takes the map when the first one attaches.
                     early.push(EarlyMap { vaddr: vaddr as usize, len, iova, writable });
-                    return Ok(());
+                    return state.record(vaddr, len, iova);
                 }
                 drop(state);
                 // SAFETY: forwarded from the caller.
@@ -414,13 +424,15 @@ impl Iommu {
                 iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova, writable)
             },
         };
-        result.map_err(|sys::Errno(e)| map_error(e, len, iova))
+        result.map_err(|sys::Errno(e)| map_error(e, len, iova))?;
+        self.state().record(vaddr, len, iova)
     }
 
     /// Removes the DMA mapping made at `iova` with length `len`. A DMA buffer's mapping is
     /// refused: [`Iommu::free`] unmaps and frees it.
     pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
-        if self.state().buffer_iovas.contains(&iova) {
+        let state = self.state();
+        if state.maps.get(iova).is_some_and(|m| state.buffers.contains_key(&m.vaddr)) {
             return Err(Error::new(
                 libc::EBUSY,
                 format!(
@@ -456,6 +468,7 @@ impl Iommu {
         }
         // Only now may the allocator hand the IOVA out again: released earlier, another thread
         // could map it while the kernel still has the old mapping (EEXIST).
+        self.state().maps.remove(iova, len);
         self.release_iova(iova, len);
         Ok(())
     }
@@ -499,9 +512,7 @@ impl Iommu {
         });
         match mapped {
             Ok(iova) => {
-                let mut state = self.state();
-                state.buffers.insert(addr.as_ptr() as usize, Buffer { iova, len });
-                state.buffer_iovas.insert(iova);
+                self.state().buffers.insert(addr.as_ptr() as usize, Buffer { iova, len });
                 Ok((addr, iova))
             }
             Err(e) => {
@@ -519,7 +530,6 @@ impl Iommu {
         let Some(buffer) = state.buffers.remove(&(vaddr as usize)) else {
             return Err(Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context")));
         };
-        state.buffer_iovas.remove(&buffer.iova);
         let poison = state.guarded.is_some();
         drop(state);
         let addr = NonNull::new(vaddr).expect("registered buffers are non-null");
@@ -531,6 +541,17 @@ impl Iommu {
         // SAFETY: the buffer came from alloc and is no longer registered or DMA-mapped.
         unsafe { mem::unmap(addr, buffer.len) };
         unmapped
+    }
+
+    /// The IOVA of `vaddr`, when `[vaddr, vaddr+len)` lies wholly inside one DMA mapping of this
+    /// context (made by map, map_any or alloc); `len` 0 counts as 1. ENOENT otherwise.
+    pub fn translate(&self, vaddr: *const u8, len: usize) -> Result<u64> {
+        self.state().maps.translate(vaddr as usize, len).ok_or_else(|| {
+            Error::new(
+                libc::ENOENT,
+                format!("[{vaddr:p}, +{len:#x}) is not inside one DMA mapping of this context"),
+            )
+        })
     }
 
     /// Turns guard mode on or off for later allocations (the `VFIOKIT_DMA_GUARD=1` environment

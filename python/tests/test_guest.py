@@ -130,6 +130,39 @@ def test_edu_dma_round_trip(edu):
         assert buf.address == 0 and "freed" in repr(buf)
 
 
+def test_translate_and_readonly(edu):
+    """iommu.translate() of an address, a buffer and a memoryview slice; DMA_READONLY memory
+    is read by edu's DMA engine and not written."""
+    with vfiokit.open(edu) as dev:
+        bus_master(dev)
+        bar0 = dev.map(0)
+        iommu = dev.iommu
+        with iommu.alloc(8192) as buf, iommu.alloc(4096, vfiokit.DMA_READONLY) as ro:
+            assert iommu.translate(buf.address) == buf.iova
+            assert iommu.translate(buf.mem[100:200]) == buf.iova + 100
+            assert iommu.translate(buf.address + 8191) == buf.iova + 8191
+            with pytest.raises(FileNotFoundError, match="not inside one DMA mapping"):
+                iommu.translate(buf.address + 8000, 500)  # runs past the end
+            with pytest.raises(FileNotFoundError):
+                iommu.translate(bytearray(64))
+            ro.mem[:] = b"\x5a" * 4096
+            for src, dst, to_ram in ((ro.iova, EDU_BUFFER, False), (EDU_BUFFER, buf.iova, True),
+                                     (buf.iova + 4096, EDU_BUFFER, False), (EDU_BUFFER, ro.iova, True)):
+                bar0.write64(DMA_SRC, src)
+                bar0.write64(DMA_DST, dst)
+                bar0.write64(DMA_COUNT, 1024)
+                bar0.write64(DMA_CMD, 1 | (2 if to_ram else 0))
+                deadline = time.monotonic() + 10
+                while bar0.read64(DMA_CMD) & 1:
+                    assert time.monotonic() < deadline, "edu DMA did not complete"
+                    time.sleep(0.005)
+            assert buf.mem[:1024] == b"\x5a" * 1024, "read from the read-only buffer"
+            assert ro.mem[:] == b"\x5a" * 4096, "the device's write was blocked"
+        with pytest.raises(OSError) as e:
+            iommu.alloc(4096, 0x80)
+        assert e.value.errno == errno.EINVAL and "unknown DMA flags" in str(e.value)
+
+
 def test_explicit_iommu_map_unmap(edu):
     expected = vfiokit.IOMMU_IOMMUFD if os.environ.get("VFIOKIT_VM_KERNEL") == "iommufd" else vfiokit.IOMMU_TYPE1
     if os.environ.get("VFIOKIT_IOMMU") == "type1":

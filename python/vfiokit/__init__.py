@@ -34,7 +34,7 @@ except ImportError as e:
         sys.exit(str(e))
     raise
 from ._capi import (  # noqa: F401  (re-exported: the header's constants)
-    IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, IRQ_AUTOMASKED, IRQ_ERR, IRQ_EVENTFD, IRQ_INTX,
+    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, IRQ_AUTOMASKED, IRQ_ERR, IRQ_EVENTFD, IRQ_INTX,
     IRQ_MASKABLE, IRQ_MSI, IRQ_MSIX, IRQ_NORESIZE, IRQ_REQ, PCI_BAR0, PCI_BAR1, PCI_BAR2, PCI_BAR3,
     PCI_BAR4, PCI_BAR5, PCI_CAP_EXTENDED, PCI_CONFIG, PCI_ROM, PCI_VGA, REGION_IO_PORT,
     REGION_MEM64, REGION_MMAP, REGION_MSIX_MAPPABLE, REGION_PREFETCH, REGION_PRESENT,
@@ -354,12 +354,13 @@ Buffer = Any  # an object exporting a writable buffer (bytearray, mmap, ctypes a
 
 
 class DmaBuffer(_Closing):
-    """Zeroed, page-rounded memory mapped for DMA at `iova`; freed by close()."""
+    """Zeroed, page-rounded memory mapped for DMA at `iova`; freed by close(). `flags`:
+    DMA_READONLY, DMA_HUGE_2M or DMA_HUGE_1G (hugetlb pages, size rounded up to them)."""
 
-    def __init__(self, iommu: Iommu, size: int):
+    def __init__(self, iommu: Iommu, size: int, flags: int = 0):
         self._iommu = iommu
         address, iova = c_void_p(), c_uint64()
-        _lib.vfiokit_dma_alloc(iommu._handle(), size, byref(address), byref(iova))
+        _lib.vfiokit_dma_alloc_flags(iommu._handle(), size, flags, byref(address), byref(iova))
         self.address: int = address.value or 0
         self.iova: int = iova.value
         self.size = size
@@ -442,19 +443,20 @@ class Iommu(_Closing):
             raise TypeError(f"DMA needs a writable buffer: {e}") from None
         return ctypes.addressof(array), length, array
 
-    def map(self, buffer: Union[int, Buffer], length: Optional[int], iova: int) -> int:
+    def map(self, buffer: Union[int, Buffer], length: Optional[int], iova: int, flags: int = 0) -> int:
         """Maps a buffer (kept alive while mapped) or a raw address for DMA at `iova`.
-        Memory, length and iova must be page-aligned (mmap.mmap(-1, n) gives such memory)."""
+        Memory, length and iova must be page-aligned (mmap.mmap(-1, n) gives such memory).
+        `flags`: DMA_READONLY for memory the device may only read."""
         address, length, keep = self._memory(buffer, length)
-        _lib.vfiokit_dma_map(self._handle(), address, length, iova)
+        _lib.vfiokit_dma_map_flags(self._handle(), address, length, iova, flags)
         self._maps[iova] = (length, keep)
         return iova
 
-    def map_any(self, buffer: Union[int, Buffer], length: Optional[int] = None) -> int:
+    def map_any(self, buffer: Union[int, Buffer], length: Optional[int] = None, flags: int = 0) -> int:
         """Maps at an IOVA the library picks inside the valid ranges; returns it."""
         address, length, keep = self._memory(buffer, length)
         iova = c_uint64()
-        _lib.vfiokit_dma_map_any(self._handle(), address, length, byref(iova))
+        _lib.vfiokit_dma_map_any_flags(self._handle(), address, length, flags, byref(iova))
         self._maps[iova.value] = (length, keep)
         return iova.value
 
@@ -467,9 +469,31 @@ class Iommu(_Closing):
         _lib.vfiokit_dma_unmap(self._handle(), iova, length)
         self._maps.pop(iova, None)
 
-    def alloc(self, size: int) -> DmaBuffer:
-        """Allocates zeroed memory mapped for DMA: `.iova`, `.mem`; free it with close()."""
-        return DmaBuffer(self, size)
+    def alloc(self, size: int, flags: int = 0) -> DmaBuffer:
+        """Allocates zeroed memory mapped for DMA: `.iova`, `.mem`; free it with close().
+        `flags`: DMA_READONLY, DMA_HUGE_2M or DMA_HUGE_1G."""
+        return DmaBuffer(self, size, flags)
+
+    def translate(self, obj: Union[int, Buffer], length: int = 1) -> int:
+        """The IOVA of an address, or of a buffer (a memoryview slice of a DmaBuffer's .mem, a
+        mapped bytearray...), which must lie wholly inside one DMA mapping of this context.
+        FileNotFoundError (ENOENT) otherwise."""
+        if not isinstance(obj, int):
+            view = memoryview(obj).cast("B")
+            length = view.nbytes
+            try:
+                obj = ctypes.addressof((c_char * length).from_buffer(view))
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"translate needs an address or a writable, non-empty buffer: {e}") from None
+        iova = c_uint64()
+        _lib.vfiokit_dma_translate(self._handle(), obj, length, byref(iova))
+        return iova.value
+
+    def set_dma_guard(self, on: bool = True) -> None:
+        """Guard mode for later allocations: an unmapped IOVA page after each allocated range
+        (a device overrunning a buffer is stopped by the IOMMU) and freed buffers poisoned.
+        VFIOKIT_DMA_GUARD=1 in the environment turns it on for every context."""
+        _lib.vfiokit_iommu_set_dma_guard(self._handle(), int(on))
 
     def close(self) -> None:
         """Frees this object's DMA buffers and drops the context (the library keeps it while

@@ -19,6 +19,7 @@ SONAME = "libvfiokit.so.0"
 
 # Constants, as in the header.
 IOMMU_AUTO, IOMMU_TYPE1, IOMMU_IOMMUFD = 0, 1, 2
+DMA_READONLY, DMA_HUGE_2M, DMA_HUGE_1G = 1, 2, 4
 IRQ_INTX, IRQ_MSI, IRQ_MSIX, IRQ_ERR, IRQ_REQ = 0, 1, 2, 3, 4
 IRQ_EVENTFD, IRQ_MASKABLE, IRQ_AUTOMASKED, IRQ_NORESIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 PCI_BAR0, PCI_BAR1, PCI_BAR2, PCI_BAR3, PCI_BAR4, PCI_BAR5 = 0, 1, 2, 3, 4, 5
@@ -117,6 +118,11 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_dma_unmap": (c_int, [_iommu, c_uint64, c_size_t], _check_int),
     "vfiokit_dma_alloc": (c_int, [_iommu, c_size_t, POINTER(c_void_p), POINTER(c_uint64)], _check_int),
     "vfiokit_dma_free": (c_int, [_iommu, c_void_p], _check_int),
+    "vfiokit_dma_map_flags": (c_int, [_iommu, c_void_p, c_size_t, c_uint64, c_uint32], _check_int),
+    "vfiokit_dma_map_any_flags": (c_int, [_iommu, c_void_p, c_size_t, c_uint32, POINTER(c_uint64)], _check_int),
+    "vfiokit_dma_alloc_flags": (c_int, [_iommu, c_size_t, c_uint32, POINTER(c_void_p), POINTER(c_uint64)], _check_int),
+    "vfiokit_dma_translate": (c_int, [_iommu, c_void_p, c_size_t, POINTER(c_uint64)], _check_int),
+    "vfiokit_iommu_set_dma_guard": (c_int, [_iommu, c_int], _check_int),
 }
 
 

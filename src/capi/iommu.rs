@@ -261,3 +261,25 @@ pub unsafe extern "C" fn vfiokit_iommu_set_dma_guard(
     // SAFETY: forwarded from the caller.
     call(|| Ok(unsafe { self::iommu(iommu) }?.set_dma_guard(on != 0)))
 }
+
+/// The IOVA of `vaddr`: `[vaddr, vaddr+len)` must lie wholly inside one mapping made by
+/// `vfiokit_dma_map*`, `vfiokit_dma_map_any*` or `vfiokit_dma_alloc*` (`len` 0 counts as 1);
+/// `-ENOENT` otherwise. O(log n) in the number of mappings: for building PRP/SGL lists.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context; `iova` valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_translate(
+    iommu: *mut vfiokit_iommu,
+    vaddr: *const c_void,
+    len: usize,
+    iova: *mut u64,
+) -> c_int {
+    call(|| {
+        need(iova, "iova")?;
+        // SAFETY: forwarded from the caller.
+        let at = unsafe { self::iommu(iommu) }?.translate(vaddr.cast(), len)?;
+        // SAFETY: checked non-null.
+        unsafe { put(iova, "iova", at) }
+    })
+}

@@ -432,7 +432,12 @@ impl Iommu {
     /// refused: [`Iommu::free`] unmaps and frees it.
     pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
         let state = self.state();
-        if state.maps.get(iova).is_some_and(|m| state.buffers.contains_key(&m.vaddr)) {
+        if state
+            .maps
+            .get(iova)
+            .and_then(|m| state.buffers.get(&m.vaddr))
+            .is_some_and(|b| b.iova == iova)
+        {
             return Err(Error::new(
                 libc::EBUSY,
                 format!(

@@ -93,8 +93,8 @@ impl DeviceSlot {
 struct InFlight(&'static DeviceSlot);
 
 impl InFlight {
-    /// Marks the slot closed and ends the IRQ waits on it; the device goes when the last call
-    /// in flight (this one included) returns.
+    /// Marks the slot closed, ends the IRQ waits on it, waits for the other calls in flight
+    /// to return, and releases the device as this call leaves.
     fn close(self) -> Result<()> {
         let slot = self.0;
         if slot.state.fetch_or(CLOSED, Ordering::AcqRel) & CLOSED != 0 {
@@ -105,6 +105,12 @@ impl InFlight {
             ));
         }
         self.cancel_waits();
+        // The calls in flight finish promptly now (their waits are cancelled): wait for them,
+        // so that this close releases the device (its reset by the kernel included) and
+        // everything is gone when it returns, not whenever the last of them returns.
+        while slot.state.load(Ordering::Acquire) & !(CLOSED | DROPPED) > 1 {
+            std::thread::yield_now();
+        }
         Ok(())
     }
 }
@@ -167,9 +173,10 @@ pub unsafe extern "C" fn vfiokit_device_open(
     })
 }
 
-/// Closes a device: ends every `vfiokit_irq_wait` on it (they return `-ECANCELED`), and once
-/// the calls other threads are making on it have returned, disables its IRQs, unmaps its
-/// regions and closes its fds. NULL is fine; closing a handle twice is refused with `EBADF`.
+/// Closes a device: ends every `vfiokit_irq_wait` on it (they return `-ECANCELED`), waits for
+/// the calls other threads are making on it to return, then disables its IRQs, unmaps its
+/// regions and closes its fds. NULL is fine; closing a handle twice is refused with `EBADF`;
+/// a call that starts after close gets `-EBADF`.
 ///
 /// # Safety
 /// `dev` must be NULL or from `vfiokit_device_open`; nothing may use it or its records,

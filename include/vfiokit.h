@@ -210,9 +210,10 @@ int vfiokit_pci_unbind(const char *pci_address);
 // `name` must be NULL or a NUL-terminated string; `iommu` NULL or live; `out` writable.
 int vfiokit_device_open(const char *name, struct vfiokit_iommu *iommu, struct vfiokit_device **out);
 
-// Closes a device: ends every `vfiokit_irq_wait` on it (they return `-ECANCELED`), and once
-// the calls other threads are making on it have returned, disables its IRQs, unmaps its
-// regions and closes its fds. NULL is fine; closing a handle twice is refused with `EBADF`.
+// Closes a device: ends every `vfiokit_irq_wait` on it (they return `-ECANCELED`), waits for
+// the calls other threads are making on it to return, then disables its IRQs, unmaps its
+// regions and closes its fds. NULL is fine; closing a handle twice is refused with `EBADF`;
+// a call that starts after close gets `-EBADF`.
 //
 // # Safety
 // `dev` must be NULL or from `vfiokit_device_open`; nothing may use it or its records,

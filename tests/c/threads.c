@@ -350,7 +350,7 @@ static void *warm_up(void *arg)
 
 int main(int argc, char **argv)
 {
-	int rounds = argc > 1 ? atoi(argv[1]) : 200;
+	int rounds = argc > 1 ? atoi(argv[1]) : 50;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	pthread_t warm;
 	MUST(pthread_create(&warm, NULL, warm_up, NULL));

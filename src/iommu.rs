@@ -431,13 +431,15 @@ impl Iommu {
     /// Removes the DMA mapping made at `iova` with length `len`. A DMA buffer's mapping is
     /// refused: [`Iommu::free`] unmaps and frees it.
     pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
-        let state = self.state();
-        if state
-            .maps
-            .get(iova)
-            .and_then(|m| state.buffers.get(&m.vaddr))
-            .is_some_and(|b| b.iova == iova)
-        {
+        let is_buffer = {
+            let state = self.state();
+            state
+                .maps
+                .get(iova)
+                .and_then(|m| state.buffers.get(&m.vaddr))
+                .is_some_and(|b| b.iova == iova)
+        };
+        if is_buffer {
             return Err(Error::new(
                 libc::EBUSY,
                 format!(

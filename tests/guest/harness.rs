@@ -8,6 +8,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::{Command, ExitCode};
+use std::sync::mpsc;
+use std::time::Duration;
 
 pub type Case = (&'static str, fn());
 
@@ -25,10 +27,14 @@ pub fn main(cases: &[Case]) -> ExitCode {
         .collect();
     let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap_or_default();
     println!("running {} guest tests ({kernel} kernel)", selected.len());
+    let watchdog = watchdog();
     let (mut passed, mut failed) = (0, Vec::new());
     for (name, case) in selected {
         let started = std::time::Instant::now();
-        match catch_unwind(AssertUnwindSafe(case)) {
+        watchdog.send(name).expect("watchdog alive");
+        let outcome = catch_unwind(AssertUnwindSafe(case));
+        watchdog.send("").expect("watchdog alive");
+        match outcome {
             Ok(()) => {
                 passed += 1;
                 println!("test {name} ... ok ({:.2}s)", started.elapsed().as_secs_f64());
@@ -44,6 +50,30 @@ pub fn main(cases: &[Case]) -> ExitCode {
     }
     println!("{passed} passed, {} failed", failed.len());
     if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// A thread that ends the run when one case outlives `VFIOKIT_CASE_TIMEOUT` seconds (300 by
+/// default), naming it: a hung case must not cost the whole guest timeout, once per kernel,
+/// with nothing said of where it hung. Send a case's name as it starts and "" as it ends.
+fn watchdog() -> mpsc::Sender<&'static str> {
+    let limit = std::env::var("VFIOKIT_CASE_TIMEOUT").ok().and_then(|s| s.parse().ok());
+    let limit = Duration::from_secs(limit.unwrap_or(300));
+    let (tx, rx) = mpsc::channel::<&'static str>();
+    std::thread::spawn(move || {
+        while let Ok(name) = rx.recv() {
+            match rx.recv_timeout(limit) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    println!(
+                        "test {name} ... TIMED OUT after {} s (VFIOKIT_CASE_TIMEOUT)",
+                        limit.as_secs()
+                    );
+                    std::process::exit(1);
+                }
+                Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+        }
+    });
+    tx
 }
 
 /// On the host: run this same binary in the guest, once per kernel.

@@ -41,6 +41,15 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // The C ABI's version: bumped (with the soname) on any incompatible change.
 #define VFIOKIT_ABI_VERSION 1
 
+// [`Device::feature`]: read the feature's data.
+#define VFIOKIT_FEATURE_GET (1 << 16)
+
+// [`Device::feature`]: write the feature's data.
+#define VFIOKIT_FEATURE_SET (1 << 17)
+
+// [`Device::feature`]: ask whether the feature (with GET and/or SET) is supported.
+#define VFIOKIT_FEATURE_PROBE (1 << 18)
+
 // Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
 #define VFIOKIT_IOMMU_AUTO 0
 
@@ -85,6 +94,12 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 
 // `cap_id` values at or above this select an extended capability (`id + EXTENDED`).
 #define VFIOKIT_PCI_CAP_EXTENDED 65536
+
+// The kernel can reset the device (`VFIO_DEVICE_FLAGS_RESET`).
+#define VFIOKIT_DEVICE_RESET (1 << 0)
+
+// A PCI device (`VFIO_DEVICE_FLAGS_PCI`): always set for the devices vfiokit opens.
+#define VFIOKIT_DEVICE_PCI (1 << 1)
 
 // Region indices of a PCI device: fixed by vfio-pci.
 #define VFIOKIT_PCI_BAR0 0
@@ -131,6 +146,24 @@ typedef struct vfiokit_device vfiokit_device;
 
 // A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
 typedef struct vfiokit_iommu vfiokit_iommu;
+
+// What `vfiokit_device_get_info` reports of a device: VFIO's device flags and counts, and the
+// identity from its PCI config header, read once at open. 64 bytes.
+typedef struct vfiokit_device_info {
+  // `VFIOKIT_DEVICE_*`: the kernel's `VFIO_DEVICE_FLAGS_*` as it reports them.
+  uint32_t flags;
+  uint32_t num_regions;
+  uint32_t num_irqs;
+  // Base class << 16 | subclass << 8 | programming interface.
+  uint32_t class_code;
+  uint16_t vendor_id;
+  uint16_t device_id;
+  uint16_t subsystem_vendor_id;
+  uint16_t subsystem_id;
+  uint8_t revision;
+  uint8_t reserved0[7];
+  uint64_t reserved[4];
+} vfiokit_device_info;
 
 // One region of a device; record `i` describes region index `i`. 64 bytes.
 typedef struct vfiokit_region {
@@ -226,6 +259,33 @@ void vfiokit_device_close(struct vfiokit_device *dev);
 // # Safety
 // `dev` must be NULL or live.
 struct vfiokit_iommu *vfiokit_device_iommu(const struct vfiokit_device *dev);
+
+// Copies the device's info record (VFIO's flags and counts, the PCI identity read at open)
+// to `*info`.
+//
+// # Safety
+// `dev` must be NULL or live; `info` NULL or valid for a write.
+int vfiokit_device_get_info(const struct vfiokit_device *dev, struct vfiokit_device_info *info);
+
+// The VFIO device fd, for ioctls vfiokit does not wrap, or a negative errno. Borrowed: valid
+// until the device is closed; do not close it.
+//
+// # Safety
+// `dev` must be NULL or live.
+int vfiokit_device_fd(const struct vfiokit_device *dev);
+
+// VFIO_DEVICE_FEATURE: `feature` is the kernel's `VFIO_DEVICE_FEATURE_*` index, `flags` one or
+// more of `VFIOKIT_FEATURE_GET`, `_SET` and `_PROBE`, and `data` the feature's payload of `len`
+// bytes (read by SET, written by GET; NULL when `len` is 0). Returns the ioctl's value (0, or a
+// fd for features that hand one out) or a negative errno.
+//
+// # Safety
+// `dev` must be NULL or live; `data` NULL or valid for reads and writes of `len` bytes.
+int vfiokit_device_feature(struct vfiokit_device *dev,
+                           uint32_t feature,
+                           uint32_t flags,
+                           void *data,
+                           size_t len);
 
 // Resets the device; `-ENOTSUP` if the kernel has no reset for it.
 //
@@ -402,6 +462,13 @@ void vfiokit_iommu_close(struct vfiokit_iommu *iommu);
 // # Safety
 // `iommu` must be NULL or a live context.
 uint32_t vfiokit_iommu_kind(const struct vfiokit_iommu *iommu);
+
+// The context's fd (the type1 container or /dev/iommu), for ioctls vfiokit does not wrap, or
+// a negative errno. Borrowed: valid until the context is closed; do not close it.
+//
+// # Safety
+// `iommu` must be NULL or a live context.
+int vfiokit_iommu_fd(const struct vfiokit_iommu *iommu);
 
 // Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which
 // may exceed `cap`; `out` may be NULL when `cap` is 0).

@@ -1,7 +1,7 @@
 //! A VFIO device: its records, mapped regions, width-exact accessors, config space, IRQs and
 //! reset. Owns its fds and mappings; everything is released on drop.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use vfio_bindings::bindings::vfio as k;
 
 use crate::error::{Error, Result};
 use crate::host::PciDevice;
-use crate::iommu::Iommu;
+use crate::iommu::{Iommu, OpenDevice};
 use crate::irq::{self, Action, Irq};
 use crate::pci;
 use crate::region::{self, Area, PCI_CONFIG, REGION_READ, REGION_WRITE, Region};
@@ -92,6 +92,10 @@ struct IrqRoute {
 }
 
 impl IrqRoute {
+    fn is_enabled(&self) -> bool {
+        self.vectors.iter().any(Option::is_some)
+    }
+
     /// Wakes every waiter on this index; each then checks whether its vector is still routed.
     fn wake_waiters(&mut self) {
         if let Some(cancel) = self.cancel.take() {
@@ -107,15 +111,29 @@ struct IrqState {
     cancelled: bool,
 }
 
+/// `vfiokit_device_feature` (`Device::feature`): read the feature's data.
+pub const FEATURE_GET: u32 = 1 << 16;
+/// `vfiokit_device_feature` (`Device::feature`): write the feature's data.
+pub const FEATURE_SET: u32 = 1 << 17;
+/// `vfiokit_device_feature` (`Device::feature`): ask whether the feature (with GET and/or SET) is supported.
+pub const FEATURE_PROBE: u32 = 1 << 18;
+// Literals so that cbindgen can write them; the kernel's values, checked.
+const _: () = assert!(
+    FEATURE_GET == k::VFIO_DEVICE_FEATURE_GET
+        && FEATURE_SET == k::VFIO_DEVICE_FEATURE_SET
+        && FEATURE_PROBE == k::VFIO_DEVICE_FEATURE_PROBE
+);
+
 pub struct Device {
     address: String,
-    flags: u32,
+    info: pci::DeviceInfo,
     regions: Vec<Region>,
     areas: Vec<Area>,
     irqs: Vec<Irq>,
     mappings: Vec<OnceCell<Mapping>>,
     irq_state: Mutex<IrqState>,
     fd: OwnedFd,
+    _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
     iommu: Iommu,
 }
@@ -139,11 +157,11 @@ impl Device {
             Some(i) => i.clone(),
             None => Iommu::shared()?,
         };
-        let fd = iommu.open_device(&pci)?;
-        Device::from_fd(pci.address, iommu, fd)
+        let (fd, place) = iommu.open_device(&pci)?;
+        Device::from_fd(pci.address, iommu, fd, place)
     }
 
-    fn from_fd(address: String, iommu: Iommu, fd: OwnedFd) -> Result<Device> {
+    fn from_fd(address: String, iommu: Iommu, fd: OwnedFd, place: OpenDevice) -> Result<Device> {
         let info = vfio::device_info(fd.as_fd())
             .context(|| format!("VFIO_DEVICE_GET_INFO on {address}"))?;
         if info.flags & k::VFIO_DEVICE_FLAGS_PCI == 0 {
@@ -160,7 +178,9 @@ impl Device {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let bars = read_bars(&fd, &infos).context(|| format!("reading the BARs of {address}"))?;
+        let header = read_header(&fd, &infos)
+            .context(|| format!("reading the config header of {address}"))?;
+        let bars = pci::bars(&header);
         let mut areas = Vec::new();
         let regions: Vec<Region> = infos
             .iter()
@@ -186,13 +206,14 @@ impl Device {
             .collect();
         Ok(Device {
             address,
-            flags: info.flags,
+            info: pci::identify(info.flags, info.num_regions, info.num_irqs, &header),
             mappings: regions.iter().map(|_| OnceCell::new()).collect(),
             regions,
             areas,
             irqs,
             irq_state: Mutex::new(IrqState { routes, cancelled: false }),
             fd,
+            _place: place,
             iommu,
         })
     }
@@ -204,6 +225,33 @@ impl Device {
 
     pub fn iommu(&self) -> &Iommu {
         &self.iommu
+    }
+
+    /// VFIO's device flags and counts, and the PCI identity, as read at open.
+    pub fn info(&self) -> &pci::DeviceInfo {
+        &self.info
+    }
+
+    /// The VFIO device fd, for ioctls vfiokit does not wrap. Borrowed: it closes with the device.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// VFIO_DEVICE_FEATURE: `feature` (the kernel's `VFIO_DEVICE_FEATURE_*` index) with
+    /// [`FEATURE_GET`], [`FEATURE_SET`] and/or [`FEATURE_PROBE`] in `flags`; `data` is the
+    /// feature's payload, read by SET and written by GET. Returns the ioctl's value (a fd for
+    /// features that hand one out, else 0).
+    pub fn feature(&self, feature: u32, flags: u32, data: &mut [u8]) -> Result<i32> {
+        let modes = FEATURE_GET | FEATURE_SET | FEATURE_PROBE;
+        if feature > k::VFIO_DEVICE_FEATURE_MASK || flags & !modes != 0 || flags == 0 {
+            return Err(Error::invalid(format!(
+                "device feature {feature:#x} with flags {flags:#x}: expected an index up to 0xffff and \
+                 flags of FEATURE_GET, FEATURE_SET and FEATURE_PROBE only (at least one)"
+            )));
+        }
+        vfio::device_feature(self.fd.as_fd(), feature | flags, data).context(|| {
+            format!("VFIO_DEVICE_FEATURE {feature} (flags {flags:#x}) on {}", self.address)
+        })
     }
 
     /// Record `i` describes region index `i`; absent regions have flags 0.
@@ -220,7 +268,7 @@ impl Device {
     }
 
     pub fn reset(&self) -> Result<()> {
-        if self.flags & k::VFIO_DEVICE_FLAGS_RESET == 0 {
+        if self.info.flags & k::VFIO_DEVICE_FLAGS_RESET == 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
                 format!(
@@ -519,6 +567,20 @@ impl Device {
             .collect::<Result<Vec<_>>>()?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let mut state = self.irq_state();
+        // The kernel's bare EINVAL, explained: a function signals one interrupt type at a time.
+        let types = [irq::IRQ_INTX, irq::IRQ_MSI, irq::IRQ_MSIX];
+        if let Some(&other) = types.iter().find(|&&t| {
+            t != index
+                && types.contains(&index)
+                && state.routes.get(t as usize).is_some_and(IrqRoute::is_enabled)
+        }) {
+            return Err(Error::invalid(format!(
+                "{} IRQ {} is enabled: disable it before enabling {} (one interrupt type at a time)",
+                self.address,
+                irq_name(other),
+                irq_name(index)
+            )));
+        }
         let route = &mut state.routes[index as usize];
         let span = first as usize..(first + count) as usize;
         let rerouted = route.vectors[span.clone()].iter().any(Option::is_some);
@@ -546,7 +608,7 @@ impl Device {
         self.irq_record(index)?;
         let mut state = self.irq_state();
         let route = &mut state.routes[index as usize];
-        if route.vectors.iter().all(Option::is_none) {
+        if !route.is_enabled() {
             return Err(Error::invalid(format!(
                 "{} IRQ {} is not enabled",
                 self.address,
@@ -694,17 +756,13 @@ fn irq_name(index: u32) -> &'static str {
     ["INTx", "MSI", "MSI-X", "ERR", "REQ"].get(index as usize).copied().unwrap_or("device-specific")
 }
 
-/// The six BAR registers from config space (zeros if the device has no config region).
-fn read_bars(fd: &OwnedFd, infos: &[region::RegionInfo]) -> sys::SysResult<[u32; 6]> {
-    let mut bars = [0u32; 6];
-    let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= 0x28) else {
-        return Ok(bars);
+/// The config space's type 0 header (empty if the device has no config region that large).
+fn read_header(fd: &OwnedFd, infos: &[region::RegionInfo]) -> sys::SysResult<Vec<u8>> {
+    let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= pci::HEADER_LEN as u64)
+    else {
+        return Ok(Vec::new());
     };
-    let mut raw = [0u8; 24];
-    sys::pread_exact(fd.as_fd(), &mut raw, config.offset + 0x10)?;
-    for (bar, bytes) in bars.iter_mut().zip(raw.chunks_exact(4)) {
-        // Config space is little-endian.
-        *bar = u32::from_le_bytes(bytes.try_into().expect("4-byte chunk"));
-    }
-    Ok(bars)
+    let mut header = vec![0u8; pci::HEADER_LEN];
+    sys::pread_exact(fd.as_fd(), &mut header, config.offset)?;
+    Ok(header)
 }

@@ -5,7 +5,7 @@
 //! DMA buffers and error messages are shared; only the ioctls differ.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -112,6 +112,8 @@ struct State {
     buffers: HashMap<usize, Buffer>,
     /// Guard mode: allocated IOVA ranges get an unmapped page after them (their IOVAs here).
     guarded: Option<HashSet<u64>>,
+    /// PCI addresses of the devices open in this context (see [`OpenDevice`]).
+    devices: HashSet<String>,
 }
 
 impl State {
@@ -123,12 +125,36 @@ impl State {
             .map_err(|why| Error::invalid(format!("DMA map: {why}")))
     }
 
+    /// Gives an IOVA range (and its guard page) back to the allocator.
+    fn release_iova(&mut self, iova: u64, len: usize) {
+        let reserved = self.reserved(iova, len as u64);
+        self.space.release(iova, reserved);
+        if let Some(guarded) = self.guarded.as_mut() {
+            guarded.remove(&iova);
+        }
+    }
+
     /// How much IOVA space the mapping at `iova` of `len` bytes holds: its guard page too.
     fn reserved(&self, iova: u64, len: u64) -> u64 {
         match &self.guarded {
             Some(g) if g.contains(&iova) => len + sys::page_size() as u64,
             _ => len,
         }
+    }
+}
+
+/// A device's place in its context. While it lives the device cannot be opened again in the
+/// context: type1 would hand out a second fd silently sharing the first one's IRQs and reset,
+/// iommufd would refuse the second bind as if another context held the device. Kept by the
+/// device after its fd, so the place is free only once the fd is closed.
+pub(crate) struct OpenDevice {
+    context: Arc<DmaContext>,
+    address: String,
+}
+
+impl Drop for OpenDevice {
+    fn drop(&mut self) {
+        lock(&self.context.state).devices.remove(&self.address);
     }
 }
 
@@ -202,6 +228,7 @@ impl Iommu {
             maps: DmaMap::new(),
             buffers: HashMap::new(),
             guarded: guard.then(HashSet::new),
+            devices: HashSet::new(),
         };
         Ok(Iommu(Arc::new(DmaContext {
             magic: DmaContext::MAGIC,
@@ -241,12 +268,35 @@ impl Iommu {
         }
     }
 
+    /// The context's fd (the type1 container, or /dev/iommu), for ioctls vfiokit does not wrap.
+    /// Borrowed: it closes with the context.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match &self.0.backend {
+            Backend::Type1 { container } => container.as_fd(),
+            Backend::Iommufd { fd, .. } => fd.as_fd(),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.0.state)
     }
 
-    /// Opens the VFIO device fd of `dev` in this context.
-    pub(crate) fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {
+    /// Opens the VFIO device fd of `dev` in this context, with its place there.
+    pub(crate) fn open_device(&self, dev: &PciDevice) -> Result<(OwnedFd, OpenDevice)> {
+        if !self.state().devices.insert(dev.address.clone()) {
+            return Err(Error::new(
+                libc::EBUSY,
+                format!(
+                    "{} is already open in this IOMMU context: use that handle (one per device and context)",
+                    dev.address
+                ),
+            ));
+        }
+        let place = OpenDevice { context: self.0.clone(), address: dev.address.clone() };
+        self.open_device_fd(dev).map(|fd| (fd, place))
+    }
+
+    fn open_device_fd(&self, dev: &PciDevice) -> Result<OwnedFd> {
         match &self.0.backend {
             Backend::Type1 { container } => {
                 let group = dev.iommu_group()?;
@@ -372,7 +422,7 @@ impl Iommu {
         match unsafe { self.map_raw(vaddr, len, iova, writable) } {
             Ok(()) => Ok(iova),
             Err(e) => {
-                self.release_iova(iova, len);
+                self.state().release_iova(iova, len);
                 Err(e)
             }
         }
@@ -394,15 +444,6 @@ impl Iommu {
         Ok(iova)
     }
 
-    /// Gives an IOVA range (and its guard page) back to the allocator.
-    fn release_iova(&self, iova: u64, len: usize) {
-        let mut state = self.state();
-        let reserved = state.reserved(iova, len as u64);
-        state.space.release(iova, reserved);
-        if let Some(guarded) = state.guarded.as_mut() {
-            guarded.remove(&iova);
-        }
-    }
 
     unsafe fn map_raw(&self, vaddr: *mut u8, len: usize, iova: u64, writable: bool) -> Result<()> {
         let result = match &self.0.backend {
@@ -462,6 +503,7 @@ impl Iommu {
         if let Some(early) = state.early.as_mut() {
             early.retain(|m| m.iova != iova);
         } else {
+            // Not under the lock: the kernel's unmap can be slow, and other DMA calls go on.
             drop(state);
             match &self.0.backend {
                 Backend::Type1 { container } => {
@@ -472,11 +514,12 @@ impl Iommu {
                 }
             }
             .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))?;
+            state = self.state();
         }
         // Only now may the allocator hand the IOVA out again: released earlier, another thread
         // could map it while the kernel still has the old mapping (EEXIST).
-        self.state().maps.remove(iova, len);
-        self.release_iova(iova, len);
+        state.maps.remove(iova, len);
+        state.release_iova(iova, len);
         Ok(())
     }
 
@@ -512,7 +555,7 @@ impl Iommu {
             match unsafe { self.map_raw(addr.as_ptr(), len, iova, flags & DMA_READONLY == 0) } {
                 Ok(()) => Ok(iova),
                 Err(e) => {
-                    self.release_iova(iova, len);
+                    self.state().release_iova(iova, len);
                     Err(e)
                 }
             }

@@ -21,7 +21,7 @@ pub mod region;
 mod sys;
 
 pub use caps::DecodeError;
-pub use device::{Device, Width};
+pub use device::{Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, Width};
 pub use dmamap::{DmaMap, DmaMapping};
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
@@ -31,6 +31,7 @@ pub use iommu::{
 };
 pub use iova::{IovaRange, IovaSpace};
 pub use irq::Irq;
+pub use pci::DeviceInfo;
 pub use region::{Area, Region};
 
 /// The C ABI's version: bumped (with the soname) on any incompatible change.

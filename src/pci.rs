@@ -77,9 +77,93 @@ fn find_extended(config: &[u8], id: u16) -> Option<u32> {
     None
 }
 
+/// What `vfiokit_device_get_info` reports of a device: VFIO's device flags and counts, and the
+/// identity from its PCI config header, read once at open. 64 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `VFIOKIT_DEVICE_*`: the kernel's `VFIO_DEVICE_FLAGS_*` as it reports them.
+    pub flags: u32,
+    pub num_regions: u32,
+    pub num_irqs: u32,
+    /// Base class << 16 | subclass << 8 | programming interface.
+    pub class_code: u32,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_id: u16,
+    pub revision: u8,
+    pub reserved0: [u8; 7],
+    pub reserved: [u64; 4],
+}
+
+const _: () =
+    assert!(size_of::<DeviceInfo>() == 64 && std::mem::offset_of!(DeviceInfo, revision) == 24);
+
+/// The kernel can reset the device (`VFIO_DEVICE_FLAGS_RESET`).
+pub const DEVICE_RESET: u32 = 1 << 0;
+/// A PCI device (`VFIO_DEVICE_FLAGS_PCI`): always set for the devices vfiokit opens.
+pub const DEVICE_PCI: u32 = 1 << 1;
+
+/// How many bytes of config space [`identify`] and [`bars`] need: the type 0 header.
+pub(crate) const HEADER_LEN: usize = 0x40;
+
+/// Fills a [`DeviceInfo`] from VFIO's device info and the first [`HEADER_LEN`] bytes of config
+/// space (little-endian); bytes missing from a short `header` read as zero.
+pub fn identify(flags: u32, num_regions: u32, num_irqs: u32, header: &[u8]) -> DeviceInfo {
+    let byte = |off: usize| header.get(off).copied().unwrap_or(0);
+    let u16_at = |off: usize| u16::from_le_bytes([byte(off), byte(off + 1)]);
+    DeviceInfo {
+        flags,
+        num_regions,
+        num_irqs,
+        class_code: u32::from_le_bytes([byte(0x09), byte(0x0a), byte(0x0b), 0]),
+        vendor_id: u16_at(0x00),
+        device_id: u16_at(0x02),
+        subsystem_vendor_id: u16_at(0x2c),
+        subsystem_id: u16_at(0x2e),
+        revision: byte(0x08),
+        ..Default::default()
+    }
+}
+
+/// The six BAR registers of a type 0 header (zeros where `header` is short).
+pub fn bars(header: &[u8]) -> [u32; 6] {
+    std::array::from_fn(|i| {
+        let at = 0x10 + 4 * i;
+        header.get(at..at + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures;
+
+    #[test]
+    fn identity_of_captured_headers() {
+        let edu = identify(DEVICE_RESET | DEVICE_PCI, 9, 5, fixtures::EDU_HEADER);
+        assert_eq!((edu.vendor_id, edu.device_id, edu.revision), (0x1234, 0x11e8, 0x10));
+        assert_eq!(
+            (edu.class_code, edu.subsystem_vendor_id, edu.subsystem_id),
+            (0x00ff00, 0x1af4, 0x1100)
+        );
+        assert_eq!((edu.flags, edu.num_regions, edu.num_irqs), (3, 9, 5));
+        let nvme = identify(0, 0, 0, fixtures::NVME_HEADER);
+        assert_eq!(
+            (nvme.vendor_id, nvme.device_id, nvme.class_code, nvme.revision),
+            (0x1b36, 0x0010, 0x010802, 2)
+        );
+        assert_eq!(bars(fixtures::NVME_HEADER)[0] & 0xf, 0x4, "BAR0: 64-bit memory");
+    }
+
+    #[test]
+    fn short_headers_read_as_zero() {
+        let short = identify(0, 0, 0, &fixtures::NVME_HEADER[..0x0b]);
+        assert_eq!((short.vendor_id, short.class_code, short.subsystem_id), (0x1b36, 0x0802, 0));
+        assert_eq!(bars(&fixtures::NVME_HEADER[..0x16]), [4, 0, 0, 0, 0, 0], "BAR1 cut short");
+        assert_eq!(identify(0, 0, 0, &[]), DeviceInfo::default());
+    }
 
     #[test]
     fn addresses_with_and_without_domain() {

@@ -52,6 +52,28 @@ def test_edu_records(edu):
         assert any(a.region == 0 for a in dev.areas)
 
 
+def test_info_fds_and_features(nvme):
+    with vfiokit.open(nvme) as dev:
+        sysfs = f"/sys/bus/pci/devices/{dev.name}/"
+        ids = {f: int(open(sysfs + f).read(), 16) for f in ("vendor", "device", "class", "revision")}
+        i = dev.info
+        assert (i.vendor_id, i.device_id, i.class_code, i.revision) == (
+            ids["vendor"], ids["device"], ids["class"], ids["revision"])
+        assert i.flags & vfiokit.DEVICE_PCI and i.flags & vfiokit.DEVICE_RESET
+        assert (i.num_regions, i.num_irqs) == (len(dev.regions), len(dev.irqs))
+        assert os.readlink(f"/proc/self/fd/{dev.fileno()}").startswith("anon_inode:") or \
+            os.readlink(f"/proc/self/fd/{dev.fileno()}").startswith("/dev/vfio/devices/")
+        assert os.readlink(f"/proc/self/fd/{dev.iommu.fileno()}") in ("/dev/vfio/vfio", "/dev/iommu")
+        low_power_entry, low_power_exit = 3, 5
+        assert dev.feature(low_power_entry, vfiokit.FEATURE_PROBE | vfiokit.FEATURE_SET) == 0
+        dev.feature(low_power_entry, vfiokit.FEATURE_SET)
+        dev.feature(low_power_exit, vfiokit.FEATURE_SET)
+        assert dev.map(0).read32(0) == dev.region(0).read32(0)
+        with pytest.raises(OSError) as e:
+            dev.feature(0x7777, vfiokit.FEATURE_PROBE | vfiokit.FEATURE_GET)
+        assert e.value.errno == errno.ENOTTY and "VFIO_DEVICE_FEATURE" in str(e.value)
+
+
 def test_edu_msi(edu):
     with vfiokit.open(edu) as dev:
         bus_master(dev)

@@ -34,7 +34,7 @@ except ImportError as e:
         sys.exit(str(e))
     raise
 from ._capi import (  # noqa: F401  (re-exported: the header's constants)
-    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, IRQ_AUTOMASKED, IRQ_ERR, IRQ_EVENTFD, IRQ_INTX,
+    DEVICE_PCI, DEVICE_RESET, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, IRQ_AUTOMASKED, IRQ_ERR, IRQ_EVENTFD, IRQ_INTX,
     IRQ_MASKABLE, IRQ_MSI, IRQ_MSIX, IRQ_NORESIZE, IRQ_REQ, PCI_BAR0, PCI_BAR1, PCI_BAR2, PCI_BAR3,
     PCI_BAR4, PCI_BAR5, PCI_CAP_EXTENDED, PCI_CONFIG, PCI_ROM, PCI_VGA, REGION_IO_PORT,
     REGION_MEM64, REGION_MMAP, REGION_MSIX_MAPPABLE, REGION_PREFETCH, REGION_PRESENT,
@@ -422,6 +422,10 @@ class Iommu(_Closing):
         """IOMMU_TYPE1 or IOMMU_IOMMUFD (never AUTO)."""
         return _lib.vfiokit_iommu_kind(self._handle())
 
+    def fileno(self) -> int:
+        """The context's fd (type1 container or /dev/iommu; borrowed: do not close it)."""
+        return _lib.vfiokit_iommu_fd(self._handle())
+
     def iova_ranges(self) -> list[IovaRange]:
         """The valid IOVA ranges (a type1 context has them once a device is in it)."""
         n = c_size_t()
@@ -528,6 +532,9 @@ class Device(_Closing):
         self.regions: list[RegionInfo] = _records(_lib.vfiokit_device_regions, self._h, RegionInfo)
         self.areas: list[AreaInfo] = _records(_lib.vfiokit_device_areas, self._h, AreaInfo)
         self.irqs: list[IrqInfo] = _records(_lib.vfiokit_device_irqs, self._h, IrqInfo)
+        #: VFIO's device flags (DEVICE_RESET, DEVICE_PCI) and counts, and the PCI identity.
+        self.info = _capi.vfiokit_device_info()
+        _lib.vfiokit_device_get_info(self._h, byref(self.info))
 
     def _handle(self) -> int:
         if self._h is None:
@@ -578,6 +585,18 @@ class Device(_Closing):
     def reset(self) -> None:
         """Resets the device (OSError ENOTSUP if the kernel has no reset for it)."""
         _lib.vfiokit_device_reset(self._handle())
+
+    def fileno(self) -> int:
+        """The VFIO device fd, for ioctls vfiokit does not wrap (borrowed: do not close it)."""
+        return _lib.vfiokit_device_fd(self._handle())
+
+    def feature(self, feature: int, flags: int, data: Optional[bytearray] = None) -> int:
+        """VFIO_DEVICE_FEATURE: the kernel's feature index with FEATURE_GET, FEATURE_SET
+        and/or FEATURE_PROBE; `data` (a bytearray) is the payload, filled in by GET."""
+        if data is None:
+            return _lib.vfiokit_device_feature(self._handle(), feature, flags, None, 0)
+        buf = (c_char * len(data)).from_buffer(data)
+        return _lib.vfiokit_device_feature(self._handle(), feature, flags, buf, len(data))
 
     @property
     def iommu(self) -> Iommu:

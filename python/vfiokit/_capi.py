@@ -28,6 +28,8 @@ PCI_CAP_EXTENDED = 0x10000
 REGION_PRESENT, REGION_READ, REGION_WRITE, REGION_MMAP = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 REGION_SPARSE, REGION_MSIX_MAPPABLE, REGION_IO_PORT = 1 << 4, 1 << 5, 1 << 6
 REGION_MEM64, REGION_PREFETCH = 1 << 7, 1 << 8
+DEVICE_RESET, DEVICE_PCI = 1 << 0, 1 << 1
+FEATURE_GET, FEATURE_SET, FEATURE_PROBE = 1 << 16, 1 << 17, 1 << 18
 
 
 class vfiokit_region(ctypes.Structure):
@@ -52,12 +54,22 @@ class vfiokit_irq(ctypes.Structure):
     ]
 
 
+class vfiokit_device_info(ctypes.Structure):
+    _fields_ = [
+        ("flags", c_uint32), ("num_regions", c_uint32), ("num_irqs", c_uint32),
+        ("class_code", c_uint32), ("vendor_id", c_uint16), ("device_id", c_uint16),
+        ("subsystem_vendor_id", c_uint16), ("subsystem_id", c_uint16), ("revision", c_uint8),
+        ("reserved0", c_uint8 * 7), ("reserved", c_uint64 * 4),
+    ]
+
+
 class vfiokit_iova_range(ctypes.Structure):
     _fields_ = [("start", c_uint64), ("last", c_uint64)]
 
 
 #: Record sizes are part of the ABI (the header's comments and its C test say so).
-RECORD_SIZES = {vfiokit_region: 64, vfiokit_area: 32, vfiokit_irq: 32, vfiokit_iova_range: 16}
+RECORD_SIZES = {vfiokit_region: 64, vfiokit_area: 32, vfiokit_irq: 32, vfiokit_iova_range: 16,
+                vfiokit_device_info: 64}
 
 _dev, _iommu = c_void_p, c_void_p  # opaque handles
 
@@ -91,6 +103,9 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_device_close": (None, [_dev], None),
     "vfiokit_device_iommu": (_iommu, [_dev], _check_ptr),
     "vfiokit_device_reset": (c_int, [_dev], _check_int),
+    "vfiokit_device_get_info": (c_int, [_dev, POINTER(vfiokit_device_info)], _check_int),
+    "vfiokit_device_fd": (c_int, [_dev], _check_int),
+    "vfiokit_device_feature": (c_int, [_dev, c_uint32, c_uint32, c_void_p, c_size_t], _check_int),
     "vfiokit_device_regions": (c_void_p, [_dev, POINTER(c_size_t)], _check_ptr),
     "vfiokit_device_areas": (c_void_p, [_dev, POINTER(c_size_t)], _check_ptr),
     "vfiokit_device_irqs": (c_void_p, [_dev, POINTER(c_size_t)], _check_ptr),
@@ -112,6 +127,7 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_iommu_open": (c_int, [c_uint32, POINTER(_iommu)], _check_int),
     "vfiokit_iommu_close": (None, [_iommu], None),
     "vfiokit_iommu_kind": (c_uint32, [_iommu], None),
+    "vfiokit_iommu_fd": (c_int, [_iommu], _check_int),
     "vfiokit_iommu_iova_ranges": (c_int, [_iommu, POINTER(vfiokit_iova_range), c_size_t, POINTER(c_size_t)], _check_int),
     "vfiokit_dma_map": (c_int, [_iommu, c_void_p, c_size_t, c_uint64], _check_int),
     "vfiokit_dma_map_any": (c_int, [_iommu, c_void_p, c_size_t, POINTER(c_uint64)], _check_int),

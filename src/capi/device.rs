@@ -2,6 +2,7 @@
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void};
+use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -204,6 +205,62 @@ pub unsafe extern "C" fn vfiokit_device_iommu(dev: *const vfiokit_device) -> *mu
         |_| std::ptr::null_mut(),
         // SAFETY: forwarded from the caller.
         || Ok(vfiokit_iommu::borrow_c(unsafe { self::dev(dev) }?.iommu().as_arc())),
+    )
+}
+
+/// Copies the device's info record (VFIO's flags and counts, the PCI identity read at open)
+/// to `*info`.
+///
+/// # Safety
+/// `dev` must be NULL or live; `info` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_device_get_info(
+    dev: *const vfiokit_device,
+    info: *mut crate::DeviceInfo,
+) -> c_int {
+    call(|| {
+        need(info, "info")?;
+        // SAFETY: forwarded from the caller.
+        let record = *unsafe { self::dev(dev) }?.info();
+        // SAFETY: checked non-null.
+        unsafe { put(info, "info", record) }
+    })
+}
+
+/// The VFIO device fd, for ioctls vfiokit does not wrap, or a negative errno. Borrowed: valid
+/// until the device is closed; do not close it.
+///
+/// # Safety
+/// `dev` must be NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_device_fd(dev: *const vfiokit_device) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call_or(|e| -e.errno(), || Ok(unsafe { self::dev(dev) }?.fd().as_raw_fd()))
+}
+
+/// VFIO_DEVICE_FEATURE: `feature` is the kernel's `VFIO_DEVICE_FEATURE_*` index, `flags` one or
+/// more of `VFIOKIT_FEATURE_GET`, `_SET` and `_PROBE`, and `data` the feature's payload of `len`
+/// bytes (read by SET, written by GET; NULL when `len` is 0). Returns the ioctl's value (0, or a
+/// fd for features that hand one out) or a negative errno.
+///
+/// # Safety
+/// `dev` must be NULL or live; `data` NULL or valid for reads and writes of `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_device_feature(
+    dev: *mut vfiokit_device,
+    feature: u32,
+    flags: u32,
+    data: *mut c_void,
+    len: usize,
+) -> c_int {
+    call_or(
+        |e| -e.errno(),
+        || {
+            // SAFETY: forwarded from the caller.
+            let payload = unsafe { bytes_mut(data, len) }?;
+            // SAFETY: forwarded from the caller.
+            unsafe { self::dev(dev) }?.feature(feature, flags, payload)
+        },
     )
 }
 

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu};
 use crate::iova::IovaRange;
 use std::ffi::{c_int, c_void};
+use std::os::fd::AsRawFd;
 
 /// A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
 pub struct vfiokit_iommu {
@@ -62,6 +63,17 @@ pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
 pub unsafe extern "C" fn vfiokit_iommu_kind(iommu: *const vfiokit_iommu) -> u32 {
     // SAFETY: forwarded from the caller.
     call_or(|_| IOMMU_AUTO, || Ok(unsafe { self::iommu(iommu) }?.kind().code()))
+}
+
+/// The context's fd (the type1 container or /dev/iommu), for ioctls vfiokit does not wrap, or
+/// a negative errno. Borrowed: valid until the context is closed; do not close it.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_fd(iommu: *const vfiokit_iommu) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call_or(|e| -e.errno(), || Ok(unsafe { self::iommu(iommu) }?.fd().as_raw_fd()))
 }
 
 /// Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which

@@ -61,13 +61,15 @@ pub(crate) fn anonymous(len: usize, huge_shift: u32) -> SysResult<NonNull<u8>> {
         0 => 0,
         shift => libc::MAP_HUGETLB | (shift as i32) << libc::MAP_HUGE_SHIFT,
     };
+    // MAP_POPULATE write-faults every page now: a read-only DMA pin of a never-touched private
+    // page would pin the shared zero page, and the device would never see what is written later.
     // SAFETY: a fresh anonymous mapping touches no existing memory.
     check_map(unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | huge,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | huge,
             -1,
             0,
         )

@@ -26,6 +26,7 @@ const DEVICE_RESET: u64 = vfio_io(11);
 const IOMMU_GET_INFO: u64 = vfio_io(12);
 const IOMMU_MAP_DMA: u64 = vfio_io(13);
 const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
+const DEVICE_FEATURE: u64 = vfio_io(17);
 
 fn argsz<T>() -> u32 {
     std::mem::size_of::<T>() as u32
@@ -166,4 +167,19 @@ pub(crate) fn dma_unmap(container: BorrowedFd, iova: u64, size: u64, all: bool) 
     // SAFETY: UNMAP_DMA reads and writes back one vfio_iommu_type1_dma_unmap (no bitmap flag).
     unsafe { ioctl_ptr(container, IOMMU_UNMAP_DMA, &mut unmap)? };
     Ok(unmap.size)
+}
+
+/// VFIO_DEVICE_FEATURE: `flags` is the feature index with its GET/SET/PROBE bits; `data`, the
+/// payload after the 8-byte header, goes in and (for GET) comes back. Returns the ioctl's value.
+pub(crate) fn device_feature(device: BorrowedFd, flags: u32, data: &mut [u8]) -> SysResult<i32> {
+    const HEADER: usize = 8; // struct vfio_device_feature: argsz, flags, then the payload
+    let argsz = u32::try_from(HEADER + data.len()).map_err(|_| Errno(libc::E2BIG))?;
+    let mut buf = vec![0u8; HEADER + data.len()];
+    buf[..4].copy_from_slice(&argsz.to_ne_bytes());
+    buf[4..HEADER].copy_from_slice(&flags.to_ne_bytes());
+    buf[HEADER..].copy_from_slice(data);
+    // SAFETY: the kernel reads and writes at most argsz bytes, all of them in buf.
+    let value = unsafe { ioctl_ptr(device, DEVICE_FEATURE, buf.as_mut_ptr()) }?;
+    data.copy_from_slice(&buf[HEADER..]);
+    Ok(value)
 }

@@ -35,6 +35,21 @@ LAYOUT(vfiokit_irq, count, 8);
 LAYOUT(vfiokit_irq, reserved0, 12);
 LAYOUT(vfiokit_irq, reserved, 16);
 
+_Static_assert(sizeof(vfiokit_device_info) == 64, "vfiokit_device_info is 64 bytes");
+LAYOUT(vfiokit_device_info, flags, 0);
+LAYOUT(vfiokit_device_info, num_regions, 4);
+LAYOUT(vfiokit_device_info, num_irqs, 8);
+LAYOUT(vfiokit_device_info, class_code, 12);
+LAYOUT(vfiokit_device_info, vendor_id, 16);
+LAYOUT(vfiokit_device_info, device_id, 18);
+LAYOUT(vfiokit_device_info, subsystem_vendor_id, 20);
+LAYOUT(vfiokit_device_info, subsystem_id, 22);
+LAYOUT(vfiokit_device_info, revision, 24);
+LAYOUT(vfiokit_device_info, reserved0, 25);
+LAYOUT(vfiokit_device_info, reserved, 32);
+_Static_assert(VFIOKIT_FEATURE_GET == (1 << 16) && VFIOKIT_FEATURE_SET == (1 << 17) && VFIOKIT_FEATURE_PROBE == (1 << 18),
+	       "the kernel's VFIO_DEVICE_FEATURE_* bits");
+
 _Static_assert(sizeof(vfiokit_iova_range) == 16, "vfiokit_iova_range is 16 bytes");
 LAYOUT(vfiokit_iova_range, last, 8);
 

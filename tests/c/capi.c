@@ -10,6 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+
+#include <linux/vfio.h>
 
 static int passed, failed;
 
@@ -117,6 +120,10 @@ static void null_arguments(void)
 	FAILS(vfiokit_device_open(env("VFIOKIT_TEST_EDU"), NULL, NULL), EINVAL);
 	FAILS_AS(vfiokit_device_iommu(NULL), NULL);
 	FAILS(vfiokit_device_reset(NULL), EINVAL);
+	FAILS(vfiokit_device_get_info(NULL, NULL), EINVAL);
+	FAILS(vfiokit_device_fd(NULL), EINVAL);
+	FAILS(vfiokit_iommu_fd(NULL), EINVAL);
+	FAILS(vfiokit_device_feature(NULL, 3, VFIOKIT_FEATURE_PROBE, NULL, 0), EINVAL);
 	FAILS_AS(vfiokit_device_regions(NULL, &n), NULL);
 	FAILS_AS(vfiokit_device_areas(NULL, &n), NULL);
 	FAILS_AS(vfiokit_device_irqs(NULL, &n), NULL);
@@ -251,6 +258,23 @@ static void with_edu(void)
 	FAILS(vfiokit_dma_free(io, buf), EINVAL);
 
 	FAILS(vfiokit_device_reset(dev), ENOTSUP);
+
+	/* The info record, and the raw fds: the kernel's own reply agrees with the record. */
+	vfiokit_device_info info;
+	memset(&info, 0xff, sizeof(info));
+	FAILS(vfiokit_device_get_info(dev, NULL), EINVAL);
+	CHECK(vfiokit_device_get_info(dev, &info) == 0);
+	CHECK(info.vendor_id == 0x1234 && info.device_id == 0x11e8 && info.class_code == 0x00ff00);
+	CHECK(info.num_regions == 9 && info.num_irqs == 5);
+	CHECK((info.flags & VFIOKIT_DEVICE_PCI) && !(info.flags & VFIOKIT_DEVICE_RESET));
+	CHECK(info.reserved[0] == 0 && info.reserved[3] == 0 && info.reserved0[6] == 0);
+	struct vfio_device_info kinfo = {.argsz = sizeof(kinfo)};
+	CHECK(vfiokit_device_fd(dev) >= 0 && ioctl(vfiokit_device_fd(dev), VFIO_DEVICE_GET_INFO, &kinfo) == 0);
+	CHECK(kinfo.flags == info.flags && kinfo.num_regions == info.num_regions);
+	CHECK(vfiokit_iommu_fd(vfiokit_device_iommu(dev)) >= 0);
+	/* Features: no mode flag, or a payload length with no payload, are refused before the kernel. */
+	FAILS(vfiokit_device_feature(dev, 3, 0, NULL, 0), EINVAL);
+	FAILS(vfiokit_device_feature(dev, 3, VFIOKIT_FEATURE_SET, NULL, 4), EINVAL);
 
 	/* The context closed while its device is open: the device keeps it alive. */
 	vfiokit_iommu_close(io);

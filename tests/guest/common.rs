@@ -86,7 +86,8 @@ pub fn fds_and_maps() -> (usize, usize) {
 
 /// Runs `f` in a forked child and asserts it exited 0 (a panic in the child exits 101).
 pub fn in_child(f: impl FnOnce()) {
-    // SAFETY: the guest runner is single-threaded, so the child is a consistent copy.
+    // SAFETY: the runner's only other thread (the watchdog) sleeps holding no lock, so the
+    // child is a consistent copy.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {

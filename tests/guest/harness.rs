@@ -3,8 +3,8 @@
 //! Run by `cargo test` on the host, the binary boots the guest and runs itself there, once per
 //! entry of VFIOKIT_VM_KERNELS (default "legacy iommufd iommufd:type1": a kernel, and the
 //! IOMMU backend forced through VFIOKIT_IOMMU); inside the guest (VFIOKIT_VM_KERNEL set)
-//! it runs the cases one by one, in one thread, so cases may fork. It never skips: a guest
-//! that cannot start fails the run.
+//! it runs the cases one by one, in one thread (beside a watchdog that holds no lock), so cases
+//! may fork. It never skips: a guest that cannot start fails the run.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::{Command, ExitCode};
@@ -52,12 +52,12 @@ pub fn main(cases: &[Case]) -> ExitCode {
     if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-/// A thread that ends the run when one case outlives `VFIOKIT_CASE_TIMEOUT` seconds (300 by
+/// A thread that ends the run when one case outlives `VFIOKIT_CASE_TIMEOUT` seconds (600 by
 /// default), naming it: a hung case must not cost the whole guest timeout, once per kernel,
 /// with nothing said of where it hung. Send a case's name as it starts and "" as it ends.
 fn watchdog() -> mpsc::Sender<&'static str> {
     let limit = std::env::var("VFIOKIT_CASE_TIMEOUT").ok().and_then(|s| s.parse().ok());
-    let limit = Duration::from_secs(limit.unwrap_or(300));
+    let limit = Duration::from_secs(limit.unwrap_or(600));
     let (tx, rx) = mpsc::channel::<&'static str>();
     std::thread::spawn(move || {
         while let Ok(name) = rx.recv() {

@@ -45,6 +45,7 @@ const CASES: &[harness::Case] = &[
     ("maps_before_the_first_device", maps_before_the_first_device),
     ("dma_flag_and_buffer_misuse", dma_flag_and_buffer_misuse),
     ("reset_where_supported", reset_where_supported),
+    ("device_info_fds_and_features", device_info_fds_and_features),
     ("several_devices_and_contexts", several_devices_and_contexts),
     ("group_not_permitted", group_not_permitted),
     ("memlock_too_low_is_named", memlock_too_low_is_named),
@@ -508,8 +509,13 @@ fn irq_misuse() {
     fails(d.irq_disable(IRQ_MSI), libc::EINVAL, &["not enabled"]);
     d.irq_enable(IRQ_MSI, 0, 1).unwrap();
     assert!(d.irq_mask(IRQ_MSI, 0).is_err(), "vfio-pci cannot mask MSI");
+    // One interrupt type at a time, and the error says which one is in the way.
+    fails(d.irq_enable(IRQ_INTX, 0, 1), libc::EINVAL, &["MSI is enabled", "before enabling INTx"]);
     d.irq_disable(IRQ_MSI).unwrap();
     fails(d.irq_disable(IRQ_MSI), libc::EINVAL, &["not enabled"]);
+    d.irq_enable(IRQ_INTX, 0, 1).unwrap();
+    fails(d.irq_enable(IRQ_MSI, 0, 1), libc::EINVAL, &["INTx is enabled"]);
+    d.irq_disable(IRQ_INTX).unwrap();
 }
 
 /// A thread waiting forever is woken by irq_disable, by an irq_enable that re-routes its vector,
@@ -764,6 +770,7 @@ fn maps_before_the_first_device() {
     );
     iommu.free(buf.as_ptr()).unwrap();
     drop(d);
+    drop(iommu); // it keeps the group attached
 
     // The interrupt window is never a valid type1 IOVA: a map there fails the first attach.
     // (An IOAS knows its ranges from the start, so iommufd has no such case.)
@@ -793,7 +800,7 @@ fn dma_flag_and_buffer_misuse() {
         libc::EINVAL,
         &["exclude each other"],
     );
-    fails(iommu.alloc_flags(usize::MAX - 4095, 0), libc::EINVAL, &["overflows"]);
+    fails(iommu.alloc_flags(usize::MAX - 4094, 0), libc::EINVAL, &["overflows"]);
     let (buf, iova) = iommu.alloc(4096).unwrap();
     // SAFETY: never reached: the flag is refused first.
     fails(
@@ -804,6 +811,78 @@ fn dma_flag_and_buffer_misuse() {
     fails(iommu.unmap(iova, 4096), libc::EBUSY, &["DMA buffer", "vfiokit_dma_free"]);
     iommu.free(buf.as_ptr()).unwrap();
     fails(iommu.free(buf.as_ptr()), libc::EINVAL, &["not a DMA buffer"]);
+}
+
+/// The info record against sysfs and the kernel's own reply through the raw fd; the context's
+/// fd is the node it claims; VFIO_DEVICE_FEATURE probes, enters and leaves low power.
+fn device_info_fds_and_features() {
+    use std::os::fd::AsRawFd;
+    use vfio_bindings::bindings::vfio as k;
+    let d = open("NVME");
+    let sysfs = |f: &str| {
+        let text = std::fs::read_to_string(format!("/sys/bus/pci/devices/{}/{f}", d.address()));
+        u32::from_str_radix(text.unwrap().trim().trim_start_matches("0x"), 16).unwrap()
+    };
+    let info = *d.info();
+    assert_eq!(
+        (info.vendor_id, info.device_id, info.subsystem_vendor_id, info.subsystem_id),
+        (
+            sysfs("vendor") as u16,
+            sysfs("device") as u16,
+            sysfs("subsystem_vendor") as u16,
+            sysfs("subsystem_device") as u16
+        )
+    );
+    assert_eq!((info.class_code, u32::from(info.revision)), (sysfs("class"), sysfs("revision")));
+    assert_eq!(
+        info.flags & (vfiokit::pci::DEVICE_PCI | vfiokit::pci::DEVICE_RESET),
+        3,
+        "nvme resets"
+    );
+    assert_eq!(open("EDU").info().flags & vfiokit::pci::DEVICE_RESET, 0, "edu has no reset");
+
+    let mut raw = k::vfio_device_info {
+        argsz: size_of::<k::vfio_device_info>() as u32,
+        ..Default::default()
+    };
+    const GET_INFO: u64 = ((k::VFIO_TYPE as u64) << 8) | (k::VFIO_BASE + 7) as u64;
+    // SAFETY: VFIO_DEVICE_GET_INFO writes at most argsz bytes into raw.
+    assert_eq!(unsafe { libc::ioctl(d.fd().as_raw_fd(), GET_INFO as _, &mut raw) }, 0);
+    assert_eq!(
+        (raw.flags, raw.num_regions, raw.num_irqs),
+        (info.flags, info.num_regions, info.num_irqs)
+    );
+    assert_eq!(
+        (d.regions().len(), d.irqs().len()),
+        (info.num_regions as usize, info.num_irqs as usize)
+    );
+    let node = std::fs::read_link(format!("/proc/self/fd/{}", d.iommu().fd().as_raw_fd())).unwrap();
+    let expected = match d.iommu().kind() {
+        IommuKind::Type1 => "/dev/vfio/vfio",
+        IommuKind::Iommufd => "/dev/iommu",
+    };
+    assert_eq!(node.to_str(), Some(expected));
+
+    use vfiokit::{FEATURE_GET, FEATURE_PROBE, FEATURE_SET};
+    let entry = k::VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY;
+    d.map(0).unwrap();
+    let cap = rd::<u64>(&d, 0, 0);
+    assert_eq!(d.feature(entry, FEATURE_PROBE | FEATURE_SET, &mut []).unwrap(), 0);
+    fails(
+        d.feature(entry, FEATURE_PROBE | FEATURE_GET, &mut []),
+        libc::EINVAL,
+        &["VFIO_DEVICE_FEATURE 3"],
+    );
+    d.feature(entry, FEATURE_SET, &mut []).unwrap();
+    d.feature(k::VFIO_DEVICE_FEATURE_LOW_POWER_EXIT, FEATURE_SET, &mut []).unwrap();
+    assert_eq!(rd::<u64>(&d, 0, 0), cap, "the mapped BAR reads the same after low power");
+    fails(d.feature(0x1_0000, FEATURE_GET, &mut []), libc::EINVAL, &["up to 0xffff"]);
+    fails(d.feature(entry, 0, &mut []), libc::EINVAL, &["at least one"]);
+    fails(
+        d.feature(0x7777, FEATURE_PROBE | FEATURE_GET, &mut []),
+        libc::ENOTTY,
+        &["VFIO_DEVICE_FEATURE 30583"],
+    );
 }
 
 fn reset_where_supported() {
@@ -822,6 +901,13 @@ fn several_devices_and_contexts() {
     assert!(std::ptr::eq(edu.iommu() as *const _, edu.iommu() as *const _));
     let (buf, _) = nvme.iommu().alloc(4096).unwrap();
     edu.iommu().free(buf.as_ptr()).unwrap();
+    // One handle per device and context, on every backend (the place is free again at close,
+    // below).
+    fails(
+        Device::open(&addr("EDU"), Some(&shared)),
+        libc::EBUSY,
+        &["already open in this IOMMU context"],
+    );
     // A device already in one context cannot join another.
     let other = Iommu::open(IOMMU_AUTO).unwrap();
     fails(Device::open(&addr("EDU"), Some(&other)), libc::EBUSY, &["already"]);

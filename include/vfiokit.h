@@ -41,13 +41,13 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // The C ABI's version: bumped (with the soname) on any incompatible change.
 #define VFIOKIT_ABI_VERSION 1
 
-// [`Device::feature`]: read the feature's data.
+// `vfiokit_device_feature` (`Device::feature`): read the feature's data.
 #define VFIOKIT_FEATURE_GET (1 << 16)
 
-// [`Device::feature`]: write the feature's data.
+// `vfiokit_device_feature` (`Device::feature`): write the feature's data.
 #define VFIOKIT_FEATURE_SET (1 << 17)
 
-// [`Device::feature`]: ask whether the feature (with GET and/or SET) is supported.
+// `vfiokit_device_feature` (`Device::feature`): ask whether the feature (with GET and/or SET) is supported.
 #define VFIOKIT_FEATURE_PROBE (1 << 18)
 
 // Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).

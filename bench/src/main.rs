@@ -1,8 +1,10 @@
 //! vfiokit's benchmark suite: each operation through vfiokit, through the raw ioctls a careful
 //! hand-written driver would issue (raw.rs), and through the peer crates vfio-ioctls and
-//! pci-driver (peers.rs), interleaved round by round in one process (stats.rs).
+//! pci-driver (peers.rs), interleaved round by round in one process (stats.rs). Operation 6
+//! (bookkeeping.rs: the IOVA allocator and the translation map alone) needs no device and runs
+//! on the host.
 //!
-//!     vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5] [--rounds N] [--quick] [--out FILE]
+//!     vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6] [--rounds N] [--quick] [--out FILE]
 //!     vfiokit-bench --merge OUT FILE...      merge results files into OUT and print the table
 //!
 //! Runs in the test guest (tests/vm/run; bench/run does it all). Device addresses come from
@@ -10,6 +12,7 @@
 //! register, values read back, unmapped sizes, IRQ counts): a broken variant panics, it never
 //! measures nothing.
 
+mod bookkeeping;
 mod peers;
 mod raw;
 mod sketch;
@@ -77,7 +80,7 @@ fn main() {
             "--out" => o.out = val(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5] [--rounds N] [--quick] [--out FILE]"
+                    "usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6] [--rounds N] [--quick] [--out FILE]"
                 );
                 println!("       vfiokit-bench --merge OUT FILE...");
                 return;
@@ -88,7 +91,9 @@ fn main() {
     if o.quick && !args.iter().any(|a| a == "--rounds") {
         o.rounds = 3;
     }
-    let b = o.backend.name();
+    // Operation 6 alone runs on the host, with no backend.
+    let host_only = o.ops.iter().all(|&op| op == 6);
+    let b = if host_only { "host" } else { o.backend.name() };
     eprintln!(
         "bench: backend {b}, ops {:?}, {} rounds{}",
         o.ops,
@@ -103,7 +108,8 @@ fn main() {
             3 => op_copy(&o),
             4 => op_dma(&o),
             5 => op_irq(&o),
-            _ => panic!("no operation {op} (1..5)"),
+            6 => bookkeeping::op_bookkeeping(&o),
+            _ => panic!("no operation {op} (1..6)"),
         };
         print!("{}", stats::table(&f));
         figures.extend(f);

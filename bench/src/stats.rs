@@ -54,7 +54,43 @@ pub fn run_case(
     rounds: usize,
     batch: usize,
     bytes: u64,
+    variants: Vec<Variant>,
+) -> Vec<Figure> {
+    let t0 = Instant::now();
+    let wall = move || t0.elapsed().as_nanos() as f64;
+    run_case_clocked(operation, backend, rounds, batch, bytes, variants, wall)
+}
+
+/// The calling thread's CPU time in ns: time while the thread is descheduled (a busy shared
+/// host) does not count.
+pub fn thread_cpu_ns() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a valid out-pointer.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
+}
+
+/// [`run_case`] timed by the thread's CPU time instead of the wall clock (for host-only cases
+/// on a shared machine).
+pub fn run_case_cpu(
+    operation: &str,
+    backend: &str,
+    rounds: usize,
+    batch: usize,
+    variants: Vec<Variant>,
+) -> Vec<Figure> {
+    run_case_clocked(operation, backend, rounds, batch, 0, variants, thread_cpu_ns)
+}
+
+fn run_case_clocked(
+    operation: &str,
+    backend: &str,
+    rounds: usize,
+    batch: usize,
+    bytes: u64,
     mut variants: Vec<Variant>,
+    now: impl Fn() -> f64,
 ) -> Vec<Figure> {
     assert_eq!(variants[0].name, "raw", "the baseline comes first");
     eprintln!(
@@ -69,9 +105,9 @@ pub fn run_case(
     for round in 0..rounds {
         for j in 0..k {
             let i = (round + j) % k;
-            let t0 = Instant::now();
+            let t0 = now();
             (variants[i].run)(black_box(batch));
-            times[i].push(t0.elapsed().as_nanos() as f64 / batch as f64);
+            times[i].push((now() - t0) / batch as f64);
         }
     }
     variants

@@ -409,6 +409,18 @@ int vfiokit_irq_enable(struct vfiokit_device *dev,
                        uint32_t count,
                        int *eventfds);
 
+// `vfiokit_irq_enable` with the caller's eventfds, `eventfds[i]` for vector `first + i`.
+// They stay the caller's: the device signals duplicates, disable and close leave the
+// caller's fds open, and `vfiokit_irq_wait` refuses these vectors (read your own fds).
+//
+// # Safety
+// `dev` NULL or live; `eventfds` valid for reading `count` ints.
+int vfiokit_irq_enable_fds(struct vfiokit_device *dev,
+                           uint32_t irq,
+                           uint32_t first,
+                           uint32_t count,
+                           const int *eventfds);
+
 // Disables an IRQ index and closes its eventfds; `-EINVAL` if it is not enabled.
 //
 // # Safety
@@ -497,6 +509,14 @@ int vfiokit_dma_map_any(struct vfiokit_iommu *iommu, void *vaddr, size_t len, ui
 // # Safety
 // `iommu` must be NULL or a live context.
 int vfiokit_dma_unmap(struct vfiokit_iommu *iommu, uint64_t iova, size_t len);
+
+// Removes every mapping made by `vfiokit_dma_map*` and `vfiokit_dma_map_any*` (buffers from
+// `vfiokit_dma_alloc*` stay mapped until freed); `*unmapped` (if not NULL) gets the number of
+// bytes unmapped. On failure some mappings may be gone: `*unmapped` is then not written.
+//
+// # Safety
+// `iommu` must be NULL or a live context; `unmapped` NULL or valid for a write.
+int vfiokit_dma_unmap_all(struct vfiokit_iommu *iommu, uint64_t *unmapped);
 
 // Allocates zeroed, page-rounded memory mapped for DMA; returns its address and IOVA.
 //

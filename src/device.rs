@@ -85,10 +85,18 @@ width!(u8, u16, u32, u64);
 #[derive(Default)]
 struct IrqRoute {
     /// Each vector's eventfd (None: not routed).
-    vectors: Vec<Option<Arc<OwnedFd>>>,
+    vectors: Vec<Option<Vector>>,
     /// An eventfd signalled, then replaced, when vectors of this index that threads may be
     /// waiting on are disabled or routed anew; present while any vector is routed.
     cancel: Option<Arc<OwnedFd>>,
+}
+
+/// A routed vector's eventfd: one the device made, or a duplicate of the caller's.
+#[derive(Clone)]
+struct Vector {
+    fd: Arc<OwnedFd>,
+    /// False for the caller's eventfds: the caller reads them, so `irq_wait` does not.
+    waitable: bool,
 }
 
 impl IrqRoute {
@@ -555,6 +563,31 @@ impl Device {
     /// device) and enables them. Returns the eventfds. Threads waiting on vectors this
     /// re-routes end their wait with ECANCELED.
     pub fn irq_enable(&self, index: u32, first: u32, count: u32) -> Result<Vec<RawFd>> {
+        self.check_eventfd_vectors(index, first, count)?;
+        let fds = (0..count)
+            .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
+            .collect::<Result<Vec<_>>>()?;
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        self.route(index, first, fds, true)?;
+        Ok(raw)
+    }
+
+    /// [`Device::irq_enable`] with the caller's eventfds, one per vector from `first`: the
+    /// device keeps duplicates (the caller's fds stay the caller's, to read and close), and
+    /// [`Device::irq_wait`] refuses these vectors (the caller waits on its own fds).
+    pub fn irq_enable_fds(&self, index: u32, first: u32, fds: &[BorrowedFd]) -> Result<()> {
+        let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+        self.check_eventfd_vectors(index, first, count)?;
+        let dups = fds
+            .iter()
+            .map(|fd| {
+                sys::dup(*fd).map(Arc::new).context(|| format!("duplicating fd {}", fd.as_raw_fd()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.route(index, first, dups, false)
+    }
+
+    fn check_eventfd_vectors(&self, index: u32, first: u32, count: u32) -> Result<()> {
         let irq = self.check_vectors(index, first, count)?;
         if irq.flags & irq::IRQ_EVENTFD == 0 {
             return Err(Error::new(
@@ -562,10 +595,13 @@ impl Device {
                 format!("{} IRQ {} cannot signal an eventfd", self.address, irq_name(index)),
             ));
         }
-        let fds = (0..count)
-            .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
-            .collect::<Result<Vec<_>>>()?;
+        Ok(())
+    }
+
+    /// Tells the kernel to signal `fds` for vectors `first..`, and records them.
+    fn route(&self, index: u32, first: u32, fds: Vec<Arc<OwnedFd>>, waitable: bool) -> Result<()> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let count = raw.len() as u32;
         let mut state = self.irq_state();
         // The kernel's bare EINVAL, explained: a function signals one interrupt type at a time.
         let types = [irq::IRQ_INTX, irq::IRQ_MSI, irq::IRQ_MSIX];
@@ -593,13 +629,13 @@ impl Device {
             format!("enabling {} vectors [{first}, +{count})", irq_name(index))
         })?;
         for (slot, fd) in route.vectors[span].iter_mut().zip(fds) {
-            *slot = Some(fd);
+            *slot = Some(Vector { fd, waitable });
         }
         if let Some(cancel) = new_cancel {
             route.wake_waiters();
             route.cancel = Some(cancel);
         }
-        Ok(raw)
+        Ok(())
     }
 
     /// Disables an IRQ index and closes its eventfds; threads waiting on it end their wait
@@ -663,7 +699,7 @@ impl Device {
         &self,
         index: u32,
         vector: u32,
-        f: impl FnOnce(&Arc<OwnedFd>, &Arc<OwnedFd>) -> Result<T>,
+        f: impl FnOnce(&Vector, &Arc<OwnedFd>) -> Result<T>,
     ) -> Result<T> {
         self.check_vectors(index, vector, 1)?;
         let state = self.irq_state();
@@ -697,7 +733,7 @@ impl Device {
             _ if state.cancelled => {
                 Err(self.cancelled(index, vector, "the device is being closed"))
             }
-            (Some(now), Some(cancel)) if Arc::ptr_eq(now, fd) => Ok(cancel.clone()),
+            (Some(now), Some(cancel)) if Arc::ptr_eq(&now.fd, fd) => Ok(cancel.clone()),
             _ => Err(self.cancelled(index, vector, "the IRQ was disabled or re-enabled")),
         }
     }
@@ -710,8 +746,15 @@ impl Device {
         let take =
             |fd: &OwnedFd| sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd");
         // Already fired: answered by one non-blocking read, with no clock and no clone.
-        let fired = self.with_route(index, vector, |fd, cancel| {
-            Ok(take(fd)?.ok_or_else(|| (fd.clone(), cancel.clone())))
+        let fired = self.with_route(index, vector, |v, cancel| {
+            if !v.waitable {
+                return Err(Error::invalid(format!(
+                    "{} {} vector {vector} signals the caller's own eventfd: wait on that fd",
+                    self.address,
+                    irq_name(index)
+                )));
+            }
+            Ok(take(&v.fd)?.ok_or_else(|| (v.fd.clone(), cancel.clone())))
         })?;
         let (fd, mut cancel) = match fired {
             Ok(count) => return Ok(count),

@@ -444,7 +444,6 @@ impl Iommu {
         Ok(iova)
     }
 
-
     unsafe fn map_raw(&self, vaddr: *mut u8, len: usize, iova: u64, writable: bool) -> Result<()> {
         let result = match &self.0.backend {
             Backend::Type1 { container } => {
@@ -489,6 +488,21 @@ impl Iommu {
             ));
         }
         self.unmap_mapping(iova, len)
+    }
+
+    /// Removes every DMA mapping made by [`Iommu::map`] and [`Iommu::map_any`] (DMA buffers
+    /// stay mapped until freed) and returns how many bytes that unmapped.
+    pub fn unmap_all(&self) -> Result<u64> {
+        let maps: Vec<(u64, usize)> = {
+            let state = self.state();
+            let own = |m: &crate::DmaMapping| {
+                state.buffers.get(&m.vaddr).is_some_and(|b| b.iova == m.iova)
+            };
+            state.maps.iter().filter(|m| !own(m)).map(|m| (m.iova, m.len)).collect()
+        };
+        maps.iter().try_fold(0, |done, &(iova, len)| {
+            self.unmap_mapping(iova, len).map(|()| done + len as u64)
+        })
     }
 
     fn unmap_mapping(&self, iova: u64, len: usize) -> Result<()> {

@@ -74,6 +74,22 @@ def test_info_fds_and_features(nvme):
         assert e.value.errno == errno.ENOTTY and "VFIO_DEVICE_FEATURE" in str(e.value)
 
 
+def test_caller_eventfds(edu):
+    mine = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        with vfiokit.open(edu) as dev:
+            with dev.irq(vfiokit.IRQ_MSI, eventfds=[mine]) as irq:
+                assert irq.fds == [mine]
+                irq.trigger()
+                assert os.eventfd_read(mine) == 1
+                with pytest.raises(OSError) as e:
+                    irq.wait(0)
+                assert e.value.errno == errno.EINVAL and "caller's own eventfd" in str(e.value)
+        os.fstat(mine)  # still open: the caller's to close
+    finally:
+        os.close(mine)
+
+
 def test_edu_msi(edu):
     with vfiokit.open(edu) as dev:
         bus_master(dev)
@@ -205,6 +221,10 @@ def test_explicit_iommu_map_unmap(edu):
             iommu.map(b"x" * 4096, None, 0x200000)
         buf = iommu.alloc(100)
         assert len(buf.mem) == 100
+        iommu.map(memory, None, 0x100000)
+        iommu.map_any(memory, 4096)
+        assert iommu.unmap_all() == 3 * 4096  # the maps, not the buffer
+        assert iommu.translate(buf.address) and iommu.unmap_all() == 0
     assert buf.address == 0, "closing the context freed its buffers"
     with pytest.raises(ValueError, match="closed"):
         iommu.iova_ranges()

@@ -296,11 +296,17 @@ class Irq(_Closing):
     to consume the count), or wait() to block (the GIL is released while waiting).
     """
 
-    def __init__(self, device: Device, kind: int, first: int = 0, count: int = 1):
+    def __init__(self, device: Device, kind: int, first: int = 0, count: int = 1,
+                 eventfds: Optional[list[int]] = None):
         self._device = device
+        if eventfds is not None:
+            count = len(eventfds)
         self.kind, self.first, self.count = kind, first, count
-        fds = (c_int * count)()
-        _lib.vfiokit_irq_enable(device._handle(), kind, first, count, fds)
+        fds = (c_int * count)(*(eventfds or []))
+        if eventfds is None:
+            _lib.vfiokit_irq_enable(device._handle(), kind, first, count, fds)
+        else:  # the caller's eventfds: the caller reads them (wait() is refused) and closes them
+            _lib.vfiokit_irq_enable_fds(device._handle(), kind, first, count, fds)
         self.fds: list[int] = list(fds)
         self.closed = False
 
@@ -473,6 +479,13 @@ class Iommu(_Closing):
         _lib.vfiokit_dma_unmap(self._handle(), iova, length)
         self._maps.pop(iova, None)
 
+    def unmap_all(self) -> int:
+        """Removes every mapping made by map/map_any (DMA buffers stay); returns the bytes."""
+        unmapped = c_uint64()
+        _lib.vfiokit_dma_unmap_all(self._handle(), byref(unmapped))
+        self._maps.clear()
+        return unmapped.value
+
     def alloc(self, size: int, flags: int = 0) -> DmaBuffer:
         """Allocates zeroed memory mapped for DMA: `.iova`, `.mem`; free it with close().
         `flags`: DMA_READONLY, DMA_HUGE_2M or DMA_HUGE_1G."""
@@ -576,9 +589,10 @@ class Device(_Closing):
             return None
         return offset.value
 
-    def irq(self, kind: int, first: int = 0, count: int = 1) -> Irq:
-        """Enables vectors first..first+count-1 of IRQ index `kind` (IRQ_INTX, IRQ_MSI, ...)."""
-        irq = Irq(self, kind, first, count)
+    def irq(self, kind: int, first: int = 0, count: int = 1, eventfds: Optional[list[int]] = None) -> Irq:
+        """Enables vectors first..first+count-1 of IRQ index `kind` (IRQ_INTX, IRQ_MSI, ...);
+        with `eventfds`, one per vector, they signal the caller's own eventfds."""
+        irq = Irq(self, kind, first, count, eventfds)
         self._irqs.append(weakref.ref(irq))
         return irq
 

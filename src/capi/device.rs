@@ -2,7 +2,7 @@
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -610,6 +610,35 @@ pub unsafe extern "C" fn vfiokit_irq_enable(
         // SAFETY: the caller provides count ints; fds has count entries.
         unsafe { std::ptr::copy_nonoverlapping(fds.as_ptr(), eventfds, fds.len()) };
         Ok(())
+    })
+}
+
+/// `vfiokit_irq_enable` with the caller's eventfds, `eventfds[i]` for vector `first + i`.
+/// They stay the caller's: the device signals duplicates, disable and close leave the
+/// caller's fds open, and `vfiokit_irq_wait` refuses these vectors (read your own fds).
+///
+/// # Safety
+/// `dev` NULL or live; `eventfds` valid for reading `count` ints.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_irq_enable_fds(
+    dev: *mut vfiokit_device,
+    irq: u32,
+    first: u32,
+    count: u32,
+    eventfds: *const c_int,
+) -> c_int {
+    call(|| {
+        need(eventfds.cast_mut(), "eventfds")?;
+        // SAFETY: the caller provides count ints.
+        let raw = unsafe { std::slice::from_raw_parts(eventfds, count as usize) };
+        if let Some(bad) = raw.iter().find(|&&fd| fd < 0) {
+            return Err(Error::invalid(format!("eventfd {bad} is not a file descriptor")));
+        }
+        // SAFETY: the caller's fds, open for the duration of the call; the device keeps
+        // duplicates, never these.
+        let fds: Vec<_> = raw.iter().map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) }).collect();
+        // SAFETY: forwarded from the caller.
+        unsafe { self::dev(dev) }?.irq_enable_fds(irq, first, &fds)
     })
 }
 

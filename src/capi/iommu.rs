@@ -156,6 +156,28 @@ pub unsafe extern "C" fn vfiokit_dma_unmap(
     call(|| unsafe { self::iommu(iommu) }?.unmap(iova, len))
 }
 
+/// Removes every mapping made by `vfiokit_dma_map*` and `vfiokit_dma_map_any*` (buffers from
+/// `vfiokit_dma_alloc*` stay mapped until freed); `*unmapped` (if not NULL) gets the number of
+/// bytes unmapped. On failure some mappings may be gone: `*unmapped` is then not written.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context; `unmapped` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_unmap_all(
+    iommu: *mut vfiokit_iommu,
+    unmapped: *mut u64,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        let bytes = unsafe { self::iommu(iommu) }?.unmap_all()?;
+        if !unmapped.is_null() {
+            // SAFETY: checked non-null; valid for a write per the contract.
+            unsafe { put(unmapped, "unmapped", bytes) }?;
+        }
+        Ok(())
+    })
+}
+
 /// Allocates zeroed, page-rounded memory mapped for DMA; returns its address and IOVA.
 ///
 /// # Safety

@@ -121,6 +121,11 @@ pub(crate) fn pwrite_all(fd: BorrowedFd, buf: &[u8], offset: u64) -> SysResult<(
 }
 
 /// A non-blocking, close-on-exec eventfd.
+/// A close-on-exec duplicate of `fd`.
+pub(crate) fn dup(fd: BorrowedFd) -> SysResult<OwnedFd> {
+    fd.try_clone_to_owned().map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EBADF)))
+}
+
 pub(crate) fn eventfd() -> SysResult<OwnedFd> {
     // SAFETY: plain syscall with no pointers.
     let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;

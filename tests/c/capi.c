@@ -10,7 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <unistd.h>
 
 #include <linux/vfio.h>
 
@@ -112,6 +114,7 @@ static void null_arguments(void)
 	FAILS(vfiokit_dma_map(NULL, buf, 4096, 0x10000), EINVAL);
 	FAILS(vfiokit_dma_map_any(NULL, buf, 4096, &u64), EINVAL);
 	FAILS(vfiokit_dma_unmap(NULL, 0x10000, 4096), EINVAL);
+	FAILS(vfiokit_dma_unmap_all(NULL, &u64), EINVAL);
 	FAILS(vfiokit_dma_alloc(NULL, 4096, &p, &u64), EINVAL);
 	FAILS(vfiokit_dma_free(NULL, buf), EINVAL);
 
@@ -141,6 +144,7 @@ static void null_arguments(void)
 	FAILS(vfiokit_pci_find_capability(NULL, 5, &u32), EINVAL);
 	FAILS(vfiokit_irq_enable(NULL, VFIOKIT_IRQ_MSI, 0, 1, (int *)buf), EINVAL);
 	FAILS(vfiokit_irq_disable(NULL, VFIOKIT_IRQ_MSI), EINVAL);
+	FAILS(vfiokit_irq_enable_fds(NULL, VFIOKIT_IRQ_MSI, 0, 1, (int *)buf), EINVAL);
 	FAILS(vfiokit_irq_mask(NULL, VFIOKIT_IRQ_INTX, 0), EINVAL);
 	FAILS(vfiokit_irq_unmask(NULL, VFIOKIT_IRQ_INTX, 0), EINVAL);
 	FAILS(vfiokit_irq_trigger(NULL, VFIOKIT_IRQ_MSI, 0), EINVAL);
@@ -238,6 +242,19 @@ static void with_edu(void)
 	CHECK(vfiokit_irq_disable(dev, VFIOKIT_IRQ_MSI) == 0);
 	FAILS(vfiokit_irq_disable(dev, VFIOKIT_IRQ_MSI), EINVAL);
 
+	/* The caller's own eventfd: signalled, read by the caller, left open by disable. */
+	int mine = eventfd(0, EFD_CLOEXEC), bad = -1;
+	FAILS(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 1, NULL), EINVAL);
+	FAILS(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 1, &bad), EINVAL);
+	FAILS(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 2, fds), EINVAL);
+	CHECK(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 1, &mine) == 0);
+	CHECK(vfiokit_irq_trigger(dev, VFIOKIT_IRQ_MSI, 0) == 0);
+	u64 = 0;
+	CHECK(read(mine, &u64, 8) == 8 && u64 == 1);
+	FAILS(vfiokit_irq_wait(dev, VFIOKIT_IRQ_MSI, 0, 0, &u64), EINVAL);
+	CHECK(vfiokit_irq_disable(dev, VFIOKIT_IRQ_MSI) == 0);
+	CHECK(close(mine) == 0); /* still ours, still open */
+
 	/* DMA. */
 	CHECK(vfiokit_iommu_iova_ranges(io, NULL, 0, &nranges) == 0 && nranges > 0);
 	FAILS(vfiokit_iommu_iova_ranges(io, NULL, 1, &nranges), EINVAL);
@@ -253,6 +270,11 @@ static void with_edu(void)
 	FAILS(vfiokit_dma_map_any(io, buf, 4096, NULL), EINVAL);
 	FAILS(vfiokit_dma_alloc(io, 0, &p, &u64), EINVAL);
 	FAILS(vfiokit_dma_alloc(io, 4096, NULL, &u64), EINVAL);
+	FAILS(vfiokit_dma_unmap(io, 0x7000000, 4096), ENOENT);
+	CHECK(vfiokit_dma_map(io, buf, 4096, 0x7000000) == 0 && vfiokit_dma_map_any(io, buf, 4096, &u64) == 0);
+	u64 = 0;
+	CHECK(vfiokit_dma_unmap_all(io, &u64) == 0 && u64 == 8192); /* the two maps, not the buffer */
+	CHECK(vfiokit_dma_unmap_all(io, NULL) == 0);
 	FAILS(vfiokit_dma_unmap(io, 0x7000000, 4096), ENOENT);
 	CHECK(vfiokit_dma_free(io, buf) == 0);
 	FAILS(vfiokit_dma_free(io, buf), EINVAL);

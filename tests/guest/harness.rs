@@ -86,8 +86,10 @@ fn boot_guests(args: &[String]) -> ExitCode {
     for run in runs.split_whitespace() {
         let (kernel, backend) = run.split_once(':').unwrap_or((run, ""));
         let mut cmd = Command::new(runner);
-        // The whole suite in one boot: well past the runner's default 300 s under a busy host.
-        cmd.args(["--kernel", kernel, "--timeout", "1200", "--"]).arg(&exe).args(&args[1..]);
+        // The whole suite in one boot: well past the runner's default 300 s under a busy host
+        // (VFIOKIT_GUEST_TIMEOUT: `make soak` needs more).
+        let timeout = std::env::var("VFIOKIT_GUEST_TIMEOUT").unwrap_or_else(|_| "1200".into());
+        cmd.args(["--kernel", kernel, "--timeout", &timeout, "--"]).arg(&exe).args(&args[1..]);
         if backend.is_empty() {
             cmd.env_remove("VFIOKIT_IOMMU");
         } else {

@@ -68,10 +68,6 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // `alloc` only: back the buffer with 1 GiB hugetlb pages (length rounded, IOVA aligned).
 #define VFIOKIT_DMA_HUGE_1G (1 << 2)
 
-// IOVA 0 is never handed out, so a zero IOVA in a descriptor is always a bug the IOMMU
-// catches: allocation starts at this address.
-#define VFIOKIT_IovaSpace_LOWEST 4096
-
 // IRQ indices of a PCI device: fixed by vfio-pci.
 #define VFIOKIT_IRQ_INTX 0
 

@@ -668,8 +668,19 @@ impl Device {
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
     }
 
+    /// Mask or unmask: where the kernel reports the index not MASKABLE (MSI and MSI-X on
+    /// vfio-pci) its own answer, ENOTTY, with a message saying why.
     fn vector_action(&self, index: u32, vector: u32, action: Action) -> Result<()> {
-        self.check_vectors(index, vector, 1)?;
+        if self.check_vectors(index, vector, 1)?.flags & irq::IRQ_MASKABLE == 0 {
+            return Err(Error::new(
+                libc::ENOTTY,
+                format!(
+                    "{} {} vectors cannot be masked or unmasked (the kernel does not report them MASKABLE)",
+                    self.address,
+                    irq_name(index)
+                ),
+            ));
+        }
         self.send_action(index, vector, action)
     }
 

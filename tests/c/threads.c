@@ -243,8 +243,10 @@ static int one_call(struct looper *l)
 		int rc = vfiokit_irq_wait(l->dev, VFIOKIT_IRQ_MSI, 0, 50, NULL);
 		return rc == -ETIMEDOUT ? 0 : rc;
 	}
-	case LOOP_IRQ_MASK: /* MSI cannot be masked: the same clean failure every time */
-		return vfiokit_irq_mask(l->dev, VFIOKIT_IRQ_MSI, 0) == -ENOTTY ? 0 : -EIO;
+	case LOOP_IRQ_MASK: { /* MSI cannot be masked: the same clean failure until the close */
+		int rc = vfiokit_irq_mask(l->dev, VFIOKIT_IRQ_MSI, 0);
+		return rc == -ENOTTY ? 0 : rc;
+	}
 	case LOOP_DEVICE_IOMMU:
 		return vfiokit_device_iommu(l->dev) ? 0 : -EBADF;
 	}

@@ -123,7 +123,7 @@ static void start_waiter(pthread_t *t, struct waiter *w)
 	MUST(pthread_create(t, NULL, wait_once, w));
 	while (!atomic_load(&w->started))
 		sleep_us(1000);
-	sleep_us(200000); /* into the kernel's poll */
+	sleep_us(1000000); /* into the kernel's poll, even on a busy emulated CPU */
 }
 
 static void close_during_wait(void)

@@ -276,7 +276,7 @@ impl Device {
     }
 
     pub fn reset(&self) -> Result<()> {
-        if self.info.flags & k::VFIO_DEVICE_FLAGS_RESET == 0 {
+        if self.info.flags & pci::DEVICE_RESET == 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
                 format!(
@@ -567,9 +567,7 @@ impl Device {
         let fds = (0..count)
             .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
             .collect::<Result<Vec<_>>>()?;
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        self.route(index, first, fds, true)?;
-        Ok(raw)
+        self.route(index, first, fds, true)
     }
 
     /// [`Device::irq_enable`] with the caller's eventfds, one per vector from `first`: the
@@ -584,7 +582,7 @@ impl Device {
                 sys::dup(*fd).map(Arc::new).context(|| format!("duplicating fd {}", fd.as_raw_fd()))
             })
             .collect::<Result<Vec<_>>>()?;
-        self.route(index, first, dups, false)
+        self.route(index, first, dups, false).map(drop)
     }
 
     fn check_eventfd_vectors(&self, index: u32, first: u32, count: u32) -> Result<()> {
@@ -598,8 +596,15 @@ impl Device {
         Ok(())
     }
 
-    /// Tells the kernel to signal `fds` for vectors `first..`, and records them.
-    fn route(&self, index: u32, first: u32, fds: Vec<Arc<OwnedFd>>, waitable: bool) -> Result<()> {
+    /// Tells the kernel to signal `fds` for vectors `first..`, records them, and returns their
+    /// numbers.
+    fn route(
+        &self,
+        index: u32,
+        first: u32,
+        fds: Vec<Arc<OwnedFd>>,
+        waitable: bool,
+    ) -> Result<Vec<RawFd>> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let count = raw.len() as u32;
         let mut state = self.irq_state();
@@ -635,7 +640,7 @@ impl Device {
             route.wake_waiters();
             route.cancel = Some(cancel);
         }
-        Ok(())
+        Ok(raw)
     }
 
     /// Disables an IRQ index and closes its eventfds; threads waiting on it end their wait

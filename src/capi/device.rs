@@ -628,6 +628,9 @@ pub unsafe extern "C" fn vfiokit_irq_enable_fds(
     eventfds: *const c_int,
 ) -> c_int {
     call(|| {
+        // The handle first: a NULL or closed device must not make us read the caller's array.
+        // SAFETY: forwarded from the caller.
+        let dev = unsafe { self::dev(dev) }?;
         need(eventfds.cast_mut(), "eventfds")?;
         // SAFETY: the caller provides count ints.
         let raw = unsafe { std::slice::from_raw_parts(eventfds, count as usize) };
@@ -637,8 +640,7 @@ pub unsafe extern "C" fn vfiokit_irq_enable_fds(
         // SAFETY: the caller's fds, open for the duration of the call; the device keeps
         // duplicates, never these.
         let fds: Vec<_> = raw.iter().map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) }).collect();
-        // SAFETY: forwarded from the caller.
-        unsafe { self::dev(dev) }?.irq_enable_fds(irq, first, &fds)
+        dev.irq_enable_fds(irq, first, &fds)
     })
 }
 

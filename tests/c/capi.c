@@ -246,7 +246,8 @@ static void with_edu(void)
 	int mine = eventfd(0, EFD_CLOEXEC), bad = -1;
 	FAILS(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 1, NULL), EINVAL);
 	FAILS(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 1, &bad), EINVAL);
-	FAILS(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 2, fds), EINVAL);
+	int two[2] = {mine, mine}; /* MSI has one vector here */
+	FAILS(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 2, two), EINVAL);
 	CHECK(vfiokit_irq_enable_fds(dev, VFIOKIT_IRQ_MSI, 0, 1, &mine) == 0);
 	CHECK(vfiokit_irq_trigger(dev, VFIOKIT_IRQ_MSI, 0) == 0);
 	u64 = 0;

@@ -52,12 +52,12 @@ pub fn main(cases: &[Case]) -> ExitCode {
     if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-/// A thread that ends the run when one case outlives `VFIOKIT_CASE_TIMEOUT` seconds (600 by
+/// A thread that ends the run when one case outlives `VFIOKIT_CASE_TIMEOUT` seconds (180 by
 /// default), naming it: a hung case must not cost the whole guest timeout, once per kernel,
 /// with nothing said of where it hung. Send a case's name as it starts and "" as it ends.
 fn watchdog() -> mpsc::Sender<&'static str> {
     let limit = std::env::var("VFIOKIT_CASE_TIMEOUT").ok().and_then(|s| s.parse().ok());
-    let limit = Duration::from_secs(limit.unwrap_or(600));
+    let limit = Duration::from_secs(limit.unwrap_or(180));
     let (tx, rx) = mpsc::channel::<&'static str>();
     std::thread::spawn(move || {
         while let Ok(name) = rx.recv() {

@@ -314,9 +314,9 @@ def test_testdev_io_port_bar(testdev):
         for read in (port.read8, port.read16, port.read32):
             assert isinstance(read(0), int)  # through the device fd
         with pytest.raises(ValueError, match="not mapped"):
-            port.mem
+            _ = port.mem
         with pytest.raises(ValueError, match="not mapped"):
-            dev.config.mem
+            _ = dev.config.mem
         assert dev.config.read16(0) == 0x1B36 and dev.config.read16(2) == 0x0005
 
 

@@ -3,6 +3,7 @@ header, errors, formatting. Runs on the host (and anywhere libvfiokit loads)."""
 
 import ctypes
 import errno
+import functools
 import os
 import re
 import shutil
@@ -76,16 +77,15 @@ def test_abi_mismatch_at_import():
     assert "ImportError: vfiokit:" in r.stderr and "version 1" in r.stderr and "version 99" in r.stderr
 
 
-def _fake_package(abi: int, _cache: dict = {}):
-    if abi not in _cache:
-        import tempfile
-        root = tempfile.mkdtemp()
-        shutil.copytree(PYTHON_DIR / "vfiokit", os.path.join(root, "vfiokit"))
-        path = os.path.join(root, "vfiokit", "_capi.py")
-        text = open(path).read().replace("ABI_VERSION = 1\n", f"ABI_VERSION = {abi}\n")
-        open(path, "w").write(text)
-        _cache[abi] = root
-    return _cache[abi]
+@functools.cache
+def _fake_package(abi: int):
+    import tempfile
+    root = tempfile.mkdtemp()
+    shutil.copytree(PYTHON_DIR / "vfiokit", os.path.join(root, "vfiokit"))
+    path = os.path.join(root, "vfiokit", "_capi.py")
+    text = open(path).read().replace("ABI_VERSION = 1\n", f"ABI_VERSION = {abi}\n")
+    open(path, "w").write(text)
+    return root
 
 
 def test_vfiokit_lib_override(tmp_path):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Mapping
 from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 #: The ABI this package was written against (VFIOKIT_ABI_VERSION of the header).
 ABI_VERSION = 1

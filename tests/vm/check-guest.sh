@@ -58,7 +58,7 @@ check_device() {
 	group=$(basename "$(readlink "$dev/iommu_group")")
 	check "$role: in IOMMU group ${group:-?} with /dev/vfio/${group:-?}" test -n "$group" -a -c "/dev/vfio/$group"
 	if [[ $kernel == iommufd ]]; then
-		cdev=$(ls "$dev/vfio-dev" 2>/dev/null | head -n1)
+		cdev=$(find "$dev/vfio-dev" -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | head -n1)
 		check "$role: device cdev /dev/vfio/devices/${cdev:-?}" test -n "$cdev" -a -c "/dev/vfio/devices/$cdev"
 	fi
 }
@@ -116,6 +116,7 @@ check "only the test devices are bound to vfio-pci ($others others)" test "$othe
 # The environment the guest promises.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 check "working directory is the project root ($PWD)" test "$PWD" = "$here"
+# shellcheck disable=SC2016 # expanded by the inner shell
 check "TMPDIR ($TMPDIR) is writable" sh -c 'f=$(mktemp) && echo x >"$f" && rm "$f"'
 probe=$PWD/target/vm-check-guest-probe.$$
 check "target/ is writable" sh -c "echo x >'$probe' && test \"\$(cat '$probe')\" = x && rm '$probe'"

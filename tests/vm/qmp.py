@@ -14,7 +14,6 @@ From a shell:
     tests/vm/qmp.py SOCKET --wait-event NAME [--timeout SECS]  # prints the event as JSON
 """
 import json
-import os
 import socket
 import sys
 import time

@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 SONAME := libvfiokit.so.0
 RELEASE := target/release
 
-.PHONY: all bench demo install soak test test-c uninstall
+.PHONY: all bench check demo install soak test test-c uninstall
 
 all:
 	$(CARGO) build --release --lib
@@ -32,6 +32,12 @@ uninstall:
 # Every test: Rust unit tests, the header check, the guest suites, then the C tests.
 test:
 	tests/run-all
+
+# The edit-and-test loop: linters, unit tests, the header check, and the guest suite on the
+# iommufd kernel without its leak cycles.
+check:
+	tests/lint
+	VFIOKIT_VM_KERNELS=iommufd cargo test --all-targets -- --skip cycles
 
 # The long soak, which CI does not run: 10,000 open/map/alloc cycles in each guest run (about
 # 100 ms a cycle on the iommufd kernel under TCG), the close-under-running-calls matrix at 50

@@ -15,15 +15,24 @@ pub type Case = (&'static str, fn());
 
 pub fn main(cases: &[Case]) -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    // libtest-style filter: any argument not starting with '-' selects cases by substring.
-    let filters: Vec<&str> =
-        args[1..].iter().map(String::as_str).filter(|a| !a.starts_with('-')).collect();
+    // libtest-style: an argument not starting with '-' selects cases by substring, and
+    // `--skip SUBSTRING` leaves cases out (`make check` skips the cycles).
+    let (mut filters, mut skips) = (Vec::new(), Vec::new());
+    let mut words = args[1..].iter().map(String::as_str);
+    while let Some(word) = words.next() {
+        match word {
+            "--skip" => skips.extend(words.next()),
+            _ if !word.starts_with('-') => filters.push(word),
+            _ => {}
+        }
+    }
     if std::env::var_os("VFIOKIT_VM_KERNEL").is_none() {
         return boot_guests(&args);
     }
     let selected: Vec<&Case> = cases
         .iter()
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
+        .filter(|(name, _)| !skips.iter().any(|s| name.contains(s)))
         .collect();
     let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap_or_default();
     println!("running {} guest tests ({kernel} kernel)", selected.len());

@@ -292,8 +292,11 @@ pub unsafe extern "C" fn vfiokit_iommu_set_dma_guard(
     iommu: *mut vfiokit_iommu,
     on: c_int,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
-    call(|| Ok(unsafe { self::iommu(iommu) }?.set_dma_guard(on != 0)))
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        unsafe { self::iommu(iommu) }?.set_dma_guard(on != 0);
+        Ok(())
+    })
 }
 
 /// The IOVA of `vaddr`: `[vaddr, vaddr+len)` must lie wholly inside one mapping made by

@@ -46,6 +46,25 @@ def testdev() -> str:
     return device("TESTDEV")
 
 
+def until_in_poll(tid: int) -> None:
+    """Returns once thread `tid` sleeps in poll(2): a waiter is in the kernel's wait, with no
+    guess at how long a busy emulated CPU takes to get it there (10 s at most)."""
+    import time
+    deadline = time.monotonic() + 10
+    path = f"/proc/self/task/{tid}/syscall"
+    while True:
+        with open(path) as f:
+            now = f.read().split()  # the syscall's number and arguments, or "running"
+        if now and now[0] in (str(POLL), str(PPOLL)):
+            return
+        assert time.monotonic() < deadline, f"thread {tid} never reached poll: {now}"
+        time.sleep(0.001)
+
+
+# x86_64 system call numbers (the guest's architecture).
+POLL, PPOLL = 7, 271
+
+
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m vfiokit ARGS` as a user would, with this interpreter."""
     return subprocess.run([sys.executable, "-m", "vfiokit", *args], capture_output=True, text=True,

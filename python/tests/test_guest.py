@@ -14,7 +14,7 @@ import pytest
 
 import vfiokit
 
-from conftest import cli
+from conftest import cli, until_in_poll
 
 pytestmark = pytest.mark.guest
 
@@ -131,7 +131,7 @@ def test_close_from_another_thread_ends_a_wait(edu, closer):
 
     t = threading.Thread(target=wait)
     t.start()
-    time.sleep(0.2)
+    until_in_poll(t.native_id)
     (irq if closer == "irq" else dev).close()
     closed = time.monotonic()
     t.join(5)

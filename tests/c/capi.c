@@ -341,6 +341,12 @@ static void no_leaks(void)
 		vfiokit_device_close(nvme);
 	}
 	CHECK(count_fds() == fds);
+	/* Under valgrind its own mappings come and go in our map (and its leak check is the test). */
+	const char *preload = getenv("LD_PRELOAD");
+	if (preload && strstr(preload, "vgpreload")) {
+		printf("no_leaks: %ld fds after 50 cycles, as before (mappings: valgrind's)\n", fds);
+		return;
+	}
 	CHECK(count_lines("/proc/self/maps") == maps);
 	printf("no_leaks: %ld fds and %ld mappings after 50 cycles, as before\n", count_fds(),
 	       count_lines("/proc/self/maps"));

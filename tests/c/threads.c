@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -101,7 +102,7 @@ struct waiter {
 	vfiokit_device *dev;
 	uint32_t irq, vector;
 	int timeout_ms;
-	atomic_int started;
+	atomic_int tid; /* set as the thread starts */
 	int rc;
 	double returned_ms;
 	char message[256];
@@ -111,19 +112,40 @@ static void *wait_once(void *arg)
 {
 	struct waiter *w = arg;
 	uint64_t count = 0;
-	atomic_store(&w->started, 1);
+	atomic_store(&w->tid, (int)syscall(SYS_gettid));
 	w->rc = vfiokit_irq_wait(w->dev, w->irq, w->vector, w->timeout_ms, &count);
 	w->returned_ms = now_ms();
 	snprintf(w->message, sizeof w->message, "%s", vfiokit_last_error());
 	return NULL;
 }
 
+/* Returns once thread tid sleeps in poll(2): the waiter is in the kernel's wait, with no guess
+ * at how long a busy emulated CPU takes to get it there (10 s at most, then a failed check). */
+static void until_in_poll(int tid)
+{
+	char path[64];
+	snprintf(path, sizeof path, "/proc/self/task/%d/syscall", tid);
+	for (int tries = 0; tries < 10000; tries++) {
+		long nr = -1;
+		FILE *f = fopen(path, "r");
+		if (f) {
+			if (fscanf(f, "%ld", &nr) != 1) /* "running" */
+				nr = -1;
+			fclose(f);
+		}
+		if (nr == SYS_poll || nr == SYS_ppoll)
+			return;
+		sleep_us(1000);
+	}
+	CHECK(!"the waiter reached poll within 10 s");
+}
+
 static void start_waiter(pthread_t *t, struct waiter *w)
 {
 	MUST(pthread_create(t, NULL, wait_once, w));
-	while (!atomic_load(&w->started))
+	while (!atomic_load(&w->tid))
 		sleep_us(1000);
-	sleep_us(1000000); /* into the kernel's poll, even on a busy emulated CPU */
+	until_in_poll(atomic_load(&w->tid));
 }
 
 static void close_during_wait(void)

@@ -77,6 +77,23 @@ pub mod edu {
     }
 }
 
+/// Returns once thread `tid` of this process sleeps in poll(2): a waiter is in the kernel's
+/// wait, with no guess at how long a busy emulated CPU takes to get it there (10 s at most).
+pub fn until_in_poll(tid: i32) {
+    let path = format!("/proc/self/task/{tid}/syscall");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // The syscall's number and arguments, or "running".
+        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        let nr = now.split_whitespace().next().and_then(|n| n.parse::<i64>().ok());
+        if nr == Some(libc::SYS_poll) || nr == Some(libc::SYS_ppoll) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "thread {tid} never reached poll: {now}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Open fds and mappings of this process: what a leak would grow.
 pub fn fds_and_maps() -> (usize, usize) {
     let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();

@@ -464,7 +464,7 @@ impl Iommu {
                 iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova, writable)
             },
         };
-        result.map_err(|sys::Errno(e)| map_error(e, len, iova))?;
+        result.map_err(|sys::Errno(e)| map_error(e, len, iova, self.kind()))?;
         self.state().record(vaddr, len, iova)
     }
 
@@ -664,11 +664,17 @@ fn map_permission(flags: u32) -> Result<bool> {
     Ok(flags & DMA_READONLY == 0)
 }
 
-fn map_error(e: i32, len: usize, iova: u64) -> Error {
+fn map_error(e: i32, len: usize, iova: u64, kind: IommuKind) -> Error {
     let mut msg = format!(
         "DMA map of {len:#x} bytes at IOVA {iova:#x}: {}",
         std::io::Error::from_raw_os_error(e)
     );
+    if e == libc::EFAULT && kind == IommuKind::Iommufd {
+        // iommufd pins pages; a BAR mapping (VM_PFNMAP) has none, where type1 follows its PFNs.
+        msg += " (iommufd maps only ordinary process memory: not an unmapped address, and not \
+                another device's BAR for peer-to-peer DMA, which needs dma-buf support that this \
+                kernel's iommufd lacks; a type1 context maps BARs)";
+    }
     if e == libc::ENOMEM {
         msg += &format!(
             " (RLIMIT_MEMLOCK is {} bytes; {len} more were asked: raise it with ulimit -l or grant CAP_IPC_LOCK)",
@@ -815,7 +821,7 @@ fn replay_early_maps(container: &OwnedFd, early: &[EarlyMap]) -> Result<Vec<Iova
             for undo in &early[..i] {
                 let _ = vfio::dma_unmap(container.as_fd(), undo.iova, undo.len as u64, false);
             }
-            return Err(map_error(e, m.len, m.iova));
+            return Err(map_error(e, m.len, m.iova, IommuKind::Type1));
         }
     }
     Ok(ranges)

@@ -42,6 +42,7 @@ const CASES: &[harness::Case] = &[
     ("edu_dma_round_trip", edu_dma_round_trip),
     ("dma_to_unmapped_iova_does_not_reach_memory", dma_to_unmapped_iova_does_not_reach_memory),
     ("readonly_dma_memory_is_not_written", readonly_dma_memory_is_not_written),
+    ("p2p_dma_through_another_devices_bar", p2p_dma_through_another_devices_bar),
     ("hugepage_buffers", hugepage_buffers),
     ("guard_pages_stop_an_overrun", guard_pages_stop_an_overrun),
     ("maps_before_the_first_device", maps_before_the_first_device),
@@ -571,8 +572,13 @@ fn disable_and_cancel_end_waits() {
     let d = Arc::new(open("NVME"));
     let waiter = |vector: u32| {
         let d = d.clone();
-        let t = std::thread::spawn(move || (d.irq_wait(IRQ_MSIX, vector, -1), Instant::now()));
-        std::thread::sleep(Duration::from_millis(200));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            (d.irq_wait(IRQ_MSIX, vector, -1), Instant::now())
+        });
+        until_in_poll(rx.recv().unwrap());
         t
     };
     d.irq_enable(IRQ_MSIX, 0, 2).unwrap();
@@ -734,22 +740,61 @@ fn readonly_dma_memory_is_not_written() {
     }
 }
 
+/// Peer-to-peer: a DMA map of another device's BAR, as vfiokit_region_map gives it. On type1
+/// the kernel maps it and edu's DMA engine reads and writes ivshmem's BAR2 through the vIOMMU;
+/// iommufd pins only memory with struct pages and refuses it, and the error says so.
+fn p2p_dma_through_another_devices_bar() {
+    let d = open("EDU");
+    enable_bus_master(&d);
+    let iommu = d.iommu();
+    let shm = open_in("IVSHMEM", &iommu);
+    let bar = shm.map(2).unwrap();
+    // SAFETY: ivshmem's BAR2 is RAM, mapped and at least 64 KiB; nothing else uses it here.
+    let bar_page = |i| unsafe { bar.as_ptr().add(i) };
+    // SAFETY: the BAR mapping lives as long as `shm`, past the unmap below.
+    let mapped = unsafe { iommu.map_any(bar.as_ptr(), 65536) };
+    if iommu.kind() == vfiokit::IommuKind::Iommufd {
+        fails(mapped, libc::EFAULT, &["iommufd", "peer-to-peer", "type1"]);
+        return;
+    }
+    let bar_iova = mapped.unwrap();
+    assert!(bar_iova < 1 << 28, "edu reaches it");
+    let (ram, ram_iova) = iommu.alloc(4096).unwrap();
+    // SAFETY: our buffer and the BAR page, both idle.
+    unsafe {
+        std::ptr::write_bytes(ram.as_ptr(), 0x6b, 4096);
+        std::ptr::write_bytes(bar_page(0), 0, 8192);
+        std::ptr::write_bytes(bar_page(8192), 0x3c, 1024);
+    }
+    // RAM -> edu -> the BAR: the bytes arrive in ivshmem's memory.
+    edu::dma(&d, ram_iova, edu::BUFFER, 1024, false);
+    edu::dma(&d, edu::BUFFER, bar_iova + 4096, 1024, true);
+    let bar_bytes = |off, len| volatile_bytes(NonNull::new(bar_page(off)).unwrap(), len);
+    assert!(bar_bytes(4096, 1024).iter().all(|&b| b == 0x6b), "edu wrote into the BAR");
+    assert!(bar_bytes(5120, 3072).iter().all(|&b| b == 0), "and no further");
+    // The BAR -> edu -> RAM: the device reads the peer's memory.
+    edu::dma(&d, bar_iova + 8192, edu::BUFFER, 1024, false);
+    edu::dma(&d, edu::BUFFER, ram_iova, 1024, true);
+    assert!(volatile_bytes(ram, 1024).iter().all(|&b| b == 0x3c), "edu read from the BAR");
+    iommu.unmap(bar_iova, 65536).unwrap();
+    iommu.free(ram.as_ptr()).unwrap();
+}
+
 /// DMA_HUGE_2M: hugetlb-backed, rounded to 2 MiB, IOVA aligned; too few pages is ENOMEM
-/// naming the knob. A kernel without hugetlb (the tinyconfig iommufd guest) says so.
+/// naming the knob (both guest kernels have hugetlb). DMA_HUGE_1G: ENOMEM naming its knob
+/// where the CPU has 1 GiB pages (none are reserved), ENOTSUP saying so where it has not.
 fn hugepage_buffers() {
     const MB2: usize = 2 << 20;
     let d = open("EDU");
     enable_bus_master(&d);
     let iommu = d.iommu();
+    let gig = "/sys/kernel/mm/hugepages/hugepages-1048576kB";
+    let (errno, words) = match std::path::Path::new(gig).exists() {
+        true => (libc::ENOMEM, gig),
+        false => (libc::ENOTSUP, "no 1048576 kB hugetlb"),
+    };
+    fails(iommu.alloc_flags(4096, vfiokit::DMA_HUGE_1G), errno, &[words]);
     let knob = "/proc/sys/vm/nr_hugepages";
-    if !std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists() {
-        fails(
-            iommu.alloc_flags(4096, vfiokit::DMA_HUGE_2M),
-            libc::ENOTSUP,
-            &["no 2048 kB hugetlb"],
-        );
-        return;
-    }
     std::fs::write(knob, "0").unwrap();
     fails(
         iommu.alloc_flags(MB2 + 1, vfiokit::DMA_HUGE_2M),

@@ -63,7 +63,7 @@ fn fragmented(n: usize) -> (IovaSpace, Vec<u64>) {
     (s, live)
 }
 
-fn live_name(n: usize) -> String {
+pub(crate) fn live_name(n: usize) -> String {
     if n >= 1_000_000 { format!("{}M", n / 1_000_000) } else { format!("{}k", n / 1000) }
 }
 

@@ -2,9 +2,9 @@
 //! hand-written driver would issue (raw.rs), and through the peer crates vfio-ioctls and
 //! pci-driver (peers.rs), interleaved round by round in one process (stats.rs). Operation 6
 //! (bookkeeping.rs: the IOVA allocator and the translation map alone) needs no device and runs
-//! on the host.
+//! on the host. Operation 7 is DMA map + unmap with up to 100k mappings live in the context.
 //!
-//!     vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6] [--rounds N] [--quick] [--out FILE]
+//!     vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6,7] [--rounds N] [--quick] [--out FILE]
 //!     vfiokit-bench --merge OUT FILE...      merge results files into OUT and print the table
 //!
 //! Runs in the test guest (tests/vm/run; bench/run does it all). Device addresses come from
@@ -31,6 +31,8 @@ const MIB: usize = 1 << 20;
 /// Fixed IOVAs for the map benchmarks (inside every context's valid ranges).
 const IOVA: u64 = 1 << 30;
 const IOVA_ALLOC: u64 = 2 << 30;
+/// Where operation 7's raw context keeps its live mappings.
+const IOVA_FILL: u64 = 4 << 30;
 
 struct Opts {
     backend: Backend,
@@ -80,7 +82,7 @@ fn main() {
             "--out" => o.out = val(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6] [--rounds N] [--quick] [--out FILE]"
+                    "usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6,7] [--rounds N] [--quick] [--out FILE]"
                 );
                 println!("       vfiokit-bench --merge OUT FILE...");
                 return;
@@ -109,7 +111,8 @@ fn main() {
             4 => op_dma(&o),
             5 => op_irq(&o),
             6 => bookkeeping::op_bookkeeping(&o),
-            _ => panic!("no operation {op} (1..6)"),
+            7 => op_dma_at_scale(&o),
+            _ => panic!("no operation {op} (1..7)"),
         };
         print!("{}", stats::table(&f));
         figures.extend(f);
@@ -564,6 +567,67 @@ fn op_dma(o: &Opts) -> Vec<Figure> {
                 }),
             ],
         ));
+    }
+    out
+}
+
+/// 7. DMA map + unmap of one more 4 KiB page while 1k, 10k and 100k mappings are live in the
+/// context (--quick: 1k): vfiokit's map_any (allocator, bookkeeping, ioctls) against the raw
+/// map and unmap ioctls at a fixed IOVA in a raw context holding as many mappings. The
+/// kernel's share grows with them (type1 keeps an rbtree, iommufd an interval tree); vfiokit's
+/// own should not. The live mappings all map one page (type1 caps a container at
+/// vfio_iommu_type1.dma_entry_limit mappings, 65535 by default: bench/run raises it).
+fn op_dma_at_scale(o: &Opts) -> Vec<Figure> {
+    const PAGE: usize = 4096;
+    let sizes: &[usize] = if o.quick { &[1_000] } else { &[1_000, 10_000, 100_000] };
+    let iommu = Iommu::open(kind(o.backend)).expect("Iommu::open");
+    let _edu =
+        Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("vfiokit: open edu");
+    let rawctx = raw::Ctx::open(o.backend, &env_addr("VFIOKIT_TEST_TESTDEV"));
+    let page = raw::Prefaulted::new(PAGE, PAGE);
+    let p = page.ptr;
+    let mut live: Vec<u64> = Vec::new();
+    let mut out = Vec::new();
+    for &n in sizes {
+        let t0 = std::time::Instant::now();
+        for i in live.len()..n {
+            // SAFETY: the page outlives every mapping of it (all removed below).
+            live.push(unsafe { iommu.map_any(p, PAGE) }.expect("vfiokit: a live mapping"));
+            // SAFETY: as above.
+            unsafe { rawctx.map(p, PAGE, IOVA_FILL + (i * PAGE) as u64) };
+        }
+        eprintln!(
+            "bench: {n} live mappings in each context, made in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        let (iommu, rawctx) = (&iommu, &rawctx);
+        out.extend(run_case(
+            &format!("DMA map+unmap 4 KiB, {} live", bookkeeping::live_name(n)),
+            o.backend.name(),
+            o.rounds,
+            batch(o, 200),
+            0,
+            vec![
+                variant("raw", move |k| {
+                    for _ in 0..k {
+                        // SAFETY: as above.
+                        unsafe { rawctx.map(p, PAGE, IOVA) };
+                        rawctx.unmap(IOVA, PAGE);
+                    }
+                }),
+                variant("vfiokit map_any", move |k| {
+                    for _ in 0..k {
+                        // SAFETY: as above.
+                        let iova = unsafe { iommu.map_any(p, PAGE) }.expect("vfiokit: map_any");
+                        iommu.unmap(iova, PAGE).expect("vfiokit: unmap");
+                    }
+                }),
+            ],
+        ));
+    }
+    for (i, &iova) in live.iter().enumerate() {
+        iommu.unmap(iova, PAGE).expect("vfiokit: unmap a live mapping");
+        rawctx.unmap(IOVA_FILL + (i * PAGE) as u64, PAGE);
     }
     out
 }

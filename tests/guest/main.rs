@@ -747,7 +747,7 @@ fn p2p_dma_through_another_devices_bar() {
     let d = open("EDU");
     enable_bus_master(&d);
     let iommu = d.iommu();
-    let shm = open_in("IVSHMEM", &iommu);
+    let shm = open_in("IVSHMEM", iommu);
     let bar = shm.map(2).unwrap();
     // SAFETY: ivshmem's BAR2 is RAM, mapped and at least 64 KiB; nothing else uses it here.
     let bar_page = |i| unsafe { bar.as_ptr().add(i) };

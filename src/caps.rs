@@ -15,6 +15,8 @@ pub enum DecodeError {
     Loop { offset: usize },
     #[error("{what} [{start:#x}, +{size:#x}) lies outside its {limit:#x}-byte parent")]
     OutOfRange { what: &'static str, start: u64, size: u64, limit: u64 },
+    #[error("{what}: {why}")]
+    Malformed { what: &'static str, why: String },
 }
 
 const HEADER_LEN: usize = 8;
@@ -61,6 +63,10 @@ fn field<const N: usize>(
         .and_then(|end| bytes.get(off..end))
         .map(|s| s.try_into().expect("slice of length N"))
         .ok_or(DecodeError::Truncated { what, need: off.saturating_add(N), have: bytes.len() })
+}
+
+pub(crate) fn u16_at(bytes: &[u8], off: usize, what: &'static str) -> Result<u16, DecodeError> {
+    field(bytes, off, what).map(u16::from_ne_bytes)
 }
 
 /// A native-endian u32 at `off` (kernel replies are in the host's byte order).

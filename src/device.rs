@@ -16,6 +16,7 @@ use crate::irq::{self, Action, Irq};
 use crate::pci;
 use crate::region::{self, Area, PCI_CONFIG, REGION_READ, REGION_WRITE, Region};
 use crate::sys::{self, Context, Readable, mem, vfio};
+use crate::vfio_user::Client;
 
 /// One contiguous virtual range for a region: its mmappable areas mapped, the rest reserved
 /// with no access.
@@ -132,6 +133,154 @@ const _: () = assert!(
         && FEATURE_PROBE == k::VFIO_DEVICE_FEATURE_PROBE
 );
 
+/// What carries a device's requests: the kernel's VFIO device fd, or a vfio-user connection
+/// with the fds its server sent to mmap regions from (by region index).
+enum Io {
+    Kernel(OwnedFd),
+    User { client: Arc<Client>, region_fds: Vec<Option<OwnedFd>> },
+}
+
+/// The name prefix of devices served over vfio-user: `vfio-user:<socket path>`.
+pub const VFIO_USER_PREFIX: &str = "vfio-user:";
+
+impl Io {
+    fn device_info(&self, address: &str) -> Result<(u32, u32, u32)> {
+        match self {
+            Io::Kernel(fd) => vfio::device_info(fd.as_fd())
+                .map(|i| (i.flags, i.num_regions, i.num_irqs))
+                .context(|| format!("VFIO_DEVICE_GET_INFO on {address}")),
+            Io::User { client, .. } => client.device_info(),
+        }
+    }
+
+    /// Region `i`'s information; absent regions (EINVAL from vfio-pci or the server) are
+    /// empty. Called for indices in order: a vfio-user region's mmap fd is kept by index.
+    fn region_info(&mut self, i: u32, address: &str) -> Result<region::RegionInfo> {
+        let reply = match self {
+            Io::Kernel(fd) => match vfio::region_info(fd.as_fd(), i) {
+                Ok(reply) => reply,
+                Err(sys::Errno(libc::EINVAL)) => return Ok(Default::default()),
+                Err(sys::Errno(e)) => {
+                    return Err(Error::os(
+                        e,
+                        format!("VFIO_DEVICE_GET_REGION_INFO {i} on {address}"),
+                    ));
+                }
+            },
+            Io::User { client, region_fds } => {
+                let answer = client.region_info(i);
+                let (reply, fd) = match answer {
+                    Err(e) if e.errno() == libc::EINVAL => (None, None),
+                    other => other.map(|(reply, fd)| (Some(reply), fd))?,
+                };
+                region_fds.push(fd);
+                match reply {
+                    Some(reply) => reply,
+                    None => return Ok(Default::default()),
+                }
+            }
+        };
+        region::decode_region_info(&reply)
+            .map_err(|e| Error::new(libc::EPROTO, format!("{address} region {i}: {e}")))
+    }
+
+    /// IRQ index `i`'s (flags, count); absent (EINVAL) ones have neither.
+    fn irq_info(&self, i: u32, address: &str) -> Result<(u32, u32)> {
+        let answer = match self {
+            Io::Kernel(fd) => vfio::irq_info(fd.as_fd(), i)
+                .map(|ki| (ki.flags, ki.count))
+                .context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")),
+            Io::User { client, .. } => client.irq_info(i),
+        };
+        match answer {
+            // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them.
+            Err(e) if e.errno() == libc::EINVAL => Ok((0, 0)),
+            other => other,
+        }
+    }
+
+    /// The fd and offset to mmap region `r`'s areas from.
+    fn mmap_source(&self, r: &Region) -> Option<BorrowedFd<'_>> {
+        match self {
+            Io::Kernel(fd) => Some(fd.as_fd()),
+            Io::User { region_fds, .. } => {
+                region_fds.get(r.index as usize)?.as_ref().map(AsFd::as_fd)
+            }
+        }
+    }
+
+    fn read(&self, r: &Region, off: u64, buf: &mut [u8]) -> IoResult<()> {
+        match self {
+            Io::Kernel(fd) => {
+                sys::pread_exact(fd.as_fd(), buf, r.offset + off).map_err(IoError::Kernel)
+            }
+            Io::User { client, .. } => client.region_read(r.index, off, buf).map_err(IoError::User),
+        }
+    }
+
+    fn write(&self, r: &Region, off: u64, buf: &[u8]) -> IoResult<()> {
+        match self {
+            Io::Kernel(fd) => {
+                sys::pwrite_all(fd.as_fd(), buf, r.offset + off).map_err(IoError::Kernel)
+            }
+            Io::User { client, .. } => {
+                client.region_write(r.index, off, buf).map_err(IoError::User)
+            }
+        }
+    }
+
+    fn set_irqs(&self, set: &mut [u8]) -> IoResult<()> {
+        match self {
+            Io::Kernel(fd) => vfio::set_irqs(fd.as_fd(), set).map_err(IoError::Kernel),
+            Io::User { client, .. } => client.set_irqs(set).map_err(IoError::User),
+        }
+    }
+
+    fn set_irq_eventfds(&self, index: u32, first: u32, fds: &[RawFd]) -> IoResult<()> {
+        match self {
+            Io::Kernel(_) => self.set_irqs(&mut irq::encode_eventfds(index, first, fds)),
+            Io::User { client, .. } => {
+                client.set_irq_eventfds(index, first, fds).map_err(IoError::User)
+            }
+        }
+    }
+
+    fn reset(&self) -> IoResult<()> {
+        match self {
+            Io::Kernel(fd) => vfio::device_reset(fd.as_fd()).map_err(IoError::Kernel),
+            Io::User { client, .. } => client.reset().map_err(IoError::User),
+        }
+    }
+
+    fn kernel_fd(&self, address: &str) -> Result<BorrowedFd<'_>> {
+        match self {
+            Io::Kernel(fd) => Ok(fd.as_fd()),
+            Io::User { .. } => Err(Error::new(
+                libc::ENOTSUP,
+                format!("{address} is served over vfio-user: it has no VFIO device fd"),
+            )),
+        }
+    }
+}
+
+/// A failed request: the kernel's errno, or the vfio-user client's error.
+enum IoError {
+    Kernel(sys::Errno),
+    User(Error),
+}
+
+type IoResult<T> = std::result::Result<T, IoError>;
+
+impl IoError {
+    /// The error, saying what was being done.
+    fn within(self, what: impl std::fmt::Display) -> Error {
+        match self {
+            IoError::Kernel(sys::Errno(e)) => Error::os(e, what),
+            IoError::User(e) => Error::new(e.errno(), format!("{what}: {}", e.message())),
+        }
+    }
+}
+
 pub struct Device {
     address: String,
     info: pci::DeviceInfo,
@@ -140,7 +289,7 @@ pub struct Device {
     irqs: Vec<Irq>,
     mappings: Vec<OnceCell<Mapping>>,
     irq_state: Mutex<IrqState>,
-    fd: OwnedFd,
+    io: Io,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
     iommu: Iommu,
@@ -150,7 +299,7 @@ impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
             .field("address", &self.address)
-            .field("fd", &self.fd)
+            .field("vfio_user", &matches!(self.io, Io::User { .. }))
             .finish_non_exhaustive()
     }
 }
@@ -159,6 +308,15 @@ impl Device {
     /// Opens a device by PCI address ("0000:00:02.0", "00:02.0") or sysfs path, in `iommu`
     /// or (None) the process-wide shared context.
     pub fn open(name: &str, iommu: Option<&Iommu>) -> Result<Device> {
+        if let Some(path) = name.strip_prefix(VFIO_USER_PREFIX) {
+            let iommu = match iommu {
+                Some(i) => i.clone(),
+                None => Iommu::open(crate::iommu::IOMMU_VFIO_USER)?,
+            };
+            let (client, place) = iommu.attach_vfio_user(path)?;
+            let io = Io::User { client, region_fds: Vec::new() };
+            return Device::from_io(name.to_string(), iommu, io, place);
+        }
         let pci = PciDevice::find(name)?;
         pci.require_vfio_driver()?;
         let iommu = match iommu {
@@ -166,28 +324,28 @@ impl Device {
             None => Iommu::shared()?,
         };
         let (fd, place) = iommu.open_device(&pci)?;
-        Device::from_fd(pci.address, iommu, fd, place)
+        Device::from_io(pci.address, iommu, Io::Kernel(fd), place)
     }
 
-    fn from_fd(address: String, iommu: Iommu, fd: OwnedFd, place: OpenDevice) -> Result<Device> {
-        let info = vfio::device_info(fd.as_fd())
-            .context(|| format!("VFIO_DEVICE_GET_INFO on {address}"))?;
-        if info.flags & k::VFIO_DEVICE_FLAGS_PCI == 0 {
+    fn from_io(address: String, iommu: Iommu, mut io: Io, place: OpenDevice) -> Result<Device> {
+        let (flags, num_regions, num_irqs) = io.device_info(&address)?;
+        if flags & k::VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(Error::new(libc::ENOTSUP, format!("{address} is not a VFIO PCI device")));
         }
-        let infos = (0..info.num_regions)
-            .map(|i| match vfio::region_info(fd.as_fd(), i) {
-                Ok(reply) => region::decode_region_info(&reply)
-                    .map_err(|e| Error::new(libc::EPROTO, format!("{address} region {i}: {e}"))),
-                // vfio-pci answers EINVAL for an index it has nothing at.
-                Err(sys::Errno(libc::EINVAL)) => Ok(region::RegionInfo::default()),
-                Err(sys::Errno(e)) => {
-                    Err(Error::os(e, format!("VFIO_DEVICE_GET_REGION_INFO {i} on {address}")))
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let header = read_header(&fd, &infos)
-            .context(|| format!("reading the config header of {address}"))?;
+        // Bounded before anything is allocated for them: a vfio-user server's numbers are
+        // not to be trusted.
+        if num_regions > 64 || num_irqs > 64 {
+            return Err(Error::new(
+                libc::EPROTO,
+                format!(
+                    "{address} reports {num_regions} regions and {num_irqs} IRQ indices (64 at most)"
+                ),
+            ));
+        }
+        let infos =
+            (0..num_regions).map(|i| io.region_info(i, &address)).collect::<Result<Vec<_>>>()?;
+        let header = read_header(&io, &infos)
+            .map_err(|e| e.within(format!("reading the config header of {address}")))?;
         let bars = pci::bars(&header);
         let mut areas = Vec::new();
         let regions: Vec<Region> = infos
@@ -198,15 +356,8 @@ impl Device {
                 region::record(i as u32, info, attrs, &mut areas)
             })
             .collect();
-        let irqs = (0..info.num_irqs)
-            .map(|i| match vfio::irq_info(fd.as_fd(), i) {
-                Ok(ki) => Ok(irq::record(i, ki.flags, ki.count)),
-                // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them.
-                Err(sys::Errno(libc::EINVAL)) => Ok(irq::record(i, 0, 0)),
-                Err(sys::Errno(e)) => {
-                    Err(Error::os(e, format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")))
-                }
-            })
+        let irqs = (0..num_irqs)
+            .map(|i| io.irq_info(i, &address).map(|(flags, count)| irq::record(i, flags, count)))
             .collect::<Result<Vec<Irq>>>()?;
         let routes = irqs
             .iter()
@@ -214,19 +365,19 @@ impl Device {
             .collect();
         Ok(Device {
             address,
-            info: pci::identify(info.flags, info.num_regions, info.num_irqs, &header),
+            info: pci::identify(flags, num_regions, num_irqs, &header),
             mappings: regions.iter().map(|_| OnceCell::new()).collect(),
             regions,
             areas,
             irqs,
             irq_state: Mutex::new(IrqState { routes, cancelled: false }),
-            fd,
+            io,
             _place: place,
             iommu,
         })
     }
 
-    /// Canonical PCI address.
+    /// Canonical PCI address, or `vfio-user:<socket path>`.
     pub fn address(&self) -> &str {
         &self.address
     }
@@ -241,8 +392,9 @@ impl Device {
     }
 
     /// The VFIO device fd, for ioctls vfiokit does not wrap. Borrowed: it closes with the device.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// A device served over vfio-user has none (ENOTSUP).
+    pub fn fd(&self) -> Result<BorrowedFd<'_>> {
+        self.io.kernel_fd(&self.address)
     }
 
     /// VFIO_DEVICE_FEATURE: `feature` (the kernel's `VFIO_DEVICE_FEATURE_*` index) with
@@ -257,7 +409,7 @@ impl Device {
                  flags of FEATURE_GET, FEATURE_SET and FEATURE_PROBE only (at least one)"
             )));
         }
-        vfio::device_feature(self.fd.as_fd(), feature | flags, data).context(|| {
+        vfio::device_feature(self.fd()?, feature | flags, data).context(|| {
             format!("VFIO_DEVICE_FEATURE {feature} (flags {flags:#x}) on {}", self.address)
         })
     }
@@ -285,7 +437,7 @@ impl Device {
                 ),
             ));
         }
-        vfio::device_reset(self.fd.as_fd()).context(|| format!("resetting {}", self.address))
+        self.io.reset().map_err(|e| e.within(format!("resetting {}", self.address)))
     }
 
     fn region(&self, index: u32) -> Result<&Region> {
@@ -338,6 +490,15 @@ impl Device {
             let what = || format!("mapping {} region {}", self.address, r.index);
             let page = sys::page_size();
             let len = (r.size as usize).next_multiple_of(page);
+            let source = self.io.mmap_source(r).ok_or_else(|| {
+                Error::new(
+                    libc::EPROTO,
+                    format!(
+                        "{}: the server sent no fd to map region {} from",
+                        self.address, r.index
+                    ),
+                )
+            })?;
             let base = mem::reserve(len).context(what)?;
             let areas = self.region_areas(r);
             let whole = match areas {
@@ -359,7 +520,7 @@ impl Device {
                     mem::map_shared_fixed(
                         at,
                         (a.size as usize).next_multiple_of(page),
-                        self.fd.as_fd(),
+                        source,
                         r.offset + a.offset,
                         prot,
                     )
@@ -423,24 +584,23 @@ impl Device {
     }
 
     fn pread(&self, r: &Region, off: u64, buf: &mut [u8]) -> Result<()> {
-        sys::pread_exact(self.fd.as_fd(), buf, r.offset + off).context(|| {
-            format!(
-                "reading {} bytes at {off:#x} of {} region {}",
-                buf.len(),
-                self.address,
-                r.index
-            )
+        let len = buf.len();
+        self.io.read(r, off, buf).map_err(|e| {
+            e.within(format!(
+                "reading {len} bytes at {off:#x} of {} region {}",
+                self.address, r.index
+            ))
         })
     }
 
     fn pwrite(&self, r: &Region, off: u64, buf: &[u8]) -> Result<()> {
-        sys::pwrite_all(self.fd.as_fd(), buf, r.offset + off).context(|| {
-            format!(
+        self.io.write(r, off, buf).map_err(|e| {
+            e.within(format!(
                 "writing {} bytes at {off:#x} of {} region {}",
                 buf.len(),
                 self.address,
                 r.index
-            )
+            ))
         })
     }
 
@@ -551,8 +711,7 @@ impl Device {
     }
 
     fn set_irqs(&self, encoded: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
-        vfio::set_irqs(self.fd.as_fd(), encoded)
-            .context(|| format!("{} on {}", what(), self.address))
+        self.io.set_irqs(encoded).map_err(|e| e.within(format!("{} on {}", what(), self.address)))
     }
 
     fn irq_state(&self) -> MutexGuard<'_, IrqState> {
@@ -630,8 +789,9 @@ impl Device {
             true => Some(Arc::new(sys::eventfd().context(|| "creating an eventfd")?)),
             false => None,
         };
-        self.set_irqs(&mut irq::encode_eventfds(index, first, &raw), || {
-            format!("enabling {} vectors [{first}, +{count})", irq_name(index))
+        self.io.set_irq_eventfds(index, first, &raw).map_err(|e| {
+            let what = format!("enabling {} vectors [{first}, +{count})", irq_name(index));
+            e.within(format!("{what} on {}", self.address))
         })?;
         for (slot, fd) in route.vectors[span].iter_mut().zip(fds) {
             *slot = Some(Vector { fd, waitable });
@@ -816,12 +976,13 @@ fn irq_name(index: u32) -> &'static str {
 }
 
 /// The config space's type 0 header (empty if the device has no config region that large).
-fn read_header(fd: &OwnedFd, infos: &[region::RegionInfo]) -> sys::SysResult<Vec<u8>> {
+fn read_header(io: &Io, infos: &[region::RegionInfo]) -> IoResult<Vec<u8>> {
     let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= pci::HEADER_LEN as u64)
     else {
         return Ok(Vec::new());
     };
+    let r = Region { index: PCI_CONFIG, offset: config.offset, ..Default::default() };
     let mut header = vec![0u8; pci::HEADER_LEN];
-    sys::pread_exact(fd.as_fd(), &mut header, config.offset)?;
+    io.read(&r, 0, &mut header)?;
     Ok(header)
 }

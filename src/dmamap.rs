@@ -109,6 +109,13 @@ impl DmaMap {
         })
     }
 
+    /// The record whose IOVA range holds all of `[iova, iova+len)` (`len` 0 taken as 1).
+    pub fn containing(&self, iova: u64, len: u64) -> Option<DmaMapping> {
+        let last = iova.checked_add(len.max(1) - 1)?;
+        let (&at, &(vaddr, l, _)) = self.by_iova.range(..=iova).next_back()?;
+        (last <= at + (l as u64 - 1)).then_some(DmaMapping { vaddr, len: l, iova: at })
+    }
+
     /// The number of records.
     pub fn len(&self) -> usize {
         self.by_iova.len()
@@ -156,6 +163,17 @@ mod tests {
         assert_eq!(m.translate(0, 1), None);
         assert_eq!(m.translate(usize::MAX, 2), None, "wraps");
         assert_eq!(m.translate(usize::MAX, 1), None);
+    }
+
+    #[test]
+    fn containing_finds_the_iova_range() {
+        let m = map();
+        let first = m.iter().next().unwrap();
+        let inside = m.containing(first.iova + 1, first.len as u64 - 1);
+        assert_eq!(inside, Some(first));
+        assert_eq!(m.containing(first.iova, first.len as u64 + 1), None);
+        assert_eq!(m.containing(u64::MAX, 2), None);
+        assert_eq!(m.containing(first.iova.wrapping_sub(1), 1).filter(|r| *r == first), None);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The DMA context: which IOVAs a device may reach, and the memory behind them.
 //!
-//! One type, two kernel interfaces behind it: the legacy type1 container with its groups, and
-//! iommufd (an IOAS that devices opened through their cdev attach to). The IOVA allocator,
-//! DMA buffers and error messages are shared; only the ioctls differ.
+//! One type, three carriers behind it: the kernel's legacy type1 container with its groups,
+//! iommufd (an IOAS that devices opened through their cdev attach to), and vfio-user (each map
+//! sent to every device server in the context). The IOVA allocator, DMA buffers and error
+//! messages are shared; only the requests differ.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -15,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::host::{self, PciDevice};
 use crate::iova::{self, IovaRange, IovaSpace};
 use crate::sys::{self, Context, iommufd, mem, sysfs, vfio};
+use crate::vfio_user::{Client, DmaAccess};
 
 /// Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
 pub const IOMMU_AUTO: u32 = 0;
@@ -22,12 +24,15 @@ pub const IOMMU_AUTO: u32 = 0;
 pub const IOMMU_TYPE1: u32 = 1;
 /// iommufd (/dev/iommu) with devices opened through their VFIO cdev.
 pub const IOMMU_IOMMUFD: u32 = 2;
+/// Devices served by other processes over vfio-user sockets (never chosen by AUTO).
+pub const IOMMU_VFIO_USER: u32 = 3;
 
 /// The kernel interface a context uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IommuKind {
     Type1,
     Iommufd,
+    VfioUser,
 }
 
 impl IommuKind {
@@ -35,6 +40,7 @@ impl IommuKind {
         match self {
             IommuKind::Type1 => IOMMU_TYPE1,
             IommuKind::Iommufd => IOMMU_IOMMUFD,
+            IommuKind::VfioUser => IOMMU_VFIO_USER,
         }
     }
 
@@ -43,6 +49,7 @@ impl IommuKind {
         match code {
             IOMMU_TYPE1 => Ok(IommuKind::Type1),
             IOMMU_IOMMUFD => Ok(IommuKind::Iommufd),
+            IOMMU_VFIO_USER => Ok(IommuKind::VfioUser),
             IOMMU_AUTO => match std::env::var("VFIOKIT_IOMMU").as_deref() {
                 Ok("type1") => Ok(IommuKind::Type1),
                 Ok("iommufd") => Ok(IommuKind::Iommufd),
@@ -59,7 +66,7 @@ impl IommuKind {
                 Err(_) => Ok(IommuKind::Type1),
             },
             other => Err(Error::invalid(format!(
-                "unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd)"
+                "unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd, 3 vfio-user)"
             ))),
         }
     }
@@ -71,8 +78,25 @@ const TYPE1V2: u32 = 3;
 const TYPE1: u32 = 1;
 
 enum Backend {
-    Type1 { container: OwnedFd },
-    Iommufd { fd: OwnedFd, ioas: u32 },
+    Type1 {
+        container: OwnedFd,
+    },
+    Iommufd {
+        fd: OwnedFd,
+        ioas: u32,
+    },
+    /// The device servers; held while maps are sent, so each server sees every map once and
+    /// in order (never the state lock: the receivers need it to serve DMA meanwhile).
+    VfioUser {
+        peers: Mutex<Vec<std::sync::Weak<Client>>>,
+    },
+}
+
+/// How a vfio-user context's mapping is offered to servers.
+struct UserMap {
+    writable: bool,
+    /// The memfd behind a DMA buffer, which servers map; without one they use DMA_READ/WRITE.
+    fd: Option<Arc<OwnedFd>>,
 }
 
 /// The device may only read this memory: an IOMMU mapping without write permission.
@@ -114,6 +138,8 @@ struct State {
     guarded: Option<HashSet<u64>>,
     /// PCI addresses of the devices open in this context (see [`OpenDevice`]).
     devices: HashSet<String>,
+    /// vfio-user contexts: each mapping's permission and fd, by IOVA.
+    user_maps: HashMap<u64, UserMap>,
 }
 
 impl State {
@@ -219,6 +245,10 @@ impl Iommu {
                 let ranges = ioas_ranges(&fd, ioas)?;
                 (Backend::Iommufd { fd, ioas }, ranges, None)
             }
+            IommuKind::VfioUser => {
+                let whole = vec![IovaRange { start: 0, last: u64::MAX }];
+                (Backend::VfioUser { peers: Mutex::new(Vec::new()) }, whole, None)
+            }
         };
         let guard = std::env::var("VFIOKIT_DMA_GUARD").is_ok_and(|v| v == "1");
         let state = State {
@@ -229,6 +259,7 @@ impl Iommu {
             buffers: HashMap::new(),
             guarded: guard.then(HashSet::new),
             devices: HashSet::new(),
+            user_maps: HashMap::new(),
         };
         Ok(Iommu(Arc::new(DmaContext {
             magic: DmaContext::MAGIC,
@@ -265,15 +296,20 @@ impl Iommu {
         match self.0.backend {
             Backend::Type1 { .. } => IommuKind::Type1,
             Backend::Iommufd { .. } => IommuKind::Iommufd,
+            Backend::VfioUser { .. } => IommuKind::VfioUser,
         }
     }
 
     /// The context's fd (the type1 container, or /dev/iommu), for ioctls vfiokit does not wrap.
-    /// Borrowed: it closes with the context.
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    /// Borrowed: it closes with the context. A vfio-user context has none (ENOTSUP).
+    pub fn fd(&self) -> Result<BorrowedFd<'_>> {
         match &self.0.backend {
-            Backend::Type1 { container } => container.as_fd(),
-            Backend::Iommufd { fd, .. } => fd.as_fd(),
+            Backend::Type1 { container } => Ok(container.as_fd()),
+            Backend::Iommufd { fd, .. } => Ok(fd.as_fd()),
+            Backend::VfioUser { .. } => Err(Error::new(
+                libc::ENOTSUP,
+                "a vfio-user context has no fd: its devices are served by other processes",
+            )),
         }
     }
 
@@ -283,17 +319,73 @@ impl Iommu {
 
     /// Opens the VFIO device fd of `dev` in this context, with its place there.
     pub(crate) fn open_device(&self, dev: &PciDevice) -> Result<(OwnedFd, OpenDevice)> {
-        if !self.state().devices.insert(dev.address.clone()) {
+        if self.kind() == IommuKind::VfioUser {
+            return Err(Error::invalid(format!(
+                "{} is a kernel VFIO device: open it in a type1 or iommufd context, not a vfio-user one",
+                dev.address
+            )));
+        }
+        let place = self.take_place(&dev.address)?;
+        self.open_device_fd(dev).map(|fd| (fd, place))
+    }
+
+    /// The device's place in this context (EBUSY if it is open here already).
+    fn take_place(&self, address: &str) -> Result<OpenDevice> {
+        if !self.state().devices.insert(address.to_string()) {
             return Err(Error::new(
                 libc::EBUSY,
                 format!(
-                    "{} is already open in this IOMMU context: use that handle (one per device and context)",
-                    dev.address
+                    "{address} is already open in this IOMMU context: use that handle (one per device and context)"
                 ),
             ));
         }
-        let place = OpenDevice { context: self.0.clone(), address: dev.address.clone() };
-        self.open_device_fd(dev).map(|fd| (fd, place))
+        Ok(OpenDevice { context: self.0.clone(), address: address.to_string() })
+    }
+
+    /// Connects to the vfio-user server at `path` as a device of this context: it is sent every
+    /// mapping the context has, and every later one.
+    pub(crate) fn attach_vfio_user(&self, path: &str) -> Result<(Arc<Client>, OpenDevice)> {
+        let name = format!("{}{path}", crate::device::VFIO_USER_PREFIX);
+        let Backend::VfioUser { peers } = &self.0.backend else {
+            return Err(Error::invalid(format!(
+                "{name} is served over vfio-user: open it in a vfio-user context (VFIOKIT_IOMMU_VFIO_USER) \
+                 or with none"
+            )));
+        };
+        let place = self.take_place(&name)?;
+        let context = Arc::downgrade(&self.0);
+        let client = Arc::new(Client::connect(
+            path,
+            Box::new(move |access| match context.upgrade() {
+                Some(context) => serve_dma(&context, access),
+                None => Err(libc::EFAULT),
+            }),
+        )?);
+        let mut peers = lock(peers);
+        let maps: Vec<_> = {
+            let state = self.state();
+            state
+                .maps
+                .iter()
+                .filter_map(|m| {
+                    let user = state.user_maps.get(&m.iova)?;
+                    Some((m.iova, m.len, user.writable, user.fd.clone()))
+                })
+                .collect()
+        };
+        for (iova, len, writable, fd) in maps {
+            client
+                .dma_map(iova, len as u64, writable, fd.as_ref().map(|f| (f.as_raw_fd(), 0)))
+                .map_err(|e| {
+                    Error::new(
+                        e.errno(),
+                        format!("giving {name} the context's DMA mappings: {}", e.message()),
+                    )
+                })?;
+        }
+        peers.retain(|p| p.strong_count() > 0);
+        peers.push(Arc::downgrade(&client));
+        Ok((client, place))
     }
 
     fn open_device_fd(&self, dev: &PciDevice) -> Result<OwnedFd> {
@@ -316,6 +408,7 @@ impl Iommu {
                     format!("getting the VFIO device fd of {} from group {group}", dev.address)
                 })
             }
+            Backend::VfioUser { .. } => unreachable!("refused by open_device"),
             Backend::Iommufd { fd, ioas } => {
                 let cdev = dev.cdev()?;
                 let device = open_node(&cdev, "")?;
@@ -394,7 +487,7 @@ impl Iommu {
             .claim(iova, len as u64)
             .map_err(|why| Error::invalid(format!("DMA map: {why}")))?;
         // SAFETY: forwarded from the caller.
-        let mapped = unsafe { self.map_raw(vaddr, len, iova, writable) };
+        let mapped = unsafe { self.map_raw(vaddr, len, iova, writable, None) };
         if mapped.is_err() {
             self.state().space.release(iova, len as u64);
         }
@@ -419,7 +512,7 @@ impl Iommu {
         let writable = map_permission(flags)?;
         let iova = self.alloc_iova(len, dma_alignment(len))?;
         // SAFETY: forwarded from the caller.
-        match unsafe { self.map_raw(vaddr, len, iova, writable) } {
+        match unsafe { self.map_raw(vaddr, len, iova, writable, None) } {
             Ok(()) => Ok(iova),
             Err(e) => {
                 self.state().release_iova(iova, len);
@@ -444,7 +537,16 @@ impl Iommu {
         Ok(iova)
     }
 
-    unsafe fn map_raw(&self, vaddr: *mut u8, len: usize, iova: u64, writable: bool) -> Result<()> {
+    /// Maps for the device; `backing` is the memfd behind a DMA buffer (offered to vfio-user
+    /// servers).
+    unsafe fn map_raw(
+        &self,
+        vaddr: *mut u8,
+        len: usize,
+        iova: u64,
+        writable: bool,
+        backing: Option<Arc<OwnedFd>>,
+    ) -> Result<()> {
         let result = match &self.0.backend {
             Backend::Type1 { container } => {
                 let mut state = self.state();
@@ -463,6 +565,26 @@ impl Iommu {
             Backend::Iommufd { fd, ioas } => unsafe {
                 iommufd::ioas_map(fd.as_fd(), *ioas, vaddr as u64, len as u64, iova, writable)
             },
+            Backend::VfioUser { peers } => {
+                let peers = lock(peers);
+                let live: Vec<Arc<Client>> = peers.iter().filter_map(|p| p.upgrade()).collect();
+                let fd = backing.as_ref().map(|f| (f.as_raw_fd(), 0));
+                for (i, peer) in live.iter().enumerate() {
+                    if let Err(e) = peer.dma_map(iova, len as u64, writable, fd) {
+                        for done in &live[..i] {
+                            let _ = done.dma_unmap(iova, len as u64);
+                        }
+                        return Err(Error::new(
+                            e.errno(),
+                            format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: {}", e.message()),
+                        ));
+                    }
+                }
+                // Recorded before the servers' lock goes, so a device attaching next sees it.
+                let mut state = self.state();
+                state.user_maps.insert(iova, UserMap { writable, fd: backing });
+                return state.record(vaddr, len, iova);
+            }
         };
         result.map_err(|sys::Errno(e)| map_error(e, len, iova, self.kind()))?;
         self.state().record(vaddr, len, iova)
@@ -519,15 +641,35 @@ impl Iommu {
         } else {
             // Not under the lock: the kernel's unmap can be slow, and other DMA calls go on.
             drop(state);
+            let what = || format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}");
             match &self.0.backend {
                 Backend::Type1 { container } => {
-                    vfio::dma_unmap(container.as_fd(), iova, len as u64, false).map(drop)
+                    vfio::dma_unmap(container.as_fd(), iova, len as u64, false).context(what)?;
                 }
                 Backend::Iommufd { fd, ioas } => {
-                    iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64).map(drop)
+                    iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64).context(what)?;
+                }
+                Backend::VfioUser { peers } => {
+                    let peers = lock(peers);
+                    // Forgotten first: from here on no server request reaches the memory.
+                    self.state().user_maps.remove(&iova);
+                    // Every server is told, and the mapping is gone here whatever they answer:
+                    // a server that failed to unmap (or died) cannot be made to.
+                    let refused = peers
+                        .iter()
+                        .filter_map(|p| p.upgrade())
+                        .fold(None, |first, peer| first.or(peer.dma_unmap(iova, len as u64).err()));
+                    let mut state = self.state();
+                    state.maps.remove(iova, len);
+                    state.release_iova(iova, len);
+                    return match refused {
+                        Some(e) => {
+                            Err(Error::new(e.errno(), format!("{}: {}", what(), e.message())))
+                        }
+                        None => Ok(()),
+                    };
                 }
             }
-            .context(|| format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}"))?;
             state = self.state();
         }
         // Only now may the allocator hand the IOVA out again: released earlier, another thread
@@ -561,12 +703,20 @@ impl Iommu {
         let len = len.checked_next_multiple_of(page).ok_or_else(|| {
             Error::invalid(format!("DMA buffer length {len:#x} overflows when rounded to pages"))
         })?;
-        let addr = mem::anonymous(len, huge_shift)
-            .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
+        // A vfio-user server maps the buffer through its memfd; the kernel pins any memory.
+        let (addr, backing) = match self.kind() {
+            IommuKind::VfioUser => {
+                mem::memfd(len, huge_shift).map(|(fd, a)| (a, Some(Arc::new(fd))))
+            }
+            _ => mem::anonymous(len, huge_shift).map(|a| (a, None)),
+        }
+        .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
         let align = dma_alignment(len).max(page as u64);
         let mapped = self.alloc_iova(len, align).and_then(|iova| {
             // SAFETY: fresh private memory that only the buffer registry (and the caller) reach.
-            match unsafe { self.map_raw(addr.as_ptr(), len, iova, flags & DMA_READONLY == 0) } {
+            match unsafe {
+                self.map_raw(addr.as_ptr(), len, iova, flags & DMA_READONLY == 0, backing)
+            } {
                 Ok(()) => Ok(iova),
                 Err(e) => {
                     self.state().release_iova(iova, len);
@@ -631,6 +781,35 @@ impl Iommu {
                 state.guarded = None
             }
             _ => {}
+        }
+    }
+}
+
+/// Serves a vfio-user server's DMA request from the context's mappings: the range must lie in
+/// one mapping, and a write needs a writable one. Under the state lock, so an unmap (which
+/// forgets the mapping first) cannot pull the memory away during the copy.
+fn serve_dma(context: &DmaContext, access: DmaAccess) -> std::result::Result<Vec<u8>, i32> {
+    let state = lock(&context.state);
+    let (iova, len, write) = match access {
+        DmaAccess::Read { iova, len } => (iova, len, None),
+        DmaAccess::Write { iova, data } => (iova, data.len(), Some(data)),
+    };
+    let m = state.maps.containing(iova, len as u64).ok_or(libc::EFAULT)?;
+    let user = state.user_maps.get(&m.iova).ok_or(libc::EFAULT)?;
+    let at = (m.vaddr + (iova - m.iova) as usize) as *mut u8;
+    match write {
+        None => {
+            let mut out = vec![0u8; len];
+            // SAFETY: [at, at+len) lies in a mapping whose memory its mapper keeps until unmap,
+            // which cannot complete while we hold the state lock.
+            unsafe { std::ptr::copy_nonoverlapping(at, out.as_mut_ptr(), len) };
+            Ok(out)
+        }
+        Some(_) if !user.writable => Err(libc::EPERM),
+        Some(data) => {
+            // SAFETY: as above; the mapping is writable by the device, which this is.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, len) };
+            Ok(Vec::new())
         }
     }
 }

@@ -71,10 +71,16 @@ pub fn encode_set(index: u32, start: u32, count: u32, action: Action) -> [u8; SE
 /// A `struct vfio_irq_set` that routes vectors `start..start+fds.len()` to eventfds
 /// (-1 detaches a vector).
 pub fn encode_eventfds(index: u32, start: u32, fds: &[i32]) -> Vec<u8> {
-    let mut set = encode_set(index, start, fds.len() as u32, Action::Trigger).to_vec();
+    let mut set = encode_eventfds_header(index, start, fds.len() as u32).to_vec();
     set[..4].copy_from_slice(&((SET_LEN + 4 * fds.len()) as u32).to_ne_bytes());
-    set[4..8].copy_from_slice(&(DATA_EVENTFD | ACTION_TRIGGER).to_ne_bytes());
     set.extend(fds.iter().flat_map(|fd| fd.to_ne_bytes()));
+    set
+}
+
+/// The header of [`encode_eventfds`] alone: how vfio-user sends it, the fds going alongside.
+pub fn encode_eventfds_header(index: u32, start: u32, count: u32) -> [u8; SET_LEN] {
+    let mut set = encode_set(index, start, count, Action::Trigger);
+    set[4..8].copy_from_slice(&(DATA_EVENTFD | ACTION_TRIGGER).to_ne_bytes());
     set
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Layers, each using only those above it: `sys` (the only code that makes system calls);
 //! `caps`, `region`, `irq`, `pci`, `iova`, `dmamap` (pure decoding and bookkeeping); `host`
-//! (sysfs discovery and binding); `iommu` (DMA contexts); `device`; `capi` (the C ABI).
+//! (sysfs discovery and binding); `vfio_user` (the vfio-user client, over `sys`); `iommu` (DMA
+//! contexts); `device`; `capi` (the C ABI).
 
 mod capi;
 mod caps;
@@ -19,15 +20,16 @@ pub mod irq;
 pub mod pci;
 pub mod region;
 mod sys;
+mod vfio_user;
 
 pub use caps::DecodeError;
-pub use device::{Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, Width};
+pub use device::{Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, VFIO_USER_PREFIX, Width};
 pub use dmamap::{DmaMap, DmaMapping};
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
 pub use iommu::{
-    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu,
-    IommuKind,
+    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1,
+    IOMMU_VFIO_USER, Iommu, IommuKind,
 };
 pub use iova::{IovaRange, IovaSpace};
 pub use irq::Irq;

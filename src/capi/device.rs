@@ -235,7 +235,7 @@ pub unsafe extern "C" fn vfiokit_device_get_info(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_device_fd(dev: *const vfiokit_device) -> c_int {
     // SAFETY: forwarded from the caller.
-    call_or(|e| -e.errno(), || Ok(unsafe { self::dev(dev) }?.fd().as_raw_fd()))
+    call_or(|e| -e.errno(), || Ok(unsafe { self::dev(dev) }?.fd()?.as_raw_fd()))
 }
 
 /// VFIO_DEVICE_FEATURE: `feature` is the kernel's `VFIO_DEVICE_FEATURE_*` index, `flags` one or

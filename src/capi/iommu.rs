@@ -73,7 +73,7 @@ pub unsafe extern "C" fn vfiokit_iommu_kind(iommu: *const vfiokit_iommu) -> u32 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_iommu_fd(iommu: *const vfiokit_iommu) -> c_int {
     // SAFETY: forwarded from the caller.
-    call_or(|e| -e.errno(), || Ok(unsafe { self::iommu(iommu) }?.fd().as_raw_fd()))
+    call_or(|e| -e.errno(), || Ok(unsafe { self::iommu(iommu) }?.fd()?.as_raw_fd()))
 }
 
 /// Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which

@@ -1,9 +1,9 @@
-//! Virtual memory: address-space reservations, device mappings, anonymous DMA buffers.
+//! Virtual memory: address-space reservations, device mappings, anonymous and memfd DMA buffers.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
-use super::{Errno, SysResult};
+use super::{Errno, SysResult, check};
 
 fn check_map(p: *mut libc::c_void) -> SysResult<NonNull<u8>> {
     if p == libc::MAP_FAILED {
@@ -74,6 +74,35 @@ pub(crate) fn anonymous(len: usize, huge_shift: u32) -> SysResult<NonNull<u8>> {
             0,
         )
     })
+}
+
+/// Shared, zero-filled read/write memory backed by a memfd (DMA buffers another process can map
+/// through the fd: a vfio-user server); `huge_shift` as for [`anonymous`]. Returns the fd and
+/// the mapping.
+pub(crate) fn memfd(len: usize, huge_shift: u32) -> SysResult<(OwnedFd, NonNull<u8>)> {
+    let huge = match huge_shift {
+        0 => 0,
+        shift => libc::MFD_HUGETLB | shift << libc::MFD_HUGE_SHIFT,
+    };
+    // SAFETY: the name is a valid NUL-terminated string.
+    let fd =
+        check(unsafe { libc::memfd_create(c"vfiokit-dma".as_ptr(), libc::MFD_CLOEXEC | huge) })?;
+    // SAFETY: memfd_create just returned this fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain syscall on our fd.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
+    // SAFETY: a fresh shared mapping of our own memfd touches no existing memory.
+    let addr = check_map(unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd.as_raw_fd(),
+            0,
+        )
+    })?;
+    Ok((fd, addr))
 }
 
 /// Unmaps a range this process mapped.

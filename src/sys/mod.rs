@@ -5,6 +5,7 @@
 
 pub(crate) mod iommufd;
 pub(crate) mod mem;
+pub(crate) mod socket;
 pub(crate) mod sysfs;
 pub(crate) mod vfio;
 

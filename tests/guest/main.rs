@@ -946,7 +946,7 @@ fn device_info_fds_and_features() {
     };
     const GET_INFO: u64 = ((k::VFIO_TYPE as u64) << 8) | (k::VFIO_BASE + 7) as u64;
     // SAFETY: VFIO_DEVICE_GET_INFO writes at most argsz bytes into raw.
-    assert_eq!(unsafe { libc::ioctl(d.fd().as_raw_fd(), GET_INFO as _, &mut raw) }, 0);
+    assert_eq!(unsafe { libc::ioctl(d.fd().unwrap().as_raw_fd(), GET_INFO as _, &mut raw) }, 0);
     assert_eq!(
         (raw.flags, raw.num_regions, raw.num_irqs),
         (info.flags, info.num_regions, info.num_irqs)
@@ -955,7 +955,8 @@ fn device_info_fds_and_features() {
         (d.regions().len(), d.irqs().len()),
         (info.num_regions as usize, info.num_irqs as usize)
     );
-    let node = std::fs::read_link(format!("/proc/self/fd/{}", d.iommu().fd().as_raw_fd())).unwrap();
+    let node = std::fs::read_link(format!("/proc/self/fd/{}", d.iommu().fd().unwrap().as_raw_fd()))
+        .unwrap();
     let expected = match d.iommu().kind() {
         IommuKind::Type1 => "/dev/vfio/vfio",
         IommuKind::Iommufd => "/dev/iommu",

@@ -1,0 +1,335 @@
+//! vfio-user messages (QEMU's docs/interop/vfio-user.rst, protocol 0.x): the header, the
+//! payloads vfiokit sends, and checked decoding of what a server sends back. Pure.
+//!
+//! Payloads reuse the kernel's VFIO structures in the host's byte order, so region-info replies
+//! go through the same decoder as the kernel's.
+
+use crate::caps::{self, DecodeError};
+
+pub const HEADER_LEN: usize = 16;
+
+pub const VERSION: u16 = 1;
+pub const DMA_MAP: u16 = 2;
+pub const DMA_UNMAP: u16 = 3;
+pub const DEVICE_GET_INFO: u16 = 4;
+pub const DEVICE_GET_REGION_INFO: u16 = 5;
+pub const DEVICE_GET_IRQ_INFO: u16 = 7;
+pub const DEVICE_SET_IRQS: u16 = 8;
+pub const REGION_READ: u16 = 9;
+pub const REGION_WRITE: u16 = 10;
+pub const DMA_READ: u16 = 11;
+pub const DMA_WRITE: u16 = 12;
+pub const DEVICE_RESET: u16 = 13;
+
+const TYPE_MASK: u32 = 0xf;
+const TYPE_REPLY: u32 = 1;
+const FLAG_ERROR: u32 = 1 << 5;
+
+/// DMA_MAP flags: what the device may do with the memory.
+pub const DMA_FLAG_READ: u32 = 1 << 0;
+pub const DMA_FLAG_WRITE: u32 = 1 << 1;
+
+/// The protocol version vfiokit speaks (0.1, what libvfio-user and QEMU speak).
+pub const MAJOR: u16 = 0;
+pub const MINOR: u16 = 1;
+
+/// A message header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub id: u16,
+    pub command: u16,
+    /// The whole message's size, header included.
+    pub size: u32,
+    pub flags: u32,
+    pub error: u32,
+}
+
+impl Header {
+    pub fn decode(bytes: &[u8; HEADER_LEN]) -> Header {
+        let u32_at = |off| u32::from_ne_bytes(bytes[off..off + 4].try_into().expect("4 bytes"));
+        Header {
+            id: u16::from_ne_bytes([bytes[0], bytes[1]]),
+            command: u16::from_ne_bytes([bytes[2], bytes[3]]),
+            size: u32_at(4),
+            flags: u32_at(8),
+            error: u32_at(12),
+        }
+    }
+
+    pub fn is_reply(&self) -> bool {
+        self.flags & TYPE_MASK == TYPE_REPLY
+    }
+
+    /// The errno of an error reply; a server that flags an error without one gets EIO.
+    pub fn errno(&self) -> Option<i32> {
+        (self.flags & FLAG_ERROR != 0).then(|| match self.error {
+            0 => libc::EIO,
+            e => e.min(i32::MAX as u32) as i32,
+        })
+    }
+}
+
+fn encode(id: u16, command: u16, flags: u32, error: u32, parts: &[&[u8]]) -> Vec<u8> {
+    let size = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut msg = Vec::with_capacity(size);
+    msg.extend_from_slice(&id.to_ne_bytes());
+    msg.extend_from_slice(&command.to_ne_bytes());
+    msg.extend_from_slice(&(size as u32).to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&error.to_ne_bytes());
+    parts.iter().for_each(|p| msg.extend_from_slice(p));
+    msg
+}
+
+/// A command: header and payload `parts`, concatenated.
+pub fn command(id: u16, command: u16, parts: &[&[u8]]) -> Vec<u8> {
+    encode(id, command, 0, 0, parts)
+}
+
+/// A reply to command `id`.
+pub fn reply(id: u16, command: u16, parts: &[&[u8]]) -> Vec<u8> {
+    encode(id, command, TYPE_REPLY, 0, parts)
+}
+
+/// An error reply to command `id`.
+pub fn error_reply(id: u16, command: u16, errno: i32) -> Vec<u8> {
+    encode(id, command, TYPE_REPLY | FLAG_ERROR, errno as u32, &[])
+}
+
+fn words<const N: usize>(fields: &[u64], widths: &[usize]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut at = 0;
+    for (&v, &w) in fields.iter().zip(widths) {
+        out[at..at + w].copy_from_slice(&v.to_ne_bytes()[..w]);
+        at += w;
+    }
+    debug_assert_eq!(at, N);
+    out
+}
+
+/// What each side may send, from the VERSION exchange's JSON capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub max_msg_fds: u32,
+    pub max_data_xfer_size: u32,
+    pub pgsizes: u64,
+    pub max_dma_maps: u32,
+}
+
+impl Default for Caps {
+    /// The specification's defaults for a capability left out.
+    fn default() -> Caps {
+        Caps { max_msg_fds: 1, max_data_xfer_size: 1 << 20, pgsizes: 4096, max_dma_maps: 65535 }
+    }
+}
+
+/// The VERSION payload: major, minor, our capabilities as NUL-terminated JSON.
+pub fn version(caps: &Caps) -> Vec<u8> {
+    let json = serde_json::json!({ "capabilities": {
+        "max_msg_fds": caps.max_msg_fds,
+        "max_data_xfer_size": caps.max_data_xfer_size,
+        "pgsizes": caps.pgsizes,
+        "max_dma_maps": caps.max_dma_maps,
+    }});
+    let mut out = [MAJOR.to_ne_bytes(), MINOR.to_ne_bytes()].concat();
+    out.extend_from_slice(json.to_string().as_bytes());
+    out.push(0);
+    out
+}
+
+/// The server's VERSION reply: its (major, minor) and capabilities, defaults for those left out.
+pub fn decode_version(payload: &[u8]) -> Result<(u16, u16, Caps), DecodeError> {
+    let what = "vfio-user version reply";
+    let malformed = |why: String| DecodeError::Malformed { what, why };
+    let major = caps::u16_at(payload, 0, what)?;
+    let minor = caps::u16_at(payload, 2, what)?;
+    let text = &payload[4..];
+    // The JSON is NUL-terminated; an empty string means no capabilities.
+    let text = text.split(|&b| b == 0).next().unwrap_or_default();
+    let mut found = Caps::default();
+    if text.is_empty() {
+        return Ok((major, minor, found));
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| malformed(format!("capabilities JSON: {e}")))?;
+    let Some(c) = json.get("capabilities") else {
+        return Ok((major, minor, found));
+    };
+    let num = |key: &str, max: u64| -> Result<Option<u64>, DecodeError> {
+        match c.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().filter(|&n| n <= max).map(Some).ok_or_else(|| {
+                malformed(format!("capability {key} is {v}, not an integer up to {max}"))
+            }),
+        }
+    };
+    let max32 = u32::MAX as u64;
+    if let Some(n) = num("max_msg_fds", max32)? {
+        found.max_msg_fds = n as u32;
+    }
+    if let Some(n) = num("max_data_xfer_size", max32)? {
+        found.max_data_xfer_size = n as u32;
+    }
+    if let Some(n) = num("pgsizes", u64::MAX)? {
+        found.pgsizes = n;
+    }
+    if let Some(n) = num("max_dma_maps", max32)? {
+        found.max_dma_maps = n as u32;
+    }
+    Ok((major, minor, found))
+}
+
+/// DMA_MAP: `size` bytes at IOVA `iova`, at `offset` in the fd sent with it (if any).
+pub fn dma_map(flags: u32, offset: u64, iova: u64, size: u64) -> [u8; 32] {
+    words(&[32, flags as u64, offset, iova, size], &[4, 4, 8, 8, 8])
+}
+
+pub fn dma_unmap(iova: u64, size: u64) -> [u8; 24] {
+    words(&[24, 0, iova, size], &[4, 4, 8, 8])
+}
+
+pub fn device_info() -> [u8; 16] {
+    words(&[16, 0, 0, 0], &[4; 4])
+}
+
+/// A DEVICE_GET_INFO reply: (flags, number of regions, number of IRQs).
+pub fn decode_device_info(payload: &[u8]) -> Result<(u32, u32, u32), DecodeError> {
+    let what = "vfio-user device info";
+    Ok((
+        caps::u32_at(payload, 4, what)?,
+        caps::u32_at(payload, 8, what)?,
+        caps::u32_at(payload, 12, what)?,
+    ))
+}
+
+/// DEVICE_GET_REGION_INFO for `index`, with room for an `argsz`-byte reply.
+pub fn region_info(index: u32, argsz: u32) -> [u8; 32] {
+    words(&[argsz as u64, 0, index as u64, 0, 0, 0], &[4, 4, 4, 4, 8, 8])
+}
+
+/// The size a region-info reply says the whole information needs.
+pub fn region_info_argsz(payload: &[u8]) -> Result<u32, DecodeError> {
+    caps::u32_at(payload, 0, "vfio-user region info")
+}
+
+pub fn irq_info(index: u32) -> [u8; 16] {
+    words(&[16, 0, index as u64, 0], &[4; 4])
+}
+
+/// A DEVICE_GET_IRQ_INFO reply: (flags, count).
+pub fn decode_irq_info(payload: &[u8]) -> Result<(u32, u32), DecodeError> {
+    let what = "vfio-user IRQ info";
+    Ok((caps::u32_at(payload, 4, what)?, caps::u32_at(payload, 12, what)?))
+}
+
+/// REGION_READ/REGION_WRITE's fixed part: `count` bytes at `offset` of region `region`.
+pub fn region_access(region: u32, offset: u64, count: u32) -> [u8; 16] {
+    words(&[offset, region as u64, count as u64], &[8, 4, 4])
+}
+
+/// A REGION_READ reply's data, checked to be the `count` bytes asked for.
+pub fn decode_region_read(payload: &[u8], count: usize) -> Result<&[u8], DecodeError> {
+    let what = "vfio-user region read reply";
+    let sent = caps::u32_at(payload, 12, what)? as usize;
+    let data = &payload[16..];
+    if sent != count || data.len() != count {
+        return Err(DecodeError::Malformed {
+            what,
+            why: format!("{count} bytes asked, {sent} announced and {} sent", data.len()),
+        });
+    }
+    Ok(data)
+}
+
+/// A server's DMA_READ or DMA_WRITE request: (IOVA, count, data written).
+pub fn decode_dma_access(payload: &[u8]) -> Result<(u64, u64, &[u8]), DecodeError> {
+    let what = "vfio-user DMA access";
+    Ok((
+        caps::u64_at(payload, 0, what)?,
+        caps::u64_at(payload, 8, what)?,
+        &payload[16.min(payload.len())..],
+    ))
+}
+
+/// The fixed part of a DMA_READ/DMA_WRITE reply.
+pub fn dma_access(iova: u64, count: u64) -> [u8; 16] {
+    words(&[iova, count], &[8, 8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_flags() {
+        let msg = error_reply(7, REGION_READ, libc::EINVAL);
+        let h = Header::decode(msg[..HEADER_LEN].try_into().unwrap());
+        assert_eq!((h.id, h.command, h.size as usize), (7, REGION_READ, msg.len()));
+        assert!(h.is_reply());
+        assert_eq!(h.errno(), Some(libc::EINVAL));
+        let cmd = command(8, DMA_READ, &[&dma_access(0x1000, 4)]);
+        let h = Header::decode(cmd[..HEADER_LEN].try_into().unwrap());
+        assert!(!h.is_reply() && h.errno().is_none() && h.size == 32);
+        // An error flag without an errno is still an error.
+        let mut bare = reply(1, DEVICE_RESET, &[]);
+        bare[8] |= 1 << 5;
+        assert_eq!(Header::decode(bare[..16].try_into().unwrap()).errno(), Some(libc::EIO));
+    }
+
+    #[test]
+    fn version_round_trip_and_defaults() {
+        let ours =
+            Caps { max_msg_fds: 16, max_data_xfer_size: 1 << 16, pgsizes: 4096, max_dma_maps: 7 };
+        assert_eq!(decode_version(&version(&ours)).unwrap(), (MAJOR, MINOR, ours));
+        // What the rust-vmm server sends: some capabilities, the rest defaulted.
+        let mut theirs = vec![0, 0, 0, 0];
+        theirs.extend_from_slice(
+            br#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576,"migration":{"pgsize":4096}}}"#,
+        );
+        theirs.push(0);
+        assert_eq!(decode_version(&theirs).unwrap(), (0, 0, Caps::default()));
+        assert_eq!(decode_version(&[0, 0, 1, 0]).unwrap(), (0, 1, Caps::default()));
+    }
+
+    #[test]
+    fn version_rejects_bad_json_and_values() {
+        for bad in [
+            &b"{not json"[..],
+            br#"{"capabilities":{"max_msg_fds":-1}}"#,
+            br#"{"capabilities":{"max_data_xfer_size":"big"}}"#,
+            br#"{"capabilities":{"max_msg_fds":4294967296}}"#,
+        ] {
+            let payload = [&[0u8, 0, 1, 0][..], bad, &[0]].concat();
+            assert!(
+                matches!(decode_version(&payload), Err(DecodeError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(decode_version(&[0, 0]), Err(DecodeError::Truncated { .. })));
+    }
+
+    #[test]
+    fn payload_layouts() {
+        let m = dma_map(DMA_FLAG_READ | DMA_FLAG_WRITE, 0x10, 0x2000, 0x3000);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 32);
+        assert_eq!(u32::from_ne_bytes(m[4..8].try_into().unwrap()), 3);
+        assert_eq!(u64::from_ne_bytes(m[8..16].try_into().unwrap()), 0x10);
+        assert_eq!(u64::from_ne_bytes(m[16..24].try_into().unwrap()), 0x2000);
+        assert_eq!(u64::from_ne_bytes(m[24..32].try_into().unwrap()), 0x3000);
+        let r = region_access(2, 0x40, 8);
+        assert_eq!(u64::from_ne_bytes(r[0..8].try_into().unwrap()), 0x40);
+        assert_eq!(u32::from_ne_bytes(r[8..12].try_into().unwrap()), 2);
+        assert_eq!(u32::from_ne_bytes(r[12..16].try_into().unwrap()), 8);
+        let ri = region_info(7, 32);
+        assert_eq!(u32::from_ne_bytes(ri[8..12].try_into().unwrap()), 7);
+    }
+
+    #[test]
+    fn region_read_reply_must_match_the_request() {
+        let good = [&region_access(0, 0, 4)[..], &[1, 2, 3, 4]].concat();
+        assert_eq!(decode_region_read(&good, 4).unwrap(), &[1, 2, 3, 4]);
+        assert!(decode_region_read(&good, 8).is_err());
+        assert!(decode_region_read(&good[..18], 4).is_err());
+        assert!(decode_region_read(&good[..8], 4).is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! vfiokit driving devices served over vfio-user: a device model behind rust-vmm's server
+//! (model.rs), and scripted servers that break the protocol. On the host: no root, no IOMMU.
+
+mod model;
+mod scripted;
+
+use std::os::fd::BorrowedFd;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, Once};
+
+use vfiokit::{DMA_READONLY, Device, IOMMU_VFIO_USER, Iommu, IommuKind, irq, region};
+
+use model::*;
+
+/// A socket path nobody uses yet, in a directory removed with the process's temp files.
+fn socket_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vfiokit-vfio-user-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Serializes the tests (the fd count is process-wide) and sets the reply timeout: short, so
+/// the stalled-server cases end quickly; every other reply comes at once.
+fn setup() -> MutexGuard<'static, ()> {
+    static ONCE: Once = Once::new();
+    static SERIAL: Mutex<()> = Mutex::new(());
+    ONCE.call_once(|| unsafe { std::env::set_var("VFIOKIT_VFIO_USER_TIMEOUT_MS", "1500") });
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A model device served at a fresh socket, opened in `iommu` (or its own context).
+fn open_model(name: &str, iommu: Option<&Iommu>) -> (Device, std::thread::JoinHandle<()>) {
+    let path = socket_path(name);
+    let server = serve(&path);
+    let dev =
+        Device::open(&format!("vfio-user:{}", path.display()), iommu).expect("open the model");
+    (dev, server)
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn records_describe_the_served_device() {
+    let _serial = setup();
+    let (dev, server) = open_model("records", None);
+    assert_eq!(dev.iommu().kind(), IommuKind::VfioUser);
+    assert!(dev.address().starts_with("vfio-user:/"));
+    let info = dev.info();
+    assert_eq!((info.vendor_id, info.device_id, info.class_code), (0x1234, 0x11e8, 0x00ff00));
+    assert_eq!(info.num_regions, 8);
+    let bar0 = dev.regions()[0];
+    assert_eq!((bar0.size, bar0.num_areas), (4096, 0));
+    assert_ne!(bar0.flags & region::REGION_WRITE, 0);
+    assert_eq!(dev.regions()[1].flags & region::REGION_PRESENT, 0);
+    let bar2 = dev.regions()[2];
+    let areas: Vec<_> = dev.areas()[bar2.first_area as usize..][..bar2.num_areas as usize]
+        .iter()
+        .map(|a| (a.offset, a.size))
+        .collect();
+    assert_eq!(areas, [(0, HOLE.0), (HOLE.1, RAM_LEN as u64 - HOLE.1)]);
+    assert_eq!(dev.irqs()[irq::IRQ_MSIX as usize].count, 4);
+    // The escape hatches say there is no kernel fd rather than hand out the socket.
+    assert_eq!(dev.fd().unwrap_err().errno(), libc::ENOTSUP);
+    assert_eq!(dev.iommu().fd().unwrap_err().errno(), libc::ENOTSUP);
+    drop(dev);
+    server.join().unwrap();
+}
+
+#[test]
+fn registers_go_through_messages() {
+    let _serial = setup();
+    let (dev, server) = open_model("registers", None);
+    assert_eq!(dev.read_reg::<u32>(0, 0).unwrap(), ID);
+    dev.write_reg::<u32>(0, REG_LIVENESS, 0x1234_5678).unwrap();
+    assert_eq!(dev.read_reg::<u32>(0, REG_LIVENESS).unwrap(), !0x1234_5678u32);
+    // BAR0 has no mmappable area: map refuses, accessors keep working.
+    assert_eq!(dev.map(0).unwrap_err().errno(), libc::ENOTSUP);
+    // The server's refusal is this call's error only.
+    let refused = dev.read_reg::<u32>(0, REG_REFUSED).unwrap_err();
+    assert_eq!(refused.errno(), libc::EIO, "{refused}");
+    assert!(refused.message().contains("REGION_READ"), "{refused}");
+    assert_eq!(dev.read_reg::<u32>(0, 0).unwrap(), ID);
+    // Checked before any message: out of range, misaligned.
+    assert_eq!(dev.read_reg::<u32>(0, 4096).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(dev.read_reg::<u32>(0, 2).unwrap_err().errno(), libc::EINVAL);
+    // Config space through messages, and a reset the server sees.
+    let mut vendor = [0u8; 2];
+    dev.read(region::PCI_CONFIG, 0, &mut vendor).unwrap();
+    assert_eq!(u16::from_le_bytes(vendor), 0x1234);
+    dev.reset().unwrap();
+    assert_eq!(dev.read_reg::<u64>(0, REG_RESETS).unwrap(), 1);
+    drop(dev);
+    server.join().unwrap();
+}
+
+#[test]
+fn sparse_areas_map_the_servers_memory() {
+    let _serial = setup();
+    let (dev, server) = open_model("sparse", None);
+    let base = dev.map(2).unwrap().as_ptr();
+    // Written through our mapping, seen by the server in its own.
+    unsafe { base.add(0x100).cast::<u32>().write_volatile(0xfeed_f00d) };
+    dev.write_reg::<u32>(0, REG_PEEK_OFF, 0x100).unwrap();
+    assert_eq!(dev.read_reg::<u32>(0, REG_PEEK).unwrap(), 0xfeed_f00d);
+    // The second area too, and the accessors take the mapping there.
+    dev.write_reg::<u32>(2, HOLE.1 + 8, 0xabcd_0123).unwrap();
+    assert_eq!(unsafe { base.add(HOLE.1 as usize + 8).cast::<u32>().read_volatile() }, 0xabcd_0123);
+    // The hole between the areas is reached by messages, larger than one transfer too.
+    let pattern: Vec<u8> = (0..HOLE.1 - HOLE.0).map(|i| (i * 7) as u8).collect();
+    dev.write(2, HOLE.0, &pattern).unwrap();
+    let mut back = vec![0u8; pattern.len()];
+    dev.read(2, HOLE.0, &mut back).unwrap();
+    assert_eq!(back, pattern);
+    dev.write_reg::<u32>(0, REG_PEEK_OFF, HOLE.0 as u32 + 4).unwrap();
+    assert_eq!(
+        dev.read_reg::<u32>(0, REG_PEEK).unwrap(),
+        u32::from_ne_bytes(pattern[4..8].try_into().unwrap())
+    );
+    drop(dev);
+    server.join().unwrap();
+}
+
+#[test]
+fn irqs_are_eventfds_the_server_signals() {
+    let _serial = setup();
+    let (dev, server) = open_model("irqs", None);
+    // Four vectors to a server that takes one fd per message: sent in four.
+    let fds = dev.irq_enable(irq::IRQ_MSIX, 0, 4).unwrap();
+    assert_eq!(fds.len(), 4);
+    dev.write_reg::<u32>(0, REG_RAISE, 2).unwrap();
+    assert_eq!(dev.irq_wait(irq::IRQ_MSIX, 2, 2000).unwrap(), 1);
+    assert_eq!(dev.irq_wait(irq::IRQ_MSIX, 3, 50).unwrap_err().errno(), libc::ETIMEDOUT);
+    dev.irq_trigger(irq::IRQ_MSIX, 3).unwrap();
+    assert_eq!(dev.irq_wait(irq::IRQ_MSIX, 3, 2000).unwrap(), 1);
+    // The caller's own eventfd, re-routed.
+    let own = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    dev.irq_enable_fds(irq::IRQ_MSIX, 1, &[unsafe { BorrowedFd::borrow_raw(own) }]).unwrap();
+    dev.write_reg::<u32>(0, REG_RAISE, 1).unwrap();
+    let mut count = 0u64;
+    assert_eq!(unsafe { libc::read(own, (&raw mut count).cast(), 8) }, 8);
+    assert_eq!(count, 1);
+    unsafe { libc::close(own) };
+    dev.irq_disable(irq::IRQ_MSIX).unwrap();
+    assert_eq!(dev.irq_wait(irq::IRQ_MSIX, 2, 0).unwrap_err().errno(), libc::EINVAL);
+    drop(dev);
+    server.join().unwrap();
+}
+
+/// Starts the model's DMA engine and waits for its completion interrupt; returns its error.
+fn dma(dev: &Device, src: u64, dst: u64, len: u64) -> u64 {
+    dev.write_reg(0, REG_DMA_SRC, src).unwrap();
+    dev.write_reg(0, REG_DMA_DST, dst).unwrap();
+    dev.write_reg(0, REG_DMA_LEN, len).unwrap();
+    dev.write_reg(0, REG_DMA_START, 1u64).unwrap();
+    assert_eq!(dev.irq_wait(irq::IRQ_MSIX, 0, 2000).unwrap(), 1);
+    dev.read_reg::<u64>(0, REG_DMA_ERROR).unwrap()
+}
+
+#[test]
+fn dma_buffers_reach_the_server_by_fd() {
+    let _serial = setup();
+    let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
+    // Allocated before the device: sent to it when it attaches.
+    let (src, src_iova) = iommu.alloc(4096).unwrap();
+    unsafe { std::ptr::write_bytes(src.as_ptr(), 0x5a, 4096) };
+    let (dev, server) = open_model("dma", Some(&iommu));
+    dev.irq_enable(irq::IRQ_MSIX, 0, 1).unwrap();
+    // Allocated after: sent at once.
+    let (dst, dst_iova) = iommu.alloc(4096).unwrap();
+    assert_eq!(dma(&dev, src_iova, dst_iova, 4096), 0);
+    assert!(unsafe { std::slice::from_raw_parts(dst.as_ptr(), 4096) }.iter().all(|&b| b == 0x5a));
+    assert_eq!(iommu.translate(unsafe { dst.as_ptr().add(10) }, 1).unwrap(), dst_iova + 10);
+    // A read-only buffer: the device may read it, not write it.
+    let (ro, ro_iova) = iommu.alloc_flags(4096, DMA_READONLY).unwrap();
+    assert_eq!(dma(&dev, src_iova, ro_iova, 4096), libc::EFAULT as u64);
+    assert!(unsafe { std::slice::from_raw_parts(ro.as_ptr(), 4096) }.iter().all(|&b| b == 0));
+    assert_eq!(dma(&dev, ro_iova, dst_iova, 4096), 0);
+    // Freed: the server no longer reaches it.
+    iommu.free(src.as_ptr()).unwrap();
+    assert_eq!(dma(&dev, src_iova, dst_iova, 16), libc::EFAULT as u64);
+    drop(dev);
+    server.join().unwrap();
+}
+
+#[test]
+fn every_fd_is_released_at_close() {
+    let _serial = setup();
+    // Warm up once so lazily created process state is not counted.
+    let (dev, server) = open_model("fds-warm", None);
+    drop(dev);
+    server.join().unwrap();
+    let before = open_fds();
+    for i in 0..3 {
+        let (dev, server) = open_model(&format!("fds-{i}"), None);
+        dev.map(2).unwrap();
+        dev.irq_enable(irq::IRQ_MSIX, 0, 4).unwrap();
+        let (buf, _) = dev.iommu().alloc(8192).unwrap();
+        unsafe { buf.as_ptr().write(1) };
+        drop(dev);
+        server.join().unwrap();
+    }
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn kernel_and_user_contexts_do_not_mix() {
+    let _serial = setup();
+    let path = socket_path("mix");
+    let iommu = Iommu::open(vfiokit::IOMMU_TYPE1);
+    // Opening a type1 context needs /dev/vfio/vfio; where there is one, the mix is refused.
+    if let Ok(iommu) = iommu {
+        let e = Device::open(&format!("vfio-user:{}", path.display()), Some(&iommu)).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    }
+    let e = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOENT, "{e}");
+    assert!(e.message().contains("server running"), "{e}");
+}
+
+#[test]
+fn a_server_sees_one_open_per_context() {
+    let _serial = setup();
+    let (dev, server) = open_model("twice", None);
+    let e = Device::open(dev.address(), Some(dev.iommu())).unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    drop(dev);
+    server.join().unwrap();
+}

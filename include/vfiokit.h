@@ -59,6 +59,9 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // iommufd (/dev/iommu) with devices opened through their VFIO cdev.
 #define VFIOKIT_IOMMU_IOMMUFD 2
 
+// Devices served by other processes over vfio-user sockets (never chosen by AUTO).
+#define VFIOKIT_IOMMU_VFIO_USER 3
+
 // The device may only read this memory: an IOMMU mapping without write permission.
 #define VFIOKIT_DMA_READONLY (1 << 0)
 
@@ -233,7 +236,8 @@ int vfiokit_pci_bind(const char *pci_address);
 int vfiokit_pci_unbind(const char *pci_address);
 
 // Opens a device by PCI address ("0000:00:02.0", "00:02.0") or sysfs path, in `iommu`
-// (NULL: the process-wide shared context).
+// (NULL: the process-wide shared context); or a device served by another process as
+// "vfio-user:<socket path>", in a `VFIOKIT_IOMMU_VFIO_USER` context (NULL: a new one).
 //
 // # Safety
 // `name` must be NULL or a NUL-terminated string; `iommu` NULL or live; `out` writable.
@@ -452,7 +456,8 @@ int vfiokit_irq_wait(struct vfiokit_device *dev,
                      int timeout_ms,
                      uint64_t *count);
 
-// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1` or `_IOMMUFD`.
+// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD` or `_VFIO_USER` (for devices
+// served over vfio-user).
 //
 // # Safety
 // `out` must be NULL or valid for writing a pointer.
@@ -465,7 +470,7 @@ int vfiokit_iommu_open(uint32_t kind, struct vfiokit_iommu **out);
 // `iommu` must be NULL or from `vfiokit_iommu_open`.
 void vfiokit_iommu_close(struct vfiokit_iommu *iommu);
 
-// `VFIOKIT_IOMMU_TYPE1` or `VFIOKIT_IOMMU_IOMMUFD`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
+// `VFIOKIT_IOMMU_TYPE1`, `_IOMMUFD` or `_VFIO_USER`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
 //
 // # Safety
 // `iommu` must be NULL or a live context.

@@ -147,7 +147,8 @@ unsafe fn dev(dev: *const vfiokit_device) -> Result<InFlight> {
 }
 
 /// Opens a device by PCI address ("0000:00:02.0", "00:02.0") or sysfs path, in `iommu`
-/// (NULL: the process-wide shared context).
+/// (NULL: the process-wide shared context); or a device served by another process as
+/// "vfio-user:<socket path>", in a `VFIOKIT_IOMMU_VFIO_USER` context (NULL: a new one).
 ///
 /// # Safety
 /// `name` must be NULL or a NUL-terminated string; `iommu` NULL or live; `out` writable.

@@ -66,7 +66,7 @@ pub(crate) fn send_with_fds(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> Sy
                 let cmsg = libc::CMSG_FIRSTHDR(&msg);
                 (*cmsg).cmsg_level = libc::SOL_SOCKET;
                 (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * size_of::<RawFd>()) as u32) as _;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of_val(fds) as u32) as _;
                 std::ptr::copy_nonoverlapping(
                     fds.as_ptr(),
                     libc::CMSG_DATA(cmsg).cast::<RawFd>(),

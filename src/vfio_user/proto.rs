@@ -6,32 +6,32 @@
 
 use crate::caps::{self, DecodeError};
 
-pub const HEADER_LEN: usize = 16;
+pub(crate) const HEADER_LEN: usize = 16;
 
-pub const VERSION: u16 = 1;
-pub const DMA_MAP: u16 = 2;
-pub const DMA_UNMAP: u16 = 3;
-pub const DEVICE_GET_INFO: u16 = 4;
-pub const DEVICE_GET_REGION_INFO: u16 = 5;
-pub const DEVICE_GET_IRQ_INFO: u16 = 7;
-pub const DEVICE_SET_IRQS: u16 = 8;
-pub const REGION_READ: u16 = 9;
-pub const REGION_WRITE: u16 = 10;
-pub const DMA_READ: u16 = 11;
-pub const DMA_WRITE: u16 = 12;
-pub const DEVICE_RESET: u16 = 13;
+pub(crate) const VERSION: u16 = 1;
+pub(crate) const DMA_MAP: u16 = 2;
+pub(crate) const DMA_UNMAP: u16 = 3;
+pub(crate) const DEVICE_GET_INFO: u16 = 4;
+pub(crate) const DEVICE_GET_REGION_INFO: u16 = 5;
+pub(crate) const DEVICE_GET_IRQ_INFO: u16 = 7;
+pub(crate) const DEVICE_SET_IRQS: u16 = 8;
+pub(crate) const REGION_READ: u16 = 9;
+pub(crate) const REGION_WRITE: u16 = 10;
+pub(crate) const DMA_READ: u16 = 11;
+pub(crate) const DMA_WRITE: u16 = 12;
+pub(crate) const DEVICE_RESET: u16 = 13;
 
 const TYPE_MASK: u32 = 0xf;
 const TYPE_REPLY: u32 = 1;
 const FLAG_ERROR: u32 = 1 << 5;
 
 /// DMA_MAP flags: what the device may do with the memory.
-pub const DMA_FLAG_READ: u32 = 1 << 0;
-pub const DMA_FLAG_WRITE: u32 = 1 << 1;
+pub(crate) const DMA_FLAG_READ: u32 = 1 << 0;
+pub(crate) const DMA_FLAG_WRITE: u32 = 1 << 1;
 
 /// The protocol version vfiokit speaks (0.1, what libvfio-user and QEMU speak).
-pub const MAJOR: u16 = 0;
-pub const MINOR: u16 = 1;
+pub(crate) const MAJOR: u16 = 0;
+pub(crate) const MINOR: u16 = 1;
 
 /// A message header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

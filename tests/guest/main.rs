@@ -610,6 +610,7 @@ fn iova_ranges_and_mapping_rules() {
         IommuKind::Iommufd => {
             assert!(!iommu.iova_ranges().unwrap().is_empty(), "an IOAS has ranges from the start")
         }
+        IommuKind::VfioUser => unreachable!("AUTO never picks vfio-user"),
     }
     let _d = open_in("EDU", &iommu);
     let ranges = iommu.iova_ranges().unwrap();
@@ -960,6 +961,7 @@ fn device_info_fds_and_features() {
     let expected = match d.iommu().kind() {
         IommuKind::Type1 => "/dev/vfio/vfio",
         IommuKind::Iommufd => "/dev/iommu",
+        IommuKind::VfioUser => unreachable!("a kernel device"),
     };
     assert_eq!(node.to_str(), Some(expected));
 

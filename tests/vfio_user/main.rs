@@ -4,6 +4,7 @@
 mod model;
 mod scripted;
 
+use std::io::Write;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, Once};
@@ -229,4 +230,194 @@ fn a_server_sees_one_open_per_context() {
     assert_eq!(e.errno(), libc::EBUSY, "{e}");
     drop(dev);
     server.join().unwrap();
+}
+
+/// A bare device served by `script` after VERSION and DEVICE_GET_INFO.
+fn open_scripted(
+    name: &str,
+    iommu: Option<&Iommu>,
+    script: impl FnOnce(&mut scripted::Peer) + Send + 'static,
+) -> (Device, std::thread::JoinHandle<()>) {
+    let path = socket_path(name);
+    let server = scripted::serve(&path, move |peer| {
+        peer.open_bare_device();
+        script(peer);
+    });
+    let dev = Device::open(&format!("vfio-user:{}", path.display()), iommu).expect("open");
+    (dev, server)
+}
+
+/// `script` answers the first reset; the reset's error, then a second reset's.
+fn reset_against(
+    name: &str,
+    script: impl FnOnce(&mut scripted::Peer, scripted::Header) + Send + 'static,
+) -> (vfiokit::Error, vfiokit::Error) {
+    let (dev, server) = open_scripted(name, None, move |peer| {
+        let (h, _) = peer.expect(scripted::DEVICE_RESET);
+        script(peer, h);
+        peer.until_closed();
+    });
+    let first = dev.reset().unwrap_err();
+    let second = dev.reset().unwrap_err();
+    drop(dev);
+    server.join().unwrap();
+    (first, second)
+}
+
+#[test]
+fn a_dead_server_fails_every_call_with_econnreset() {
+    let _serial = setup();
+    let (first, second) =
+        reset_against("dead", |peer, _| peer.stream.shutdown(std::net::Shutdown::Both).unwrap());
+    assert_eq!(first.errno(), libc::ECONNRESET, "{first}");
+    assert_eq!(second, first);
+}
+
+#[test]
+fn a_stalled_server_times_out() {
+    let _serial = setup();
+    let started = std::time::Instant::now();
+    let (first, second) = reset_against("stalled", |_, _| {});
+    assert_eq!(first.errno(), libc::ETIMEDOUT, "{first}");
+    assert!(first.message().contains("DEVICE_RESET"), "{first}");
+    assert_eq!(second, first);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn protocol_violations_fail_the_connection_with_eproto() {
+    let _serial = setup();
+    type Lie = fn(&mut scripted::Peer, scripted::Header);
+    let lies: [(&str, Lie); 5] = [
+        ("wrong-id", |peer, h| peer.send(h.id.wrapping_add(1), h.command, scripted::REPLY, 0, &[])),
+        ("wrong-command", |peer, h| peer.send(h.id, scripted::DMA_MAP, scripted::REPLY, 0, &[])),
+        ("huge", |peer, h| {
+            let head =
+                scripted::Header { size: 0xffff_fff0, flags: scripted::REPLY, error: 0, ..h };
+            peer.stream.write_all(&scripted::header_bytes(head)).unwrap();
+        }),
+        ("truncated", |peer, h| {
+            let head = scripted::Header { size: 100, flags: scripted::REPLY, error: 0, ..h };
+            peer.stream.write_all(&scripted::header_bytes(head)).unwrap();
+            peer.stream.write_all(&[0; 20]).unwrap();
+            peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        }),
+        ("unexpected-fd", |peer, h| {
+            let head = scripted::Header { size: 16, flags: scripted::REPLY, error: 0, ..h };
+            peer.send_with_fd(&scripted::header_bytes(head));
+        }),
+    ];
+    for (name, lie) in lies {
+        let fds = open_fds();
+        let (first, second) = reset_against(name, lie);
+        assert_eq!(first.errno(), libc::EPROTO, "{name}: {first}");
+        assert_eq!(second, first, "{name}");
+        assert_eq!(open_fds(), fds, "{name}: fds left behind");
+    }
+}
+
+#[test]
+fn a_servers_errno_fails_only_that_call() {
+    let _serial = setup();
+    let (dev, server) = open_scripted("errno", None, |peer| {
+        let (h, _) = peer.expect(scripted::DEVICE_RESET);
+        peer.send(h.id, h.command, scripted::REPLY | scripted::ERROR, libc::ENOTTY as u32, &[]);
+        let (h, _) = peer.expect(scripted::DEVICE_RESET);
+        peer.reply(h, &[]);
+        peer.until_closed();
+    });
+    let e = dev.reset().unwrap_err();
+    assert_eq!(e.errno(), libc::ENOTTY, "{e}");
+    dev.reset().unwrap();
+    drop(dev);
+    server.join().unwrap();
+}
+
+#[test]
+fn a_bad_version_reply_refuses_the_open() {
+    let _serial = setup();
+    for (name, json) in [("json", "{not json"), ("caps", r#"{"capabilities":{"max_msg_fds":-3}}"#)]
+    {
+        let path = socket_path(name);
+        let server = scripted::serve(&path, move |peer| {
+            peer.handshake_with(json);
+            peer.until_closed();
+        });
+        let e = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap_err();
+        assert_eq!(e.errno(), libc::EPROTO, "{e}");
+        server.join().unwrap();
+    }
+}
+
+/// Memory mapped without an fd is reached through DMA_READ/DMA_WRITE, which the client serves
+/// from the context's mappings and refuses elsewhere.
+#[test]
+fn server_dma_requests_are_served_from_mapped_memory() {
+    let _serial = setup();
+    let page = 4096;
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    }
+    .cast::<u8>();
+    unsafe { std::ptr::write_bytes(mem, 0x11, 2 * page) };
+    let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
+    let iova = unsafe { iommu.map_any(mem, page) }.unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let path = socket_path("dma-requests");
+    let server = scripted::serve(&path, move |peer| {
+        peer.handshake_with("");
+        // The map made before the device, offered at attach, without an fd.
+        let (h, map) = peer.expect(scripted::DMA_MAP);
+        assert_eq!(peer.fds, 0);
+        assert_eq!(u32::from_ne_bytes(map[4..8].try_into().unwrap()), 3, "read and write");
+        assert_eq!(u64::from_ne_bytes(map[16..24].try_into().unwrap()), iova);
+        peer.reply(h, &[]);
+        peer.answer_device_info();
+        // The read-only map made after it.
+        let (h, map) = peer.expect(scripted::DMA_MAP);
+        assert_eq!(u32::from_ne_bytes(map[4..8].try_into().unwrap()), 1, "read only");
+        let ro_iova = u64::from_ne_bytes(map[16..24].try_into().unwrap());
+        peer.reply(h, &[]);
+        let access = |iova: u64, data: &[u8], count: u64| {
+            [&iova.to_ne_bytes()[..], &count.to_ne_bytes(), data].concat()
+        };
+        peer.send(100, scripted::DMA_WRITE, 0, 0, &access(iova + 8, b"vfio-usr", 8));
+        let (h, _) = peer.recv().unwrap();
+        assert_eq!((h.id, h.flags & scripted::ERROR), (100, 0), "{h:?}");
+        peer.send(101, scripted::DMA_READ, 0, 0, &access(iova + 4, &[], 12));
+        let (h, data) = peer.recv().unwrap();
+        assert_eq!((h.id, h.flags & scripted::ERROR), (101, 0));
+        assert_eq!(&data[16..], b"\x11\x11\x11\x11vfio-usr");
+        // Outside every mapping, across its end, and a write to read-only memory.
+        for (id, command, at, data, count) in [
+            (102, scripted::DMA_READ, ro_iova + page as u64, &[][..], 8),
+            (103, scripted::DMA_READ, iova + page as u64 - 4, &[][..], 8),
+            (104, scripted::DMA_WRITE, ro_iova, &[1u8; 8][..], 8),
+        ] {
+            peer.send(id, command, 0, 0, &access(at, data, count));
+            let (h, _) = peer.recv().unwrap();
+            assert_eq!(h.id, id);
+            assert_ne!(h.flags & scripted::ERROR, 0, "request {id} was served");
+            let expected = if id == 104 { libc::EPERM } else { libc::EFAULT };
+            assert_eq!(h.error, expected as u32, "request {id}");
+        }
+        done_tx.send(()).unwrap();
+        peer.until_closed();
+    });
+    let dev = Device::open(&format!("vfio-user:{}", path.display()), Some(&iommu)).unwrap();
+    unsafe { iommu.map_any_flags(mem.add(page), page, DMA_READONLY) }.unwrap();
+    done_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the script ran");
+    assert_eq!(unsafe { std::slice::from_raw_parts(mem.add(8), 8) }, b"vfio-usr");
+    assert!(unsafe { std::slice::from_raw_parts(mem.add(page), page) }.iter().all(|&b| b == 0x11));
+    drop(dev);
+    server.join().unwrap();
+    drop(iommu);
+    unsafe { libc::munmap(mem.cast(), 2 * page) };
 }

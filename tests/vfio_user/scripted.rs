@@ -130,6 +130,11 @@ impl Peer {
     /// VERSION and DEVICE_GET_INFO: a resettable PCI device with no regions and no IRQs.
     pub fn open_bare_device(&mut self) {
         self.handshake_with(r#"{"capabilities":{"max_msg_fds":8}}"#);
+        self.answer_device_info();
+    }
+
+    /// DEVICE_GET_INFO: a resettable PCI device with no regions and no IRQs.
+    pub fn answer_device_info(&mut self) {
         let (h, _) = self.expect(DEVICE_GET_INFO);
         let info: Vec<u8> = [16u32, 0b11, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
         self.reply(h, &info);

@@ -826,11 +826,16 @@ impl Device {
 
     /// Ends every wait in [`Device::irq_wait`], current and later, with ECANCELED: how a
     /// driver stops its interrupt threads before dropping the device (the C API's close does
-    /// this first).
+    /// this first). Over vfio-user it also ends the requests waiting for the server's reply,
+    /// and the connection: the device is to be dropped.
     pub fn cancel_waits(&self) {
         let mut state = self.irq_state();
         state.cancelled = true;
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
+        drop(state);
+        if let Io::User { client, .. } = &self.io {
+            client.cancel();
+        }
     }
 
     /// Mask or unmask: where the kernel reports the index not MASKABLE (MSI and MSI-X on

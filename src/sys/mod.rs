@@ -1,4 +1,4 @@
-//! The only layer that talks to the kernel: ioctls, mmap, pread/pwrite, eventfds, sysfs.
+//! The only layer that talks to the kernel: ioctls, mmap, pread/pwrite, eventfds, sockets, sysfs.
 //!
 //! Every call returns the raw errno on failure; callers above add the context that makes a
 //! message useful. Nothing here decides policy.
@@ -121,12 +121,12 @@ pub(crate) fn pwrite_all(fd: BorrowedFd, buf: &[u8], offset: u64) -> SysResult<(
     })
 }
 
-/// A non-blocking, close-on-exec eventfd.
 /// A close-on-exec duplicate of `fd`.
 pub(crate) fn dup(fd: BorrowedFd) -> SysResult<OwnedFd> {
     fd.try_clone_to_owned().map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EBADF)))
 }
 
+/// A non-blocking, close-on-exec eventfd.
 pub(crate) fn eventfd() -> SysResult<OwnedFd> {
     // SAFETY: plain syscall with no pointers.
     let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;

@@ -131,6 +131,8 @@ pub(crate) struct Client {
     /// The server's limits.
     caps: proto::Caps,
     timeout: Duration,
+    /// DMA mappings the server holds, against its `max_dma_maps`.
+    dma_maps: Mutex<u32>,
     receiver: Option<JoinHandle<()>>,
 }
 
@@ -169,6 +171,7 @@ impl Client {
             conn,
             caps: proto::Caps::default(),
             timeout: Duration::from_millis(timeout_ms),
+            dma_maps: Mutex::new(0),
             receiver: Some(receiver),
         };
         let ours = proto::Caps {
@@ -273,6 +276,12 @@ impl Client {
         }
     }
 
+    /// Ends the connection: requests waiting for replies, and every later one, fail with
+    /// ECANCELED (unless it had failed already, which stays the reason).
+    pub(crate) fn cancel(&self) {
+        self.conn.fail(libc::ECANCELED, "the device is being closed");
+    }
+
     /// DEVICE_GET_INFO: (flags, number of regions, number of IRQs).
     pub(crate) fn device_info(&self) -> Result<(u32, u32, u32)> {
         let reply = self.request(proto::DEVICE_GET_INFO, &[&proto::device_info()], &[], 0)?;
@@ -373,12 +382,35 @@ impl Client {
             Some((fd, offset)) => (vec![fd], offset),
             None => (Vec::new(), 0),
         };
+        // The server's smallest page size: the lowest one in its pgsizes bitmap.
+        let page = 1u64 << self.caps.pgsizes.trailing_zeros().min(63);
+        if (iova | size | offset) % page != 0 {
+            return Err(Error::invalid(format!(
+                "{}: DMA map of {size:#x} bytes at IOVA {iova:#x}: the server maps in pages of {page:#x} bytes",
+                self.conn.name
+            )));
+        }
+        let mut maps = self.dma_maps.lock().unwrap_or_else(|e| e.into_inner());
+        if *maps >= self.caps.max_dma_maps {
+            return Err(Error::new(
+                libc::ENOSPC,
+                format!(
+                    "{}: DMA map of {size:#x} bytes at IOVA {iova:#x}: the server takes at most {} mappings",
+                    self.conn.name, self.caps.max_dma_maps
+                ),
+            ));
+        }
         let map = proto::dma_map(flags, offset, iova, size);
-        self.request(proto::DMA_MAP, &[&map], &fds, 0).map(drop)
+        self.request(proto::DMA_MAP, &[&map], &fds, 0)?;
+        *maps += 1;
+        Ok(())
     }
 
     pub(crate) fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        self.request(proto::DMA_UNMAP, &[&proto::dma_unmap(iova, size)], &[], 0).map(drop)
+        self.request(proto::DMA_UNMAP, &[&proto::dma_unmap(iova, size)], &[], 0)?;
+        let mut maps = self.dma_maps.lock().unwrap_or_else(|e| e.into_inner());
+        *maps = maps.saturating_sub(1);
+        Ok(())
     }
 }
 

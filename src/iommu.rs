@@ -140,6 +140,9 @@ struct State {
     devices: HashSet<String>,
     /// vfio-user contexts: each mapping's permission and fd, by IOVA.
     user_maps: HashMap<u64, UserMap>,
+    /// The least alignment of IOVAs the allocator hands out: the page size, or the largest
+    /// smallest page of the context's vfio-user servers.
+    iova_align: u64,
 }
 
 impl State {
@@ -260,6 +263,7 @@ impl Iommu {
             guarded: guard.then(HashSet::new),
             devices: HashSet::new(),
             user_maps: HashMap::new(),
+            iova_align: sys::page_size() as u64,
         };
         Ok(Iommu(Arc::new(DmaContext {
             magic: DmaContext::MAGIC,
@@ -385,6 +389,8 @@ impl Iommu {
         }
         peers.retain(|p| p.strong_count() > 0);
         peers.push(Arc::downgrade(&client));
+        let mut state = self.state();
+        state.iova_align = state.iova_align.max(client.page_size());
         Ok((client, place))
     }
 
@@ -525,6 +531,7 @@ impl Iommu {
     fn alloc_iova(&self, len: usize, align: u64) -> Result<u64> {
         let mut state = self.state();
         let guard = if state.guarded.is_some() { sys::page_size() } else { 0 };
+        let align = align.max(state.iova_align);
         let iova = state.space.alloc((len + guard) as u64, align).ok_or_else(|| {
             Error::new(
                 libc::ENOSPC,
@@ -569,21 +576,28 @@ impl Iommu {
                 let peers = lock(peers);
                 let live: Vec<Arc<Client>> = peers.iter().filter_map(|p| p.upgrade()).collect();
                 let fd = backing.as_ref().map(|f| (f.as_raw_fd(), 0));
+                // Recorded first: a server may reach the memory as soon as it has answered.
+                // A device attaching meanwhile waits for the servers' lock, then sees it.
+                {
+                    let mut state = self.state();
+                    state.record(vaddr, len, iova)?;
+                    state.user_maps.insert(iova, UserMap { writable, fd: backing });
+                }
                 for (i, peer) in live.iter().enumerate() {
                     if let Err(e) = peer.dma_map(iova, len as u64, writable, fd) {
                         for done in &live[..i] {
                             let _ = done.dma_unmap(iova, len as u64);
                         }
+                        let mut state = self.state();
+                        state.user_maps.remove(&iova);
+                        state.maps.remove(iova, len);
                         return Err(Error::new(
                             e.errno(),
                             format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: {}", e.message()),
                         ));
                     }
                 }
-                // Recorded before the servers' lock goes, so a device attaching next sees it.
-                let mut state = self.state();
-                state.user_maps.insert(iova, UserMap { writable, fd: backing });
-                return state.record(vaddr, len, iova);
+                return Ok(());
             }
         };
         result.map_err(|sys::Errno(e)| map_error(e, len, iova, self.kind()))?;

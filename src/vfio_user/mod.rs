@@ -276,6 +276,11 @@ impl Client {
         }
     }
 
+    /// The server's smallest DMA page size: the lowest one in its pgsizes bitmap.
+    pub(crate) fn page_size(&self) -> u64 {
+        1u64 << self.caps.pgsizes.trailing_zeros().min(63)
+    }
+
     /// Ends the connection: requests waiting for replies, and every later one, fail with
     /// ECANCELED (unless it had failed already, which stays the reason).
     pub(crate) fn cancel(&self) {
@@ -382,8 +387,7 @@ impl Client {
             Some((fd, offset)) => (vec![fd], offset),
             None => (Vec::new(), 0),
         };
-        // The server's smallest page size: the lowest one in its pgsizes bitmap.
-        let page = 1u64 << self.caps.pgsizes.trailing_zeros().min(63);
+        let page = self.page_size();
         if (iova | size | offset) % page != 0 {
             return Err(Error::invalid(format!(
                 "{}: DMA map of {size:#x} bytes at IOVA {iova:#x}: the server maps in pages of {page:#x} bytes",

@@ -1,7 +1,8 @@
 //! A vfio-user client: one connection to a server process that carries a device.
 //!
 //! Requests are numbered and matched to their replies by a receiver thread, which also serves
-//! the server's DMA_READ/DMA_WRITE requests (for memory mapped without an fd). Every request has
+//! the server's DMA_READ/DMA_WRITE requests (for memory mapped without an fd); when the server
+//! offers a twin socket for its requests, a second thread serves them there. Every request has
 //! a deadline. The first broken rule (a dead or stalled server, a reply nobody asked for, an
 //! impossible size, unexpected fds) fails the connection: that call and every later one get the
 //! same error, and the socket is shut so the server sees it too.
@@ -9,7 +10,7 @@
 pub(crate) mod proto;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,7 +26,8 @@ pub(crate) enum DmaAccess<'a> {
 }
 
 /// Serves a DMA request: the bytes read (for a read), or an errno to answer with.
-pub(crate) type DmaServer = Box<dyn Fn(DmaAccess) -> std::result::Result<Vec<u8>, i32> + Send>;
+pub(crate) type DmaServer =
+    Box<dyn Fn(DmaAccess) -> std::result::Result<Vec<u8>, i32> + Send + Sync>;
 
 /// The most fds vfiokit takes with one message, and says it takes.
 const MAX_MSG_FDS: u32 = 16;
@@ -55,6 +57,8 @@ struct Connection {
     /// "vfio-user:<path>", the start of every message about this connection.
     name: String,
     sock: OwnedFd,
+    /// The server's command channel, in twin-socket mode.
+    twin: std::sync::OnceLock<OwnedFd>,
     /// Held while a message is written, so messages never interleave.
     send: Mutex<()>,
     calls: Mutex<Calls>,
@@ -75,31 +79,37 @@ impl Connection {
         let error = error.clone();
         drop(calls);
         self.answered.notify_all();
-        socket::shutdown(self.sock.as_fd());
+        self.shutdown();
         error
     }
 
-    fn send(&self, msg: &[u8], fds: &[RawFd]) -> Result<()> {
+    fn shutdown(&self) {
+        socket::shutdown(self.sock.as_fd());
+        if let Some(twin) = self.twin.get() {
+            socket::shutdown(twin.as_fd());
+        }
+    }
+
+    fn send(&self, sock: BorrowedFd, msg: &[u8], fds: &[RawFd]) -> Result<()> {
         let _turn = self.send.lock().unwrap_or_else(|e| e.into_inner());
-        socket::send_with_fds(self.sock.as_fd(), msg, fds).map_err(|sys::Errno(e)| {
+        socket::send_with_fds(sock, msg, fds).map_err(|sys::Errno(e)| {
             self.fail(libc::ECONNRESET, format!("sending to the server: {}", strerror(e)))
         })
     }
+}
 
-    /// Reads exactly `buf.len()` bytes, collecting fds; `Ok(false)` if the peer closed first.
-    fn recv_exact(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> sys::SysResult<bool> {
-        let mut done = 0;
-        while done < buf.len() {
-            let (n, more) =
-                socket::recv_with_fds(self.sock.as_fd(), &mut buf[done..], MAX_MSG_FDS as usize)?;
-            fds.extend(more);
-            if n == 0 {
-                return Ok(false);
-            }
-            done += n;
+/// Reads exactly `buf.len()` bytes, collecting fds; `Ok(false)` if the peer closed first.
+fn recv_exact(sock: BorrowedFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> sys::SysResult<bool> {
+    let mut done = 0;
+    while done < buf.len() {
+        let (n, more) = socket::recv_with_fds(sock, &mut buf[done..], MAX_MSG_FDS as usize)?;
+        fds.extend(more);
+        if n == 0 {
+            return Ok(false);
         }
-        Ok(true)
+        done += n;
     }
+    Ok(true)
 }
 
 fn strerror(e: i32) -> std::io::Error {
@@ -133,13 +143,33 @@ pub(crate) struct Client {
     timeout: Duration,
     /// DMA mappings the server holds, against its `max_dma_maps`.
     dma_maps: Mutex<u32>,
-    receiver: Option<JoinHandle<()>>,
+    /// The receivers of the main socket and, in twin-socket mode, of the twin.
+    receivers: Vec<JoinHandle<()>>,
 }
 
 impl Client {
     /// Connects to the server at `path` and negotiates the protocol version; `serve_dma`
     /// answers the server's DMA requests.
+    /// Starts the thread that receives on the main socket or (`twin`) the twin socket.
+    fn start_receiver(&mut self, twin: bool, serve_dma: Arc<DmaServer>) -> Result<()> {
+        let conn = self.conn.clone();
+        let thread = std::thread::Builder::new()
+            .name("vfiokit-vfio-user".into())
+            .spawn(move || {
+                let sock = match twin {
+                    true => conn.twin.get().expect("set before its receiver starts").as_fd(),
+                    false => conn.sock.as_fd(),
+                };
+                receive(&conn, sock, twin, &serve_dma)
+            })
+            .map_err(sys::Errno::from)
+            .context(|| "starting a vfio-user receiver thread")?;
+        self.receivers.push(thread);
+        Ok(())
+    }
+
     pub(crate) fn connect(path: &str, serve_dma: DmaServer) -> Result<Client> {
+        let serve_dma = Arc::new(serve_dma);
         let name = format!("vfio-user:{path}");
         let sock = socket::connect_unix(path).map_err(|sys::Errno(e)| {
             let hint = match e {
@@ -155,33 +185,40 @@ impl Client {
         let conn = Arc::new(Connection {
             name,
             sock,
+            twin: std::sync::OnceLock::new(),
             send: Mutex::new(()),
             calls: Mutex::new(Calls::default()),
             answered: Condvar::new(),
         });
-        let receiver = {
-            let conn = conn.clone();
-            std::thread::Builder::new()
-                .name("vfiokit-vfio-user".into())
-                .spawn(move || receive(&conn, &serve_dma))
-                .map_err(sys::Errno::from)
-                .context(|| "starting the vfio-user receiver thread")?
-        };
         let mut client = Client {
             conn,
             caps: proto::Caps::default(),
             timeout: Duration::from_millis(timeout_ms),
             dma_maps: Mutex::new(0),
-            receiver: Some(receiver),
+            receivers: Vec::new(),
         };
+        client.start_receiver(false, serve_dma.clone())?;
         let ours = proto::Caps {
             max_msg_fds: MAX_MSG_FDS,
             max_data_xfer_size: MAX_DATA_XFER,
+            twin_socket: true,
             ..Default::default()
         };
-        let reply = client.request(proto::VERSION, &[&proto::version(&ours)], &[], 0)?;
+        let reply =
+            client.request(proto::VERSION, &[&proto::version(&ours)], &[], MAX_MSG_FDS as usize)?;
         let (major, _minor, theirs) =
             proto::decode_version(&reply.payload).map_err(|e| client.protocol_error(e))?;
+        if let Some(index) = theirs.twin_fd_index {
+            let mut fds = reply.fds;
+            if index as usize >= fds.len() {
+                return Err(client.protocol_error(format!(
+                    "the twin socket is fd {index} of the version reply, which came with {}",
+                    fds.len()
+                )));
+            }
+            let _ = client.conn.twin.set(fds.swap_remove(index as usize));
+            client.start_receiver(true, serve_dma)?;
+        }
         if major != proto::MAJOR {
             return Err(client.conn.fail(
                 libc::EPROTO,
@@ -219,7 +256,7 @@ impl Client {
             calls.waiting.insert(id, None);
             id
         };
-        let sent = conn.send(&proto::command(id, command, parts), fds);
+        let sent = conn.send(conn.sock.as_fd(), &proto::command(id, command, parts), fds);
         let deadline = Instant::now() + self.timeout;
         let mut calls = conn.calls();
         let answer = loop {
@@ -420,20 +457,21 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        socket::shutdown(self.conn.sock.as_fd());
-        if let Some(receiver) = self.receiver.take() {
+        self.conn.shutdown();
+        for receiver in self.receivers.drain(..) {
             let _ = receiver.join();
         }
     }
 }
 
-/// The receiver thread: delivers replies and serves DMA requests until the connection ends.
-fn receive(conn: &Connection, serve_dma: &DmaServer) {
+/// A receiver thread: delivers replies (main socket only) and serves the server's requests
+/// until the connection ends.
+fn receive(conn: &Connection, sock: BorrowedFd, twin: bool, serve_dma: &DmaServer) {
     let limit = MAX_DATA_XFER + MESSAGE_SLACK;
     loop {
         let mut head = [0u8; proto::HEADER_LEN];
         let mut fds = Vec::new();
-        match conn.recv_exact(&mut head, &mut fds) {
+        match recv_exact(sock, &mut head, &mut fds) {
             Ok(true) => {}
             Ok(false) => {
                 return drop(conn.fail(libc::ECONNRESET, "the server closed the connection"));
@@ -455,7 +493,7 @@ fn receive(conn: &Connection, serve_dma: &DmaServer) {
             ));
         }
         let mut payload = vec![0u8; header.size as usize - proto::HEADER_LEN];
-        match conn.recv_exact(&mut payload, &mut fds) {
+        match recv_exact(sock, &mut payload, &mut fds) {
             Ok(true) => {}
             Ok(false) => {
                 return drop(conn.fail(
@@ -469,6 +507,12 @@ fn receive(conn: &Connection, serve_dma: &DmaServer) {
             Err(sys::Errno(e)) => {
                 return drop(conn.fail(e, format!("receiving from the server: {}", strerror(e))));
             }
+        }
+        if header.is_reply() && twin {
+            return drop(conn.fail(
+                libc::EPROTO,
+                format!("the server sent a reply (id {}) on the twin socket", header.id),
+            ));
         }
         if header.is_reply() {
             let mut calls = conn.calls();
@@ -497,7 +541,7 @@ fn receive(conn: &Connection, serve_dma: &DmaServer) {
             ));
         }
         let answer = serve(&header, &payload, serve_dma);
-        if conn.send(&answer, &[]).is_err() {
+        if conn.send(sock, &answer, &[]).is_err() {
             return;
         }
     }

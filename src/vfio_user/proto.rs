@@ -114,12 +114,23 @@ pub struct Caps {
     pub max_data_xfer_size: u32,
     pub pgsizes: u64,
     pub max_dma_maps: u32,
+    /// Ours: twin-socket mode is supported.
+    pub twin_socket: bool,
+    /// Theirs: twin-socket mode is on, its socket at this index of the reply's fds.
+    pub twin_fd_index: Option<u32>,
 }
 
 impl Default for Caps {
     /// The specification's defaults for a capability left out.
     fn default() -> Caps {
-        Caps { max_msg_fds: 1, max_data_xfer_size: 1 << 20, pgsizes: 4096, max_dma_maps: 65535 }
+        Caps {
+            max_msg_fds: 1,
+            max_data_xfer_size: 1 << 20,
+            pgsizes: 4096,
+            max_dma_maps: 65535,
+            twin_socket: false,
+            twin_fd_index: None,
+        }
     }
 }
 
@@ -130,6 +141,7 @@ pub fn version(caps: &Caps) -> Vec<u8> {
         "max_data_xfer_size": caps.max_data_xfer_size,
         "pgsizes": caps.pgsizes,
         "max_dma_maps": caps.max_dma_maps,
+        "twin_socket": { "supported": caps.twin_socket },
     }});
     let mut out = [MAJOR.to_ne_bytes(), MINOR.to_ne_bytes()].concat();
     out.extend_from_slice(json.to_string().as_bytes());
@@ -175,6 +187,23 @@ pub fn decode_version(payload: &[u8]) -> Result<(u16, u16, Caps), DecodeError> {
     }
     if let Some(n) = num("max_dma_maps", max32)? {
         found.max_dma_maps = n as u32;
+    }
+    // Twin-socket mode is on when the server says it supports it and names the fd; supported
+    // without an fd is inconsistent (the client could miss the server's commands).
+    if let Some(twin) = c.get("twin_socket") {
+        let supported = twin.get("supported").and_then(|v| v.as_bool()).unwrap_or(false);
+        match (supported, twin.get("fd_index")) {
+            (false, _) => {}
+            (true, Some(index)) => {
+                let index = index.as_u64().filter(|&i| i < 256).ok_or_else(|| {
+                    malformed(format!("twin_socket.fd_index is {index}, not a small integer"))
+                })?;
+                found.twin_fd_index = Some(index as u32);
+            }
+            (true, None) => {
+                return Err(malformed("twin_socket is supported but names no fd_index".into()));
+            }
+        }
     }
     Ok((major, minor, found))
 }
@@ -278,8 +307,13 @@ mod tests {
 
     #[test]
     fn version_round_trip_and_defaults() {
-        let ours =
-            Caps { max_msg_fds: 16, max_data_xfer_size: 1 << 16, pgsizes: 4096, max_dma_maps: 7 };
+        let ours = Caps {
+            max_msg_fds: 16,
+            max_data_xfer_size: 1 << 16,
+            pgsizes: 4096,
+            max_dma_maps: 7,
+            ..Default::default()
+        };
         assert_eq!(decode_version(&version(&ours)).unwrap(), (MAJOR, MINOR, ours));
         // What the rust-vmm server sends: some capabilities, the rest defaulted.
         let mut theirs = vec![0, 0, 0, 0];
@@ -306,6 +340,31 @@ mod tests {
             );
         }
         assert!(matches!(decode_version(&[0, 0]), Err(DecodeError::Truncated { .. })));
+    }
+
+    #[test]
+    fn twin_socket_negotiation() {
+        let reply = |json: &str| [&[0u8, 0, 1, 0][..], json.as_bytes(), &[0]].concat();
+        let on = decode_version(&reply(
+            r#"{"capabilities":{"twin_socket":{"supported":true,"fd_index":0}}}"#,
+        ));
+        assert_eq!(on.unwrap().2.twin_fd_index, Some(0));
+        let off = decode_version(&reply(r#"{"capabilities":{"twin_socket":{"supported":false}}}"#));
+        assert_eq!(off.unwrap().2.twin_fd_index, None);
+        for bad in [
+            r#"{"capabilities":{"twin_socket":{"supported":true}}}"#,
+            r#"{"capabilities":{"twin_socket":{"supported":true,"fd_index":-1}}}"#,
+        ] {
+            assert!(
+                matches!(decode_version(&reply(bad)), Err(DecodeError::Malformed { .. })),
+                "{bad}"
+            );
+        }
+        let ours = Caps { twin_socket: true, ..Default::default() };
+        assert!(
+            String::from_utf8_lossy(&version(&ours))
+                .contains(r#""twin_socket":{"supported":true}"#)
+        );
     }
 
     #[test]

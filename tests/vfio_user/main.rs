@@ -324,7 +324,7 @@ fn protocol_violations_fail_the_connection_with_eproto() {
         }),
         ("unexpected-fd", |peer, h| {
             let head = scripted::Header { size: 16, flags: scripted::REPLY, error: 0, ..h };
-            peer.send_with_fd(&scripted::header_bytes(head));
+            peer.send_with_fd(&scripted::header_bytes(head), 0);
         }),
     ];
     for (name, lie) in lies {
@@ -469,4 +469,49 @@ fn the_servers_dma_limits_are_kept() {
     iommu.free(buf.as_ptr()).unwrap();
     drop(dev);
     server.join().unwrap();
+}
+
+/// Twin-socket mode: offered by the client, and when the server takes it, its requests are
+/// served on the twin, where a reply from the server is a protocol violation.
+#[test]
+fn a_twin_socket_carries_the_servers_requests() {
+    let _serial = setup();
+    let page = 4096;
+    let mem = unsafe {
+        libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    }
+    .cast::<u8>();
+    unsafe { std::ptr::write_bytes(mem, 0x22, page) };
+    let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
+    let iova = unsafe { iommu.map_any(mem, page) }.unwrap();
+    let path = socket_path("twin");
+    let server = scripted::serve(&path, move |peer| {
+        let (h, version) = peer.expect(scripted::VERSION);
+        assert!(String::from_utf8_lossy(&version).contains(r#""twin_socket":{"supported":true}"#));
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let json = r#"{"capabilities":{"twin_socket":{"supported":true,"fd_index":0}}}"#;
+        let payload = [&[0u8, 0, 1, 0][..], json.as_bytes(), &[0]].concat();
+        let head = scripted::Header { id: h.id, command: scripted::VERSION, size: 16 + payload.len() as u32, flags: scripted::REPLY, error: 0 };
+        peer.send_with_fd(&[scripted::header_bytes(head), payload].concat(), std::os::fd::AsRawFd::as_raw_fd(&theirs));
+        drop(theirs);
+        let (h, _) = peer.expect(scripted::DMA_MAP);
+        peer.reply(h, &[]);
+        peer.answer_device_info();
+        let mut twin = scripted::Peer { stream: ours, fds: 0 };
+        twin.send(7, scripted::DMA_READ, 0, 0, &[&iova.to_ne_bytes()[..], &4u64.to_ne_bytes()].concat());
+        let (h, data) = twin.recv().expect("a reply on the twin");
+        assert_eq!((h.id, h.command, h.flags & scripted::ERROR), (7, scripted::DMA_READ, 0));
+        assert_eq!(&data[16..], &[0x22; 4]);
+        twin.send(8, scripted::DEVICE_RESET, scripted::REPLY, 0, &[]);
+        peer.until_closed();
+    });
+    let dev = Device::open(&format!("vfio-user:{}", path.display()), Some(&iommu)).unwrap();
+    // The script ends when the client, having seen the reply on the twin, closes the connection.
+    server.join().unwrap();
+    let e = dev.reset().unwrap_err();
+    assert_eq!(e.errno(), libc::EPROTO, "{e}");
+    assert!(e.message().contains("twin"), "{e}");
+    drop(dev);
+    drop(iommu);
+    unsafe { libc::munmap(mem.cast(), page) };
 }

@@ -100,9 +100,8 @@ impl Peer {
         self.send(to.id, to.command, REPLY, 0, payload);
     }
 
-    /// Sends `bytes` with one fd (our stdin's duplicate) attached.
-    pub fn send_with_fd(&mut self, bytes: &[u8]) {
-        let fd = unsafe { libc::dup(0) };
+    /// Sends `bytes` with `fd` attached (the receiver gets its own copy).
+    pub fn send_with_fd(&mut self, bytes: &[u8], fd: i32) {
         let mut control = [0u64; 4];
         let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -117,7 +116,6 @@ impl Peer {
             (*cmsg).cmsg_len = libc::CMSG_LEN(4) as _;
             libc::CMSG_DATA(cmsg).cast::<i32>().write_unaligned(fd);
             assert_eq!(libc::sendmsg(self.stream.as_raw_fd(), &msg, 0), bytes.len() as isize);
-            libc::close(fd);
         }
     }
 

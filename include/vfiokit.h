@@ -62,6 +62,17 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // Devices served by other processes over vfio-user sockets (never chosen by AUTO).
 #define VFIOKIT_IOMMU_VFIO_USER 3
 
+// The legacy container with the original type1 (v1) IOMMU driver (see the README for how its
+// unmap differs from v2's).
+#define VFIOKIT_IOMMU_TYPE1V1 4
+
+// iommufd's compatibility container: /dev/iommu driven with the legacy container and group
+// ioctls, type1v2 semantics.
+#define VFIOKIT_IOMMU_IOMMUFD_COMPAT 5
+
+// iommufd's compatibility container with type1 (v1) semantics.
+#define VFIOKIT_IOMMU_IOMMUFD_COMPAT_V1 6
+
 // The device may only read this memory: an IOMMU mapping without write permission.
 #define VFIOKIT_DMA_READONLY (1 << 0)
 
@@ -456,8 +467,8 @@ int vfiokit_irq_wait(struct vfiokit_device *dev,
                      int timeout_ms,
                      uint64_t *count);
 
-// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD` or `_VFIO_USER` (for devices
-// served over vfio-user).
+// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD`, `_VFIO_USER` (for devices
+// served over vfio-user), `_TYPE1V1`, `_IOMMUFD_COMPAT` or `_IOMMUFD_COMPAT_V1`.
 //
 // # Safety
 // `out` must be NULL or valid for writing a pointer.
@@ -470,7 +481,7 @@ int vfiokit_iommu_open(uint32_t kind, struct vfiokit_iommu **out);
 // `iommu` must be NULL or from `vfiokit_iommu_open`.
 void vfiokit_iommu_close(struct vfiokit_iommu *iommu);
 
-// `VFIOKIT_IOMMU_TYPE1`, `_IOMMUFD` or `_VFIO_USER`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
+// The context's `VFIOKIT_IOMMU_*` kind (never AUTO); `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
 //
 // # Safety
 // `iommu` must be NULL or a live context.

@@ -26,6 +26,14 @@ pub const IOMMU_TYPE1: u32 = 1;
 pub const IOMMU_IOMMUFD: u32 = 2;
 /// Devices served by other processes over vfio-user sockets (never chosen by AUTO).
 pub const IOMMU_VFIO_USER: u32 = 3;
+/// The legacy container with the original type1 (v1) IOMMU driver (see the README for how its
+/// unmap differs from v2's).
+pub const IOMMU_TYPE1V1: u32 = 4;
+/// iommufd's compatibility container: /dev/iommu driven with the legacy container and group
+/// ioctls, type1v2 semantics.
+pub const IOMMU_IOMMUFD_COMPAT: u32 = 5;
+/// iommufd's compatibility container with type1 (v1) semantics.
+pub const IOMMU_IOMMUFD_COMPAT_V1: u32 = 6;
 
 /// The kernel interface a context uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +41,9 @@ pub enum IommuKind {
     Type1,
     Iommufd,
     VfioUser,
+    Type1V1,
+    IommufdCompat,
+    IommufdCompatV1,
 }
 
 impl IommuKind {
@@ -41,7 +52,27 @@ impl IommuKind {
             IommuKind::Type1 => IOMMU_TYPE1,
             IommuKind::Iommufd => IOMMU_IOMMUFD,
             IommuKind::VfioUser => IOMMU_VFIO_USER,
+            IommuKind::Type1V1 => IOMMU_TYPE1V1,
+            IommuKind::IommufdCompat => IOMMU_IOMMUFD_COMPAT,
+            IommuKind::IommufdCompatV1 => IOMMU_IOMMUFD_COMPAT_V1,
         }
+    }
+
+    /// A kind that uses the legacy container and group ioctls (on /dev/vfio/vfio or
+    /// /dev/iommu).
+    fn is_container(self) -> bool {
+        matches!(
+            self,
+            IommuKind::Type1
+                | IommuKind::Type1V1
+                | IommuKind::IommufdCompat
+                | IommuKind::IommufdCompatV1
+        )
+    }
+
+    /// A kind whose DMA maps go through iommufd (which pins pages rather than following PFNs).
+    fn is_iommufd(self) -> bool {
+        matches!(self, IommuKind::Iommufd | IommuKind::IommufdCompat | IommuKind::IommufdCompatV1)
     }
 
     /// Resolves an `IOMMU_*` code; AUTO consults `VFIOKIT_IOMMU`, then the kernel.
@@ -50,6 +81,9 @@ impl IommuKind {
             IOMMU_TYPE1 => Ok(IommuKind::Type1),
             IOMMU_IOMMUFD => Ok(IommuKind::Iommufd),
             IOMMU_VFIO_USER => Ok(IommuKind::VfioUser),
+            IOMMU_TYPE1V1 => Ok(IommuKind::Type1V1),
+            IOMMU_IOMMUFD_COMPAT => Ok(IommuKind::IommufdCompat),
+            IOMMU_IOMMUFD_COMPAT_V1 => Ok(IommuKind::IommufdCompatV1),
             IOMMU_AUTO => match std::env::var("VFIOKIT_IOMMU").as_deref() {
                 Ok("type1") => Ok(IommuKind::Type1),
                 Ok("iommufd") => Ok(IommuKind::Iommufd),
@@ -66,7 +100,8 @@ impl IommuKind {
                 Err(_) => Ok(IommuKind::Type1),
             },
             other => Err(Error::invalid(format!(
-                "unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd, 3 vfio-user)"
+                "unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd, 3 vfio-user, 4 type1 v1, \
+                 5 iommufd compat, 6 iommufd compat v1)"
             ))),
         }
     }
@@ -78,8 +113,10 @@ const TYPE1V2: u32 = 3;
 const TYPE1: u32 = 1;
 
 enum Backend {
+    /// Any container kind: the legacy one, or /dev/iommu used as one.
     Type1 {
         container: OwnedFd,
+        kind: IommuKind,
     },
     Iommufd {
         fd: OwnedFd,
@@ -238,9 +275,16 @@ impl Iommu {
     /// Opens a new context of `kind` (an `IOMMU_*` code).
     pub fn open(kind: u32) -> Result<Iommu> {
         let (backend, space, early) = match IommuKind::resolve(kind)? {
-            IommuKind::Type1 => {
+            kind if kind.is_container() => {
                 let whole = vec![IovaRange { start: 0, last: u64::MAX }];
-                (Backend::Type1 { container: open_container()? }, whole, Some(Vec::new()))
+                let container = match kind.is_iommufd() {
+                    true => open_container(
+                        IOMMUFD,
+                        "the compatibility container is iommufd's: is the kernel built with CONFIG_IOMMUFD?",
+                    )?,
+                    false => open_container(CONTAINER, "is the vfio module loaded?")?,
+                };
+                (Backend::Type1 { container, kind }, whole, Some(Vec::new()))
             }
             IommuKind::Iommufd => {
                 let fd = open_node(IOMMUFD, "is the kernel built with CONFIG_IOMMUFD?")?;
@@ -252,6 +296,7 @@ impl Iommu {
                 let whole = vec![IovaRange { start: 0, last: u64::MAX }];
                 (Backend::VfioUser { peers: Mutex::new(Vec::new()) }, whole, None)
             }
+            _ => unreachable!("every container kind is matched above"),
         };
         let guard = std::env::var("VFIOKIT_DMA_GUARD").is_ok_and(|v| v == "1");
         let state = State {
@@ -298,7 +343,7 @@ impl Iommu {
 
     pub fn kind(&self) -> IommuKind {
         match self.0.backend {
-            Backend::Type1 { .. } => IommuKind::Type1,
+            Backend::Type1 { kind, .. } => kind,
             Backend::Iommufd { .. } => IommuKind::Iommufd,
             Backend::VfioUser { .. } => IommuKind::VfioUser,
         }
@@ -308,7 +353,7 @@ impl Iommu {
     /// Borrowed: it closes with the context. A vfio-user context has none (ENOTSUP).
     pub fn fd(&self) -> Result<BorrowedFd<'_>> {
         match &self.0.backend {
-            Backend::Type1 { container } => Ok(container.as_fd()),
+            Backend::Type1 { container, .. } => Ok(container.as_fd()),
             Backend::Iommufd { fd, .. } => Ok(fd.as_fd()),
             Backend::VfioUser { .. } => Err(Error::new(
                 libc::ENOTSUP,
@@ -396,11 +441,12 @@ impl Iommu {
 
     fn open_device_fd(&self, dev: &PciDevice) -> Result<OwnedFd> {
         match &self.0.backend {
-            Backend::Type1 { container } => {
+            Backend::Type1 { container, .. } => {
                 let group = dev.iommu_group()?;
                 let mut state = self.state();
                 if !state.groups.contains_key(&group) {
-                    let fd = attach_group(container, group, state.groups.is_empty())?;
+                    let first = state.groups.is_empty().then_some(self.kind());
+                    let fd = attach_group(container, group, first)?;
                     if let Some(early) = state.early.take() {
                         // On failure the group fd closes, leaving the container as it was.
                         let ranges = replay_early_maps(container, &early).inspect_err(|_| {
@@ -555,7 +601,7 @@ impl Iommu {
         backing: Option<Arc<OwnedFd>>,
     ) -> Result<()> {
         let result = match &self.0.backend {
-            Backend::Type1 { container } => {
+            Backend::Type1 { container, .. } => {
                 let mut state = self.state();
                 if let Some(early) = state.early.as_mut() {
                     // No group yet: the kernel takes the map when the first one attaches.
@@ -657,7 +703,7 @@ impl Iommu {
             drop(state);
             let what = || format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}");
             match &self.0.backend {
-                Backend::Type1 { container } => {
+                Backend::Type1 { container, .. } => {
                     vfio::dma_unmap(container.as_fd(), iova, len as u64, false).context(what)?;
                 }
                 Backend::Iommufd { fd, ioas } => {
@@ -862,7 +908,7 @@ fn map_error(e: i32, len: usize, iova: u64, kind: IommuKind) -> Error {
         "DMA map of {len:#x} bytes at IOVA {iova:#x}: {}",
         std::io::Error::from_raw_os_error(e)
     );
-    if e == libc::EFAULT && kind == IommuKind::Iommufd {
+    if e == libc::EFAULT && kind.is_iommufd() {
         // iommufd pins pages; a BAR mapping (VM_PFNMAP) has none, where type1 follows its PFNs.
         msg += " (iommufd maps only ordinary process memory: not an unmapped address, and not \
                 another device's BAR for peer-to-peer DMA, which needs dma-buf support that this \
@@ -938,8 +984,8 @@ fn open_node(path: &str, missing: &str) -> Result<OwnedFd> {
     })
 }
 
-fn open_container() -> Result<OwnedFd> {
-    let container = open_node(CONTAINER, "is the vfio module loaded?")?;
+fn open_container(path: &str, missing: &str) -> Result<OwnedFd> {
+    let container = open_node(path, missing)?;
     let version = vfio::api_version(container.as_fd()).context(|| "VFIO_GET_API_VERSION")?;
     if version != vfio_bindings::bindings::vfio::VFIO_API_VERSION as i32 {
         return Err(Error::new(
@@ -950,7 +996,9 @@ fn open_container() -> Result<OwnedFd> {
     Ok(container)
 }
 
-fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd> {
+/// Adds a group to the container; the first one (`first`: the context's kind) also sets the
+/// IOMMU driver.
+fn attach_group(container: &OwnedFd, group: u32, first: Option<IommuKind>) -> Result<OwnedFd> {
     let fd = open_node(
         &format!("/dev/vfio/{group}"),
         "no such group node: is the device bound to vfio-pci?",
@@ -961,8 +1009,9 @@ fn attach_group(container: &OwnedFd, group: u32, first: bool) -> Result<OwnedFd>
     }
     vfio::group_set_container(fd.as_fd(), container.as_fd())
         .context(|| format!("adding group {group} to the container"))?;
-    if first {
-        let kind = if vfio::check_extension(container.as_fd(), TYPE1V2).unwrap_or(false) {
+    if let Some(kind) = first {
+        let v1 = matches!(kind, IommuKind::Type1V1 | IommuKind::IommufdCompatV1);
+        let kind = if !v1 && vfio::check_extension(container.as_fd(), TYPE1V2).unwrap_or(false) {
             TYPE1V2
         } else {
             TYPE1

@@ -30,8 +30,8 @@ pub(super) unsafe fn iommu(p: *const vfiokit_iommu) -> Result<Iommu> {
     Ok(Iommu::from_arc(unsafe { vfiokit_iommu::retain(p) }?))
 }
 
-/// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD` or `_VFIO_USER` (for devices
-/// served over vfio-user).
+/// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD`, `_VFIO_USER` (for devices
+/// served over vfio-user), `_TYPE1V1`, `_IOMMUFD_COMPAT` or `_IOMMUFD_COMPAT_V1`.
 ///
 /// # Safety
 /// `out` must be NULL or valid for writing a pointer.
@@ -56,7 +56,7 @@ pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
     unsafe { vfiokit_iommu::close(iommu, |_| ()) }
 }
 
-/// `VFIOKIT_IOMMU_TYPE1`, `_IOMMUFD` or `_VFIO_USER`; `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
+/// The context's `VFIOKIT_IOMMU_*` kind (never AUTO); `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
 ///
 /// # Safety
 /// `iommu` must be NULL or a live context.

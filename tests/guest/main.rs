@@ -40,6 +40,7 @@ const CASES: &[harness::Case] = &[
     ("caller_eventfds", caller_eventfds),
     ("iova_ranges_and_mapping_rules", iova_ranges_and_mapping_rules),
     ("edu_dma_round_trip", edu_dma_round_trip),
+    ("type1_v1_and_iommufd_compat_kinds", type1_v1_and_iommufd_compat_kinds),
     ("dma_to_unmapped_iova_does_not_reach_memory", dma_to_unmapped_iova_does_not_reach_memory),
     ("readonly_dma_memory_is_not_written", readonly_dma_memory_is_not_written),
     ("p2p_dma_through_another_devices_bar", p2p_dma_through_another_devices_bar),
@@ -610,7 +611,7 @@ fn iova_ranges_and_mapping_rules() {
         IommuKind::Iommufd => {
             assert!(!iommu.iova_ranges().unwrap().is_empty(), "an IOAS has ranges from the start")
         }
-        IommuKind::VfioUser => unreachable!("AUTO never picks vfio-user"),
+        other => unreachable!("AUTO picks type1 or iommufd, not {other:?}"),
     }
     let _d = open_in("EDU", &iommu);
     let ranges = iommu.iova_ranges().unwrap();
@@ -671,6 +672,60 @@ fn edu_dma_round_trip() {
     assert_eq!(back, pattern, "the buffer made the round trip through the device");
     iommu.free(src.as_ptr()).unwrap();
     iommu.free(dst.as_ptr()).unwrap();
+}
+
+/// libvfio's other container modes: type1 v1, and /dev/iommu used as a container (v2 and v1).
+/// Each carries edu's DMA round trip; a raw unmap of a mapping's second page shows how their
+/// unmaps differ (VFIO_IOMMU_UNMAP_DMA through the container fd).
+fn type1_v1_and_iommufd_compat_kinds() {
+    use vfiokit::{IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_TYPE1V1};
+    let page = 4096usize;
+    for (code, kind) in [
+        (IOMMU_TYPE1V1, IommuKind::Type1V1),
+        (IOMMU_IOMMUFD_COMPAT, IommuKind::IommufdCompat),
+        (IOMMU_IOMMUFD_COMPAT_V1, IommuKind::IommufdCompatV1),
+    ] {
+        let iommu = match Iommu::open(code) {
+            Err(e) if code != IOMMU_TYPE1V1 && !std::path::Path::new("/dev/iommu").exists() => {
+                fails::<()>(Err(e), libc::ENOENT, &["/dev/iommu", "CONFIG_IOMMUFD"]);
+                continue;
+            }
+            other => other.unwrap_or_else(|e| panic!("{kind:?}: {e}")),
+        };
+        assert_eq!(iommu.kind(), kind);
+        let d = open_in("EDU", &iommu);
+        enable_bus_master(&d);
+        let (src, src_iova) = iommu.alloc(page).unwrap();
+        let (dst, dst_iova) = iommu.alloc(page).unwrap();
+        // SAFETY: our buffer; the device only reads it during the transfer.
+        unsafe { std::ptr::write_bytes(src.as_ptr(), 0xa5, 64) };
+        edu::dma(&d, src_iova, edu::BUFFER, 64, false);
+        edu::dma(&d, edu::BUFFER, dst_iova, 64, true);
+        assert_eq!(volatile_bytes(dst, 64), vec![0xa5; 64], "{kind:?}: round trip");
+        // Two pages mapped at once; then the raw unmap of the second page alone.
+        let (two, iova) = iommu.alloc(2 * page).unwrap();
+        let mut unmap = [0u8; 24];
+        unmap[0..4].copy_from_slice(&24u32.to_ne_bytes());
+        unmap[8..16].copy_from_slice(&(iova + page as u64).to_ne_bytes());
+        unmap[16..24].copy_from_slice(&(page as u64).to_ne_bytes());
+        const UNMAP_DMA: u64 = 0x3b72; // _IO(';', 100 + 14)
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&iommu.fd().unwrap());
+        // SAFETY: a vfio_iommu_type1_dma_unmap of the size given in its argsz.
+        let rc = unsafe { libc::ioctl(fd, UNMAP_DMA as _, unmap.as_mut_ptr()) };
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let unmapped = u64::from_ne_bytes(unmap[16..24].try_into().unwrap());
+        match kind {
+            // v1 keeps a mapping whole: an unmap starting inside it succeeds and removes nothing.
+            IommuKind::Type1V1 => assert_eq!((rc, unmapped), (0, 0), "{kind:?}"),
+            // iommufd's v1 compatibility splits the mapping and removes the page.
+            IommuKind::IommufdCompatV1 => assert_eq!((rc, unmapped), (0, page as u64), "{kind:?}"),
+            // v2 semantics refuse to split a mapping.
+            _ => assert!(rc < 0 && errno != 0, "{kind:?}: rc {rc}, {unmapped:#x} unmapped"),
+        }
+        let _ = two;
+        drop(d);
+        drop(iommu);
+    }
 }
 
 fn dma_to_unmapped_iova_does_not_reach_memory() {
@@ -961,7 +1016,7 @@ fn device_info_fds_and_features() {
     let expected = match d.iommu().kind() {
         IommuKind::Type1 => "/dev/vfio/vfio",
         IommuKind::Iommufd => "/dev/iommu",
-        IommuKind::VfioUser => unreachable!("a kernel device"),
+        other => unreachable!("the shared context is type1 or iommufd, not {other:?}"),
     };
     assert_eq!(node.to_str(), Some(expected));
 

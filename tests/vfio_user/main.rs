@@ -478,7 +478,14 @@ fn a_twin_socket_carries_the_servers_requests() {
     let _serial = setup();
     let page = 4096;
     let mem = unsafe {
-        libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     }
     .cast::<u8>();
     unsafe { std::ptr::write_bytes(mem, 0x22, page) };
@@ -491,14 +498,29 @@ fn a_twin_socket_carries_the_servers_requests() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let json = r#"{"capabilities":{"twin_socket":{"supported":true,"fd_index":0}}}"#;
         let payload = [&[0u8, 0, 1, 0][..], json.as_bytes(), &[0]].concat();
-        let head = scripted::Header { id: h.id, command: scripted::VERSION, size: 16 + payload.len() as u32, flags: scripted::REPLY, error: 0 };
-        peer.send_with_fd(&[scripted::header_bytes(head), payload].concat(), std::os::fd::AsRawFd::as_raw_fd(&theirs));
+        let head = scripted::Header {
+            id: h.id,
+            command: scripted::VERSION,
+            size: 16 + payload.len() as u32,
+            flags: scripted::REPLY,
+            error: 0,
+        };
+        peer.send_with_fd(
+            &[scripted::header_bytes(head), payload].concat(),
+            std::os::fd::AsRawFd::as_raw_fd(&theirs),
+        );
         drop(theirs);
         let (h, _) = peer.expect(scripted::DMA_MAP);
         peer.reply(h, &[]);
         peer.answer_device_info();
         let mut twin = scripted::Peer { stream: ours, fds: 0 };
-        twin.send(7, scripted::DMA_READ, 0, 0, &[&iova.to_ne_bytes()[..], &4u64.to_ne_bytes()].concat());
+        twin.send(
+            7,
+            scripted::DMA_READ,
+            0,
+            0,
+            &[&iova.to_ne_bytes()[..], &4u64.to_ne_bytes()].concat(),
+        );
         let (h, data) = twin.recv().expect("a reply on the twin");
         assert_eq!((h.id, h.command, h.flags & scripted::ERROR), (7, scripted::DMA_READ, 0));
         assert_eq!(&data[16..], &[0x22; 4]);

@@ -362,6 +362,15 @@ impl Iommu {
         }
     }
 
+    /// The IOAS of an iommufd context (for IOMMU_IOAS_* ioctls on [`Iommu::fd`]); None for the
+    /// other kinds.
+    pub fn ioas_id(&self) -> Option<u32> {
+        match &self.0.backend {
+            Backend::Iommufd { ioas, .. } => Some(*ioas),
+            _ => None,
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.0.state)
     }
@@ -534,10 +543,21 @@ impl Iommu {
     ) -> Result<()> {
         check_dma_args(vaddr, len, Some(iova))?;
         let writable = map_permission(flags)?;
-        self.state()
-            .space
-            .claim(iova, len as u64)
-            .map_err(|why| Error::invalid(format!("DMA map: {why}")))?;
+        // The kernel's errnos for the same mistakes: a range past 2^64 is no valid range to
+        // type1 (EINVAL) and an overflow to iommufd; an overlap is EEXIST to both.
+        if iova.checked_add(len as u64 - 1).is_none() {
+            return Err(Error::new(
+                if self.kind().is_iommufd() { libc::EOVERFLOW } else { libc::EINVAL },
+                format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: the range wraps past 2^64"),
+            ));
+        }
+        let mut state = self.state();
+        if let Err(why) = state.space.claim(iova, len as u64) {
+            let errno =
+                if state.space.overlaps(iova, len as u64) { libc::EEXIST } else { libc::EINVAL };
+            return Err(Error::new(errno, format!("DMA map: {why}")));
+        }
+        drop(state);
         // SAFETY: forwarded from the caller.
         let mapped = unsafe { self.map_raw(vaddr, len, iova, writable, None) };
         if mapped.is_err() {

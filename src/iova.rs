@@ -107,6 +107,11 @@ impl IovaSpace {
         i > 0 && last <= self.valid[i - 1].last
     }
 
+    /// Whether `[iova, iova+len)` overlaps a recorded mapping (what the kernel calls EEXIST).
+    pub fn overlaps(&self, iova: u64, len: u64) -> bool {
+        len > 0 && self.overlap(iova, iova.saturating_add(len - 1)).is_some()
+    }
+
     /// The mapping that overlaps `[iova, last]`, if any.
     fn overlap(&self, iova: u64, last: u64) -> Option<(u64, u64)> {
         // Only the mapping with the highest start at or before `last` can overlap (mappings do
@@ -382,6 +387,7 @@ mod tests {
         let e = s.claim(0x10_0000, 0x1000).unwrap_err();
         assert!(e.contains("overlaps the mapping [0x100000, +0x1000)"), "{e}");
         assert!(s.claim(0xf_f000, 0x2000).unwrap_err().contains("overlaps"));
+        assert!(s.overlaps(0xf_f000, 0x2000) && !s.overlaps(0xf_f000, 0x1000));
         let e = s.claim(0xfee0_0000, 0x1000).unwrap_err();
         assert!(e.contains("outside the valid IOVA ranges [0x0, 0xfedfffff] [0xfef00000,"), "{e}");
         assert!(s.claim(u64::MAX, 2).unwrap_err().contains("outside"));

@@ -266,7 +266,7 @@ static void with_edu(void)
 		CHECK(ranges[0].start <= ranges[0].last);
 	}
 	CHECK(vfiokit_dma_alloc(io, 4096, &buf, &iova) == 0 && buf != NULL && iova != 0);
-	FAILS(vfiokit_dma_map(io, buf, 4096, iova), EINVAL); /* overlaps */
+	FAILS(vfiokit_dma_map(io, buf, 4096, iova), EEXIST); /* overlaps, as the kernel says */
 	FAILS(vfiokit_dma_map(io, (char *)buf + 1, 4096, 0x200000), EINVAL);
 	FAILS(vfiokit_dma_map_any(io, buf, 4096, NULL), EINVAL);
 	FAILS(vfiokit_dma_alloc(io, 0, &p, &u64), EINVAL);

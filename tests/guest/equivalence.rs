@@ -11,7 +11,7 @@ use vfiokit::{Device, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu};
 
 use crate::common::*;
 
-use libc::{EBUSY, EINVAL, ENOENT};
+use libc::{EBUSY, EEXIST, EINVAL, ENOENT};
 
 /// A sequence owns its context, so it can close it before its devices.
 type Sequence = fn(Iommu) -> Vec<i32>;
@@ -23,7 +23,7 @@ const SEQUENCES: &[(&str, Sequence, &[i32])] = &[
     (
         "maps: overlap, partial unmap, double unmap",
         map_rules,
-        &[0, EINVAL, EINVAL, ENOENT, 0, ENOENT],
+        &[0, EEXIST, EEXIST, ENOENT, 0, ENOENT],
     ),
     ("maps before the first device, then used", early_maps, &[0, 0, 0, 0]),
     ("buffers: unmap refused, free, free again", buffer_rules, &[0, EBUSY, 0, 0, EINVAL, ENOENT]),

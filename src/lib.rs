@@ -36,6 +36,16 @@ pub use irq::Irq;
 pub use pci::DeviceInfo;
 pub use region::{Area, Region};
 
+/// The vfio-user message decoders, for the fuzz targets: not API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod vfio_user_proto {
+    pub use crate::vfio_user::proto::{
+        Header, decode_device_info, decode_dma_access, decode_irq_info, decode_region_read,
+        decode_version, region_info_argsz,
+    };
+}
+
 /// The C ABI's version: bumped (with the soname) on any incompatible change.
 pub const ABI_VERSION: u32 = 1;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

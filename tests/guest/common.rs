@@ -120,3 +120,18 @@ pub fn in_child(f: impl FnOnce()) {
         "child failed (status {status:#x})"
     );
 }
+
+/// VFIO_IOMMU_UNMAP_DMA straight on a type1 container fd (what vfiokit does not wrap): the
+/// ioctl's result and errno, and the size the kernel says it unmapped.
+pub fn raw_type1_unmap(fd: i32, iova: u64, size: u64) -> (i32, i32, u64) {
+    // struct vfio_iommu_type1_dma_unmap: argsz, flags, iova, size
+    let mut unmap = [0u8; 24];
+    unmap[0..4].copy_from_slice(&24u32.to_ne_bytes());
+    unmap[8..16].copy_from_slice(&iova.to_ne_bytes());
+    unmap[16..24].copy_from_slice(&size.to_ne_bytes());
+    const UNMAP_DMA: u64 = 0x3b72; // _IO(';', 100 + 14)
+    // SAFETY: a vfio_iommu_type1_dma_unmap of the size given in its argsz.
+    let rc = unsafe { libc::ioctl(fd, UNMAP_DMA as _, unmap.as_mut_ptr()) };
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    (rc, errno, u64::from_ne_bytes(unmap[16..24].try_into().unwrap()))
+}

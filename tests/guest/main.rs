@@ -705,16 +705,8 @@ fn type1_v1_and_iommufd_compat_kinds() {
         assert_eq!(volatile_bytes(dst, 64), vec![0xa5; 64], "{kind:?}: round trip");
         // Two pages mapped at once; then the raw unmap of the second page alone.
         let (two, iova) = iommu.alloc(2 * page).unwrap();
-        let mut unmap = [0u8; 24];
-        unmap[0..4].copy_from_slice(&24u32.to_ne_bytes());
-        unmap[8..16].copy_from_slice(&(iova + page as u64).to_ne_bytes());
-        unmap[16..24].copy_from_slice(&(page as u64).to_ne_bytes());
-        const UNMAP_DMA: u64 = 0x3b72; // _IO(';', 100 + 14)
         let fd = std::os::fd::AsRawFd::as_raw_fd(&iommu.fd().unwrap());
-        // SAFETY: a vfio_iommu_type1_dma_unmap of the size given in its argsz.
-        let rc = unsafe { libc::ioctl(fd, UNMAP_DMA as _, unmap.as_mut_ptr()) };
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        let unmapped = u64::from_ne_bytes(unmap[16..24].try_into().unwrap());
+        let (rc, errno, unmapped) = raw_type1_unmap(fd, iova + page as u64, page as u64);
         match kind {
             // v1 keeps a mapping whole: an unmap starting inside it succeeds and removes nothing.
             IommuKind::Type1V1 => assert_eq!((rc, unmapped), (0, 0), "{kind:?}"),
@@ -805,15 +797,7 @@ fn dma_map_errors_are_the_kernels() {
             // SAFETY: a struct iommu_ioas_unmap of the size given in it.
             unsafe { libc::ioctl(fd, 0x3b86 as _, unmap.as_mut_ptr()) }
         }
-        // VFIO_IOMMU_UNMAP_DMA: argsz, flags, iova, size
-        None => {
-            let mut unmap = [0u8; 24];
-            unmap[0..4].copy_from_slice(&24u32.to_ne_bytes());
-            unmap[8..16].copy_from_slice(&free.to_ne_bytes());
-            unmap[16..24].copy_from_slice(&page.to_ne_bytes());
-            // SAFETY: a vfio_iommu_type1_dma_unmap of its argsz.
-            unsafe { libc::ioctl(fd, 0x3b72 as _, unmap.as_mut_ptr()) }
-        }
+        None => raw_type1_unmap(fd, free, page).0,
     };
     assert_eq!(rc, 0, "undoing the raw map");
     iommu.free(buf.as_ptr()).unwrap();

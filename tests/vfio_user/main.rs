@@ -40,6 +40,23 @@ fn open_model(name: &str, iommu: Option<&Iommu>) -> (Device, std::thread::JoinHa
     (dev, server)
 }
 
+/// `len` bytes of fresh private memory, not from vfiokit (so mapped without an fd).
+fn anonymous(len: usize) -> *mut u8 {
+    // SAFETY: a fresh anonymous mapping touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p.cast()
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -375,17 +392,7 @@ fn a_bad_version_reply_refuses_the_open() {
 fn server_dma_requests_are_served_from_mapped_memory() {
     let _serial = setup();
     let page = 4096;
-    let mem = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            2 * page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    }
-    .cast::<u8>();
+    let mem = anonymous(2 * page);
     unsafe { std::ptr::write_bytes(mem, 0x11, 2 * page) };
     let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
     let iova = unsafe { iommu.map_any(mem, page) }.unwrap();
@@ -477,17 +484,7 @@ fn the_servers_dma_limits_are_kept() {
 fn a_twin_socket_carries_the_servers_requests() {
     let _serial = setup();
     let page = 4096;
-    let mem = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    }
-    .cast::<u8>();
+    let mem = anonymous(page);
     unsafe { std::ptr::write_bytes(mem, 0x22, page) };
     let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
     let iova = unsafe { iommu.map_any(mem, page) }.unwrap();

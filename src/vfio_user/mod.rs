@@ -260,13 +260,14 @@ impl Client {
         let deadline = Instant::now() + self.timeout;
         let mut calls = conn.calls();
         let answer = loop {
-            if sent.is_err() || calls.failed.is_some() {
-                calls.waiting.remove(&id);
-                return Err(calls.failed.clone().expect("set by the failure"));
-            }
+            // A reply that arrived before the connection failed still answers its call.
             if let Some(answer) = calls.waiting.get_mut(&id).and_then(Option::take) {
                 calls.waiting.remove(&id);
                 break answer;
+            }
+            if sent.is_err() || calls.failed.is_some() {
+                calls.waiting.remove(&id);
+                return Err(calls.failed.clone().expect("set by the failure"));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -521,16 +521,17 @@ fn a_twin_socket_carries_the_servers_requests() {
         let (h, data) = twin.recv().expect("a reply on the twin");
         assert_eq!((h.id, h.command, h.flags & scripted::ERROR), (7, scripted::DMA_READ, 0));
         assert_eq!(&data[16..], &[0x22; 4]);
-        twin.send(8, scripted::DEVICE_RESET, scripted::REPLY, 0, &[]);
+        // The reset's reply, sent where only requests belong: it must not answer the call.
+        let (h, _) = peer.expect(scripted::DEVICE_RESET);
+        twin.send(h.id, scripted::DEVICE_RESET, scripted::REPLY, 0, &[]);
         peer.until_closed();
     });
     let dev = Device::open(&format!("vfio-user:{}", path.display()), Some(&iommu)).unwrap();
-    // The script ends when the client, having seen the reply on the twin, closes the connection.
-    server.join().unwrap();
     let e = dev.reset().unwrap_err();
     assert_eq!(e.errno(), libc::EPROTO, "{e}");
     assert!(e.message().contains("twin"), "{e}");
     drop(dev);
     drop(iommu);
+    server.join().unwrap();
     unsafe { libc::munmap(mem.cast(), page) };
 }

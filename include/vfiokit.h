@@ -516,11 +516,23 @@ int vfiokit_dma_map(struct vfiokit_iommu *iommu, void *vaddr, size_t len, uint64
 // As for `vfiokit_dma_map`; `iova` valid for a write.
 int vfiokit_dma_map_any(struct vfiokit_iommu *iommu, void *vaddr, size_t len, uint64_t *iova);
 
-// Removes the mapping made at `iova` with length `len`.
+// Removes every mapping lying wholly in `[iova, iova+len)` (the one made at `iova` with
+// length `len`, or several), as the kernel's unmap does. Refused, with nothing unmapped, where
+// the range cuts through a mapping (`-EINVAL` on type1 kinds, `-ENOENT` on iommufd ones),
+// holds none (`-ENOENT`) or holds a DMA buffer's mapping (`-EBUSY`).
 //
 // # Safety
 // `iommu` must be NULL or a live context.
 int vfiokit_dma_unmap(struct vfiokit_iommu *iommu, uint64_t iova, size_t len);
+
+// `vfiokit_dma_unmap`, and `*unmapped` (if not NULL) gets the number of bytes unmapped.
+//
+// # Safety
+// `iommu` must be NULL or a live context; `unmapped` NULL or valid for a write.
+int vfiokit_dma_unmap_range(struct vfiokit_iommu *iommu,
+                            uint64_t iova,
+                            size_t len,
+                            uint64_t *unmapped);
 
 // Removes every mapping made by `vfiokit_dma_map*` and `vfiokit_dma_map_any*` (buffers from
 // `vfiokit_dma_alloc*` stay mapped until freed); `*unmapped` (if not NULL) gets the number of

@@ -116,6 +116,20 @@ impl DmaMap {
         (last <= at + (l as u64 - 1)).then_some(DmaMapping { vaddr, len: l, iova: at })
     }
 
+    /// The records holding any IOVA in `[iova, last]`, by IOVA: the one starting before `iova`
+    /// if it reaches into the range, then those starting inside it.
+    pub fn overlapping(&self, iova: u64, last: u64) -> impl Iterator<Item = DmaMapping> + '_ {
+        let reaching_in = self
+            .by_iova
+            .range(..iova)
+            .next_back()
+            .filter(|&(&at, &(_, len, _))| at + (len as u64 - 1) >= iova);
+        reaching_in
+            .into_iter()
+            .chain(self.by_iova.range(iova..=last))
+            .map(|(&iova, &(vaddr, len, _))| DmaMapping { vaddr, len, iova })
+    }
+
     /// The number of records.
     pub fn len(&self) -> usize {
         self.by_iova.len()
@@ -174,6 +188,20 @@ mod tests {
         assert_eq!(m.containing(first.iova, first.len as u64 + 1), None);
         assert_eq!(m.containing(u64::MAX, 2), None);
         assert_eq!(m.containing(first.iova.wrapping_sub(1), 1).filter(|r| *r == first), None);
+    }
+
+    #[test]
+    fn overlapping_finds_every_record_touching_the_range() {
+        let m = map();
+        let iovas = |iova, last| m.overlapping(iova, last).map(|r| r.iova).collect::<Vec<_>>();
+        assert_eq!(iovas(0x1000, 0x3fff), [0x1000, 0x3000], "exactly two adjacent records");
+        assert_eq!(iovas(0x2000, 0x2fff), [0x1000], "inside one record");
+        assert_eq!(iovas(0x2fff, 0x3000), [0x1000, 0x3000], "the seam");
+        assert_eq!(iovas(0x4000, 0x1f_ffff), Vec::<u64>::new(), "the gap");
+        assert_eq!(iovas(0, 0xfff), Vec::<u64>::new(), "below the first");
+        assert_eq!(iovas(0x3fff, 0x20_0000), [0x3000, 0x20_0000], "last byte to first byte");
+        assert_eq!(iovas(0x40_0000, u64::MAX), Vec::<u64>::new(), "above the last");
+        assert_eq!(iovas(0, u64::MAX).len(), 3, "everything");
     }
 
     #[test]

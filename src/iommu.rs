@@ -191,6 +191,11 @@ impl State {
             .map_err(|why| Error::invalid(format!("DMA map: {why}")))
     }
 
+    /// Whether `m` is the mapping of a DMA buffer from alloc.
+    fn is_buffer(&self, m: &crate::DmaMapping) -> bool {
+        self.buffers.get(&m.vaddr).is_some_and(|b| b.iova == m.iova)
+    }
+
     /// Gives an IOVA range (and its guard page) back to the allocator.
     fn release_iova(&mut self, iova: u64, len: usize) {
         let reserved = self.reserved(iova, len as u64);
@@ -670,26 +675,63 @@ impl Iommu {
         self.state().record(vaddr, len, iova)
     }
 
-    /// Removes the DMA mapping made at `iova` with length `len`. A DMA buffer's mapping is
-    /// refused: [`Iommu::free`] unmaps and frees it.
-    pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
-        let is_buffer = {
-            let state = self.state();
-            state
-                .maps
-                .get(iova)
-                .and_then(|m| state.buffers.get(&m.vaddr))
-                .is_some_and(|b| b.iova == iova)
+    /// Removes every DMA mapping lying wholly in `[iova, iova+len)`, as the kernel's unmap
+    /// does, and returns how many bytes that unmapped. Refused, with nothing unmapped, where
+    /// the range cuts through a mapping, holds none (type1 itself would answer 0 bytes), or
+    /// holds a DMA buffer's mapping ([`Iommu::free`] unmaps and frees a buffer). The errnos are
+    /// the kernel's for the same range on this kind.
+    pub fn unmap(&self, iova: u64, len: usize) -> Result<u64> {
+        let kind = self.kind();
+        let refuse = |errno, why: String| {
+            Err(Error::new(errno, format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}: {why}")))
         };
-        if is_buffer {
-            return Err(Error::new(
-                libc::EBUSY,
-                format!(
-                    "IOVA {iova:#x} is the mapping of a DMA buffer from alloc: free the buffer (vfiokit_dma_free) instead"
-                ),
-            ));
+        let page = sys::page_size() as u64;
+        let Some(last) = iova.checked_add((len as u64).wrapping_sub(1)).filter(|_| len > 0) else {
+            return match len {
+                0 => refuse(libc::EINVAL, "the length is zero".into()),
+                _ if kind.is_iommufd() => {
+                    refuse(libc::EOVERFLOW, "the range wraps past 2^64".into())
+                }
+                _ => refuse(libc::EINVAL, "the range wraps past 2^64".into()),
+            };
+        };
+        // iommufd takes any byte range and answers from the mappings in it; type1 wants pages.
+        if !kind.is_iommufd() && (iova | len as u64) % page != 0 {
+            return refuse(
+                libc::EINVAL,
+                format!("IOVA and length must be multiples of the {page}-byte page"),
+            );
         }
-        self.unmap_mapping(iova, len)
+        let maps: Vec<(u64, usize)> = {
+            let state = self.state();
+            let mut maps = Vec::new();
+            for m in state.maps.overlapping(iova, last) {
+                if m.iova < iova || m.iova + (m.len as u64 - 1) > last {
+                    return refuse(
+                        if kind.is_iommufd() { libc::ENOENT } else { libc::EINVAL },
+                        format!(
+                            "the range cuts through the mapping of {:#x} bytes at IOVA {:#x} (mappings are removed whole)",
+                            m.len, m.iova
+                        ),
+                    );
+                }
+                if state.is_buffer(&m) {
+                    return refuse(
+                        libc::EBUSY,
+                        format!(
+                            "IOVA {:#x} is the mapping of a DMA buffer from alloc: free the buffer (vfiokit_dma_free) instead",
+                            m.iova
+                        ),
+                    );
+                }
+                maps.push((m.iova, m.len));
+            }
+            maps
+        };
+        if maps.is_empty() {
+            return refuse(libc::ENOENT, "no DMA mapping lies in the range".into());
+        }
+        self.unmap_each(&maps)
     }
 
     /// Removes every DMA mapping made by [`Iommu::map`] and [`Iommu::map_any`] (DMA buffers
@@ -697,11 +739,12 @@ impl Iommu {
     pub fn unmap_all(&self) -> Result<u64> {
         let maps: Vec<(u64, usize)> = {
             let state = self.state();
-            let own = |m: &crate::DmaMapping| {
-                state.buffers.get(&m.vaddr).is_some_and(|b| b.iova == m.iova)
-            };
-            state.maps.iter().filter(|m| !own(m)).map(|m| (m.iova, m.len)).collect()
+            state.maps.iter().filter(|m| !state.is_buffer(m)).map(|m| (m.iova, m.len)).collect()
         };
+        self.unmap_each(&maps)
+    }
+
+    fn unmap_each(&self, maps: &[(u64, usize)]) -> Result<u64> {
         maps.iter().try_fold(0, |done, &(iova, len)| {
             self.unmap_mapping(iova, len).map(|()| done + len as u64)
         })
@@ -974,8 +1017,12 @@ fn alloc_error(e: i32, len: usize, huge_shift: u32) -> Error {
 
 fn check_dma_args(vaddr: *mut u8, len: usize, iova: Option<u64>) -> Result<()> {
     let page = sys::page_size();
-    if vaddr.is_null() || len == 0 {
-        return Err(Error::invalid("DMA map needs a non-null address and a non-zero length"));
+    // The kernel's errnos: a zero length is invalid, a null address memory it cannot pin.
+    if len == 0 {
+        return Err(Error::invalid("DMA map of a zero length"));
+    }
+    if vaddr.is_null() {
+        return Err(Error::new(libc::EFAULT, "DMA map of a null address"));
     }
     if vaddr as usize % page != 0 || len % page != 0 || iova.is_some_and(|i| i % page as u64 != 0) {
         return Err(Error::invalid(format!(

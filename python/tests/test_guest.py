@@ -215,8 +215,11 @@ def test_explicit_iommu_map_unmap(edu):
         assert any(r.start <= iova <= r.last for r in ranges)
         with pytest.raises(OSError):  # overlapping an existing mapping
             iommu.map(memory, 4096, 0x100000)
-        iommu.unmap(0x100000)
-        iommu.unmap(iova)
+        with pytest.raises(OSError) as e:  # cutting through the 2-page mapping
+            iommu.unmap(0x100000, 4096)
+        assert e.value.errno in (errno.EINVAL, errno.ENOENT) and "cuts through" in str(e.value)
+        assert iommu.unmap(0x100000) == 2 * 4096
+        assert iommu.unmap(iova) == 4096
         with pytest.raises(TypeError, match="writable buffer"):
             iommu.map(b"x" * 4096, None, 0x200000)
         buf = iommu.alloc(100)

@@ -471,14 +471,18 @@ class Iommu(_Closing):
         self._maps[iova.value] = (length, keep)
         return iova.value
 
-    def unmap(self, iova: int, length: Optional[int] = None) -> None:
-        """Removes the mapping made at `iova` (length: as mapped here, unless given)."""
+    def unmap(self, iova: int, length: Optional[int] = None) -> int:
+        """Removes every mapping lying wholly in [iova, iova+length) (length: that of the
+        mapping made at `iova` here, unless given); returns the bytes unmapped."""
         if length is None:
             if iova not in self._maps:
                 raise ValueError(f"nothing mapped at {iova:#x} through this object: give the length")
             length = self._maps[iova][0]
-        _lib.vfiokit_dma_unmap(self._handle(), iova, length)
-        self._maps.pop(iova, None)
+        unmapped = c_uint64()
+        _lib.vfiokit_dma_unmap_range(self._handle(), iova, length, byref(unmapped))
+        for at in [at for at in self._maps if iova <= at < iova + length]:
+            del self._maps[at]
+        return unmapped.value
 
     def unmap_all(self) -> int:
         """Removes every mapping made by map/map_any (DMA buffers stay); returns the bytes."""

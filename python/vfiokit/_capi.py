@@ -135,6 +135,7 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_dma_map": (c_int, [_iommu, c_void_p, c_size_t, c_uint64], _check_int),
     "vfiokit_dma_map_any": (c_int, [_iommu, c_void_p, c_size_t, POINTER(c_uint64)], _check_int),
     "vfiokit_dma_unmap": (c_int, [_iommu, c_uint64, c_size_t], _check_int),
+    "vfiokit_dma_unmap_range": (c_int, [_iommu, c_uint64, c_size_t, POINTER(c_uint64)], _check_int),
     "vfiokit_dma_unmap_all": (c_int, [_iommu, POINTER(c_uint64)], _check_int),
     "vfiokit_dma_alloc": (c_int, [_iommu, c_size_t, POINTER(c_void_p), POINTER(c_uint64)], _check_int),
     "vfiokit_dma_free": (c_int, [_iommu, c_void_p], _check_int),

@@ -143,7 +143,10 @@ pub unsafe extern "C" fn vfiokit_dma_map_any(
     })
 }
 
-/// Removes the mapping made at `iova` with length `len`.
+/// Removes every mapping lying wholly in `[iova, iova+len)` (the one made at `iova` with
+/// length `len`, or several), as the kernel's unmap does. Refused, with nothing unmapped, where
+/// the range cuts through a mapping (`-EINVAL` on type1 kinds, `-ENOENT` on iommufd ones),
+/// holds none (`-ENOENT`) or holds a DMA buffer's mapping (`-EBUSY`).
 ///
 /// # Safety
 /// `iommu` must be NULL or a live context.
@@ -154,7 +157,25 @@ pub unsafe extern "C" fn vfiokit_dma_unmap(
     len: usize,
 ) -> c_int {
     // SAFETY: forwarded from the caller.
-    call(|| unsafe { self::iommu(iommu) }?.unmap(iova, len))
+    call(|| unsafe { self::iommu(iommu) }?.unmap(iova, len).map(drop))
+}
+
+/// `vfiokit_dma_unmap`, and `*unmapped` (if not NULL) gets the number of bytes unmapped.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context; `unmapped` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_unmap_range(
+    iommu: *mut vfiokit_iommu,
+    iova: u64,
+    len: usize,
+    unmapped: *mut u64,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        let bytes = unsafe { self::iommu(iommu) }?.unmap(iova, len)?;
+        put_if_asked(unmapped, bytes)
+    })
 }
 
 /// Removes every mapping made by `vfiokit_dma_map*` and `vfiokit_dma_map_any*` (buffers from
@@ -171,12 +192,17 @@ pub unsafe extern "C" fn vfiokit_dma_unmap_all(
     call(|| {
         // SAFETY: forwarded from the caller.
         let bytes = unsafe { self::iommu(iommu) }?.unmap_all()?;
-        if !unmapped.is_null() {
-            // SAFETY: checked non-null; valid for a write per the contract.
-            unsafe { put(unmapped, "unmapped", bytes) }?;
-        }
-        Ok(())
+        put_if_asked(unmapped, bytes)
     })
+}
+
+/// Writes a byte count to `unmapped` unless it is NULL (the count is optional).
+fn put_if_asked(unmapped: *mut u64, bytes: u64) -> Result<()> {
+    if !unmapped.is_null() {
+        // SAFETY: checked non-null; valid for a write per the callers' contracts.
+        unsafe { put(unmapped, "unmapped", bytes) }?;
+    }
+    Ok(())
 }
 
 /// Allocates zeroed, page-rounded memory mapped for DMA; returns its address and IOVA.

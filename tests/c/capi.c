@@ -115,6 +115,7 @@ static void null_arguments(void)
 	FAILS(vfiokit_dma_map_any(NULL, buf, 4096, &u64), EINVAL);
 	FAILS(vfiokit_dma_unmap(NULL, 0x10000, 4096), EINVAL);
 	FAILS(vfiokit_dma_unmap_all(NULL, &u64), EINVAL);
+	FAILS(vfiokit_dma_unmap_range(NULL, 0x10000, 4096, &u64), EINVAL);
 	FAILS(vfiokit_dma_alloc(NULL, 4096, &p, &u64), EINVAL);
 	FAILS(vfiokit_dma_free(NULL, buf), EINVAL);
 
@@ -175,7 +176,7 @@ static void with_edu(void)
 	uint32_t u32 = 0xdeadbeef, cap = 0;
 	uint64_t u64 = 0, iova = 0;
 	void *bar0 = NULL, *p = NULL, *buf = NULL;
-	int fd = -1, fds[2];
+	int fd = -1, fds[2], rc;
 	char small[16];
 
 	CHECK(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, &io) == 0);
@@ -277,6 +278,16 @@ static void with_edu(void)
 	CHECK(vfiokit_dma_unmap_all(io, &u64) == 0 && u64 == 8192); /* the two maps, not the buffer */
 	CHECK(vfiokit_dma_unmap_all(io, NULL) == 0);
 	FAILS(vfiokit_dma_unmap(io, 0x7000000, 4096), ENOENT);
+	/* A range unmap takes the mappings wholly inside it and says how much; one ending inside a
+	 * mapping is refused with the kernel's errno (type1 wants whole pages: -EINVAL; iommufd
+	 * refuses to cut a mapping: -ENOENT), and nothing is unmapped. */
+	CHECK(vfiokit_dma_map(io, buf, 4096, 0x7000000) == 0 && vfiokit_dma_map(io, buf, 4096, 0x7002000) == 0);
+	u64 = 7;
+	CHECK(vfiokit_dma_unmap_range(io, 0x7001000, 4096, &u64) == -ENOENT && u64 == 7); /* the gap */
+	rc = vfiokit_dma_unmap_range(io, 0x7000000, 0x2800, &u64);
+	CHECK(rc == (vfiokit_iommu_kind(io) == VFIOKIT_IOMMU_IOMMUFD ? -ENOENT : -EINVAL) && u64 == 7);
+	CHECK(vfiokit_dma_unmap_range(io, 0x6fff000, 0x5000, &u64) == 0 && u64 == 8192);
+	FAILS(vfiokit_dma_unmap_range(io, iova, 4096, NULL), EBUSY); /* the buffer's */
 	CHECK(vfiokit_dma_free(io, buf) == 0);
 	FAILS(vfiokit_dma_free(io, buf), EINVAL);
 

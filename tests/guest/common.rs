@@ -135,3 +135,8 @@ pub fn raw_type1_unmap(fd: i32, iova: u64, size: u64) -> (i32, i32, u64) {
     let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
     (rc, errno, u64::from_ne_bytes(unmap[16..24].try_into().unwrap()))
 }
+
+/// A call's result as the C API would return it: 0, or the errno.
+pub fn rc<T>(r: vfiokit::Result<T>) -> i32 {
+    r.map_or_else(|e| e.errno(), |_| 0)
+}

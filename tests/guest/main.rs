@@ -3,6 +3,7 @@
 
 mod common;
 mod equivalence;
+mod fidelity;
 mod harness;
 
 use std::ptr::NonNull;
@@ -41,7 +42,8 @@ const CASES: &[harness::Case] = &[
     ("iova_ranges_and_mapping_rules", iova_ranges_and_mapping_rules),
     ("edu_dma_round_trip", edu_dma_round_trip),
     ("type1_v1_and_iommufd_compat_kinds", type1_v1_and_iommufd_compat_kinds),
-    ("dma_map_errors_are_the_kernels", dma_map_errors_are_the_kernels),
+    ("dma_errors_are_the_kernels", fidelity::dma_errors_are_the_kernels),
+    ("region_and_irq_errors_are_the_kernels", fidelity::region_and_irq_errors_are_the_kernels),
     ("dma_to_unmapped_iova_does_not_reach_memory", dma_to_unmapped_iova_does_not_reach_memory),
     ("readonly_dma_memory_is_not_written", readonly_dma_memory_is_not_written),
     ("p2p_dma_through_another_devices_bar", p2p_dma_through_another_devices_bar),
@@ -632,7 +634,7 @@ fn iova_ranges_and_mapping_rules() {
         fails(iommu.map(mem, page, msi_window), libc::EINVAL, &["outside the valid IOVA ranges"]);
         fails(iommu.map(mem.add(1), page, 0x100_0000), libc::EINVAL, &["multiples"]);
         fails(iommu.map(mem, 100, 0x100_0000), libc::EINVAL, &["multiples"]);
-        fails(iommu.map(std::ptr::null_mut(), page, 0x100_0000), libc::EINVAL, &["non-null"]);
+        fails(iommu.map(std::ptr::null_mut(), page, 0x100_0000), libc::EFAULT, &["null address"]);
         iommu.map(mem, page, 0x100_0000).unwrap();
         let any = iommu.map_any(mem, page).unwrap();
         assert_ne!(any, 0x100_0000);
@@ -719,92 +721,6 @@ fn type1_v1_and_iommufd_compat_kinds() {
         drop(d);
         drop(iommu);
     }
-}
-
-/// Where vfiokit refuses a DMA map before the kernel sees it, its errno is the kernel's for the
-/// same mistake: each mistake is also made with raw ioctls on the same kernel object (the
-/// context's container or IOAS) and the errnos compared.
-fn dma_map_errors_are_the_kernels() {
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
-    let _d = open_in("EDU", &iommu);
-    let page = 4096u64;
-    let (buf, iova) = iommu.alloc(2 * page as usize).unwrap();
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&iommu.fd().unwrap());
-    let errno = |rc: i32| match rc {
-        0 => 0,
-        _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-    };
-    // On iommufd, the context's own IOAS: a fresh one would have no device, hence no alignment.
-    let ioas = iommu.ioas_id();
-    let raw_map = |at: u64, len: u64| -> i32 {
-        let va = buf.as_ptr() as u64;
-        let rc = match ioas {
-            // IOMMU_IOAS_MAP: size, flags (FIXED_IOVA | WRITEABLE | READABLE), ioas, 0, va, length, iova
-            Some(id) => {
-                let mut map = [0u8; 40];
-                map[0..4].copy_from_slice(&40u32.to_ne_bytes());
-                map[4..8].copy_from_slice(&7u32.to_ne_bytes());
-                map[8..12].copy_from_slice(&id.to_ne_bytes());
-                map[16..24].copy_from_slice(&va.to_ne_bytes());
-                map[24..32].copy_from_slice(&len.to_ne_bytes());
-                map[32..40].copy_from_slice(&at.to_ne_bytes());
-                // SAFETY: a struct iommu_ioas_map of the size given in it; va is our buffer.
-                unsafe { libc::ioctl(fd, 0x3b85 as _, map.as_mut_ptr()) }
-            }
-            // VFIO_IOMMU_MAP_DMA: argsz, flags (READ | WRITE), vaddr, iova, size
-            None => {
-                let mut map = [0u8; 32];
-                map[0..4].copy_from_slice(&32u32.to_ne_bytes());
-                map[4..8].copy_from_slice(&3u32.to_ne_bytes());
-                map[8..16].copy_from_slice(&va.to_ne_bytes());
-                map[16..24].copy_from_slice(&at.to_ne_bytes());
-                map[24..32].copy_from_slice(&len.to_ne_bytes());
-                // SAFETY: a struct vfio_iommu_type1_dma_map of its argsz; vaddr is our buffer.
-                unsafe { libc::ioctl(fd, 0x3b71 as _, map.as_mut_ptr()) }
-            }
-        };
-        errno(rc)
-    };
-    let ours = |at: u64, len: u64| -> i32 {
-        // SAFETY: our buffer, which stays mapped for the test; no map here succeeds.
-        unsafe { iommu.map(buf.as_ptr(), len as usize, at) }.map_or_else(|e| e.errno(), |()| 0)
-    };
-    // A free IOVA for the raw maps (on type1 the same container holds vfiokit's mappings).
-    let free = 0x4000_0000u64;
-    assert_eq!(raw_map(free, page), 0, "the raw map works");
-    let cases = [
-        (
-            "range past 2^64",
-            ours(u64::MAX - page + 1, 2 * page),
-            raw_map(u64::MAX - page + 1, 2 * page),
-        ),
-        ("overlap", ours(iova, page), raw_map(free, page)),
-        ("misaligned IOVA", ours(free + 2 * page + 1, page), raw_map(free + 2 * page + 1, page)),
-    ];
-    for (what, vfiokit, kernel) in cases {
-        assert_ne!(kernel, 0, "{what}: the kernel took it");
-        assert_eq!(strerror(vfiokit), strerror(kernel), "{what} on {:?}", iommu.kind());
-    }
-    // The raw map undone, so the context is as vfiokit left it.
-    let rc = match ioas {
-        // IOMMU_IOAS_UNMAP: size, ioas, iova, length
-        Some(id) => {
-            let mut unmap = [0u8; 24];
-            unmap[0..4].copy_from_slice(&24u32.to_ne_bytes());
-            unmap[4..8].copy_from_slice(&id.to_ne_bytes());
-            unmap[8..16].copy_from_slice(&free.to_ne_bytes());
-            unmap[16..24].copy_from_slice(&page.to_ne_bytes());
-            // SAFETY: a struct iommu_ioas_unmap of the size given in it.
-            unsafe { libc::ioctl(fd, 0x3b86 as _, unmap.as_mut_ptr()) }
-        }
-        None => raw_type1_unmap(fd, free, page).0,
-    };
-    assert_eq!(rc, 0, "undoing the raw map");
-    iommu.free(buf.as_ptr()).unwrap();
-}
-
-fn strerror(e: i32) -> String {
-    format!("{} ({e})", std::io::Error::from_raw_os_error(e))
 }
 
 fn dma_to_unmapped_iova_does_not_reach_memory() {

@@ -137,7 +137,11 @@ const _: () = assert!(
 /// with the fds its server sent to mmap regions from (by region index).
 enum Io {
     Kernel(OwnedFd),
-    User { client: Arc<Client>, region_fds: Vec<Option<OwnedFd>> },
+    /// `region_fds`: by region, the fds its areas are mapped from (see [`Io::mmap_source`]).
+    User {
+        client: Arc<Client>,
+        region_fds: Vec<Vec<OwnedFd>>,
+    },
 }
 
 /// The name prefix of devices served over vfio-user: `vfio-user:<socket path>`.
@@ -169,11 +173,11 @@ impl Io {
             },
             Io::User { client, region_fds } => {
                 let answer = client.region_info(i);
-                let (reply, fd) = match answer {
-                    Err(e) if e.errno() == libc::EINVAL => (None, None),
-                    other => other.map(|(reply, fd)| (Some(reply), fd))?,
+                let (reply, fds) = match answer {
+                    Err(e) if e.errno() == libc::EINVAL => (None, Vec::new()),
+                    other => other.map(|(reply, fds)| (Some(reply), fds))?,
                 };
-                region_fds.push(fd);
+                region_fds.push(fds);
                 match reply {
                     Some(reply) => reply,
                     None => return Ok(Default::default()),
@@ -199,13 +203,16 @@ impl Io {
         }
     }
 
-    /// The fd and offset to mmap region `r`'s areas from.
-    fn mmap_source(&self, r: &Region) -> Option<BorrowedFd<'_>> {
+    /// The fd to mmap area `area` of region `r` from: the device fd, or what the server sent
+    /// with the region's information (one fd for every area, or one per area).
+    fn mmap_source(&self, r: &Region, area: usize) -> Option<BorrowedFd<'_>> {
         match self {
             Io::Kernel(fd) => Some(fd.as_fd()),
-            Io::User { region_fds, .. } => {
-                region_fds.get(r.index as usize)?.as_ref().map(AsFd::as_fd)
-            }
+            Io::User { region_fds, .. } => match region_fds.get(r.index as usize)?.as_slice() {
+                [one] => Some(one.as_fd()),
+                per_area if per_area.len() == r.num_areas as usize => Some(per_area[area].as_fd()),
+                _ => None,
+            },
         }
     }
 
@@ -490,15 +497,18 @@ impl Device {
             let what = || format!("mapping {} region {}", self.address, r.index);
             let page = sys::page_size();
             let len = (r.size as usize).next_multiple_of(page);
-            let source = self.io.mmap_source(r).ok_or_else(|| {
-                Error::new(
-                    libc::EPROTO,
-                    format!(
-                        "{}: the server sent no fd to map region {} from",
-                        self.address, r.index
-                    ),
-                )
-            })?;
+            let sources = (0..r.num_areas as usize)
+                .map(|i| self.io.mmap_source(r, i))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    Error::new(
+                        libc::EPROTO,
+                        format!(
+                            "{}: the server sent no fd, or not one per area, to map region {} from",
+                            self.address, r.index
+                        ),
+                    )
+                })?;
             let base = mem::reserve(len).context(what)?;
             let areas = self.region_areas(r);
             let whole = match areas {
@@ -512,7 +522,7 @@ impl Device {
                 .iter()
                 .filter(|(f, _)| r.flags & f != 0)
                 .fold(0, |p, (_, bit)| p | bit);
-            for a in areas {
+            for (a, source) in areas.iter().zip(sources) {
                 // SAFETY: base..base+len is our reservation; the area lies inside the region.
                 let at = unsafe { base.add(a.offset as usize) };
                 // SAFETY: the range is inside our fresh reservation.

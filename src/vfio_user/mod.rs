@@ -332,20 +332,21 @@ impl Client {
     }
 
     /// DEVICE_GET_REGION_INFO: the whole reply (asked again with room for it when the first
-    /// says it is larger) and the fd to mmap the region's areas from, if the server sent one.
-    pub(crate) fn region_info(&self, index: u32) -> Result<(Vec<u8>, Option<OwnedFd>)> {
+    /// says it is larger) and the fds to mmap the region's areas from: one for them all, or
+    /// (libvfio-user) one per sparse area.
+    pub(crate) fn region_info(&self, index: u32) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
         let mut argsz = 32;
         loop {
             let reply = self.request(
                 proto::DEVICE_GET_REGION_INFO,
                 &[&proto::region_info(index, argsz)],
                 &[],
-                1,
+                MAX_MSG_FDS as usize,
             )?;
             let needed =
                 proto::region_info_argsz(&reply.payload).map_err(|e| self.protocol_error(e))?;
             if needed <= argsz || reply.payload.len() >= needed as usize {
-                return Ok((reply.payload, reply.fds.into_iter().next()));
+                return Ok((reply.payload, reply.fds));
             }
             if argsz > 32 || needed > MESSAGE_SLACK {
                 return Err(self.protocol_error(format!(

@@ -1,6 +1,8 @@
 //! vfiokit driving devices served over vfio-user: a device model behind rust-vmm's server
-//! (model.rs), and scripted servers that break the protocol. On the host: no root, no IOMMU.
+//! (model.rs, edu to a driver), libvfio-user's sample servers (libvfio_user.rs), and scripted
+//! servers that break the protocol. On the host: no root, no IOMMU.
 
+mod libvfio_user;
 mod model;
 mod scripted;
 

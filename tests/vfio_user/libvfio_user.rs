@@ -1,0 +1,144 @@
+//! vfiokit against libvfio-user's own sample servers, an implementation of the protocol that
+//! shares no code with vfiokit or rust-vmm: `server` (two sparse areas, so the client must take
+//! two fds a message; DMA by DMA_WRITE/DMA_READ messages right after an INTx) and
+//! `gpio-pci-idio-16`. tests/vfio_user/libvfio-user builds them from Debian's qemu source
+//! package and caches them; a test fails (never skips) when they cannot be had.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vfiokit::pci::{DEVICE_PCI, DEVICE_RESET};
+use vfiokit::{Device, irq};
+
+use crate::{anonymous, setup, socket_path};
+
+/// The directory holding the sample binaries (built on first use).
+fn samples() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vfio_user/libvfio-user");
+    let out = Command::new(&script).stderr(Stdio::inherit()).output().expect("run libvfio-user");
+    assert!(
+        out.status.success(),
+        "{} failed: cannot build libvfio-user's samples",
+        script.display()
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A sample serving at a fresh socket, and what it has written to stderr so far (where
+/// `server -v` logs; drained by a thread so the sample never blocks on a full pipe).
+fn start(sample: &str, args: &[&str], name: &str) -> (Child, PathBuf, Arc<Mutex<String>>) {
+    let path = socket_path(name);
+    let mut child = Command::new(samples().join(sample))
+        .args(args)
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {sample}: {e}"));
+    let log = Arc::new(Mutex::new(String::new()));
+    let (mut stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut chunk) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{sample} did not make its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, path, log)
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Polls `ready` every 10 ms for up to 10 s (the server acts on its own timer).
+fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn libvfio_user_server_sample() {
+    let _serial = setup();
+    let (mut server, path, log) = start("server", &["-v"], "lvu-server");
+    let dev = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap();
+    let info = dev.info();
+    assert_eq!(info.flags & (DEVICE_PCI | DEVICE_RESET), DEVICE_PCI | DEVICE_RESET);
+    assert_eq!((info.num_regions, info.num_irqs), (10, 5));
+    assert_eq!((info.vendor_id, info.device_id), (0xdead, 0xbeef));
+    assert_eq!((info.subsystem_vendor_id, info.subsystem_id), (0xcafe, 0xbabe));
+    // BAR0: 8 bytes, the server's clock, behind messages.
+    let bar0 = dev.regions()[0];
+    assert_eq!((bar0.size, bar0.num_areas), (8, 0));
+    let clock = dev.read_reg::<u64>(0, 0).unwrap() as i64;
+    assert!((clock - now()).abs() <= 5, "BAR0 reads {clock}, the time is {}", now());
+    // BAR1: two sparse areas with a hole, sent as two fds in one reply.
+    let bar1 = dev.regions()[1];
+    let areas: Vec<_> = dev.areas()[bar1.first_area as usize..][..bar1.num_areas as usize]
+        .iter()
+        .map(|a| (a.offset, a.size))
+        .collect();
+    assert_eq!((bar1.size, areas), (0x3000, vec![(0, 0x1000), (0x2000, 0x1000)]));
+    // Written by messages (the server keeps the offset), then read through the mapping.
+    dev.write_reg::<u32>(1, 0, 0x1234_5678).unwrap();
+    dev.write_reg::<u32>(1, 0x2004, 0x9abc_def0).unwrap();
+    let base = dev.map(1).unwrap().as_ptr();
+    // SAFETY: inside the two areas of the mapping.
+    let mapped = unsafe {
+        (base.cast::<u32>().read_volatile(), base.add(0x2004).cast::<u32>().read_volatile())
+    };
+    assert_eq!(mapped, (0x1234_5678, 0x9abc_def0), "both areas share the server's memory");
+    let irqs: Vec<_> = dev.irqs().iter().map(|i| i.count).collect();
+    assert_eq!(irqs, [1, 0, 0, 1, 1], "INTx, MSI, MSI-X, ERR, REQ");
+    // DMA: two pages without an fd. When the timer set through BAR0 fires, the server raises
+    // INTx, then writes its first mapping's first page with 'A' by DMA_WRITE and reads it back
+    // by DMA_READ (it exits 1 if the two differ).
+    let mem = anonymous(8192);
+    let iova = unsafe { dev.iommu().map_any(mem, 8192) }.unwrap();
+    dev.irq_enable(irq::IRQ_INTX, 0, 1).unwrap();
+    dev.write_reg::<u64>(0, 0, (now() + 2) as u64).unwrap();
+    assert_eq!(dev.irq_wait(irq::IRQ_INTX, 0, 10_000).unwrap(), 1);
+    // SAFETY: our pages; the server writes them through vfiokit's receiver thread.
+    let page = |i: usize| unsafe { std::slice::from_raw_parts(mem.add(i * 4096), 4096) }.to_vec();
+    until("the server's DMA_WRITE", || page(0).iter().all(|&b| b == b'A'));
+    assert!(page(1).iter().all(|&b| b == 0), "the second page is untouched");
+    // The sample takes no request while it waits for a DMA reply (a request then makes it exit
+    // 1): its log names the read just before it asks, and the receiver answers at once.
+    until("the server's DMA_READ", || log.lock().unwrap().contains("do_dma_io: READ"));
+    std::thread::sleep(Duration::from_millis(500));
+    dev.reset().unwrap();
+    assert_eq!(dev.iommu().unmap(iova, 8192).unwrap(), 8192);
+    drop(dev);
+    let status = server.wait().unwrap();
+    assert!(status.success(), "the server exited with {status} (1: the DMA read-back differed)");
+    unsafe { libc::munmap(mem.cast(), 8192) };
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn libvfio_user_gpio_sample() {
+    let _serial = setup();
+    let (mut gpio, path, _) = start("gpio-pci-idio-16", &[], "lvu-gpio");
+    let dev = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap();
+    assert_eq!((dev.info().vendor_id, dev.info().device_id), (0x494f, 0x0dc8));
+    assert_eq!(dev.regions()[2].size, 0x100);
+    // Each read of its input register advances a pin counter by a third.
+    let pins: Vec<u8> = (0..7).map(|_| dev.read_reg::<u8>(2, 0).unwrap()).collect();
+    assert_eq!(pins, [0, 0, 0, 1, 1, 1, 2]);
+    dev.write_reg::<u8>(2, 0, 1).unwrap();
+    dev.reset().unwrap();
+    drop(dev);
+    // It serves clients forever.
+    gpio.kill().unwrap();
+    gpio.wait().unwrap();
+    let _ = std::fs::remove_file(&path);
+}

@@ -14,7 +14,8 @@
  *   - counts checked at the end: every interrupt raised was seen exactly once.
  * Failures print vfiokit_last_error() and exit 1; a wrong count or result exits 2.
  *
- * Usage: edu-threads [PCI-ADDRESS]   (default: the first 1234:11e8 device bound to vfio-pci) */
+ * Usage: edu-threads [PCI-ADDRESS | vfio-user:SOCKET]   (default: the first 1234:11e8 device
+ * bound to vfio-pci) */
 #define _DEFAULT_SOURCE
 #define EXAMPLE "edu-threads"
 #include "example.h"

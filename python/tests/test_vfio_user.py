@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -15,16 +16,21 @@ import pytest
 
 import vfiokit
 
-ID, REG_RAISE, REG_DMA_SRC, REG_DMA_DST, REG_DMA_LEN, REG_DMA_START, REG_DMA_ERROR = (
-    0x010000ED, 0x10, 0x80, 0x88, 0x90, 0x98, 0xA0)
+import test_guest
+from conftest import cli
+
+# The model is edu to a driver (DMA through its buffer at 0x40000), plus an MSI-X raise register.
+ID, REG_IRQ_ACK, REG_RAISE_MSIX, REG_DMA_ERROR = 0x010000ED, 0x64, 0x108, 0x120
+REG_DMA_SRC, REG_DMA_DST, REG_DMA_COUNT, REG_DMA_CMD, BUFFER = 0x80, 0x88, 0x90, 0x98, 0x40000
+DMA_START, DMA_TO_RAM, DMA_IRQ, IRQ_DMA = 0x1, 0x2, 0x4, 0x100
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def serving(socket: Path) -> Iterator[str]:
+    """The model serving one connection at `socket`; yields the device's name."""
     program = os.environ.get("VFIOKIT_VFIO_USER_MODEL")
     if not program:
         pytest.fail("VFIOKIT_VFIO_USER_MODEL is not set: python/run-tests builds and names the model server")
-    socket = tmp_path / "model.sock"
     server = subprocess.Popen([program, str(socket)])
     deadline = time.monotonic() + 10
     while not socket.exists():
@@ -33,6 +39,12 @@ def model(tmp_path: Path) -> Iterator[str]:
         time.sleep(0.01)
     yield f"vfio-user:{socket}"
     assert server.wait(timeout=10) == 0
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Iterator[str]:
+    with serving(tmp_path / "model.sock") as name:
+        yield name
 
 
 def test_records_and_registers(model: str) -> None:
@@ -54,13 +66,51 @@ def test_records_and_registers(model: str) -> None:
 def test_msix_and_dma(model: str) -> None:
     with vfiokit.Device(model) as dev, dev.irq(vfiokit.IRQ_MSIX, 0, 4) as irq:
         bar0 = dev.region(0)
-        bar0.write32(REG_RAISE, 3)
+        bar0.write32(REG_RAISE_MSIX, 3)
         assert irq.wait(timeout=2, vector=3) == 1
         src, dst = dev.iommu.alloc(4096), dev.iommu.alloc(4096)
         src.mem[:4] = b"vfio"
-        for reg, value in ((REG_DMA_SRC, src.iova), (REG_DMA_DST, dst.iova), (REG_DMA_LEN, 4096), (REG_DMA_START, 1)):
-            bar0.write64(reg, value)
-        assert irq.wait(timeout=2, vector=0) == 1
-        assert bar0.read64(REG_DMA_ERROR) == 0
+        for frm, to, cmd in ((src.iova, BUFFER, 0), (BUFFER, dst.iova, DMA_TO_RAM)):
+            for reg, value in ((REG_DMA_SRC, frm), (REG_DMA_DST, to), (REG_DMA_COUNT, 4096),
+                               (REG_DMA_CMD, cmd | DMA_START | DMA_IRQ)):
+                bar0.write64(reg, value)
+            assert irq.wait(timeout=2, vector=0) == 1
+            bar0.write32(REG_IRQ_ACK, IRQ_DMA)
+            assert bar0.read64(REG_DMA_ERROR) == 0
         assert bytes(dst.mem[:4]) == b"vfio"
         assert dev.iommu.translate(dst.mem[4:8]) == dst.iova + 4
+
+
+def test_cli(tmp_path: Path) -> None:
+    """`python -m vfiokit info|peek|poke vfio-user:SOCKET`, one model per command."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        with serving(tmp_path / "cli.sock") as name:
+            return cli(*(name if a == "DEV" else a for a in args))
+    r = run("info", "DEV")
+    assert r.returncode == 0, r.stderr
+    assert "vfio-user DMA context" in r.stdout and "area: region 2 offset 0x8000 size 0x8000" in r.stdout
+    assert "MSIX             4" in r.stdout, r.stdout
+    r = run("peek", "DEV", "bar0", "0")
+    assert (r.returncode, r.stdout) == (0, "0x010000ed\n"), r.stderr
+    assert run("peek", "DEV", "config", "2", "16").stdout == "0x11e8\n"
+    assert run("poke", "DEV", "bar2", "0x8000", "0x11111111").returncode == 0
+    r = run("peek", "DEV", "bar0", "0xff0")
+    assert r.returncode == 1 and r.stderr.startswith("vfiokit: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+# The guest suite's edu tests that need nothing of the kernel, run unchanged on the model.
+EDU_TESTS: list[Callable[[str], None]] = [
+    test_guest.test_caller_eventfds,
+    test_guest.test_edu_msi,
+    lambda edu: test_guest.test_close_from_another_thread_ends_a_wait(edu, "irq"),
+    lambda edu: test_guest.test_close_from_another_thread_ends_a_wait(edu, "device"),
+    test_guest.test_edu_dma_round_trip,
+    test_guest.test_translate_and_readonly,
+]
+
+
+@pytest.mark.parametrize("test", EDU_TESTS, ids=["caller_eventfds", "edu_msi", "close_irq_ends_a_wait",
+                                                 "close_device_ends_a_wait", "edu_dma_round_trip",
+                                                 "translate_and_readonly"])
+def test_guest_edu_tests_on_the_model(model: str, test: Callable[[str], None]) -> None:
+    test(model)

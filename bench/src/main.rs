@@ -3,8 +3,10 @@
 //! pci-driver (peers.rs), interleaved round by round in one process (stats.rs). Operation 6
 //! (bookkeeping.rs: the IOVA allocator and the translation map alone) needs no device and runs
 //! on the host. Operation 7 is DMA map + unmap with up to 100k mappings live in the context.
+//! Operation 8 (vfio_user.rs) is vfio-user round trips on the host, against hand-written
+//! messages on a raw socket, each side driving its own instance of the test device model.
 //!
-//!     vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6,7] [--rounds N] [--quick] [--out FILE]
+//!     vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6,7,8] [--rounds N] [--quick] [--out FILE]
 //!     vfiokit-bench --merge OUT FILE...      merge results files into OUT and print the table
 //!
 //! Runs in the test guest (tests/vm/run; bench/run does it all). Device addresses come from
@@ -17,6 +19,7 @@ mod peers;
 mod raw;
 mod sketch;
 mod stats;
+mod vfio_user;
 
 use std::cell::RefCell;
 use std::hint::black_box;
@@ -82,7 +85,7 @@ fn main() {
             "--out" => o.out = val(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6,7] [--rounds N] [--quick] [--out FILE]"
+                    "usage: vfiokit-bench [--backend type1|iommufd] [--ops 1,2,3,4,5,6,7,8] [--rounds N] [--quick] [--out FILE]"
                 );
                 println!("       vfiokit-bench --merge OUT FILE...");
                 return;
@@ -93,8 +96,8 @@ fn main() {
     if o.quick && !args.iter().any(|a| a == "--rounds") {
         o.rounds = 3;
     }
-    // Operation 6 alone runs on the host, with no backend.
-    let host_only = o.ops.iter().all(|&op| op == 6);
+    // Operations 6 and 8 run on the host, with no kernel backend.
+    let host_only = o.ops.iter().all(|&op| op == 6 || op == 8);
     let b = if host_only { "host" } else { o.backend.name() };
     eprintln!(
         "bench: backend {b}, ops {:?}, {} rounds{}",
@@ -112,7 +115,8 @@ fn main() {
             5 => op_irq(&o),
             6 => bookkeeping::op_bookkeeping(&o),
             7 => op_dma_at_scale(&o),
-            _ => panic!("no operation {op} (1..7)"),
+            8 => vfio_user::op_vfio_user(&o),
+            _ => panic!("no operation {op} (1..8)"),
         };
         print!("{}", stats::table(&f));
         figures.extend(f);

@@ -75,6 +75,12 @@ impl IommuKind {
         matches!(self, IommuKind::Iommufd | IommuKind::IommufdCompat | IommuKind::IommufdCompatV1)
     }
 
+    /// The kernel's errno for a DMA range past 2^64: no valid range to type1, an overflow to
+    /// iommufd.
+    fn wraps_errno(self) -> i32 {
+        if self.is_iommufd() { libc::EOVERFLOW } else { libc::EINVAL }
+    }
+
     /// Resolves an `IOMMU_*` code; AUTO consults `VFIOKIT_IOMMU`, then the kernel.
     pub fn resolve(code: u32) -> Result<IommuKind> {
         match code {
@@ -548,11 +554,10 @@ impl Iommu {
     ) -> Result<()> {
         check_dma_args(vaddr, len, Some(iova))?;
         let writable = map_permission(flags)?;
-        // The kernel's errnos for the same mistakes: a range past 2^64 is no valid range to
-        // type1 (EINVAL) and an overflow to iommufd; an overlap is EEXIST to both.
+        // The kernel's errnos for the same mistakes (an overlap is EEXIST to both).
         if iova.checked_add(len as u64 - 1).is_none() {
             return Err(Error::new(
-                if self.kind().is_iommufd() { libc::EOVERFLOW } else { libc::EINVAL },
+                self.kind().wraps_errno(),
                 format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: the range wraps past 2^64"),
             ));
         }
@@ -689,10 +694,7 @@ impl Iommu {
         let Some(last) = iova.checked_add((len as u64).wrapping_sub(1)).filter(|_| len > 0) else {
             return match len {
                 0 => refuse(libc::EINVAL, "the length is zero".into()),
-                _ if kind.is_iommufd() => {
-                    refuse(libc::EOVERFLOW, "the range wraps past 2^64".into())
-                }
-                _ => refuse(libc::EINVAL, "the range wraps past 2^64".into()),
+                _ => refuse(kind.wraps_errno(), "the range wraps past 2^64".into()),
             };
         };
         // iommufd takes any byte range and answers from the mappings in it; type1 wants pages.

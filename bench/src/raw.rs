@@ -232,21 +232,10 @@ impl Ctx {
 
     /// dma_alloc's equivalent: fresh anonymous memory, mapped for DMA.
     pub fn alloc(&self, len: usize, iova: u64) -> *mut u8 {
-        // SAFETY: fresh anonymous mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert!(p != libc::MAP_FAILED, "raw: mmap");
+        let p = anonymous(len);
         // SAFETY: fresh memory, unmapped from the IOMMU before it is freed.
-        unsafe { self.map(p.cast(), len, iova) };
-        p.cast()
+        unsafe { self.map(p, len, iova) };
+        p
     }
 
     pub fn free(&self, p: *mut u8, len: usize, iova: u64) {
@@ -409,18 +398,7 @@ impl Prefaulted {
     /// `len` bytes aligned to `align`.
     pub fn new(len: usize, align: usize) -> Prefaulted {
         let raw_len = len + align;
-        // SAFETY: fresh anonymous mapping.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                raw_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert!(raw != libc::MAP_FAILED);
+        let raw = anonymous(raw_len).cast::<libc::c_void>();
         let ptr = (raw as usize).next_multiple_of(align) as *mut u8;
         for off in (0..len).step_by(4096) {
             // SAFETY: inside the mapping.
@@ -435,4 +413,21 @@ impl Drop for Prefaulted {
         // SAFETY: ours.
         unsafe { libc::munmap(self.raw, self.raw_len) };
     }
+}
+
+/// `len` bytes of fresh private anonymous memory (the caller munmaps it).
+pub fn anonymous(len: usize) -> *mut u8 {
+    // SAFETY: a fresh anonymous mapping touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(p != libc::MAP_FAILED, "raw: mmap: {}", std::io::Error::last_os_error());
+    p.cast()
 }

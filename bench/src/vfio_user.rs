@@ -215,18 +215,7 @@ pub fn op_vfio_user(o: &Opts) -> Vec<Figure> {
     ));
     // Plain memory, mapped without an fd on both sides (vfiokit sends no fd for map).
     let len = 4096usize;
-    // SAFETY: a fresh anonymous mapping, unmapped at the end.
-    let mem = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(mem, libc::MAP_FAILED);
+    let mem = crate::raw::anonymous(len);
     out.extend(run_case(
         "vfio-user DMA map+unmap 4 KiB",
         backend,
@@ -259,7 +248,7 @@ pub fn op_vfio_user(o: &Opts) -> Vec<Figure> {
             variant("vfiokit", |n| {
                 for _ in 0..n {
                     // SAFETY: our anonymous page, unmapped at once.
-                    unsafe { iommu.map(mem.cast(), len, IOVA) }.expect("vfiokit: map");
+                    unsafe { iommu.map(mem, len, IOVA) }.expect("vfiokit: map");
                     assert_eq!(iommu.unmap(IOVA, len).expect("vfiokit: unmap"), len as u64);
                 }
             }),
@@ -271,6 +260,6 @@ pub fn op_vfio_user(o: &Opts) -> Vec<Figure> {
     raw_server.join().expect("the raw client's model");
     ours_server.join().expect("vfiokit's model");
     // SAFETY: no mapping of it is left.
-    unsafe { libc::munmap(mem, len) };
+    unsafe { libc::munmap(mem.cast(), len) };
     out
 }

@@ -3,6 +3,8 @@ FAIL (never skip) when it is missing: a guest run without devices is a broken ru
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -69,3 +71,17 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m vfiokit ARGS` as a user would, with this interpreter."""
     return subprocess.run([sys.executable, "-m", "vfiokit", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=120)
+
+
+def cli_main(*args: str) -> subprocess.CompletedProcess:
+    """The CLI's main() in this process, output captured as `cli` captures it. In the guest a new
+    interpreter costs 20-30 s under TCG (its imports over 9p), so the guest tests start one
+    process to prove `python -m vfiokit` runs there and call main() for the rest."""
+    from vfiokit.__main__ import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code
+    return subprocess.CompletedProcess(["python", "-m", "vfiokit", *args], rc, out.getvalue(), err.getvalue())

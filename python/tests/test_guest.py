@@ -14,7 +14,7 @@ import pytest
 
 import vfiokit
 
-from conftest import cli, until_in_poll
+from conftest import cli, cli_main, until_in_poll
 
 pytestmark = pytest.mark.guest
 
@@ -362,7 +362,7 @@ def test_open_errors():
 # The CLI, as a user runs it.
 
 def test_cli_list(edu, nvme, ivshmem, testdev):
-    r = cli("list")
+    r = cli_main("list")
     assert r.returncode == 0, r.stderr
     lines = {line.split()[0]: line for line in r.stdout.splitlines()}
     assert "1234:11e8" in lines[edu] and "group" in lines[edu]
@@ -370,25 +370,25 @@ def test_cli_list(edu, nvme, ivshmem, testdev):
 
 
 def test_cli_info(nvme):
-    r = cli("info", nvme)
+    r = cli_main("info", nvme)
     assert r.returncode == 0, r.stderr
     assert "BAR0" in r.stdout and "16 KiB" in r.stdout and "MSIX_MAPPABLE" in r.stdout
     assert "MSIX" in r.stdout and "65" in r.stdout and "CONFIG" in r.stdout
 
 
 def test_cli_peek_poke(edu):
-    r = cli("peek", edu, "bar0", "0")
+    r = cli("peek", edu, "bar0", "0")  # the one new process: python -m vfiokit runs here
     assert (r.returncode, r.stdout) == (0, "0x010000ed\n"), r.stderr
-    assert cli("poke", edu, "0", "0x4", "0x11111111").returncode == 0
-    assert cli("peek", edu, "bar0", "4").stdout == "0xeeeeeeee\n"
-    assert cli("peek", edu, "config", "0", "16").stdout == "0x1234\n"
-    assert cli("peek", edu, "7", "0x2", "16").stdout == "0x11e8\n"
+    assert cli_main("poke", edu, "0", "0x4", "0x11111111").returncode == 0
+    assert cli_main("peek", edu, "bar0", "4").stdout == "0xeeeeeeee\n"
+    assert cli_main("peek", edu, "config", "0", "16").stdout == "0x1234\n"
+    assert cli_main("peek", edu, "7", "0x2", "16").stdout == "0x11e8\n"
 
 
 def test_cli_errors_are_one_line(edu):
     for args in (["peek", "0000:00:1f.7", "bar0", "0"], ["peek", edu, "bar0", "0x100000"],
                  ["info", "nonsense"]):
-        r = cli(*args)
+        r = cli_main(*args)
         assert r.returncode == 1, r
         assert r.stderr.startswith("vfiokit: ") and r.stderr.count("\n") == 1, r.stderr
         assert "Traceback" not in r.stderr
@@ -396,8 +396,8 @@ def test_cli_errors_are_one_line(edu):
 
 def test_cli_unbind_bind(testdev):
     driver = f"/sys/bus/pci/devices/{testdev}/driver"
-    assert cli("unbind", testdev).returncode == 0
+    assert cli_main("unbind", testdev).returncode == 0
     assert not os.path.exists(driver) or os.path.basename(os.path.realpath(driver)) != "vfio-pci"
-    r = cli("bind", testdev)
+    r = cli_main("bind", testdev)
     assert r.returncode == 0, r.stderr
     assert os.path.basename(os.path.realpath(driver)) == "vfio-pci"

@@ -213,6 +213,25 @@ typedef struct vfiokit_irq {
   uint64_t reserved[2];
 } vfiokit_irq;
 
+// A region's mapping and the rule the register accessors follow on it, for callers that take
+// the same shortcut themselves (the Python package's memoryviews). 48 bytes.
+typedef struct vfiokit_map_info {
+  // The mapping's address (what `vfiokit_region_map` and `Device::map` give).
+  void *addr;
+  // Its length: the region's size rounded up to pages.
+  uint64_t len;
+  // Accesses of 1, 2, 4 or 8 bytes aligned to their width inside `[0, direct)` go straight
+  // through the mapping, if `access` allows them; the rest go through the device. 0 when the
+  // region's mmappable areas do not cover it whole.
+  uint64_t direct;
+  // `VFIOKIT_REGION_READ` and `VFIOKIT_REGION_WRITE`: what the mapping permits (its pages'
+  // protection). A store it does not permit faults: leave it to the accessors, which refuse
+  // it with an error.
+  uint32_t access;
+  uint32_t reserved0;
+  uint64_t reserved[2];
+} vfiokit_map_info;
+
 // An inclusive IOVA range `[start, last]`, as the kernel reports valid ranges. 16 bytes.
 typedef struct vfiokit_iova_range {
   uint64_t start;
@@ -328,6 +347,16 @@ const struct vfiokit_irq *vfiokit_device_irqs(const struct vfiokit_device *dev, 
 // # Safety
 // `dev` must be NULL or live; `ptr` writable.
 int vfiokit_region_map(struct vfiokit_device *dev, uint32_t region, void **ptr);
+
+// Maps a region as `vfiokit_region_map` does and describes the mapping: its address and
+// length, and which register accesses `vfiokit_readN`/`vfiokit_writeN` make straight through it
+// (those inside `[0, direct)` that `access` permits), so a caller can do the same.
+//
+// # Safety
+// `dev` must be NULL or live; `info` writable.
+int vfiokit_region_map_info(struct vfiokit_device *dev,
+                            uint32_t region,
+                            struct vfiokit_map_info *info);
 
 // Reads `len` bytes at `off` of a region into `buf`. 1, 2, 4 or 8 bytes at an offset aligned
 // to that size are one access of that width; longer transfers use unspecified widths.

@@ -43,6 +43,29 @@ impl Mapping {
     }
 }
 
+/// A region's mapping and the rule the register accessors follow on it, for callers that take
+/// the same shortcut themselves (the Python package's memoryviews). 48 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapInfo {
+    /// The mapping's address (what `vfiokit_region_map` and `Device::map` give).
+    pub addr: *mut std::ffi::c_void,
+    /// Its length: the region's size rounded up to pages.
+    pub len: u64,
+    /// Accesses of 1, 2, 4 or 8 bytes aligned to their width inside `[0, direct)` go straight
+    /// through the mapping, if `access` allows them; the rest go through the device. 0 when the
+    /// region's mmappable areas do not cover it whole.
+    pub direct: u64,
+    /// `VFIOKIT_REGION_READ` and `VFIOKIT_REGION_WRITE`: what the mapping permits (its pages'
+    /// protection). A store it does not permit faults: leave it to the accessors, which refuse
+    /// it with an error.
+    pub access: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 2],
+}
+
+const _: () = assert!(size_of::<MapInfo>() == 48 && std::mem::offset_of!(MapInfo, access) == 24);
+
 // SAFETY: the mapping is plain memory shared with a device; access discipline is the caller's.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
@@ -490,6 +513,21 @@ impl Device {
             ));
         }
         self.mapping(r).map(|m| m.base)
+    }
+
+    /// Maps a region as [`map`](Self::map) does and says which accesses may go straight
+    /// through the mapping.
+    pub fn map_info(&self, index: u32) -> Result<MapInfo> {
+        let base = self.map(index)?;
+        let m = self.mapping(self.region(index)?)?;
+        Ok(MapInfo {
+            addr: base.as_ptr().cast(),
+            len: m.len as u64,
+            direct: m.whole,
+            access: m.access,
+            reserved0: 0,
+            reserved: [0; 2],
+        })
     }
 
     fn mapping(&self, r: &Region) -> Result<&Mapping> {

@@ -23,7 +23,9 @@ mod sys;
 mod vfio_user;
 
 pub use caps::DecodeError;
-pub use device::{Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, VFIO_USER_PREFIX, Width};
+pub use device::{
+    Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, MapInfo, VFIO_USER_PREFIX, Width,
+};
 pub use dmamap::{DmaMap, DmaMapping};
 pub use error::{Error, Result};
 pub use host::{bind, unbind};

@@ -170,8 +170,8 @@ def _reader(bits: int, ctype: Any) -> Callable[[Region, int], int]:
     def read(self: Region, offset: int) -> int:
         # Mapped in full: straight through the mapping, as the C accessor would go, without
         # the cost of a ctypes call (most of the time of a Python register access).
-        direct = self._direct
-        if direct is not None and offset % width == 0 and 0 <= offset <= self.size - width:
+        direct = self._direct_read
+        if direct is not None and offset % width == 0 and 0 <= offset <= self._direct_size - width:
             return direct[width][offset // width]
         value = ctype()
         func(self._device._handle(), self.index, offset, byref(value))
@@ -189,8 +189,8 @@ def _writer(bits: int) -> Callable[[Region, int, int], None]:
     def write(self: Region, offset: int, value: int) -> None:
         if not 0 <= value < 1 << bits:  # ctypes would silently truncate
             raise ValueError(f"{value:#x} does not fit in {bits} bits")
-        direct = self._direct
-        if direct is not None and offset % width == 0 and 0 <= offset <= self.size - width:
+        direct = self._direct_write
+        if direct is not None and offset % width == 0 and 0 <= offset <= self._direct_size - width:
             direct[width][offset // width] = value
             return
         func(self._device._handle(), self.index, offset, value)
@@ -238,8 +238,12 @@ class Region:
         self.size: int = self.info.size
         self.address: Optional[int] = None  # of the mapping, once mapped
         self._mem: Optional[memoryview] = None
-        # Once mapped, if one mmap area covers the whole region: a typed view per width.
-        self._direct: Optional[dict[int, memoryview]] = None
+        # Once mapped: the accesses the library makes straight through the mapping (as
+        # vfiokit_region_map_info says), a typed view per width for each kind it permits.
+        self._direct_size = 0
+        self._direct_read: Optional[dict[int, memoryview]] = None
+        self._direct_write: Optional[dict[int, memoryview]] = None
+        self._writable = False
 
     read8, read16, read32, read64 = (_reader(8, c_uint8), _reader(16, c_uint16),
                                      _reader(32, c_uint32), _reader(64, c_uint64))
@@ -257,7 +261,8 @@ class Region:
 
     @property
     def mem(self) -> memoryview:
-        """A writable memoryview over the whole mapping (mmappable regions, after map()).
+        """A memoryview over the whole mapping (mmappable regions, after map()), read-only
+        where the region is (a store would fault).
 
         Valid while the device is open: close() releases it (slices of it must not outlive
         the device). Plain loads and stores, so register widths are up to the caller.
@@ -267,19 +272,23 @@ class Region:
                              f"use dev.map({self.index}), or the read/write accessors")
         self._device._handle()
         if self._mem is None:
-            self._mem = _view(self.address, self.size, self)
+            view = _view(self.address, self.size, self)
+            self._mem = view if self._writable else view.toreadonly()
         return self._mem
 
-    def _mapped(self, address: int) -> None:
-        self.address = address
-        areas = self._device.areas[self.info.first_area:self.info.first_area + self.info.num_areas]
-        if len(areas) == 1 and areas[0].offset == 0 and areas[0].size == self.size:
-            self._direct = {w: self.mem[:self.size - self.size % w].cast(f) for w, f in _FORMATS.items()}
+    def _mapped(self, info: _capi.vfiokit_map_info) -> None:
+        self.address = info.addr
+        self._writable = bool(info.access & REGION_WRITE)
+        size = self._direct_size = info.direct
+        if size:
+            views = {w: self.mem[:size - size % w].cast(f) for w, f in _FORMATS.items()}
+            self._direct_read = views if info.access & REGION_READ else None
+            self._direct_write = views if info.access & REGION_WRITE else None
 
     def _release(self) -> None:
-        for view in (self._direct or {}).values():
+        for view in (self._direct_read or self._direct_write or {}).values():
             view.release()
-        self._direct = None
+        self._direct_read = self._direct_write = None
         if self._mem is not None:
             self._mem.release()
             self._mem = None
@@ -575,9 +584,9 @@ class Device(_Closing):
         OSError (ENOTSUP) for regions that cannot be mmapped: use region(index) then."""
         region = self.region(index)
         if region.address is None:
-            ptr = c_void_p()
-            _lib.vfiokit_region_map(self._handle(), index, byref(ptr))
-            region._mapped(ptr.value)
+            info = _capi.vfiokit_map_info()
+            _lib.vfiokit_region_map_info(self._handle(), index, byref(info))
+            region._mapped(info)
         return region
 
     @property

@@ -65,13 +65,20 @@ class vfiokit_device_info(ctypes.Structure):
     ]
 
 
+class vfiokit_map_info(ctypes.Structure):
+    _fields_ = [
+        ("addr", c_void_p), ("len", c_uint64), ("direct", c_uint64), ("access", c_uint32),
+        ("reserved0", c_uint32), ("reserved", c_uint64 * 2),
+    ]
+
+
 class vfiokit_iova_range(ctypes.Structure):
     _fields_ = [("start", c_uint64), ("last", c_uint64)]
 
 
 #: Record sizes are part of the ABI (the header's comments and its C test say so).
 RECORD_SIZES = {vfiokit_region: 64, vfiokit_area: 32, vfiokit_irq: 32, vfiokit_iova_range: 16,
-                vfiokit_device_info: 64}
+                vfiokit_device_info: 64, vfiokit_map_info: 48}
 
 _dev, _iommu = c_void_p, c_void_p  # opaque handles
 
@@ -112,6 +119,7 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_device_areas": (c_void_p, [_dev, POINTER(c_size_t)], _check_ptr),
     "vfiokit_device_irqs": (c_void_p, [_dev, POINTER(c_size_t)], _check_ptr),
     "vfiokit_region_map": (c_int, [_dev, c_uint32, POINTER(c_void_p)], _check_int),
+    "vfiokit_region_map_info": (c_int, [_dev, c_uint32, POINTER(vfiokit_map_info)], _check_int),
     "vfiokit_region_read": (c_int, [_dev, c_uint32, c_uint64, c_void_p, c_size_t], _check_int),
     "vfiokit_region_write": (c_int, [_dev, c_uint32, c_uint64, c_void_p, c_size_t], _check_int),
     **{

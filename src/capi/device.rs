@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::iommu::vfiokit_iommu;
 use super::{ArcHandle, call, call_or, need, put, str_arg};
-use crate::device::{Device, Width};
+use crate::device::{Device, MapInfo, Width};
 use crate::error::{Error, Result};
 
 /// An open VFIO device (opaque).
@@ -355,6 +355,27 @@ pub unsafe extern "C" fn vfiokit_region_map(
         let base = unsafe { self::dev(dev) }?.map(region)?;
         // SAFETY: checked non-null.
         unsafe { put(ptr, "ptr", base.as_ptr().cast()) }
+    })
+}
+
+/// Maps a region as `vfiokit_region_map` does and describes the mapping: its address and
+/// length, and which register accesses `vfiokit_readN`/`vfiokit_writeN` make straight through it
+/// (those inside `[0, direct)` that `access` permits), so a caller can do the same.
+///
+/// # Safety
+/// `dev` must be NULL or live; `info` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_region_map_info(
+    dev: *mut vfiokit_device,
+    region: u32,
+    info: *mut MapInfo,
+) -> c_int {
+    call(|| {
+        need(info, "info")?;
+        // SAFETY: forwarded from the caller.
+        let record = unsafe { self::dev(dev) }?.map_info(region)?;
+        // SAFETY: checked non-null.
+        unsafe { put(info, "info", record) }
     })
 }
 

@@ -50,6 +50,13 @@ LAYOUT(vfiokit_device_info, reserved, 32);
 _Static_assert(VFIOKIT_FEATURE_GET == (1 << 16) && VFIOKIT_FEATURE_SET == (1 << 17) && VFIOKIT_FEATURE_PROBE == (1 << 18),
 	       "the kernel's VFIO_DEVICE_FEATURE_* bits");
 
+_Static_assert(sizeof(vfiokit_map_info) == 48, "vfiokit_map_info is 48 bytes");
+LAYOUT(vfiokit_map_info, addr, 0);
+LAYOUT(vfiokit_map_info, len, 8);
+LAYOUT(vfiokit_map_info, direct, 16);
+LAYOUT(vfiokit_map_info, access, 24);
+LAYOUT(vfiokit_map_info, reserved, 32);
+
 _Static_assert(sizeof(vfiokit_iova_range) == 16, "vfiokit_iova_range is 16 bytes");
 LAYOUT(vfiokit_iova_range, last, 8);
 

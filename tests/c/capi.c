@@ -97,6 +97,7 @@ static void null_arguments(void)
 {
 	vfiokit_iommu *io = (vfiokit_iommu *)0x1;
 	vfiokit_device *dev = (vfiokit_device *)0x1;
+	vfiokit_map_info map;
 	uint64_t u64 = 0;
 	uint32_t u32 = 0;
 	size_t n = 7;
@@ -132,6 +133,7 @@ static void null_arguments(void)
 	FAILS_AS(vfiokit_device_areas(NULL, &n), NULL);
 	FAILS_AS(vfiokit_device_irqs(NULL, &n), NULL);
 	FAILS(vfiokit_region_map(NULL, 0, &p), EINVAL);
+	FAILS(vfiokit_region_map_info(NULL, 0, &map), EINVAL);
 	FAILS(vfiokit_region_read(NULL, 0, 0, buf, 4), EINVAL);
 	FAILS(vfiokit_region_write(NULL, 0, 0, buf, 4), EINVAL);
 	FAILS(vfiokit_read8(NULL, 0, 0, (uint8_t *)buf), EINVAL);
@@ -176,6 +178,7 @@ static void with_edu(void)
 	uint32_t u32 = 0xdeadbeef, cap = 0;
 	uint64_t u64 = 0, iova = 0;
 	void *bar0 = NULL, *p = NULL, *buf = NULL;
+	vfiokit_map_info map;
 	int fd = -1, fds[2], rc;
 	char small[16];
 
@@ -222,6 +225,12 @@ static void with_edu(void)
 	FAILS(vfiokit_region_map(dev, VFIOKIT_PCI_CONFIG, &p), ENOTSUP);
 	FAILS(vfiokit_region_map(dev, 1000, &p), EINVAL);
 	FAILS(vfiokit_region_map(dev, VFIOKIT_PCI_BAR0, NULL), EINVAL);
+	/* edu's BAR0 is one area, read-write: every register access goes through the mapping. */
+	CHECK(vfiokit_region_map_info(dev, VFIOKIT_PCI_BAR0, &map) == 0 && map.addr == bar0);
+	CHECK(map.len == 1 << 20 && map.direct == 1 << 20);
+	CHECK(map.access == (VFIOKIT_REGION_READ | VFIOKIT_REGION_WRITE));
+	FAILS(vfiokit_region_map_info(dev, VFIOKIT_PCI_CONFIG, &map), ENOTSUP);
+	FAILS(vfiokit_region_map_info(dev, VFIOKIT_PCI_BAR0, NULL), EINVAL);
 
 	/* Config space. */
 	CHECK(vfiokit_pci_find_capability(dev, 0x05, &cap) == 0 && cap == 0x40);

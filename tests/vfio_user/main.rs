@@ -82,6 +82,9 @@ fn records_describe_the_served_device() {
         .map(|a| (a.offset, a.size))
         .collect();
     assert_eq!(areas, [(0, HOLE.0), (HOLE.1, RAM_LEN as u64 - HOLE.1)]);
+    let bar4 = dev.regions()[4];
+    assert_eq!((bar4.size, bar4.num_areas), (ROM_LEN as u64, 1));
+    assert_eq!(bar4.flags & (region::REGION_READ | region::REGION_WRITE), region::REGION_READ);
     assert_eq!(dev.irqs()[irq::IRQ_MSIX as usize].count, 4);
     // The escape hatches say there is no kernel fd rather than hand out the socket.
     assert_eq!(dev.fd().unwrap_err().errno(), libc::ENOTSUP);
@@ -140,6 +143,32 @@ fn sparse_areas_map_the_servers_memory() {
         dev.read_reg::<u32>(0, REG_PEEK).unwrap(),
         u32::from_ne_bytes(pattern[4..8].try_into().unwrap())
     );
+    drop(dev);
+    server.join().unwrap();
+}
+
+#[test]
+fn map_info_says_what_goes_straight_through_the_mapping() {
+    let _serial = setup();
+    let (dev, server) = open_model("map-info", None);
+    // BAR4: read-only, one area covering it: reads go straight through a read-only mapping.
+    let rom = dev.map_info(4).unwrap();
+    assert_eq!(rom.addr, dev.map(4).unwrap().as_ptr().cast());
+    assert_eq!(
+        (rom.len, rom.direct, rom.access),
+        (ROM_LEN as u64, ROM_LEN as u64, region::REGION_READ)
+    );
+    assert_eq!(unsafe { rom.addr.cast::<u32>().add(3).read_volatile() }, ROM_BASE + 3);
+    assert_eq!(dev.read_reg::<u32>(4, 8).unwrap(), ROM_BASE + 2);
+    // A store the mapping does not permit is the accessor's error, not a fault.
+    assert_eq!(dev.write_reg::<u32>(4, 8, 1).unwrap_err().errno(), libc::EACCES);
+    // BAR2: two areas with a hole, so nothing is direct; readable and writable.
+    let ram = dev.map_info(2).unwrap();
+    let rw = region::REGION_READ | region::REGION_WRITE;
+    assert_eq!((ram.len, ram.direct, ram.access), (RAM_LEN as u64, 0, rw));
+    // BAR0 cannot be mapped, and a missing region is not there.
+    assert_eq!(dev.map_info(0).unwrap_err().errno(), libc::ENOTSUP);
+    assert_eq!(dev.map_info(1).unwrap_err().errno(), libc::EINVAL);
     drop(dev);
     server.join().unwrap();
 }

@@ -17,6 +17,7 @@
 //!   is an error reply.
 //! BAR2 (64 KiB memfd RAM): mmappable areas [0, 16K) and [32K, 64K); the hole between is
 //! reached by messages.
+//! BAR4 (16 KiB, read-only, mmappable whole): the u32 at offset o is `ROM_BASE + o / 4`.
 //! Config space: 256 bytes, vendor 0x1234, device 0x11e8, class 0x00ff00.
 //! IRQs: INTx (1), MSI (1), MSI-X (4 vectors).
 
@@ -58,6 +59,8 @@ pub const DMA_IRQ: u64 = 0x4;
 pub const BUFFER: u64 = 0x40000;
 pub const RAM_LEN: usize = 64 << 10;
 pub const HOLE: (u64, u64) = (16 << 10, 32 << 10);
+pub const ROM_LEN: usize = 16 << 10;
+pub const ROM_BASE: u32 = 0xb4b4_0000;
 
 const BUFFER_LEN: usize = 4096;
 
@@ -218,6 +221,17 @@ impl ServerBackend for Model {
                 };
                 Ok(())
             }
+            VFIO_PCI_BAR4_REGION_INDEX if offset + len <= ROM_LEN as u64 => {
+                // SAFETY: inside the mapping, after the RAM.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.ram.add(RAM_LEN + offset as usize),
+                        data.as_mut_ptr(),
+                        data.len(),
+                    )
+                };
+                Ok(())
+            }
             VFIO_PCI_CONFIG_REGION_INDEX if offset + len <= 256 => {
                 data.copy_from_slice(&self.config[offset as usize..(offset + len) as usize]);
                 Ok(())
@@ -339,7 +353,8 @@ pub fn serve(path: &Path) -> std::thread::JoinHandle<()> {
     // SAFETY: plain syscalls on our own fd.
     let ram_fd = unsafe {
         let fd = libc::memfd_create(c"model-bar2".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0 && libc::ftruncate(fd, RAM_LEN as i64) == 0);
+        // BAR2's RAM, then BAR4's read-only words.
+        assert!(fd >= 0 && libc::ftruncate(fd, (RAM_LEN + ROM_LEN) as i64) == 0);
         OwnedFd::from_raw_fd(fd)
     };
     let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
@@ -360,6 +375,18 @@ pub fn serve(path: &Path) -> std::thread::JoinHandle<()> {
             .to_vec(),
         mmap_fd: Some(ram_fd.as_raw_fd()),
     };
+    regions[4] = ServerRegion {
+        region_info: vfio_region_info {
+            offset: RAM_LEN as u64,
+            ..region(4, ROM_LEN as u64, VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_MMAP)
+        },
+        // One sparse area covering the region: this server sends a region's fd only along
+        // with a sparse-mmap capability.
+        sparse_areas: vec![SparseArea {
+            area: vfio_region_sparse_mmap_area { offset: 0, size: ROM_LEN as u64 },
+        }],
+        mmap_fd: Some(ram_fd.as_raw_fd()),
+    };
     regions[7].region_info = region(7, 256, rw);
     let irq = |index, count, flags| IrqInfo { index, count, flags };
     let irqs = vec![
@@ -375,7 +402,12 @@ pub fn serve(path: &Path) -> std::thread::JoinHandle<()> {
     config[0x10..0x14].copy_from_slice(&0xfe00_0000u32.to_le_bytes()); // BAR0: 32-bit memory
     config[0x18..0x1c].copy_from_slice(&0xfd00_000cu32.to_le_bytes()); // BAR2: 64-bit prefetchable
     let server = Server::new(path, true, irqs, regions).expect("model: bind the socket");
-    let ram = mmap(ram_fd.as_raw_fd(), RAM_LEN, 0, true);
+    config[0x20..0x24].copy_from_slice(&0xfc00_0000u32.to_le_bytes()); // BAR4: 32-bit memory
+    let ram = mmap(ram_fd.as_raw_fd(), RAM_LEN + ROM_LEN, 0, true);
+    for i in 0..ROM_LEN / 4 {
+        // SAFETY: inside the mapping just made, aligned.
+        unsafe { ram.add(RAM_LEN).cast::<u32>().add(i).write(ROM_BASE + i as u32) };
+    }
     let model = Model {
         config,
         regs: HashMap::new(),
@@ -402,7 +434,7 @@ impl Drop for Model {
     fn drop(&mut self) {
         // SAFETY: mapped by serve and dma_map, and no longer reachable.
         unsafe {
-            libc::munmap(self.ram.cast(), RAM_LEN);
+            libc::munmap(self.ram.cast(), RAM_LEN + ROM_LEN);
             for m in self.dma.values() {
                 libc::munmap(m.base.cast(), m.size as usize);
             }

@@ -11,7 +11,7 @@ use vfio_bindings::bindings::vfio as k;
 
 use crate::error::{Error, Result};
 use crate::host::PciDevice;
-use crate::iommu::{Iommu, OpenDevice};
+use crate::iommu::{Iommu, IommuKind, OpenDevice};
 use crate::irq::{self, Action, Irq};
 use crate::pci;
 use crate::region::{self, Area, PCI_CONFIG, REGION_READ, REGION_WRITE, Region};
@@ -341,7 +341,7 @@ impl Device {
         if let Some(path) = name.strip_prefix(VFIO_USER_PREFIX) {
             let iommu = match iommu {
                 Some(i) => i.clone(),
-                None => Iommu::open(crate::iommu::IOMMU_VFIO_USER)?,
+                None => Iommu::open(IommuKind::VfioUser)?,
             };
             let (client, place) = iommu.attach_vfio_user(path)?;
             let io = Io::User { client, region_fds: Vec::new() };

@@ -71,8 +71,9 @@ impl PciDevice {
                 Err(Error::new(
                     libc::ENODEV,
                     format!(
-                        "{a} {bound}; bind it with vfiokit_pci_bind(\"{a}\") (or: echo {VFIO_DRIVER} > {s}/driver_override; \
-                         echo {a} > {s}/driver/unbind; echo {a} > /sys/bus/pci/drivers_probe)",
+                        "{a} {bound}; bind it to {VFIO_DRIVER}: `python3 -m vfiokit bind {a}`, or \
+                         echo {VFIO_DRIVER} > {s}/driver_override; echo {a} > {s}/driver/unbind; \
+                         echo {a} > /sys/bus/pci/drivers_probe",
                         a = self.address,
                         s = self.sysfs.display()
                     ),

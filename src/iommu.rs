@@ -81,8 +81,28 @@ impl IommuKind {
         if self.is_iommufd() { libc::EOVERFLOW } else { libc::EINVAL }
     }
 
-    /// Resolves an `IOMMU_*` code; AUTO consults `VFIOKIT_IOMMU`, then the kernel.
-    pub fn resolve(code: u32) -> Result<IommuKind> {
+    /// The kind `IOMMU_AUTO` stands for: `VFIOKIT_IOMMU` (type1 or iommufd) if set, else
+    /// iommufd where the kernel has it and gives devices a cdev (6.6+), else type1.
+    pub fn auto() -> Result<IommuKind> {
+        match std::env::var("VFIOKIT_IOMMU").as_deref() {
+            Ok("type1") => Ok(IommuKind::Type1),
+            Ok("iommufd") => Ok(IommuKind::Iommufd),
+            Ok(other) => {
+                Err(Error::invalid(format!("VFIOKIT_IOMMU={other}: expected type1 or iommufd")))
+            }
+            Err(_)
+                if sysfs::exists(Path::new(IOMMUFD))
+                    && sysfs::exists(Path::new("/dev/vfio/devices")) =>
+            {
+                Ok(IommuKind::Iommufd)
+            }
+            Err(_) => Ok(IommuKind::Type1),
+        }
+    }
+
+    /// The kind an `IOMMU_*` code (the C API's and Python's integer) names; AUTO as
+    /// [`auto`](Self::auto).
+    pub fn from_code(code: u32) -> Result<IommuKind> {
         match code {
             IOMMU_TYPE1 => Ok(IommuKind::Type1),
             IOMMU_IOMMUFD => Ok(IommuKind::Iommufd),
@@ -90,21 +110,7 @@ impl IommuKind {
             IOMMU_TYPE1V1 => Ok(IommuKind::Type1V1),
             IOMMU_IOMMUFD_COMPAT => Ok(IommuKind::IommufdCompat),
             IOMMU_IOMMUFD_COMPAT_V1 => Ok(IommuKind::IommufdCompatV1),
-            IOMMU_AUTO => match std::env::var("VFIOKIT_IOMMU").as_deref() {
-                Ok("type1") => Ok(IommuKind::Type1),
-                Ok("iommufd") => Ok(IommuKind::Iommufd),
-                Ok(other) => {
-                    Err(Error::invalid(format!("VFIOKIT_IOMMU={other}: expected type1 or iommufd")))
-                }
-                // iommufd where the kernel has it and gives devices a cdev (6.6+).
-                Err(_)
-                    if sysfs::exists(Path::new(IOMMUFD))
-                        && sysfs::exists(Path::new("/dev/vfio/devices")) =>
-                {
-                    Ok(IommuKind::Iommufd)
-                }
-                Err(_) => Ok(IommuKind::Type1),
-            },
+            IOMMU_AUTO => IommuKind::auto(),
             other => Err(Error::invalid(format!(
                 "unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd, 3 vfio-user, 4 type1 v1, \
                  5 iommufd compat, 6 iommufd compat v1)"
@@ -283,9 +289,9 @@ impl std::fmt::Debug for Iommu {
 static DEFAULT: Mutex<Weak<DmaContext>> = Mutex::new(Weak::new());
 
 impl Iommu {
-    /// Opens a new context of `kind` (an `IOMMU_*` code).
-    pub fn open(kind: u32) -> Result<Iommu> {
-        let (backend, space, early) = match IommuKind::resolve(kind)? {
+    /// Opens a new context of `kind` (see [`open_auto`](Self::open_auto) for the usual choice).
+    pub fn open(kind: IommuKind) -> Result<Iommu> {
+        let (backend, space, early) = match kind {
             kind if kind.is_container() => {
                 let whole = vec![IovaRange { start: 0, last: u64::MAX }];
                 let container = match kind.is_iommufd() {
@@ -328,6 +334,12 @@ impl Iommu {
         })))
     }
 
+    /// Opens a new context of the kind [`IommuKind::auto`] picks: iommufd where the kernel
+    /// has it, else type1, unless `VFIOKIT_IOMMU` says which.
+    pub fn open_auto() -> Result<Iommu> {
+        Iommu::open(IommuKind::auto()?)
+    }
+
     /// The process-wide context used by devices opened without one; it lives while any
     /// device (or caller) holds it, and a new one is opened after that.
     pub fn shared() -> Result<Iommu> {
@@ -335,7 +347,7 @@ impl Iommu {
         if let Some(inner) = slot.upgrade() {
             return Ok(Iommu(inner));
         }
-        let iommu = Iommu::open(IOMMU_AUTO)?;
+        let iommu = Iommu::open_auto()?;
         *slot = Arc::downgrade(&iommu.0);
         Ok(iommu)
     }
@@ -721,7 +733,7 @@ impl Iommu {
                     return refuse(
                         libc::EBUSY,
                         format!(
-                            "IOVA {:#x} is the mapping of a DMA buffer from alloc: free the buffer (vfiokit_dma_free) instead",
+                            "IOVA {:#x} is the mapping of a DMA buffer from alloc: free the buffer instead",
                             m.iova
                         ),
                     );

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX;
 use vfiokit::irq::IRQ_MSIX;
-use vfiokit::{Device, IOMMU_VFIO_USER, Iommu};
+use vfiokit::{Device, Iommu, IommuKind};
 
 use crate::stats::{Figure, run_case, variant};
 use crate::{EDU_ID, Opts, batch};
@@ -151,7 +151,7 @@ fn read_count(fd: RawFd) -> u64 {
 pub fn op_vfio_user(o: &Opts) -> Vec<Figure> {
     let (ours_path, ours_server) = serve("vfiokit.sock");
     let (raw_path, raw_server) = serve("raw.sock");
-    let context = Iommu::open(IOMMU_VFIO_USER).expect("vfiokit: context");
+    let context = Iommu::open(IommuKind::VfioUser).expect("vfiokit: context");
     let device = Device::open(&format!("vfio-user:{}", ours_path.display()), Some(&context))
         .expect("vfiokit: open the model");
     let raw = std::cell::RefCell::new(Raw::connect(&raw_path));

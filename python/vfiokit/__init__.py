@@ -204,10 +204,34 @@ _C = TypeVar("_C", bound="_Closing")
 
 
 class _Closing:
-    """Closed on leaving a `with` block, and (best effort) when garbage-collected."""
+    """The one closing mechanism of every object here: close() (idempotent: it calls
+    `_close` once), leaving a `with` block, or (best effort) garbage collection. `closed` says
+    whether it happened; `_check_open` raises ValueError naming the object, as every use of a
+    closed object does. Closed until the constructor succeeds, so a failed one leaves nothing
+    to close."""
+
+    _closed = True
+    _closed_state = "closed"  # how the ValueError says it: "closed", "freed", "disabled"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self._name()} is {self._closed_state}")
+
+    def _name(self) -> str:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
-        raise NotImplementedError
+        if self._closed:
+            return
+        self._closed = True
+        self._close()
 
     def __enter__(self: _C) -> _C:
         return self
@@ -318,11 +342,15 @@ class Irq(_Closing):
         else:  # the caller's eventfds: the caller reads them (wait() is refused) and closes them
             _lib.vfiokit_irq_enable_fds(device._handle(), kind, first, count, fds)
         self.fds: list[int] = list(fds)
-        self.closed = False
+        self._closed = False
+
+    _closed_state = "disabled"
+
+    def _name(self) -> str:
+        return f"IRQ {IRQ_NAMES[self.kind] if self.kind < len(IRQ_NAMES) else self.kind} of {self._device.name}"
 
     def _vector(self, vector: Optional[int]) -> int:
-        if self.closed:
-            raise ValueError("IRQ is disabled")
+        self._check_open()
         if vector is None:
             return self.first
         if not self.first <= vector < self.first + self.count:
@@ -352,12 +380,9 @@ class Irq(_Closing):
         """Makes the kernel signal the vector's eventfd (a loopback test of the IRQ path)."""
         _lib.vfiokit_irq_trigger(self._device._handle(), self.kind, self._vector(vector))
 
-    def close(self) -> None:
-        """Disables the IRQ index (its eventfds are closed). Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._device._h is not None:  # a closed device has disabled it already
+    def _close(self) -> None:
+        """Disables the IRQ index (its eventfds are closed)."""
+        if not self._device.closed:  # a closed device has disabled it already
             _lib.vfiokit_irq_disable(self._device._h, self.kind)
 
     def __repr__(self) -> str:
@@ -381,31 +406,34 @@ class DmaBuffer(_Closing):
         self.iova: int = iova.value
         self.size = size
         self._mem: Optional[memoryview] = None
+        self._closed = False
         iommu._buffers.add(self)
+
+    _closed_state = "freed"
+
+    def _name(self) -> str:
+        return f"DMA buffer at IOVA {self.iova:#x}"
 
     @property
     def mem(self) -> memoryview:
         """A writable memoryview of the buffer (released by close())."""
-        if self.address == 0:
-            raise ValueError("DMA buffer is freed")
+        self._check_open()
         if self._mem is None:
             self._mem = _view(self.address, self.size, self)
         return self._mem
 
-    def close(self) -> None:
-        """Unmaps and frees the buffer. Idempotent."""
-        if self.address == 0:
-            return
+    def _close(self) -> None:
+        """Unmaps and frees the buffer."""
         if self._mem is not None:
             self._mem.release()
             self._mem = None
         address, self.address = self.address, 0
         self._iommu._buffers.discard(self)
-        if self._iommu._h is not None:
+        if not self._iommu.closed:
             _lib.vfiokit_dma_free(self._iommu._h, address)
 
     def __repr__(self) -> str:
-        state = f"iova {self.iova:#x}" if self.address else "freed"
+        state = "freed" if self._closed else f"iova {self.iova:#x}"
         return f"<vfiokit.DmaBuffer {self.size:#x} ({human_size(self.size)}), {state}>"
 
 
@@ -416,7 +444,8 @@ class Iommu(_Closing):
     def __init__(self, kind: int = IOMMU_AUTO):
         handle = c_void_p()
         _lib.vfiokit_iommu_open(kind, byref(handle))
-        self._h: Optional[int] = handle.value
+        self._h: int = handle.value
+        self._closed = False
         self._owner: Optional[Device] = None  # set for a device's borrowed context
         self._buffers: weakref.WeakSet[DmaBuffer] = weakref.WeakSet()
         self._maps: dict[int, tuple[int, object]] = {}  # iova -> (length, what keeps the memory)
@@ -424,13 +453,15 @@ class Iommu(_Closing):
     @classmethod
     def _borrow(cls, handle: int, owner: Device) -> Iommu:
         self = cls.__new__(cls)
-        self._h, self._owner = handle, owner
+        self._h, self._owner, self._closed = handle, owner, False
         self._buffers, self._maps = weakref.WeakSet(), {}
         return self
 
+    def _name(self) -> str:
+        return "DMA context"
+
     def _handle(self) -> int:
-        if self._h is None:
-            raise ValueError("DMA context is closed")
+        self._check_open()
         return self._h
 
     @property
@@ -529,17 +560,18 @@ class Iommu(_Closing):
     def close(self) -> None:
         """Frees this object's DMA buffers and drops the context (the library keeps it while
         devices use it). A device's borrowed context is closed with the device. Idempotent."""
-        if self._h is None:
-            return
-        for buffer in list(self._buffers):
-            buffer.close()
-        handle, self._h = self._h, None
+        if not self._closed:
+            for buffer in list(self._buffers):  # while the context is open, to free them
+                buffer.close()
+        super().close()
+
+    def _close(self) -> None:
         if self._owner is None:
-            _lib.vfiokit_iommu_close(handle)
+            _lib.vfiokit_iommu_close(self._h)
         self._maps.clear()
 
     def __repr__(self) -> str:
-        if self._h is None:
+        if self._closed:
             return "<vfiokit.Iommu (closed)>"
         return f"<vfiokit.Iommu {IOMMU_NAMES.get(self.kind, self.kind)}>"
 
@@ -550,7 +582,8 @@ class Device(_Closing):
     def __init__(self, name: str, iommu: Optional[Iommu] = None):
         handle = c_void_p()
         _lib.vfiokit_device_open(os.fsencode(name), iommu._handle() if iommu else None, byref(handle))
-        self._h: Optional[int] = handle.value
+        self._h: int = handle.value
+        self._closed = False
         self.name = name
         self._iommu = iommu  # the caller's context object, kept alive with us
         self._regions: dict[int, Region] = {}
@@ -563,14 +596,12 @@ class Device(_Closing):
         self.info = _capi.vfiokit_device_info()
         _lib.vfiokit_device_get_info(self._h, byref(self.info))
 
-    def _handle(self) -> int:
-        if self._h is None:
-            raise ValueError(f"device {self.name} is closed")
-        return self._h
+    def _name(self) -> str:
+        return f"device {self.name}"
 
-    @property
-    def closed(self) -> bool:
-        return self._h is None
+    def _handle(self) -> int:
+        self._check_open()
+        return self._h
 
     def region(self, index: int) -> Region:
         """Region `index` for the accessors (no mapping made)."""
@@ -636,21 +667,21 @@ class Device(_Closing):
 
     def close(self) -> None:
         """Closes the device: its mappings, IRQs and eventfds go away. Idempotent."""
-        if self._h is None:
-            return
-        if self._iommu is not None and self._iommu._owner is self:
-            self._iommu.close()
+        if not self._closed and self._iommu is not None and self._iommu._owner is self:
+            self._iommu.close()  # while the device is open, to free its buffers
+        super().close()
+
+    def _close(self) -> None:
         for ref in self._irqs:
             irq = ref()
             if irq is not None:
-                irq.closed = True
+                irq._closed = True  # the library disables them with the device
         for region in self._regions.values():
             region._release()
-        handle, self._h = self._h, None
-        _lib.vfiokit_device_close(handle)
+        _lib.vfiokit_device_close(self._h)
 
     def __repr__(self) -> str:
-        return f"<vfiokit.Device {self.name}{' (closed)' if self._h is None else ''}>"
+        return f"<vfiokit.Device {self.name}{' (closed)' if self._closed else ''}>"
 
 
 def open(name: str, iommu: Optional[Iommu] = None) -> Device:  # noqa: A001 (like io.open)

@@ -2,7 +2,7 @@
 
 use super::{ArcHandle, call, call_or, need, put};
 use crate::error::Result;
-use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu};
+use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu, IommuKind};
 use crate::iova::IovaRange;
 use std::ffi::{c_int, c_void};
 use std::os::fd::AsRawFd;
@@ -39,7 +39,7 @@ pub(super) unsafe fn iommu(p: *const vfiokit_iommu) -> Result<Iommu> {
 pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_iommu) -> c_int {
     call(|| {
         need(out, "out")?;
-        let h = vfiokit_iommu::into_c(Iommu::open(kind)?.into_arc());
+        let h = vfiokit_iommu::into_c(Iommu::open(IommuKind::from_code(kind)?)?.into_arc());
         // SAFETY: checked non-null; the caller provides a writable slot.
         unsafe { put(out, "out", h) }
     })

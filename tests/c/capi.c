@@ -163,7 +163,7 @@ static void bad_names(void)
 	CHECK(strstr(vfiokit_last_error(), "not a PCI address") != NULL);
 	FAILS(vfiokit_device_open("0000:00:1e.7", NULL, &dev), ENOENT);
 	FAILS(vfiokit_device_open("0000:00:00.0", NULL, &dev), ENODEV);
-	CHECK(strstr(vfiokit_last_error(), "vfiokit_pci_bind") != NULL);
+	CHECK(strstr(vfiokit_last_error(), "driver_override") != NULL);
 	FAILS(vfiokit_pci_bind("0000:00:1e.7"), ENOENT);
 	CHECK(dev == (vfiokit_device *)0x1);
 }

@@ -7,7 +7,7 @@
 use std::ptr::NonNull;
 
 use vfiokit::irq::{IRQ_INTX, IRQ_MSI, IRQ_MSIX};
-use vfiokit::{Device, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu};
+use vfiokit::{Device, Iommu, IommuKind};
 
 use crate::common::*;
 
@@ -34,10 +34,10 @@ const SEQUENCES: &[(&str, Sequence, &[i32])] = &[
 ];
 
 /// Every backend this kernel offers, by its `IOMMU_*` kind.
-fn backends() -> Vec<(&'static str, u32)> {
-    let mut found = vec![("type1", IOMMU_TYPE1)];
+fn backends() -> Vec<(&'static str, IommuKind)> {
+    let mut found = vec![("type1", IommuKind::Type1)];
     if std::path::Path::new("/dev/iommu").exists() {
-        found.push(("iommufd", IOMMU_IOMMUFD));
+        found.push(("iommufd", IommuKind::Iommufd));
     }
     found
 }

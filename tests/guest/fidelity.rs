@@ -5,7 +5,7 @@
 
 use std::os::fd::AsRawFd;
 
-use vfiokit::{IOMMU_AUTO, IOMMU_IOMMUFD_COMPAT, Iommu, IommuKind};
+use vfiokit::{Iommu, IommuKind};
 
 use crate::common::*;
 
@@ -78,12 +78,12 @@ fn strerror(e: i32) -> String {
 }
 
 pub fn dma_errors_are_the_kernels() {
-    let mut kinds = vec![IOMMU_AUTO];
+    let mut kinds = vec![IommuKind::auto().unwrap()];
     if std::path::Path::new("/dev/iommu").exists() {
-        kinds.push(IOMMU_IOMMUFD_COMPAT);
+        kinds.push(IommuKind::IommufdCompat);
     }
-    for code in kinds {
-        let iommu = Iommu::open(code).unwrap();
+    for kind in kinds {
+        let iommu = Iommu::open(kind).unwrap();
         let _edu = open_in("EDU", &iommu);
         one_kind(&iommu);
     }
@@ -165,7 +165,7 @@ fn one_kind(iommu: &Iommu) {
 /// pread or VFIO_DEVICE_SET_IRQS on the device fd.
 pub fn region_and_irq_errors_are_the_kernels() {
     use vfiokit::irq::IRQ_MSI;
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     let d = open_in("EDU", &iommu);
     let fd = d.fd().unwrap().as_raw_fd();
     let bar0_end = d.regions()[0].size;

@@ -11,7 +11,7 @@ use std::ptr::NonNull;
 use common::*;
 use vfiokit::irq::*;
 use vfiokit::region::*;
-use vfiokit::{Device, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_TYPE1, Iommu, IommuKind};
+use vfiokit::{Device, Iommu, IommuKind};
 
 const CASES: &[harness::Case] = &[
     ("backend_choice", backend_choice),
@@ -90,31 +90,31 @@ fn backend_choice() {
         std::path::Path::new("/dev/iommu").exists(),
         "only the iommufd kernel has /dev/iommu"
     );
-    assert_eq!(Iommu::open(IOMMU_AUTO).unwrap().kind(), expected_kind());
+    assert_eq!(Iommu::open_auto().unwrap().kind(), expected_kind());
     assert_eq!(open("EDU").iommu().kind(), expected_kind(), "the shared context");
     assert_eq!(
-        Iommu::open(IOMMU_TYPE1).unwrap().kind(),
+        Iommu::open(IommuKind::Type1).unwrap().kind(),
         IommuKind::Type1,
         "type1 is there on both kernels"
     );
-    fails(Iommu::open(7), libc::EINVAL, &["unknown IOMMU kind 7"]);
+    fails(IommuKind::from_code(7), libc::EINVAL, &["unknown IOMMU kind 7"]);
     if kernel == "iommufd" {
-        assert_eq!(Iommu::open(IOMMU_IOMMUFD).unwrap().kind(), IommuKind::Iommufd);
+        assert_eq!(Iommu::open(IommuKind::Iommufd).unwrap().kind(), IommuKind::Iommufd);
         // One device bound through iommufd cannot be opened again through its group.
-        let fd_ctx = Iommu::open(IOMMU_IOMMUFD).unwrap();
+        let fd_ctx = Iommu::open(IommuKind::Iommufd).unwrap();
         let _edu = open_in("EDU", &fd_ctx);
         fails(
-            Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_TYPE1).unwrap())),
+            Device::open(&addr("EDU"), Some(&Iommu::open(IommuKind::Type1).unwrap())),
             libc::EBUSY,
             &[],
         );
         fails(
-            Device::open(&addr("EDU"), Some(&Iommu::open(IOMMU_IOMMUFD).unwrap())),
+            Device::open(&addr("EDU"), Some(&Iommu::open(IommuKind::Iommufd).unwrap())),
             libc::EBUSY,
             &["already bound"],
         );
     } else {
-        fails(Iommu::open(IOMMU_IOMMUFD), libc::ENOENT, &["/dev/iommu", "CONFIG_IOMMUFD"]);
+        fails(Iommu::open(IommuKind::Iommufd), libc::ENOENT, &["/dev/iommu", "CONFIG_IOMMUFD"]);
     }
 }
 
@@ -130,7 +130,7 @@ fn open_by_cdev_path() {
             libc::ENOENT,
             &["no such VFIO device cdev"],
         );
-        fails(Iommu::open(IOMMU_IOMMUFD), libc::ENOENT, &["/dev/iommu"]);
+        fails(Iommu::open(IommuKind::Iommufd), libc::ENOENT, &["/dev/iommu"]);
         return;
     }
     let path = format!("/dev/vfio/devices/{}", cdevs[0]);
@@ -143,7 +143,7 @@ fn open_by_every_name_form() {
     let full = addr("EDU");
     let short = full.strip_prefix("0000:").expect("domain 0").to_owned();
     let sysfs = format!("/sys/bus/pci/devices/{full}");
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     for name in [full.as_str(), short.as_str(), &short.to_uppercase(), sysfs.as_str()] {
         let d = Device::open(name, Some(&iommu)).unwrap_or_else(|e| panic!("open {name}: {e}"));
         assert_eq!(d.address(), full);
@@ -161,7 +161,7 @@ fn open_failures_name_their_cause() {
     fails(
         Device::open("0000:00:00.0", None),
         libc::ENODEV,
-        &["not bound to any driver", "vfiokit_pci_bind"],
+        &["not bound to any driver", "python3 -m vfiokit bind", "driver_override"],
     );
     let virtio = std::fs::read_dir("/sys/bus/pci/devices")
         .unwrap()
@@ -608,7 +608,7 @@ fn disable_and_cancel_end_waits() {
 }
 
 fn iova_ranges_and_mapping_rules() {
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     match iommu.kind() {
         IommuKind::Type1 => fails(iommu.iova_ranges(), libc::ENODEV, &["open a device first"]),
         IommuKind::Iommufd => {
@@ -681,15 +681,12 @@ fn edu_dma_round_trip() {
 /// Each carries edu's DMA round trip; a raw unmap of a mapping's second page shows how their
 /// unmaps differ (VFIO_IOMMU_UNMAP_DMA through the container fd).
 fn type1_v1_and_iommufd_compat_kinds() {
-    use vfiokit::{IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_TYPE1V1};
     let page = 4096usize;
-    for (code, kind) in [
-        (IOMMU_TYPE1V1, IommuKind::Type1V1),
-        (IOMMU_IOMMUFD_COMPAT, IommuKind::IommufdCompat),
-        (IOMMU_IOMMUFD_COMPAT_V1, IommuKind::IommufdCompatV1),
-    ] {
-        let iommu = match Iommu::open(code) {
-            Err(e) if code != IOMMU_TYPE1V1 && !std::path::Path::new("/dev/iommu").exists() => {
+    for kind in [IommuKind::Type1V1, IommuKind::IommufdCompat, IommuKind::IommufdCompatV1] {
+        let iommu = match Iommu::open(kind) {
+            Err(e)
+                if kind != IommuKind::Type1V1 && !std::path::Path::new("/dev/iommu").exists() =>
+            {
                 fails::<()>(Err(e), libc::ENOENT, &["/dev/iommu", "CONFIG_IOMMUFD"]);
                 continue;
             }
@@ -880,7 +877,7 @@ fn hugepage_buffers() {
 /// Guard mode: a DMA running 4 KiB past the end of a buffer is stopped by the vIOMMU and the
 /// next buffer is intact; freed buffers are poisoned.
 fn guard_pages_stop_an_overrun() {
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     let d = open_in("EDU", &iommu);
     enable_bus_master(&d);
     iommu.set_dma_guard(true);
@@ -905,7 +902,7 @@ fn guard_pages_stop_an_overrun() {
 /// kernel when the first group attaches; a map outside the ranges the kernel then reports
 /// makes that attach fail, naming it.
 fn maps_before_the_first_device() {
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     let (buf, iova) = iommu.alloc(4096).unwrap();
     // SAFETY: our buffer.
     unsafe { std::ptr::write_bytes(buf.as_ptr(), 0x77, 4096) };
@@ -924,7 +921,7 @@ fn maps_before_the_first_device() {
 
     // The interrupt window is never a valid type1 IOVA: a map there fails the first attach.
     // (An IOAS knows its ranges from the start, so iommufd has no such case.)
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     if iommu.kind() == IommuKind::Type1 {
         let (mem, _) = iommu.alloc(4096).unwrap();
         // SAFETY: mem stays allocated until the context closes.
@@ -1047,7 +1044,7 @@ fn reset_where_supported() {
 
 fn several_devices_and_contexts() {
     // Two devices in one context share its DMA space.
-    let shared = Iommu::open(IOMMU_AUTO).unwrap();
+    let shared = Iommu::open_auto().unwrap();
     let edu = open_in("EDU", &shared);
     let nvme = open_in("NVME", &shared);
     assert!(std::ptr::eq(edu.iommu() as *const _, edu.iommu() as *const _));
@@ -1061,7 +1058,7 @@ fn several_devices_and_contexts() {
         &["already open in this IOMMU context"],
     );
     // A device already in one context cannot join another.
-    let other = Iommu::open(IOMMU_AUTO).unwrap();
+    let other = Iommu::open_auto().unwrap();
     fails(Device::open(&addr("EDU"), Some(&other)), libc::EBUSY, &["already"]);
     // Separate contexts for separate devices.
     let testdev = open_in("TESTDEV", &other);
@@ -1085,10 +1082,10 @@ fn group_not_permitted() {
         // SAFETY: dropping privileges in the child only.
         assert_eq!(unsafe { libc::setgid(65534) + libc::setuid(65534) }, 0);
         if expected_kind() == IommuKind::Iommufd {
-            fails(Iommu::open(IOMMU_AUTO), libc::EACCES, &["/dev/iommu", "permission"]);
+            fails(Iommu::open_auto(), libc::EACCES, &["/dev/iommu", "permission"]);
             return;
         }
-        let iommu = Iommu::open(IOMMU_AUTO).expect("the container node is world-accessible");
+        let iommu = Iommu::open_auto().expect("the container node is world-accessible");
         let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr("EDU")))
             .unwrap();
         let node = format!("/dev/vfio/{}", group.file_name().unwrap().to_string_lossy());
@@ -1143,7 +1140,7 @@ fn drop_capability(cap: u32) {
 
 fn open_close_cycles_leak_nothing() {
     let cycle = || {
-        let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+        let iommu = Iommu::open_auto().unwrap();
         let d = open_in("NVME", &iommu);
         d.map(0).unwrap();
         d.irq_enable(IRQ_MSIX, 0, 4).unwrap();
@@ -1170,7 +1167,7 @@ fn threads_share_handles() {
     use std::sync::atomic::{AtomicU64, Ordering};
     const ROUNDS: u64 = 2000;
     const TRIGGERS: u64 = 200;
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     let edu = Arc::new(open_in("EDU", &iommu));
     let shm = Arc::new(open_in("IVSHMEM", &iommu));
     let nvme = Arc::new(open_in("NVME", &iommu));
@@ -1276,7 +1273,7 @@ fn exit_without_close_leaves_the_device_reusable() {
 fn second_process_gets_ebusy() {
     let _held = open("EDU");
     in_child(|| {
-        let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+        let iommu = Iommu::open_auto().unwrap();
         fails(Device::open(&addr("EDU"), Some(&iommu)), libc::EBUSY, &["already", "process"]);
     });
 }
@@ -1298,7 +1295,7 @@ fn locked_kb() -> (u64, u64) {
 /// started. Prints the time spent in each of the three.
 fn open_map_alloc_cycles_leak_nothing() {
     let cycles: usize = std::env::var("VFIOKIT_CYCLES").map_or(200, |v| v.parse().unwrap());
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     let keep = open_in("NVME", &iommu); // keeps a type1 container's group, hence its mappings
     let (buf, _) = iommu.alloc(4096).unwrap();
     let spent = std::cell::Cell::new([std::time::Duration::ZERO; 3]);
@@ -1353,7 +1350,7 @@ fn group_of(role: &str) -> String {
 fn group_of_two_devices_opened_once() {
     let group = group_of("GROUP_A");
     assert_eq!(group, group_of("GROUP_B"), "the test bed's multi-function slot shares a group");
-    let iommu = Iommu::open(IOMMU_AUTO).unwrap();
+    let iommu = Iommu::open_auto().unwrap();
     let a = open_in("GROUP_A", &iommu);
     let b = open_in("GROUP_B", &iommu);
     assert_eq!(rd::<u32>(&a, 0, edu::ID), 0x010000ed);
@@ -1367,7 +1364,7 @@ fn group_of_two_devices_opened_once() {
     let expected = if iommu.kind() == IommuKind::Type1 { 1 } else { 0 };
     assert_eq!(opened, expected, "{node} opened once for both devices (type1), never (iommufd)");
     drop(b);
-    let other = Iommu::open(IOMMU_AUTO).unwrap();
+    let other = Iommu::open_auto().unwrap();
     fails(Device::open(&addr("GROUP_B"), Some(&other)), libc::EBUSY, &[]);
 }
 

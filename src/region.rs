@@ -77,7 +77,8 @@ const INFO_LEN: usize = 32;
 
 /// What one VFIO_DEVICE_GET_REGION_INFO reply says, capabilities included.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RegionInfo {
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) struct RegionInfo {
     pub flags: u32,
     pub size: u64,
     pub offset: u64,
@@ -88,7 +89,8 @@ pub struct RegionInfo {
 }
 
 /// Decodes a whole region-info reply (fixed header followed by its capability chain).
-pub fn decode_region_info(reply: &[u8]) -> Result<RegionInfo, DecodeError> {
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) fn decode_region_info(reply: &[u8]) -> Result<RegionInfo, DecodeError> {
     let what = "region info";
     let flags = caps::u32_at(reply, 4, what)?;
     let mut info = RegionInfo {
@@ -141,7 +143,8 @@ fn decode_sparse(cap: &caps::Cap, region_size: u64) -> Result<Vec<(u64, u64)>, D
 
 /// The BAR attribute flags of BAR `index` from the six raw BAR registers of config space.
 /// The upper half of a 64-bit BAR gets none.
-pub fn bar_flags(bars: &[u32; 6], index: usize) -> u32 {
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) fn bar_flags(bars: &[u32; 6], index: usize) -> u32 {
     const IO: u32 = 1;
     const MEM_TYPE_64: u32 = 0b100;
     const PREFETCH: u32 = 0b1000;
@@ -170,7 +173,13 @@ pub fn bar_flags(bars: &[u32; 6], index: usize) -> u32 {
 
 /// The record for region `index`, appending its areas to `areas`. `bar_attrs` are the BAR
 /// flags from [`bar_flags`] (0 for non-BAR regions).
-pub fn record(index: u32, info: &RegionInfo, bar_attrs: u32, areas: &mut Vec<Area>) -> Region {
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
+pub(crate) fn record(
+    index: u32,
+    info: &RegionInfo,
+    bar_attrs: u32,
+    areas: &mut Vec<Area>,
+) -> Region {
     let mut flags = 0;
     for (kernel, ours) in
         [(KFLAG_READ, REGION_READ), (KFLAG_WRITE, REGION_WRITE), (KFLAG_MMAP, REGION_MMAP)]

@@ -3,6 +3,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,16 +31,45 @@ struct Mapping {
     access: u32,
 }
 
-impl Mapping {
+/// Regions below this index (the PCI BARs, ROM, config space and VGA) have a [`FastPath`].
+const FAST_REGIONS: usize = 9;
+
+/// The register accessors' fast path for one region, kept inline in the device apart from
+/// its mapping: a checked access then loads two words (under emulation each load costs as
+/// much as the access itself to RAM). Set once, when the region is mapped.
+#[derive(Default)]
+struct FastPath {
+    /// The mapping's base for reads and for writes: null until the region is mapped, and
+    /// where it forbids that access or its mapping does not cover it whole.
+    read: AtomicPtr<u8>,
+    write: AtomicPtr<u8>,
+    /// The mapping's `whole` rounded down to 8: any aligned access of 1 to 8 bytes below it
+    /// fits.
+    end: AtomicU64,
+}
+
+impl FastPath {
+    fn set(&self, m: &Mapping) {
+        let base = |flag| match m.whole > 0 && m.access & flag != 0 {
+            true => m.base.as_ptr(),
+            false => std::ptr::null_mut(),
+        };
+        self.end.store(m.whole & !7, Ordering::Relaxed);
+        // Release: a reader that sees a base sees `end` too.
+        self.read.store(base(REGION_READ), Ordering::Release);
+        self.write.store(base(REGION_WRITE), Ordering::Release);
+    }
+
     /// The address of an access of `T` at `off` when the fast path may take it: aligned, in
     /// range, allowed, and mapped.
     #[inline(always)]
     fn direct<T: Width>(&self, off: u64, access: u32) -> Option<*mut T> {
-        let fits =
-            off % T::BYTES as u64 == 0 && off < self.whole && self.whole - off >= T::BYTES as u64;
-        // SAFETY (of the add): off + T::BYTES <= whole <= len, inside the mapping.
-        (fits && self.access & access != 0)
-            .then(|| unsafe { self.base.as_ptr().add(off as usize).cast::<T>() })
+        let base = if access == REGION_WRITE { &self.write } else { &self.read };
+        let base = base.load(Ordering::Acquire);
+        // SAFETY (of the add): off is aligned to T and below `end`, a multiple of 8 no larger
+        // than the mapping's `whole`, so off + T::BYTES <= whole <= len: inside the mapping.
+        (!base.is_null() && off % T::BYTES as u64 == 0 && off < self.end.load(Ordering::Relaxed))
+            .then(|| unsafe { base.add(off as usize).cast::<T>() })
     }
 }
 
@@ -139,8 +169,6 @@ impl IrqRoute {
 
 struct IrqState {
     routes: Vec<IrqRoute>,
-    /// Set by [`Device::cancel_waits`]: every wait, current or later, ends with ECANCELED.
-    cancelled: bool,
 }
 
 /// `vfiokit_device_feature` (`Device::feature`): read the feature's data.
@@ -318,7 +346,14 @@ pub struct Device {
     areas: Vec<Area>,
     irqs: Vec<Irq>,
     mappings: Vec<OnceCell<Mapping>>,
+    fast: [FastPath; FAST_REGIONS],
     irq_state: Mutex<IrqState>,
+    /// By index and vector, whether it is routed: what `routes` says, for `irq_trigger` to
+    /// check without the lock. Written under the lock.
+    routed: Vec<Box<[AtomicBool]>>,
+    /// Set by [`Device::cancel_waits`] (under the IRQ lock): every wait, current or later, ends
+    /// with ECANCELED.
+    cancelled: AtomicBool,
     io: Io,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
@@ -393,14 +428,21 @@ impl Device {
             .iter()
             .map(|irq| IrqRoute { vectors: vec![None; irq.count as usize], cancel: None })
             .collect();
+        let routed = irqs
+            .iter()
+            .map(|irq| (0..irq.count).map(|_| AtomicBool::new(false)).collect())
+            .collect();
         Ok(Device {
             address,
             info: pci::identify(flags, num_regions, num_irqs, &header),
             mappings: regions.iter().map(|_| OnceCell::new()).collect(),
+            fast: Default::default(),
             regions,
             areas,
             irqs,
-            irq_state: Mutex::new(IrqState { routes, cancelled: false }),
+            irq_state: Mutex::new(IrqState { routes }),
+            routed,
+            cancelled: AtomicBool::new(false),
             io,
             _place: place,
             iommu,
@@ -579,6 +621,9 @@ impl Device {
                 }
                 .context(what)?;
             }
+            if let Some(fast) = self.fast.get(r.index as usize) {
+                fast.set(&mapping);
+            }
             Ok(mapping)
         })
     }
@@ -670,12 +715,7 @@ impl Device {
     /// One read of exactly `T`'s width at `off` (aligned to it).
     #[inline]
     pub fn read_reg<T: Width>(&self, index: u32, off: u64) -> Result<T> {
-        match self
-            .mappings
-            .get(index as usize)
-            .and_then(OnceCell::get)
-            .and_then(|m| m.direct::<T>(off, REGION_READ))
-        {
+        match self.fast.get(index as usize).and_then(|f| f.direct::<T>(off, REGION_READ)) {
             // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
             Some(p) => Ok(unsafe { p.read_volatile() }),
             None => self.read_reg_slow(index, off),
@@ -703,12 +743,7 @@ impl Device {
     /// One write of exactly `T`'s width at `off` (aligned to it).
     #[inline]
     pub fn write_reg<T: Width>(&self, index: u32, off: u64, value: T) -> Result<()> {
-        match self
-            .mappings
-            .get(index as usize)
-            .and_then(OnceCell::get)
-            .and_then(|m| m.direct::<T>(off, REGION_WRITE))
-        {
+        match self.fast.get(index as usize).and_then(|f| f.direct::<T>(off, REGION_WRITE)) {
             // SAFETY: aligned, inside a mapped area; volatile so it is exactly one access.
             Some(p) => unsafe { p.write_volatile(value) },
             None => self.write_reg_slow(index, off, value)?,
@@ -845,9 +880,10 @@ impl Device {
             let what = format!("enabling {} vectors [{first}, +{count})", irq_name(index));
             e.within(format!("{what} on {}", self.address))
         })?;
-        for (slot, fd) in route.vectors[span].iter_mut().zip(fds) {
+        for (slot, fd) in route.vectors[span.clone()].iter_mut().zip(fds) {
             *slot = Some(Vector { fd, waitable });
         }
+        self.routed[index as usize][span].iter().for_each(|r| r.store(true, Ordering::Relaxed));
         if let Some(cancel) = new_cancel {
             route.wake_waiters();
             route.cancel = Some(cancel);
@@ -872,6 +908,7 @@ impl Device {
             format!("disabling {}", irq_name(index))
         })?;
         route.vectors.fill(None);
+        self.routed[index as usize].iter().for_each(|r| r.store(false, Ordering::Relaxed));
         route.wake_waiters();
         Ok(())
     }
@@ -882,7 +919,7 @@ impl Device {
     /// and the connection: the device is to be dropped.
     pub fn cancel_waits(&self) {
         let mut state = self.irq_state();
-        state.cancelled = true;
+        self.cancelled.store(true, Ordering::Release);
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
         drop(state);
         if let Io::User { client, .. } = &self.io {
@@ -921,8 +958,16 @@ impl Device {
     }
 
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
+    /// Takes no lock: a disable racing with it leaves the kernel nothing to signal, as if
+    /// the trigger had come first.
     pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
-        self.with_route(index, vector, |_, _| Ok(()))?;
+        self.check_vectors(index, vector, 1)?;
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(self.cancelled(index, vector, "the device is being closed"));
+        }
+        if !self.routed[index as usize][vector as usize].load(Ordering::Relaxed) {
+            return Err(self.not_enabled(index, vector));
+        }
         self.send_action(index, vector, Action::Trigger)
     }
 
@@ -936,18 +981,22 @@ impl Device {
     ) -> Result<T> {
         self.check_vectors(index, vector, 1)?;
         let state = self.irq_state();
-        if state.cancelled {
+        if self.cancelled.load(Ordering::Acquire) {
             return Err(self.cancelled(index, vector, "the device is being closed"));
         }
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
             (Some(fd), Some(cancel)) => f(fd, cancel),
-            _ => Err(Error::invalid(format!(
-                "{} {} vector {vector} is not enabled",
-                self.address,
-                irq_name(index)
-            ))),
+            _ => Err(self.not_enabled(index, vector)),
         }
+    }
+
+    fn not_enabled(&self, index: u32, vector: u32) -> Error {
+        Error::invalid(format!(
+            "{} {} vector {vector} is not enabled",
+            self.address,
+            irq_name(index)
+        ))
     }
 
     fn cancelled(&self, index: u32, vector: u32, why: &str) -> Error {
@@ -963,7 +1012,7 @@ impl Device {
         let state = self.irq_state();
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
-            _ if state.cancelled => {
+            _ if self.cancelled.load(Ordering::Acquire) => {
                 Err(self.cancelled(index, vector, "the device is being closed"))
             }
             (Some(now), Some(cancel)) if Arc::ptr_eq(&now.fd, fd) => Ok(cancel.clone()),

@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Error, ErrorKind, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 use vfio_bindings::bindings::vfio::*;
@@ -401,7 +402,12 @@ pub fn serve(path: &Path) -> std::thread::JoinHandle<()> {
     config[8..12].copy_from_slice(&0x00ff_0001u32.to_le_bytes()); // revision 1, class 0x00ff00
     config[0x10..0x14].copy_from_slice(&0xfe00_0000u32.to_le_bytes()); // BAR0: 32-bit memory
     config[0x18..0x1c].copy_from_slice(&0xfd00_000cu32.to_le_bytes()); // BAR2: 64-bit prefetchable
-    let server = Server::new(path, true, irqs, regions).expect("model: bind the socket");
+    // Bound and listening under a temporary name, then renamed into place: a test waiting for
+    // the path to appear cannot connect between bind() and listen() and be refused.
+    let binding = path.with_extension("binding");
+    let listener = UnixListener::bind(&binding).expect("model: bind the socket");
+    std::fs::rename(&binding, path).expect("model: rename the socket into place");
+    let server = Server::from_owned_fd(listener.into(), true, irqs, regions);
     config[0x20..0x24].copy_from_slice(&0xfc00_0000u32.to_le_bytes()); // BAR4: 32-bit memory
     let ram = mmap(ram_fd.as_raw_fd(), RAM_LEN + ROM_LEN, 0, true);
     for i in 0..ROM_LEN / 4 {

@@ -4,6 +4,7 @@ no root, no IOMMU. VFIOKIT_VFIO_USER_MODEL names the program; without it these t
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -33,7 +34,7 @@ def serving(socket: Path) -> Iterator[str]:
         pytest.fail("VFIOKIT_VFIO_USER_MODEL is not set: python/run-tests builds and names the model server")
     server = subprocess.Popen([program, str(socket)])
     deadline = time.monotonic() + 10
-    while not socket.exists():
+    while not socket.exists():  # the model renames it into place once listening
         assert server.poll() is None, "the model server exited"
         assert time.monotonic() < deadline, "the model server did not start"
         time.sleep(0.01)
@@ -79,6 +80,14 @@ def test_the_library_decides_what_goes_through_the_mapping(model: str) -> None:
         with pytest.raises(TypeError):
             rom.mem[0] = 1
         assert rom.read32(8) == ROM_BASE + 2
+        # The decision as taken: the read-only BAR's reads go straight through the mapping
+        # (closures on the instance), its writes through the library; an offset the mapping
+        # does not take (misaligned, negative, past the end) is the library's to refuse.
+        assert "read32" in vars(rom) and "write32" not in vars(rom)
+        for offset in (2, -4, ROM_LEN):
+            with pytest.raises(OSError) as bad:
+                rom.read32(offset)
+            assert bad.value.errno == errno.EINVAL, offset
         # BAR2 has a hole reached by messages: its accessors work across all of it.
         ram = dev.map(2)
         for offset in (0, 20 << 10, 40 << 10):

@@ -165,14 +165,8 @@ _FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 def _reader(bits: int, ctype: Any) -> Callable[[Region, int], int]:
     func = getattr(_lib, f"vfiokit_read{bits}")
-    width = bits // 8
 
     def read(self: Region, offset: int) -> int:
-        # Mapped in full: straight through the mapping, as the C accessor would go, without
-        # the cost of a ctypes call (most of the time of a Python register access).
-        direct = self._direct_read
-        if direct is not None and offset % width == 0 and 0 <= offset <= self._direct_size - width:
-            return direct[width][offset // width]
         value = ctype()
         func(self._device._handle(), self.index, offset, byref(value))
         return value.value
@@ -184,19 +178,50 @@ def _reader(bits: int, ctype: Any) -> Callable[[Region, int], int]:
 
 def _writer(bits: int) -> Callable[[Region, int, int], None]:
     func = getattr(_lib, f"vfiokit_write{bits}")
-    width = bits // 8
 
     def write(self: Region, offset: int, value: int) -> None:
         if not 0 <= value < 1 << bits:  # ctypes would silently truncate
             raise ValueError(f"{value:#x} does not fit in {bits} bits")
-        direct = self._direct_write
-        if direct is not None and offset % width == 0 and 0 <= offset <= self._direct_size - width:
-            direct[width][offset // width] = value
-            return
         func(self._device._handle(), self.index, offset, value)
 
     write.__name__ = write.__qualname__ = f"write{bits}"
-    write.__doc__ = f"One {bits}-bit write at `offset` (aligned): through the mapping or the device fd."
+    write.__doc__ = f"One {bits}-bit write at `offset` (aligned), through the mapping or the device fd."
+    return write
+
+
+# Once a region is mapped, each accessor the library would take straight through the mapping
+# (vfiokit_region_map_info) becomes a closure over a typed view of it, set on the instance:
+# the access is then one Python call, one test and a memoryview item, without the cost of a
+# ctypes call (most of the time of a Python register access). The rest goes to the class's
+# accessors, through the library.
+
+def _fast_mask(view: memoryview, width: int) -> int:
+    """The bits an offset must not have for the direct path: misaligned ones, and any at or above
+    the largest power of two within the view (BARs are powers of two; the tail of a region that
+    is not goes through the library). Negative offsets have them all."""
+    return ~((1 << (len(view) * width).bit_length() - 1) - 1) | (width - 1)
+
+
+def _direct_reader(view: memoryview, width: int, slow: Callable[[int], int]) -> Callable[[int], int]:
+    bad, shift = _fast_mask(view, width), width.bit_length() - 1
+
+    def read(offset: int) -> int:
+        if offset & bad:
+            return slow(offset)
+        return view[offset >> shift]
+
+    return read
+
+
+def _direct_writer(view: memoryview, width: int,
+                   slow: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    bad, shift, limit = _fast_mask(view, width), width.bit_length() - 1, 1 << 8 * width
+
+    def write(offset: int, value: int) -> None:
+        if offset & bad or not 0 <= value < limit:
+            return slow(offset, value)
+        view[offset >> shift] = value
+
     return write
 
 
@@ -262,11 +287,7 @@ class Region:
         self.size: int = self.info.size
         self.address: Optional[int] = None  # of the mapping, once mapped
         self._mem: Optional[memoryview] = None
-        # Once mapped: the accesses the library makes straight through the mapping (as
-        # vfiokit_region_map_info says), a typed view per width for each kind it permits.
-        self._direct_size = 0
-        self._direct_read: Optional[dict[int, memoryview]] = None
-        self._direct_write: Optional[dict[int, memoryview]] = None
+        self._views: list[memoryview] = []  # typed views of the mapping, for the accessors
         self._writable = False
 
     read8, read16, read32, read64 = (_reader(8, c_uint8), _reader(16, c_uint16),
@@ -303,16 +324,28 @@ class Region:
     def _mapped(self, info: _capi.vfiokit_map_info) -> None:
         self.address = info.addr
         self._writable = bool(info.access & REGION_WRITE)
-        size = self._direct_size = info.direct
-        if size:
-            views = {w: self.mem[:size - size % w].cast(f) for w, f in _FORMATS.items()}
-            self._direct_read = views if info.access & REGION_READ else None
-            self._direct_write = views if info.access & REGION_WRITE else None
+        size = info.direct
+        if not size or not info.access & (REGION_READ | REGION_WRITE):
+            return
+        cls = type(self)
+        for width, fmt in _FORMATS.items():
+            view = self.mem[:size - size % width].cast(fmt)
+            self._views.append(view)
+            bits = 8 * width
+            if info.access & REGION_READ:
+                slow_read = getattr(cls, f"read{bits}").__get__(self)
+                setattr(self, f"read{bits}", _direct_reader(view, width, slow_read))
+            if info.access & REGION_WRITE:
+                slow_write = getattr(cls, f"write{bits}").__get__(self)
+                setattr(self, f"write{bits}", _direct_writer(view, width, slow_write))
 
     def _release(self) -> None:
-        for view in (self._direct_read or self._direct_write or {}).values():
+        for width in _FORMATS:
+            self.__dict__.pop(f"read{8 * width}", None)
+            self.__dict__.pop(f"write{8 * width}", None)
+        for view in self._views:
             view.release()
-        self._direct_read = self._direct_write = None
+        self._views.clear()
         if self._mem is not None:
             self._mem.release()
             self._mem = None

@@ -694,7 +694,11 @@ fn irq_case(o: &Opts, name: &str, vfiokit_dev: &str, raw_dev: &str) -> Vec<Figur
             // library's code adds, apart from any difference in the kernel objects.
             variant("raw on vfiokit's fds", move |n| {
                 for _ in 0..n {
-                    assert_eq!(raw::irq_round_trip(own_dfd, IRQ_REQ, own_efd), 1, "raw: one interrupt");
+                    assert_eq!(
+                        raw::irq_round_trip(own_dfd, IRQ_REQ, own_efd),
+                        1,
+                        "raw: one interrupt"
+                    );
                 }
             }),
             variant("vfiokit 1s timeout", move |n| {

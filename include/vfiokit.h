@@ -523,6 +523,28 @@ uint32_t vfiokit_iommu_kind(const struct vfiokit_iommu *iommu);
 // `iommu` must be NULL or a live context.
 int vfiokit_iommu_fd(const struct vfiokit_iommu *iommu);
 
+// Hands the context, and access to the `n` devices named in `devices` (bound to vfio-pci), to
+// the process at the other end of the UNIX socket `sock`, which rebuilds it with
+// `vfiokit_iommu_adopt`: a privileged helper opens, an unprivileged driver runs. The fds go
+// over SCM_RIGHTS (the container and the devices' groups, or /dev/iommu and their cdevs).
+// Only before any DMA mapping (`-EBUSY`); then close this handle: the context is the
+// receiver's to map in.
+//
+// # Safety
+// `iommu` NULL or live; `devices` valid for reading `n` pointers to NUL-terminated strings.
+int vfiokit_iommu_export(struct vfiokit_iommu *iommu,
+                         const char *const *devices,
+                         size_t n,
+                         int sock);
+
+// Rebuilds the context another process handed over with `vfiokit_iommu_export` on the UNIX
+// socket `sock`; open its devices with `vfiokit_device_open(name, *out, ...)`. A malformed
+// message is `-EPROTO`, with every fd that came with it closed.
+//
+// # Safety
+// `out` must be NULL or valid for writing a pointer.
+int vfiokit_iommu_adopt(int sock, struct vfiokit_iommu **out);
+
 // Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which
 // may exceed `cap`; `out` may be NULL when `cap` is 0).
 //

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::dmamap::DmaMap;
 use crate::error::{Error, Result};
+use crate::handoff::{self, Handoff};
 use crate::host::{self, PciDevice};
 use crate::iova::{self, IovaRange, IovaSpace};
-use crate::sys::{self, Context, iommufd, mem, sysfs, vfio};
+use crate::sys::{self, Context, iommufd, mem, socket, sysfs, vfio};
 use crate::vfio_user::{Client, DmaAccess};
 
 /// Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
@@ -187,6 +188,9 @@ struct State {
     guarded: Option<HashSet<u64>>,
     /// PCI addresses of the devices open in this context (see [`OpenDevice`]).
     devices: HashSet<String>,
+    /// An adopted iommufd context: the device cdevs handed over with it, by PCI address, each
+    /// taken by the device's first open.
+    adopted: HashMap<String, OwnedFd>,
     /// vfio-user contexts: each mapping's permission and fd, by IOVA.
     user_maps: HashMap<u64, UserMap>,
     /// The least alignment of IOVAs the allocator hands out: the page size, or the largest
@@ -315,23 +319,165 @@ impl Iommu {
             }
             _ => unreachable!("every container kind is matched above"),
         };
+        Ok(Iommu::with(backend, space, early, HashMap::new(), HashMap::new()))
+    }
+
+    /// A context over `backend` with no mapping yet.
+    fn with(
+        backend: Backend,
+        valid: Vec<IovaRange>,
+        early: Option<Vec<EarlyMap>>,
+        groups: HashMap<u32, OwnedFd>,
+        adopted: HashMap<String, OwnedFd>,
+    ) -> Iommu {
         let guard = std::env::var("VFIOKIT_DMA_GUARD").is_ok_and(|v| v == "1");
         let state = State {
-            groups: HashMap::new(),
-            space: IovaSpace::new(space),
+            groups,
+            space: IovaSpace::new(valid),
             early,
             maps: DmaMap::new(),
             buffers: HashMap::new(),
             guarded: guard.then(HashSet::new),
             devices: HashSet::new(),
+            adopted,
             user_maps: HashMap::new(),
             iova_align: sys::page_size() as u64,
         };
-        Ok(Iommu(Arc::new(DmaContext {
-            magic: DmaContext::MAGIC,
-            backend,
-            state: Mutex::new(state),
-        })))
+        Iommu(Arc::new(DmaContext { magic: DmaContext::MAGIC, backend, state: Mutex::new(state) }))
+    }
+
+    /// Hands this context, and access to the named devices (bound to vfio-pci), to the process
+    /// at the other end of the UNIX socket `sock`, which rebuilds it with
+    /// [`adopt`](Self::adopt): how a privileged helper opens what an unprivileged driver then
+    /// uses. The fds go over SCM_RIGHTS: the container and the devices' groups (type1, which
+    /// this attaches), or /dev/iommu and the devices' cdevs (iommufd). Only before any DMA
+    /// mapping: a mapping's memory is this process's. Afterwards the context is the receiver's
+    /// to map in; this process should close its handle.
+    pub fn export(&self, devices: &[&str], sock: BorrowedFd) -> Result<()> {
+        if devices.len() > handoff::MAX_ITEMS {
+            return Err(Error::invalid(format!(
+                "{} devices to hand over ({} at most)",
+                devices.len(),
+                handoff::MAX_ITEMS
+            )));
+        }
+        let pcis = devices
+            .iter()
+            .map(|name| {
+                let pci = PciDevice::find(name)?;
+                pci.require_vfio_driver()?;
+                Ok(pci)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut message =
+            Handoff { kind: self.kind().code(), ioas: 0, groups: Vec::new(), devices: Vec::new() };
+        let mut cdevs = Vec::new();
+        let mut state = self.state();
+        if !state.maps.is_empty() {
+            return Err(Error::new(
+                libc::EBUSY,
+                "the context has DMA mappings: hand it over before mapping (their memory is this process's)",
+            ));
+        }
+        let context = match &self.0.backend {
+            Backend::Type1 { container, .. } => {
+                for pci in &pcis {
+                    self.join_group(&mut state, container, pci.iommu_group()?)?;
+                }
+                let mut groups: Vec<u32> = state.groups.keys().copied().collect();
+                groups.sort_unstable();
+                message.groups = groups;
+                container.as_fd()
+            }
+            Backend::Iommufd { fd, ioas } => {
+                message.ioas = *ioas;
+                for pci in &pcis {
+                    cdevs.push(open_node(&pci.cdev()?, "")?);
+                    message.devices.push(pci.address.clone());
+                }
+                fd.as_fd()
+            }
+            Backend::VfioUser { .. } => {
+                return Err(Error::new(
+                    libc::ENOTSUP,
+                    "a vfio-user context has no fds to hand over: the other process connects to the device servers itself",
+                ));
+            }
+        };
+        let fds: Vec<_> = std::iter::once(context.as_raw_fd())
+            .chain(message.groups.iter().map(|g| state.groups[g].as_raw_fd()))
+            .chain(cdevs.iter().map(|fd| fd.as_raw_fd()))
+            .collect();
+        socket::send_with_fds(sock, &message.encode(), &fds).context(|| {
+            format!("handing the context to another process over fd {}", sock.as_raw_fd())
+        })
+    }
+
+    /// The context another process handed over with [`export`](Self::export) on the UNIX
+    /// socket `sock`; devices it named open with [`Device::open`](crate::Device::open) in it,
+    /// without the privileges opening their nodes needs. A malformed message, or fds that are
+    /// not what it says, is EPROTO, with every fd received closed.
+    pub fn adopt(sock: BorrowedFd) -> Result<Iommu> {
+        let what = || format!("receiving a handed-over context on fd {}", sock.as_raw_fd());
+        let mut bytes = vec![0u8; handoff::HEADER_LEN];
+        let mut fds =
+            socket::recv_exact_with_fds(sock, &mut bytes, handoff::MAX_FDS).context(what)?;
+        let len = Handoff::len_from_header(&bytes).map_err(|e| protocol(e.to_string()))?;
+        bytes.resize(len, 0);
+        fds.extend(
+            socket::recv_exact_with_fds(sock, &mut bytes[handoff::HEADER_LEN..], handoff::MAX_FDS)
+                .context(what)?,
+        );
+        let message = Handoff::decode(&bytes).map_err(|e| protocol(e.to_string()))?;
+        if fds.len() != message.fds() {
+            return Err(protocol(format!(
+                "{} fds came with a message listing {}",
+                fds.len(),
+                message.fds()
+            )));
+        }
+        let mut fds = fds.into_iter();
+        let context = fds.next().expect("counted above");
+        let kind = match IommuKind::from_code(message.kind) {
+            Ok(kind) if message.kind != IOMMU_AUTO && kind != IommuKind::VfioUser => kind,
+            _ => {
+                return Err(protocol(format!(
+                    "context kind {} cannot be handed over",
+                    message.kind
+                )));
+            }
+        };
+        if kind.is_container() {
+            if !message.devices.is_empty() {
+                return Err(protocol("device cdevs came with a type1 context".into()));
+            }
+            let groups: HashMap<u32, OwnedFd> = message.groups.iter().copied().zip(fds).collect();
+            const CONTAINER_SET: u32 =
+                vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_CONTAINER_SET;
+            for (group, fd) in &groups {
+                if vfio::group_flags(fd.as_fd()).map_or(true, |f| f & CONTAINER_SET == 0) {
+                    return Err(protocol(format!(
+                        "the fd of group {group} is not a group in a container"
+                    )));
+                }
+            }
+            let (valid, early) = match groups.is_empty() {
+                true => (vec![IovaRange { start: 0, last: u64::MAX }], Some(Vec::new())),
+                false => {
+                    (type1_ranges(&context).map_err(|e| protocol(e.message().to_string()))?, None)
+                }
+            };
+            let backend = Backend::Type1 { container: context, kind };
+            return Ok(Iommu::with(backend, valid, early, groups, HashMap::new()));
+        }
+        if !message.groups.is_empty() {
+            return Err(protocol("group fds came with an iommufd context".into()));
+        }
+        let valid =
+            ioas_ranges(&context, message.ioas).map_err(|e| protocol(e.message().to_string()))?;
+        let adopted = message.devices.into_iter().zip(fds).collect();
+        let backend = Backend::Iommufd { fd: context, ioas: message.ioas };
+        Ok(Iommu::with(backend, valid, None, HashMap::new(), adopted))
     }
 
     /// Opens a new context of the kind [`IommuKind::auto`] picks: iommufd where the kernel
@@ -476,26 +622,23 @@ impl Iommu {
             Backend::Type1 { container, .. } => {
                 let group = dev.iommu_group()?;
                 let mut state = self.state();
-                if !state.groups.contains_key(&group) {
-                    let first = state.groups.is_empty().then_some(self.kind());
-                    let fd = attach_group(container, group, first)?;
-                    if let Some(early) = state.early.take() {
-                        // On failure the group fd closes, leaving the container as it was.
-                        let ranges = replay_early_maps(container, &early).inspect_err(|_| {
-                            state.early = Some(early);
-                        })?;
-                        state.space.set_valid(ranges);
-                    }
-                    state.groups.insert(group, fd);
-                }
+                self.join_group(&mut state, container, group)?;
                 vfio::group_device_fd(state.groups[&group].as_fd(), &dev.address).context(|| {
                     format!("getting the VFIO device fd of {} from group {group}", dev.address)
                 })
             }
             Backend::VfioUser { .. } => unreachable!("refused by open_device"),
             Backend::Iommufd { fd, ioas } => {
-                let cdev = dev.cdev()?;
-                let device = open_node(&cdev, "")?;
+                // An adopted context's devices come with their cdevs: the process that
+                // adopted it may not be allowed to open the nodes.
+                let adopted = self.state().adopted.remove(&dev.address);
+                let (device, cdev) = match adopted {
+                    Some(fd) => (fd, format!("the cdev handed over for {}", dev.address)),
+                    None => {
+                        let cdev = dev.cdev()?;
+                        (open_node(&cdev, "")?, cdev)
+                    }
+                };
                 iommufd::bind(device.as_fd(), fd.as_fd()).map_err(|sys::Errno(e)| match e {
                     _ if dev.iommu_group().is_ok_and(|g| !host::group_blockers(g).is_empty()) => {
                         host::not_viable(dev.iommu_group().unwrap_or_default())
@@ -528,6 +671,25 @@ impl Iommu {
                 Ok(device)
             }
         }
+    }
+
+    /// Attaches `group` to the type1 container unless it is already; the first group sets the
+    /// IOMMU type and gives the kernel the maps made before it.
+    fn join_group(&self, state: &mut State, container: &OwnedFd, group: u32) -> Result<()> {
+        if state.groups.contains_key(&group) {
+            return Ok(());
+        }
+        let first = state.groups.is_empty().then_some(self.kind());
+        let fd = attach_group(container, group, first)?;
+        if let Some(early) = state.early.take() {
+            // On failure the group fd closes, leaving the container as it was.
+            let ranges = replay_early_maps(container, &early).inspect_err(|_| {
+                state.early = Some(early);
+            })?;
+            state.space.set_valid(ranges);
+        }
+        state.groups.insert(group, fd);
+        Ok(())
     }
 
     /// The IOVA ranges devices in this context may use.
@@ -1156,4 +1318,9 @@ fn type1_ranges(container: &OwnedFd) -> Result<Vec<IovaRange>> {
     let reply = vfio::iommu_info(container.as_fd()).context(|| "VFIO_IOMMU_GET_INFO")?;
     iova::decode_type1_ranges(&reply)
         .map_err(|e| Error::new(libc::EPROTO, format!("type1 IOMMU info: {e}")))
+}
+
+/// A handover refused: EPROTO, with what was wrong.
+fn protocol(why: String) -> Error {
+    Error::new(libc::EPROTO, format!("refusing a handed-over context: {why}"))
 }

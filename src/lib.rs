@@ -13,6 +13,7 @@ pub mod dmamap;
 mod error;
 #[cfg(test)]
 mod fixtures;
+mod handoff;
 mod host;
 mod iommu;
 pub mod iova;

@@ -1,11 +1,11 @@
 //! C exports for DMA contexts.
 
-use super::{ArcHandle, call, call_or, need, put};
-use crate::error::Result;
+use super::{ArcHandle, call, call_or, need, put, str_arg};
+use crate::error::{Error, Result};
 use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu, IommuKind};
 use crate::iova::IovaRange;
-use std::ffi::{c_int, c_void};
-use std::os::fd::AsRawFd;
+use std::ffi::{c_char, c_int, c_void};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
 pub struct vfiokit_iommu {
@@ -75,6 +75,62 @@ pub unsafe extern "C" fn vfiokit_iommu_kind(iommu: *const vfiokit_iommu) -> u32 
 pub unsafe extern "C" fn vfiokit_iommu_fd(iommu: *const vfiokit_iommu) -> c_int {
     // SAFETY: forwarded from the caller.
     call_or(|e| -e.errno(), || Ok(unsafe { self::iommu(iommu) }?.fd()?.as_raw_fd()))
+}
+
+/// Hands the context, and access to the `n` devices named in `devices` (bound to vfio-pci), to
+/// the process at the other end of the UNIX socket `sock`, which rebuilds it with
+/// `vfiokit_iommu_adopt`: a privileged helper opens, an unprivileged driver runs. The fds go
+/// over SCM_RIGHTS (the container and the devices' groups, or /dev/iommu and their cdevs).
+/// Only before any DMA mapping (`-EBUSY`); then close this handle: the context is the
+/// receiver's to map in.
+///
+/// # Safety
+/// `iommu` NULL or live; `devices` valid for reading `n` pointers to NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_export(
+    iommu: *mut vfiokit_iommu,
+    devices: *const *const c_char,
+    n: usize,
+    sock: c_int,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        let iommu = unsafe { self::iommu(iommu) }?;
+        if n > 0 {
+            need(devices.cast_mut(), "devices")?;
+        }
+        let names = (0..n)
+            // SAFETY: the caller provides n string pointers.
+            .map(|i| unsafe { str_arg(*devices.add(i), "a device name") })
+            .collect::<Result<Vec<_>>>()?;
+        iommu.export(&names, socket_arg(sock)?)
+    })
+}
+
+/// Rebuilds the context another process handed over with `vfiokit_iommu_export` on the UNIX
+/// socket `sock`; open its devices with `vfiokit_device_open(name, *out, ...)`. A malformed
+/// message is `-EPROTO`, with every fd that came with it closed.
+///
+/// # Safety
+/// `out` must be NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_adopt(sock: c_int, out: *mut *mut vfiokit_iommu) -> c_int {
+    call(|| {
+        need(out, "out")?;
+        let h = vfiokit_iommu::into_c(Iommu::adopt(socket_arg(sock)?)?.into_arc());
+        // SAFETY: checked non-null; the caller provides a writable slot.
+        unsafe { put(out, "out", h) }
+    })
+}
+
+/// The caller's socket, borrowed for one call.
+fn socket_arg(sock: c_int) -> Result<BorrowedFd<'static>> {
+    if sock < 0 {
+        return Err(Error::new(libc::EBADF, format!("socket {sock} is not a file descriptor")));
+    }
+    // SAFETY: the caller's fd, open for the duration of the call (a closed one fails in the
+    // kernel with EBADF).
+    Ok(unsafe { BorrowedFd::borrow_raw(sock) })
 }
 
 /// Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which

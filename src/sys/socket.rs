@@ -131,6 +131,26 @@ pub(crate) fn recv_with_fds(
     Ok((n, fds))
 }
 
+/// Fills all of `buf`, keeping every fd that comes along (at most `max_fds` a call). A peer
+/// that closes first is ECONNRESET.
+pub(crate) fn recv_exact_with_fds(
+    sock: BorrowedFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> SysResult<Vec<OwnedFd>> {
+    let (mut done, mut fds) = (0, Vec::new());
+    while done < buf.len() {
+        match recv_with_fds(sock, &mut buf[done..], max_fds)? {
+            (0, _) => return Err(Errno(libc::ECONNRESET)),
+            (n, more) => {
+                done += n;
+                fds.extend(more);
+            }
+        }
+    }
+    Ok(fds)
+}
+
 /// Ends both directions of a socket: a thread blocked receiving on it wakes with 0 bytes.
 pub(crate) fn shutdown(sock: BorrowedFd) {
     // SAFETY: plain syscall; failure (already shut down) changes nothing we rely on.

@@ -4,6 +4,7 @@
 mod common;
 mod equivalence;
 mod fidelity;
+mod handoff;
 mod harness;
 
 use std::ptr::NonNull;
@@ -65,6 +66,8 @@ const CASES: &[harness::Case] = &[
         exit_without_close_leaves_the_device_reusable,
     ),
     ("second_process_gets_ebusy", second_process_gets_ebusy),
+    ("handoff_to_an_unprivileged_process", handoff::handoff_to_an_unprivileged_process),
+    ("malformed_handoffs_are_refused", handoff::malformed_handoffs_are_refused),
     ("backends_agree", equivalence::backends_agree),
 ];
 

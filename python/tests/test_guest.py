@@ -6,9 +6,12 @@ import errno
 import gc
 import mmap
 import os
+import resource
 import selectors
+import socket
 import struct
 import time
+import traceback
 
 import pytest
 
@@ -170,6 +173,43 @@ def test_edu_dma_round_trip(edu):
             dma(EDU_BUFFER, buf.iova + 2048, to_ram=True)
             assert buf.mem[2048:4096] == pattern
         assert buf.address == 0 and "freed" in repr(buf)
+
+
+def test_handoff_to_an_unprivileged_process(edu):
+    """Root hands a context with edu to a child running as nobody, which cannot open edu itself
+    and raises an MSI and allocates DMA memory through the adopted context."""
+    root_end, driver_end = socket.socketpair()
+    with vfiokit.Iommu() as iommu:
+        iommu.export([edu], root_end)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 << 20, 64 << 20))
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                vfiokit.open(edu)
+            except PermissionError:
+                pass
+            else:
+                raise AssertionError("nobody opened edu without the handoff")
+            with vfiokit.Iommu.adopt(driver_end) as iommu, vfiokit.Device(edu, iommu) as dev:
+                bus_master(dev)
+                with dev.irq(vfiokit.IRQ_MSI) as irq, iommu.alloc(4096) as buf:
+                    registers(dev).write32(IRQ_RAISE, 0x2)
+                    assert irq.wait(timeout=5.0) >= 1 and buf.iova
+                    registers(dev).write32(IRQ_ACK, 0x2)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged child failed"
+    with pytest.raises(OSError) as e:
+        vfiokit.Iommu.adopt(-1)
+    assert e.value.errno == errno.EBADF
 
 
 def test_translate_and_readonly(edu):

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import weakref
-from ctypes import byref, c_char, c_int, c_size_t, c_ubyte, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
+from ctypes import byref, c_char, c_char_p, c_int, c_size_t, c_ubyte, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
 from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 try:
@@ -470,6 +470,10 @@ class DmaBuffer(_Closing):
         return f"<vfiokit.DmaBuffer {self.size:#x} ({human_size(self.size)}), {state}>"
 
 
+def _fileno(sock: Union[int, Any]) -> int:
+    return sock if isinstance(sock, int) else sock.fileno()
+
+
 class Iommu(_Closing):
     """A DMA context: `IOMMU_AUTO` (iommufd where the kernel has it, else type1), `_TYPE1`
     or `_IOMMUFD`. Devices opened in it keep it alive in the library; close() drops ours."""
@@ -484,7 +488,8 @@ class Iommu(_Closing):
         self._maps: dict[int, tuple[int, object]] = {}  # iova -> (length, what keeps the memory)
 
     @classmethod
-    def _borrow(cls, handle: int, owner: Device) -> Iommu:
+    def _wrap(cls, handle: int, owner: Optional[Device]) -> Iommu:
+        """A context from a handle: `owner`'s borrowed one, or (None) one of ours to close."""
         self = cls.__new__(cls)
         self._h, self._owner, self._closed = handle, owner, False
         self._buffers, self._maps = weakref.WeakSet(), {}
@@ -505,6 +510,22 @@ class Iommu(_Closing):
     def fileno(self) -> int:
         """The context's fd (type1 container or /dev/iommu; borrowed: do not close it)."""
         return _lib.vfiokit_iommu_fd(self._handle())
+
+    def export(self, devices: list[str], sock: Union[int, Any]) -> None:
+        """Hands this context, and access to `devices` (bound to vfio-pci), to the process at
+        the other end of the UNIX socket `sock` (an fd or a socket object), which rebuilds it
+        with Iommu.adopt: a privileged helper opens, an unprivileged driver runs. Only before
+        any DMA mapping; then close this handle."""
+        names = (c_char_p * len(devices))(*(os.fsencode(d) for d in devices))
+        _lib.vfiokit_iommu_export(self._handle(), names, len(devices), _fileno(sock))
+
+    @classmethod
+    def adopt(cls, sock: Union[int, Any]) -> Iommu:
+        """The context another process handed over with export() on the UNIX socket `sock`;
+        open its devices with Device(name, iommu)."""
+        handle = c_void_p()
+        _lib.vfiokit_iommu_adopt(_fileno(sock), byref(handle))
+        return cls._wrap(handle.value, None)
 
     def iova_ranges(self) -> list[IovaRange]:
         """The valid IOVA ranges (a type1 context has them once a device is in it)."""
@@ -695,7 +716,7 @@ class Device(_Closing):
         """The device's DMA context: the one given to open(), or the process-wide shared one
         (borrowed: its DMA buffers are freed when the device closes)."""
         if self._iommu is None:
-            self._iommu = Iommu._borrow(_lib.vfiokit_device_iommu(self._handle()), self)
+            self._iommu = Iommu._wrap(_lib.vfiokit_device_iommu(self._handle()), self)
         return self._iommu
 
     def close(self) -> None:

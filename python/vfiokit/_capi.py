@@ -139,6 +139,8 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_iommu_close": (None, [_iommu], None),
     "vfiokit_iommu_kind": (c_uint32, [_iommu], None),
     "vfiokit_iommu_fd": (c_int, [_iommu], _check_int),
+    "vfiokit_iommu_export": (c_int, [_iommu, POINTER(c_char_p), c_size_t, c_int], _check_int),
+    "vfiokit_iommu_adopt": (c_int, [c_int, POINTER(_iommu)], _check_int),
     "vfiokit_iommu_iova_ranges": (c_int, [_iommu, POINTER(vfiokit_iova_range), c_size_t, POINTER(c_size_t)], _check_int),
     "vfiokit_dma_map": (c_int, [_iommu, c_void_p, c_size_t, c_uint64], _check_int),
     "vfiokit_dma_map_any": (c_int, [_iommu, c_void_p, c_size_t, POINTER(c_uint64)], _check_int),

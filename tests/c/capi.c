@@ -12,6 +12,9 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <linux/vfio.h>
@@ -128,6 +131,9 @@ static void null_arguments(void)
 	FAILS(vfiokit_device_get_info(NULL, NULL), EINVAL);
 	FAILS(vfiokit_device_fd(NULL), EINVAL);
 	FAILS(vfiokit_iommu_fd(NULL), EINVAL);
+	FAILS(vfiokit_iommu_export(NULL, NULL, 0, 0), EINVAL);
+	FAILS(vfiokit_iommu_adopt(0, NULL), EINVAL);
+	FAILS(vfiokit_iommu_adopt(-1, &io), EBADF);
 	FAILS(vfiokit_device_feature(NULL, 3, VFIOKIT_FEATURE_PROBE, NULL, 0), EINVAL);
 	FAILS_AS(vfiokit_device_regions(NULL, &n), NULL);
 	FAILS_AS(vfiokit_device_areas(NULL, &n), NULL);
@@ -372,12 +378,59 @@ static void no_leaks(void)
 	       count_lines("/proc/self/maps"));
 }
 
+/* A root process hands a context with edu to a child running as nobody, which cannot open edu
+ * itself and drives it through the adopted context; a second handoff of garbage is refused. */
+static void handoff(void)
+{
+	const char *edu = env("VFIOKIT_TEST_EDU");
+	const char *names[] = {edu};
+	vfiokit_iommu *io = NULL;
+	int sv[2], status = 0;
+	pid_t pid;
+
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+	CHECK(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, &io) == 0);
+	FAILS(vfiokit_iommu_export(io, NULL, 1, sv[0]), EINVAL);
+	FAILS(vfiokit_iommu_export(io, names, 1, -1), EBADF);
+	CHECK(vfiokit_iommu_export(io, names, 1, sv[0]) == 0);
+	vfiokit_iommu_close(io);
+	CHECK(write(sv[0], "not a handoff, but 24 bytes", 24) == 24);
+	pid = fork();
+	if (pid == 0) {
+		struct rlimit rl = {64 << 20, 64 << 20};
+		vfiokit_iommu *adopted = NULL, *garbage = NULL;
+		vfiokit_device *dev = NULL;
+		void *buf = NULL;
+		uint64_t iova = 0, count = 0;
+		int efd = -1;
+		int ok = setrlimit(RLIMIT_MEMLOCK, &rl) == 0 && setgid(65534) == 0 && setuid(65534) == 0;
+		ok = ok && vfiokit_device_open(edu, NULL, &dev) == -EACCES;
+		ok = ok && vfiokit_iommu_adopt(sv[1], &adopted) == 0;
+		ok = ok && vfiokit_device_open(edu, adopted, &dev) == 0;
+		ok = ok && vfiokit_dma_alloc(adopted, 4096, &buf, &iova) == 0;
+		ok = ok && vfiokit_irq_enable(dev, VFIOKIT_IRQ_MSI, 0, 1, &efd) == 0;
+		ok = ok && vfiokit_irq_trigger(dev, VFIOKIT_IRQ_MSI, 0) == 0;
+		ok = ok && vfiokit_irq_wait(dev, VFIOKIT_IRQ_MSI, 0, 1000, &count) == 0 && count == 1;
+		ok = ok && vfiokit_iommu_adopt(sv[1], &garbage) == -EPROTO && garbage == NULL;
+		if (!ok)
+			fprintf(stderr, "handoff child: %s\n", vfiokit_last_error());
+		vfiokit_device_close(dev);
+		vfiokit_iommu_close(adopted);
+		_exit(ok ? 0 : 1);
+	}
+	CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	close(sv[0]);
+	close(sv[1]);
+}
+
 int main(void)
 {
 	CHECK(vfiokit_last_error()[0] == '\0');
 	null_arguments();
 	bad_names();
 	with_edu();
+	handoff();
 	no_leaks();
 	printf("capi: %d passed, %d failed\n", passed, failed);
 	return failed != 0;

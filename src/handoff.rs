@@ -22,6 +22,7 @@ pub(crate) const MAX_ITEMS: usize = 64;
 pub(crate) const MAX_FDS: usize = 1 + 2 * MAX_ITEMS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) struct Handoff {
     /// The context's `IOMMU_*` code.
     pub kind: u32,

@@ -49,6 +49,11 @@ pub mod vfio_user_proto {
     };
 }
 
+/// The handoff message decoder, for the fuzz targets: not API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use handoff::Handoff;
+
 /// The C ABI's version: bumped (with the soname) on any incompatible change.
 pub const ABI_VERSION: u32 = 1;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

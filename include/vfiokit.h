@@ -50,6 +50,48 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // `vfiokit_device_feature` (`Device::feature`): ask whether the feature (with GET and/or SET) is supported.
 #define VFIOKIT_FEATURE_PROBE (1 << 18)
 
+// How much a finding matters.
+#define VFIOKIT_SEVERITY_INFO 0
+
+// Works, but something will be missing or slow.
+#define VFIOKIT_SEVERITY_WARNING 1
+
+// Opening the device (or any device) fails until this is fixed.
+#define VFIOKIT_SEVERITY_BLOCKER 2
+
+// No IOMMU is active (firmware or kernel command line).
+#define VFIOKIT_FINDING_IOMMU_OFF 1
+
+// The vfio-pci driver is not loaded.
+#define VFIOKIT_FINDING_VFIO_PCI_MISSING 2
+
+// No such device.
+#define VFIOKIT_FINDING_NO_DEVICE 3
+
+// The device is bound to another driver, or to none.
+#define VFIOKIT_FINDING_NOT_BOUND 4
+
+// Another device of the group is bound to a driver other than vfio-pci.
+#define VFIOKIT_FINDING_GROUP_NOT_VIABLE 5
+
+// A node this process must open (group, cdev, /dev/iommu) is not readable and writable.
+#define VFIOKIT_FINDING_NODE_PERMISSION 6
+
+// RLIMIT_MEMLOCK is low and the process lacks CAP_IPC_LOCK: DMA maps beyond it fail.
+#define VFIOKIT_FINDING_MEMLOCK_LOW 7
+
+// No iommufd or no VFIO device cdev: the type1 backend is used.
+#define VFIOKIT_FINDING_NO_IOMMUFD 8
+
+// No 2 MiB hugepages reserved: DMA_HUGE_2M allocations fail.
+#define VFIOKIT_FINDING_NO_HUGEPAGES 9
+
+// The device has no reset method: device reset is ENOTSUP.
+#define VFIOKIT_FINDING_NO_RESET 10
+
+// VFIO's unsafe no-IOMMU mode is on: devices can DMA anywhere, and the kernel is tainted.
+#define VFIOKIT_FINDING_NOIOMMU_MODE 11
+
 // Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
 #define VFIOKIT_IOMMU_AUTO 0
 
@@ -157,6 +199,20 @@ typedef struct vfiokit_device vfiokit_device;
 // A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
 typedef struct vfiokit_iommu vfiokit_iommu;
 
+// One finding: a fixed-size record (the C API's `vfiokit_finding`, 512 bytes), its subject
+// and message NUL-terminated (cut at a character boundary if longer).
+typedef struct vfiokit_finding {
+  // `FINDING_*`.
+  uint32_t code;
+  // `SEVERITY_*`.
+  uint32_t severity;
+  // What it is about: a PCI address, a path, "RLIMIT_MEMLOCK".
+  char subject[64];
+  // What is wrong and how to fix it.
+  char message[424];
+  uint64_t reserved[2];
+} vfiokit_finding;
+
 // What `vfiokit_device_get_info` reports of a device: VFIO's device flags and counts, and the
 // identity from its PCI config header, read once at open. 64 bytes.
 typedef struct vfiokit_device_info {
@@ -251,6 +307,16 @@ const char *vfiokit_version(void);
 // This thread's last failure message, "" if none yet. Valid until this thread's next failing
 // call. Successful calls leave it unchanged.
 const char *vfiokit_last_error(void);
+
+// The set-up problems found for this machine and, unless `name` is NULL, for that device (PCI
+// address or sysfs path), most severe first: copies up to `cap` `vfiokit_finding` records to
+// `out` and sets `*n` to how many there are (which may exceed `cap`; `out` may be NULL when
+// `cap` is 0). Each says what is wrong and how to fix it; none of severity
+// `VFIOKIT_SEVERITY_BLOCKER` means nothing found stops an open. Changes nothing.
+//
+// # Safety
+// `name` NULL or a NUL-terminated string; `out` valid for `cap` records; `n` for a write.
+int vfiokit_doctor(const char *name, struct vfiokit_finding *out, size_t cap, size_t *n);
 
 // Binds a PCI device to vfio-pci through driver_override (needs root).
 //

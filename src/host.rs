@@ -9,7 +9,7 @@ use crate::sys::Context;
 use crate::sys::sysfs;
 
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
-const VFIO_DRIVER: &str = "vfio-pci";
+pub(crate) const VFIO_DRIVER: &str = "vfio-pci";
 const CDEV_DIR: &str = "/dev/vfio/devices/";
 
 /// A PCI device as sysfs describes it.

@@ -10,6 +10,7 @@ mod capi;
 mod caps;
 mod device;
 pub mod dmamap;
+mod doctor;
 mod error;
 #[cfg(test)]
 mod fixtures;
@@ -28,6 +29,12 @@ pub use device::{
     Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, MapInfo, VFIO_USER_PREFIX, Width,
 };
 pub use dmamap::{DmaMap, DmaMapping};
+pub use doctor::{
+    FINDING_GROUP_NOT_VIABLE, FINDING_IOMMU_OFF, FINDING_MEMLOCK_LOW, FINDING_NO_DEVICE,
+    FINDING_NO_HUGEPAGES, FINDING_NO_IOMMUFD, FINDING_NO_RESET, FINDING_NODE_PERMISSION,
+    FINDING_NOIOMMU_MODE, FINDING_NOT_BOUND, FINDING_VFIO_PCI_MISSING, Finding, SEVERITY_BLOCKER,
+    SEVERITY_INFO, SEVERITY_WARNING, doctor,
+};
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
 pub use iommu::{

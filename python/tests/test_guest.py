@@ -212,6 +212,22 @@ def test_handoff_to_an_unprivileged_process(edu):
     assert e.value.errno == errno.EBADF
 
 
+def test_doctor(edu, testdev):
+    """`python -m vfiokit doctor`: exit 0 for a ready device; 2, with the fix, for an unbound one."""
+    ready = cli_main("doctor", edu)
+    assert ready.returncode == 0 and "blocker" not in ready.stdout
+    vfiokit.unbind(testdev)
+    try:
+        unbound = cli_main("doctor", testdev)
+        found = vfiokit.doctor(testdev)
+    finally:
+        vfiokit.bind(testdev)
+    assert unbound.returncode == 2
+    assert f"blocker  {testdev}: {testdev} is not bound to any driver" in unbound.stdout
+    assert "python3 -m vfiokit bind" in unbound.stdout
+    assert found[0].code == vfiokit.FINDING_NOT_BOUND and found[0].severity == vfiokit.SEVERITY_BLOCKER
+
+
 def test_translate_and_readonly(edu):
     """iommu.translate() of an address, a buffer and a memoryview slice; DMA_READONLY memory
     is read by edu's DMA engine and not written."""

@@ -38,7 +38,10 @@ from ._capi import (  # noqa: F401  (re-exported: the header's constants)
     IRQ_MASKABLE, IRQ_MSI, IRQ_MSIX, IRQ_NORESIZE, IRQ_REQ, PCI_BAR0, PCI_BAR1, PCI_BAR2, PCI_BAR3,
     PCI_BAR4, PCI_BAR5, PCI_CAP_EXTENDED, PCI_CONFIG, PCI_ROM, PCI_VGA, REGION_IO_PORT,
     REGION_MEM64, REGION_MMAP, REGION_MSIX_MAPPABLE, REGION_PREFETCH, REGION_PRESENT,
-    REGION_READ, REGION_SPARSE, REGION_WRITE,
+    REGION_READ, REGION_SPARSE, REGION_WRITE, SEVERITY_BLOCKER, SEVERITY_INFO, SEVERITY_WARNING,
+    FINDING_GROUP_NOT_VIABLE, FINDING_IOMMU_OFF, FINDING_MEMLOCK_LOW, FINDING_NO_DEVICE,
+    FINDING_NO_HUGEPAGES, FINDING_NO_IOMMUFD, FINDING_NO_RESET, FINDING_NODE_PERMISSION,
+    FINDING_NOIOMMU_MODE, FINDING_NOT_BOUND, FINDING_VFIO_PCI_MISSING,
 )
 
 __version__ = "0.1.0"
@@ -744,6 +747,29 @@ def open(name: str, iommu: Optional[Iommu] = None) -> Device:  # noqa: A001 (lik
     return Device(name, iommu)
 
 
+class Finding(NamedTuple):
+    """One set-up problem doctor() found: FINDING_* code, SEVERITY_* severity, its subject (an
+    address, a path, "RLIMIT_MEMLOCK") and a message that says how to fix it."""
+    code: int
+    severity: int
+    subject: str
+    message: str
+
+
+SEVERITY_NAMES = {SEVERITY_INFO: "info", SEVERITY_WARNING: "warning", SEVERITY_BLOCKER: "blocker"}
+
+
+def doctor(name: Optional[str] = None) -> list[Finding]:
+    """The set-up problems found for this machine and, if given, device `name`, most severe
+    first; none of SEVERITY_BLOCKER means nothing found stops an open. Changes nothing."""
+    n = c_size_t()
+    key = os.fsencode(name) if name is not None else None
+    _lib.vfiokit_doctor(key, None, 0, byref(n))
+    out = (_capi.vfiokit_finding * n.value)()
+    _lib.vfiokit_doctor(key, out, n.value, byref(n))
+    return [Finding(f.code, f.severity, f.subject.decode(), f.message.decode()) for f in out[: n.value]]
+
+
 def bind(address: str) -> None:
     """Binds a PCI device to vfio-pci through driver_override (root)."""
     _lib.vfiokit_pci_bind(address.encode())
@@ -755,6 +781,6 @@ def unbind(address: str) -> None:
 
 
 __all__ = [
-    "open", "bind", "unbind", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "RegionInfo",
+    "open", "bind", "unbind", "doctor", "Finding", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "RegionInfo",
     "AreaInfo", "IrqInfo", "IovaRange", "human_size", "LIBRARY_VERSION", "ABI_VERSION",
-] + [n for n in dir(_capi) if n.isupper() and n.split("_")[0] in ("IOMMU", "IRQ", "PCI", "REGION")]
+] + [n for n in dir(_capi) if n.isupper() and n.split("_")[0] in ("IOMMU", "IRQ", "PCI", "REGION", "SEVERITY", "FINDING")]

@@ -5,6 +5,7 @@
     peek ADDR REGION OFFSET [WIDTH]         one read (WIDTH in bits: 8, 16, 32, 64; default 32)
     poke ADDR REGION OFFSET VALUE [WIDTH]   one write
     bind ADDR / unbind ADDR                 to/from vfio-pci (root)
+    doctor [ADDR]                           set-up problems and their fixes (exit 0: none blocks)
 
 REGION is a number or a name (bar0..bar5, rom, config, vga); numbers are hex (0x...) or decimal.
 """
@@ -106,6 +107,16 @@ def cmd_bind(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import vfiokit
+    findings = vfiokit.doctor(args.address)
+    for f in findings:
+        print(f"{vfiokit.SEVERITY_NAMES[f.severity]:8} {f.subject}: {f.message}")
+    if not findings:
+        print("no problem found")
+    return 2 if any(f.severity == vfiokit.SEVERITY_BLOCKER for f in findings) else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vfiokit", description="VFIO devices through libvfiokit.",
                                 epilog="REGION: a number or bar0..bar5, rom, config, vga. "
@@ -117,8 +128,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("poke", help="write a register").set_defaults(run=cmd_poke)
     sub.add_parser("bind", help="bind to vfio-pci (root)").set_defaults(run=cmd_bind)
     sub.add_parser("unbind", help="unbind from vfio-pci (root)").set_defaults(run=cmd_bind)
+    doctor = sub.add_parser("doctor", help="set-up problems and how to fix them (exit 2 if one blocks)")
+    doctor.set_defaults(run=cmd_doctor)
+    doctor.add_argument("address", nargs="?", help="a device to check too")
     for name, s in sub.choices.items():
-        if name != "list":
+        if name not in ("list", "doctor"):
             s.add_argument("address", help="PCI address, sysfs path or VFIO cdev path")
         if name in ("peek", "poke"):
             s.add_argument("region", type=region_index)

@@ -32,6 +32,10 @@ REGION_SPARSE, REGION_MSIX_MAPPABLE, REGION_IO_PORT = 1 << 4, 1 << 5, 1 << 6
 REGION_MEM64, REGION_PREFETCH = 1 << 7, 1 << 8
 DEVICE_RESET, DEVICE_PCI = 1 << 0, 1 << 1
 FEATURE_GET, FEATURE_SET, FEATURE_PROBE = 1 << 16, 1 << 17, 1 << 18
+SEVERITY_INFO, SEVERITY_WARNING, SEVERITY_BLOCKER = 0, 1, 2
+FINDING_IOMMU_OFF, FINDING_VFIO_PCI_MISSING, FINDING_NO_DEVICE, FINDING_NOT_BOUND = 1, 2, 3, 4
+FINDING_GROUP_NOT_VIABLE, FINDING_NODE_PERMISSION, FINDING_MEMLOCK_LOW = 5, 6, 7
+FINDING_NO_IOMMUFD, FINDING_NO_HUGEPAGES, FINDING_NO_RESET, FINDING_NOIOMMU_MODE = 8, 9, 10, 11
 
 
 class vfiokit_region(ctypes.Structure):
@@ -72,13 +76,21 @@ class vfiokit_map_info(ctypes.Structure):
     ]
 
 
+class vfiokit_finding(ctypes.Structure):
+    _fields_ = [
+        ("code", c_uint32), ("severity", c_uint32), ("subject", ctypes.c_char * 64),
+        ("message", ctypes.c_char * 424), ("reserved", c_uint64 * 2),
+    ]
+
+
 class vfiokit_iova_range(ctypes.Structure):
     _fields_ = [("start", c_uint64), ("last", c_uint64)]
 
 
 #: Record sizes are part of the ABI (the header's comments and its C test say so).
 RECORD_SIZES = {vfiokit_region: 64, vfiokit_area: 32, vfiokit_irq: 32, vfiokit_iova_range: 16,
-                vfiokit_device_info: 64, vfiokit_map_info: 48}
+                vfiokit_device_info: 64, vfiokit_map_info: 48,
+                vfiokit_finding: 512}
 
 _dev, _iommu = c_void_p, c_void_p  # opaque handles
 
@@ -107,6 +119,7 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_version": (c_char_p, [], None),
     "vfiokit_last_error": (c_char_p, [], None),
     "vfiokit_pci_bind": (c_int, [c_char_p], _check_int),
+    "vfiokit_doctor": (c_int, [c_char_p, POINTER(vfiokit_finding), c_size_t, POINTER(c_size_t)], _check_int),
     "vfiokit_pci_unbind": (c_int, [c_char_p], _check_int),
     "vfiokit_device_open": (c_int, [c_char_p, _iommu, POINTER(_dev)], _check_int),
     "vfiokit_device_close": (None, [_dev], None),

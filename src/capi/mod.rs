@@ -203,6 +203,38 @@ pub extern "C" fn vfiokit_last_error() -> *const c_char {
     LAST_ERROR.with(|slot| slot.borrow().as_ptr())
 }
 
+/// The set-up problems found for this machine and, unless `name` is NULL, for that device (PCI
+/// address or sysfs path), most severe first: copies up to `cap` `vfiokit_finding` records to
+/// `out` and sets `*n` to how many there are (which may exceed `cap`; `out` may be NULL when
+/// `cap` is 0). Each says what is wrong and how to fix it; none of severity
+/// `VFIOKIT_SEVERITY_BLOCKER` means nothing found stops an open. Changes nothing.
+///
+/// # Safety
+/// `name` NULL or a NUL-terminated string; `out` valid for `cap` records; `n` for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_doctor(
+    name: *const c_char,
+    out: *mut crate::Finding,
+    cap: usize,
+    n: *mut usize,
+) -> c_int {
+    call(|| {
+        need(n, "n")?;
+        if cap > 0 {
+            need(out, "out")?;
+        }
+        // SAFETY: forwarded from the caller.
+        let name = if name.is_null() { None } else { Some(unsafe { str_arg(name, "name") }?) };
+        let findings = crate::doctor(name);
+        for (i, f) in findings.iter().take(cap).enumerate() {
+            // SAFETY: i < cap, and out holds cap records.
+            unsafe { out.add(i).write(*f) };
+        }
+        // SAFETY: checked non-null.
+        unsafe { put(n, "n", findings.len()) }
+    })
+}
+
 /// Binds a PCI device to vfio-pci through driver_override (needs root).
 ///
 /// # Safety

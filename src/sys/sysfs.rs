@@ -36,3 +36,15 @@ pub(crate) fn list(dir: &Path) -> Vec<String> {
 pub(crate) fn read_u64(path: &str) -> SysResult<u64> {
     fs::read_to_string(path)?.trim().parse().map_err(|_| super::Errno(libc::EPROTO))
 }
+
+/// A small text file's contents, trimmed (sysfs attributes, /proc files); None if unreadable.
+pub(crate) fn read_text(path: &str) -> Option<String> {
+    fs::read_to_string(path).ok().map(|t| t.trim().to_owned())
+}
+
+/// Whether this process may open `path` for reading and writing (access(2), as the real ids).
+pub(crate) fn read_writable(path: &str) -> SysResult<()> {
+    let c = std::ffi::CString::new(path).map_err(|_| super::Errno(libc::EINVAL))?;
+    // SAFETY: c is a NUL-terminated path.
+    super::check(unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) }).map(drop)
+}

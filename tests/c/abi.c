@@ -56,6 +56,12 @@ LAYOUT(vfiokit_map_info, len, 8);
 LAYOUT(vfiokit_map_info, direct, 16);
 LAYOUT(vfiokit_map_info, access, 24);
 LAYOUT(vfiokit_map_info, reserved, 32);
+_Static_assert(sizeof(vfiokit_finding) == 512, "vfiokit_finding is 512 bytes");
+LAYOUT(vfiokit_finding, code, 0);
+LAYOUT(vfiokit_finding, severity, 4);
+LAYOUT(vfiokit_finding, subject, 8);
+LAYOUT(vfiokit_finding, message, 72);
+LAYOUT(vfiokit_finding, reserved, 496);
 
 _Static_assert(sizeof(vfiokit_iova_range) == 16, "vfiokit_iova_range is 16 bytes");
 LAYOUT(vfiokit_iova_range, last, 8);

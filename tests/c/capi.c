@@ -131,6 +131,8 @@ static void null_arguments(void)
 	FAILS(vfiokit_device_get_info(NULL, NULL), EINVAL);
 	FAILS(vfiokit_device_fd(NULL), EINVAL);
 	FAILS(vfiokit_iommu_fd(NULL), EINVAL);
+	FAILS(vfiokit_doctor(NULL, NULL, 0, NULL), EINVAL);
+	FAILS(vfiokit_doctor(NULL, NULL, 1, &n), EINVAL);
 	FAILS(vfiokit_iommu_export(NULL, NULL, 0, 0), EINVAL);
 	FAILS(vfiokit_iommu_adopt(0, NULL), EINVAL);
 	FAILS(vfiokit_iommu_adopt(-1, &io), EBADF);
@@ -378,6 +380,23 @@ static void no_leaks(void)
 	       count_lines("/proc/self/maps"));
 }
 
+/* doctor on a ready device and on a missing one: records filled, the most severe first. */
+static void doctor(void)
+{
+	vfiokit_finding found[16];
+	size_t n = 0, i;
+	int blockers = 0;
+
+	CHECK(vfiokit_doctor(env("VFIOKIT_TEST_EDU"), found, 16, &n) == 0 && n <= 16);
+	for (i = 0; i < n; i++)
+		blockers += found[i].severity == VFIOKIT_SEVERITY_BLOCKER;
+	CHECK(blockers == 0);
+	CHECK(vfiokit_doctor("0000:00:1e.7", NULL, 0, &n) == 0 && n >= 1);
+	CHECK(vfiokit_doctor("0000:00:1e.7", found, 1, &n) == 0);
+	CHECK(found[0].code == VFIOKIT_FINDING_NO_DEVICE && found[0].severity == VFIOKIT_SEVERITY_BLOCKER);
+	CHECK(strcmp(found[0].subject, "0000:00:1e.7") == 0 && strstr(found[0].message, "no PCI device") != NULL);
+}
+
 /* A root process hands a context with edu to a child running as nobody, which cannot open edu
  * itself and drives it through the adopted context; a second handoff of garbage is refused. */
 static void handoff(void)
@@ -431,6 +450,7 @@ int main(void)
 	bad_names();
 	with_edu();
 	handoff();
+	doctor();
 	no_leaks();
 	printf("capi: %d passed, %d failed\n", passed, failed);
 	return failed != 0;

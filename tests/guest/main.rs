@@ -2,6 +2,7 @@
 //! the guest; see harness.rs.
 
 mod common;
+mod doctor;
 mod equivalence;
 mod fidelity;
 mod handoff;
@@ -68,6 +69,7 @@ const CASES: &[harness::Case] = &[
     ("second_process_gets_ebusy", second_process_gets_ebusy),
     ("handoff_to_an_unprivileged_process", handoff::handoff_to_an_unprivileged_process),
     ("malformed_handoffs_are_refused", handoff::malformed_handoffs_are_refused),
+    ("doctor_finds_each_problem_with_its_fix", doctor::doctor_finds_each_problem_with_its_fix),
     ("backends_agree", equivalence::backends_agree),
 ];
 

@@ -7,7 +7,7 @@ mod model;
 mod scripted;
 
 use std::io::Write;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, Once};
 
@@ -312,6 +312,28 @@ fn kernel_and_user_contexts_do_not_mix() {
     let e = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap_err();
     assert_eq!(e.errno(), libc::ENOENT, "{e}");
     assert!(e.message().contains("server running"), "{e}");
+}
+
+/// The calls that take kernel fds are refused on a vfio-user context, with why.
+#[test]
+fn fd_calls_are_refused_on_a_vfio_user_context() {
+    let _serial = setup();
+    let (dev, server) = open_model("kinds", None);
+    let e = dev.fd().unwrap_err();
+    assert_eq!(e.errno(), libc::ENOTSUP, "{e}");
+    let mut sv = [0; 2];
+    // SAFETY: sv has room for the two fds.
+    assert_eq!(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) },
+        0
+    );
+    // SAFETY: the kernel just made these fds ours.
+    let (sock, _peer) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let e = dev.iommu().export(&[], sock.as_fd()).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOTSUP, "{e}");
+    assert!(e.message().contains("connects to the device servers"), "{e}");
+    drop(dev);
+    server.join().unwrap();
 }
 
 #[test]

@@ -180,6 +180,9 @@ struct State {
     space: IovaSpace,
     /// Type1 before the first group: the maps the kernel has not been given yet.
     early: Option<Vec<EarlyMap>>,
+    /// The kernel's valid ranges changed (a device attached) and are read again before the
+    /// next claim, allocation or query: an open does not pay for a read it may never need.
+    stale: bool,
     /// Every DMA mapping by IOVA and by address (for translate).
     maps: DmaMap,
     /// DMA buffers from `alloc`, by address.
@@ -295,9 +298,10 @@ static DEFAULT: Mutex<Weak<DmaContext>> = Mutex::new(Weak::new());
 impl Iommu {
     /// Opens a new context of `kind` (see [`open_auto`](Self::open_auto) for the usual choice).
     pub fn open(kind: IommuKind) -> Result<Iommu> {
+        // A type1 container reports its ranges once a group is in it: until then, every IOVA.
+        let whole = || Some(vec![IovaRange { start: 0, last: u64::MAX }]);
         let (backend, space, early) = match kind {
             kind if kind.is_container() => {
-                let whole = vec![IovaRange { start: 0, last: u64::MAX }];
                 let container = match kind.is_iommufd() {
                     true => open_container(
                         IOMMUFD,
@@ -305,27 +309,26 @@ impl Iommu {
                     )?,
                     false => open_container(CONTAINER, "is the vfio module loaded?")?,
                 };
-                (Backend::Type1 { container, kind }, whole, Some(Vec::new()))
+                (Backend::Type1 { container, kind }, whole(), Some(Vec::new()))
             }
             IommuKind::Iommufd => {
                 let fd = open_node(IOMMUFD, "is the kernel built with CONFIG_IOMMUFD?")?;
                 let ioas = iommufd::ioas_alloc(fd.as_fd()).context(|| "allocating an IOAS")?;
-                let ranges = ioas_ranges(&fd, ioas)?;
-                (Backend::Iommufd { fd, ioas }, ranges, None)
+                (Backend::Iommufd { fd, ioas }, None, None)
             }
             IommuKind::VfioUser => {
-                let whole = vec![IovaRange { start: 0, last: u64::MAX }];
-                (Backend::VfioUser { peers: Mutex::new(Vec::new()) }, whole, None)
+                (Backend::VfioUser { peers: Mutex::new(Vec::new()) }, whole(), None)
             }
             _ => unreachable!("every container kind is matched above"),
         };
         Ok(Iommu::with(backend, space, early, HashMap::new(), HashMap::new()))
     }
 
-    /// A context over `backend` with no mapping yet.
+    /// A context over `backend` with no mapping yet; `valid` None: its ranges are read from
+    /// the kernel when first needed.
     fn with(
         backend: Backend,
-        valid: Vec<IovaRange>,
+        valid: Option<Vec<IovaRange>>,
         early: Option<Vec<EarlyMap>>,
         groups: HashMap<u32, OwnedFd>,
         adopted: HashMap<String, OwnedFd>,
@@ -333,7 +336,10 @@ impl Iommu {
         let guard = std::env::var("VFIOKIT_DMA_GUARD").is_ok_and(|v| v == "1");
         let state = State {
             groups,
-            space: IovaSpace::new(valid),
+            stale: valid.is_none(),
+            space: IovaSpace::new(
+                valid.unwrap_or_else(|| vec![IovaRange { start: 0, last: u64::MAX }]),
+            ),
             early,
             maps: DmaMap::new(),
             buffers: HashMap::new(),
@@ -462,10 +468,8 @@ impl Iommu {
                 }
             }
             let (valid, early) = match groups.is_empty() {
-                true => (vec![IovaRange { start: 0, last: u64::MAX }], Some(Vec::new())),
-                false => {
-                    (type1_ranges(&context).map_err(|e| protocol(e.message().to_string()))?, None)
-                }
+                true => (Some(vec![IovaRange { start: 0, last: u64::MAX }]), Some(Vec::new())),
+                false => (None, None),
             };
             let backend = Backend::Type1 { container: context, kind };
             return Ok(Iommu::with(backend, valid, early, groups, HashMap::new()));
@@ -473,8 +477,10 @@ impl Iommu {
         if !message.groups.is_empty() {
             return Err(protocol("group fds came with an iommufd context".into()));
         }
-        let valid =
-            ioas_ranges(&context, message.ioas).map_err(|e| protocol(e.message().to_string()))?;
+        // Read now, to check that the fd is an iommufd holding that IOAS.
+        let valid = Some(
+            ioas_ranges(&context, message.ioas).map_err(|e| protocol(e.message().to_string()))?,
+        );
         let adopted = message.devices.into_iter().zip(fds).collect();
         let backend = Backend::Iommufd { fd: context, ioas: message.ioas };
         Ok(Iommu::with(backend, valid, None, HashMap::new(), adopted))
@@ -666,8 +672,7 @@ impl Iommu {
                 iommufd::attach(device.as_fd(), *ioas)
                     .context(|| format!("attaching {cdev} ({}) to IOAS {ioas}", dev.address))?;
                 // The device's reserved regions (the MSI window...) are now cut out of the IOAS.
-                let ranges = ioas_ranges(fd, *ioas)?;
-                self.state().space.set_valid(ranges);
+                self.state().stale = true;
                 Ok(device)
             }
         }
@@ -681,12 +686,16 @@ impl Iommu {
         }
         let first = state.groups.is_empty().then_some(self.kind());
         let fd = attach_group(container, group, first)?;
-        if let Some(early) = state.early.take() {
-            // On failure the group fd closes, leaving the container as it was.
-            let ranges = replay_early_maps(container, &early).inspect_err(|_| {
-                state.early = Some(early);
-            })?;
-            state.space.set_valid(ranges);
+        match state.early.take() {
+            Some(early) if !early.is_empty() => {
+                // On failure the group fd closes, leaving the container as it was.
+                let ranges = replay_early_maps(container, &early).inspect_err(|_| {
+                    state.early = Some(early);
+                })?;
+                state.space.set_valid(ranges);
+            }
+            Some(_) => state.stale = true,
+            None => {}
         }
         state.groups.insert(group, fd);
         Ok(())
@@ -694,7 +703,7 @@ impl Iommu {
 
     /// The IOVA ranges devices in this context may use.
     pub fn iova_ranges(&self) -> Result<Vec<IovaRange>> {
-        let state = self.state();
+        let mut state = self.state();
         if state.early.is_some() {
             return Err(Error::new(
                 libc::ENODEV,
@@ -702,7 +711,24 @@ impl Iommu {
                  is in it (open a device first; maps made before then are checked against them then)",
             ));
         }
+        self.refresh_ranges(&mut state)?;
         Ok(state.space.valid().to_vec())
+    }
+
+    /// Reads the kernel's valid ranges again if they changed since they were last read.
+    fn refresh_ranges(&self, state: &mut State) -> Result<()> {
+        if state.stale {
+            let ranges = match &self.0.backend {
+                Backend::Type1 { container, .. } => type1_ranges(container)?,
+                Backend::Iommufd { fd, ioas } => ioas_ranges(fd, *ioas)?,
+                Backend::VfioUser { .. } => {
+                    unreachable!("a vfio-user context's ranges never change")
+                }
+            };
+            state.space.set_valid(ranges);
+            state.stale = false;
+        }
+        Ok(())
     }
 
     /// Maps `len` bytes at `vaddr` for device DMA at `iova`, readable and writable.
@@ -736,6 +762,7 @@ impl Iommu {
             ));
         }
         let mut state = self.state();
+        self.refresh_ranges(&mut state)?;
         if let Err(why) = state.space.claim(iova, len as u64) {
             let errno =
                 if state.space.overlaps(iova, len as u64) { libc::EEXIST } else { libc::EINVAL };
@@ -780,6 +807,7 @@ impl Iommu {
     /// An IOVA for `len` bytes aligned to `align`, with a guard page after it in guard mode.
     fn alloc_iova(&self, len: usize, align: u64) -> Result<u64> {
         let mut state = self.state();
+        self.refresh_ranges(&mut state)?;
         let guard = if state.guarded.is_some() { sys::page_size() } else { 0 };
         let align = align.max(state.iova_align);
         let iova = state.space.alloc((len + guard) as u64, align).ok_or_else(|| {

@@ -231,6 +231,22 @@ typedef struct vfiokit_device_info {
   uint64_t reserved[4];
 } vfiokit_device_info;
 
+// A device that a hot reset of this one resets too (itself included), as
+// [`Device::hot_reset_info`] lists it: the C API's `vfiokit_hot_reset_dep`, 48 bytes.
+typedef struct vfiokit_hot_reset_dep {
+  // Its canonical PCI address, NUL-terminated.
+  char address[16];
+  // Its IOMMU group.
+  uint32_t group;
+  // Its iommufd device id, where the device was opened through its cdev and this one is
+  // bound to the same iommufd; 0 otherwise.
+  uint32_t devid;
+  // 1 when it is open in this device's IOMMU context, as a hot reset needs every dependent.
+  uint32_t owned;
+  uint32_t reserved0;
+  uint64_t reserved[2];
+} vfiokit_hot_reset_dep;
+
 // One region of a device; record `i` describes region index `i`. 64 bytes.
 typedef struct vfiokit_region {
   uint32_t index;
@@ -388,6 +404,26 @@ int vfiokit_device_feature(struct vfiokit_device *dev,
 // # Safety
 // `dev` must be NULL or live.
 int vfiokit_device_reset(struct vfiokit_device *dev);
+
+// The devices a hot (bus or slot) reset of `dev` resets too, itself included: copies up to
+// `cap` `vfiokit_hot_reset_dep` records (address, group, iommufd devid, whether open in this
+// context) to `out` and sets `*n` to how many there are (which may exceed `cap`; `out` may be
+// NULL when `cap` is 0). `-ENOTSUP` where the kernel has no bus or slot reset for it.
+//
+// # Safety
+// `dev` NULL or live; `out` valid for `cap` records; `n` for a write.
+int vfiokit_device_hot_reset_info(struct vfiokit_device *dev,
+                                  struct vfiokit_hot_reset_dep *out,
+                                  size_t cap,
+                                  size_t *n);
+
+// Resets `dev` and every device `vfiokit_device_hot_reset_info` lists with it (a bus or slot
+// reset, for devices without a function-level reset or to reset a slot together). Every one
+// must be open in `dev`'s context: `-EPERM` naming those that are not.
+//
+// # Safety
+// `dev` must be NULL or live.
+int vfiokit_device_hot_reset(struct vfiokit_device *dev);
 
 // The region records; record i describes region index i. Valid until close.
 //

@@ -1,6 +1,7 @@
 //! A VFIO device: its records, mapped regions, width-exact accessors, config space, IRQs and
 //! reset. Owns its fds and mappings; everything is released on drop.
 
+use std::ffi::c_char;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
@@ -17,6 +18,7 @@ use crate::irq::{self, Action, Irq};
 use crate::pci;
 use crate::region::{self, Area, PCI_CONFIG, REGION_READ, REGION_WRITE, Region};
 use crate::sys::{self, Context, Readable, mem, vfio};
+use crate::text::{fill, text};
 use crate::vfio_user::Client;
 
 /// One contiguous virtual range for a region: its mmappable areas mapped, the rest reserved
@@ -105,6 +107,32 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: we reserved base..base+len and nothing else refers to it once we drop.
         unsafe { mem::unmap(self.base, self.len) };
+    }
+}
+
+/// A device that a hot reset of this one resets too (itself included), as
+/// [`Device::hot_reset_info`] lists it: the C API's `vfiokit_hot_reset_dep`, 48 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotResetDep {
+    /// Its canonical PCI address, NUL-terminated.
+    pub address: [c_char; 16],
+    /// Its IOMMU group.
+    pub group: u32,
+    /// Its iommufd device id, where the device was opened through its cdev and this one is
+    /// bound to the same iommufd; 0 otherwise.
+    pub devid: u32,
+    /// 1 when it is open in this device's IOMMU context, as a hot reset needs every dependent.
+    pub owned: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 2],
+}
+
+const _: () = assert!(size_of::<HotResetDep>() == 48);
+
+impl HotResetDep {
+    pub fn address(&self) -> &str {
+        text(&self.address)
     }
 }
 
@@ -510,6 +538,70 @@ impl Device {
             ));
         }
         self.io.reset().map_err(|e| e.within(format!("resetting {}", self.address)))
+    }
+
+    /// The devices a hot (bus or slot) reset of this one resets too, itself included: for a
+    /// device without a function-level reset, or to reset a slot's functions together.
+    /// ENOTSUP where the kernel has no bus or slot reset for it.
+    pub fn hot_reset_info(&self) -> Result<Vec<HotResetDep>> {
+        let fd = self.fd()?;
+        let reply = vfio::hot_reset_info(fd).map_err(|sys::Errno(e)| match e {
+            libc::ENODEV => Error::new(
+                libc::ENOTSUP,
+                format!("{} has no bus or slot reset the kernel can use", self.address),
+            ),
+            e => Error::os(e, format!("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO on {}", self.address)),
+        })?;
+        let (flags, deps) = pci::decode_hot_reset_info(&reply).map_err(|e| {
+            Error::new(libc::EPROTO, format!("hot reset info of {}: {e}", self.address))
+        })?;
+        deps.iter()
+            .map(|d| {
+                let by_devid = flags & pci::HOT_RESET_DEV_IDS != 0;
+                let group = match by_devid {
+                    true => PciDevice::find(&d.address)?.iommu_group()?,
+                    false => d.id,
+                };
+                let mut dep = HotResetDep {
+                    address: [0; 16],
+                    group,
+                    // 0 and u32::MAX say "owned" and "not owned", not an id.
+                    devid: if by_devid && d.id != u32::MAX { d.id } else { 0 },
+                    owned: self.iommu.holds(&d.address) as u32,
+                    reserved0: 0,
+                    reserved: [0; 2],
+                };
+                fill(&mut dep.address, &d.address);
+                Ok(dep)
+            })
+            .collect()
+    }
+
+    /// Resets this device and every device [`hot_reset_info`](Self::hot_reset_info) lists
+    /// with it (a bus or slot reset), which must all be open in this device's context: EPERM
+    /// naming those that are not.
+    pub fn hot_reset(&self) -> Result<()> {
+        let deps = self.hot_reset_info()?;
+        let strangers: Vec<&str> =
+            deps.iter().filter(|d| d.owned == 0).map(|d| d.address()).collect();
+        if !strangers.is_empty() {
+            return Err(Error::new(
+                libc::EPERM,
+                format!(
+                    "a hot reset of {} also resets {}, not open in its IOMMU context: open every \
+                     affected device in that context first (one open elsewhere, in another context \
+                     or process, blocks it)",
+                    self.address,
+                    strangers.join(", ")
+                ),
+            ));
+        }
+        let mut groups: Vec<u32> = deps.iter().map(|d| d.group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        self.iommu.hot_reset(self.fd()?, &groups).map_err(|e| {
+            Error::new(e.errno(), format!("hot reset of {}: {}", self.address, e.message()))
+        })
     }
 
     fn region(&self, index: u32) -> Result<&Region> {

@@ -4,6 +4,8 @@
 use std::ffi::c_char;
 use std::path::Path;
 
+use crate::text::{fill, text};
+
 use crate::host::{self, PciDevice, VFIO_DRIVER};
 use crate::sys::{self, sysfs};
 
@@ -81,24 +83,6 @@ impl std::fmt::Debug for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "[{} {}] {}: {}", self.severity, self.code, self.subject(), self.message())
     }
-}
-
-/// Copies `s` into `out`, NUL-terminated, cut at a character boundary.
-fn fill(out: &mut [c_char], s: &str) {
-    let mut end = s.len().min(out.len() - 1);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    for (o, &b) in out.iter_mut().zip(&s.as_bytes()[..end]) {
-        *o = b as c_char;
-    }
-}
-
-fn text(chars: &[c_char]) -> &str {
-    // SAFETY: c_char and u8 have the same size and alignment.
-    let bytes = unsafe { std::slice::from_raw_parts(chars.as_ptr().cast::<u8>(), chars.len()) };
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    std::str::from_utf8(&bytes[..end]).unwrap_or("")
 }
 
 /// Whether capability `cap` is in the effective set a /proc/PID/status text shows.

@@ -678,6 +678,34 @@ impl Iommu {
         }
     }
 
+    /// Whether the device at `address` is open in this context.
+    pub(crate) fn holds(&self, address: &str) -> bool {
+        self.state().devices.contains(address)
+    }
+
+    /// VFIO_DEVICE_PCI_HOT_RESET on `device`, whose reset also resets the devices of `groups`:
+    /// on type1 with those groups' fds (each must be in this container), on iommufd in the
+    /// zero-length form.
+    pub(crate) fn hot_reset(&self, device: BorrowedFd, groups: &[u32]) -> Result<()> {
+        let state = self.state();
+        let fds = match &self.0.backend {
+            Backend::Type1 { .. } => groups
+                .iter()
+                .map(|g| {
+                    state.groups.get(g).map(|fd| fd.as_raw_fd()).ok_or_else(|| {
+                        Error::new(
+                            libc::EPERM,
+                            format!("group {g} is not in this context's container"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Backend::Iommufd { .. } => Vec::new(),
+            Backend::VfioUser { .. } => unreachable!("a vfio-user device has no fd to reset by"),
+        };
+        vfio::hot_reset(device, &fds).context(|| "VFIO_DEVICE_PCI_HOT_RESET")
+    }
+
     /// Attaches `group` to the type1 container unless it is already; the first group sets the
     /// IOMMU type and gives the kernel the maps made before it.
     fn join_group(&self, state: &mut State, container: &OwnedFd, group: u32) -> Result<()> {

@@ -22,11 +22,12 @@ pub mod irq;
 pub mod pci;
 pub mod region;
 mod sys;
+mod text;
 mod vfio_user;
 
 pub use caps::DecodeError;
 pub use device::{
-    Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, MapInfo, VFIO_USER_PREFIX, Width,
+    Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, HotResetDep, MapInfo, VFIO_USER_PREFIX, Width,
 };
 pub use dmamap::{DmaMap, DmaMapping};
 pub use doctor::{

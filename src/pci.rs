@@ -1,5 +1,7 @@
 //! PCI addresses and config-space capability walks. Pure.
 
+use crate::caps::{self, DecodeError};
+
 /// Why a name is not a PCI address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("'{0}' is not a PCI address (expected DDDD:BB:DD.F or BB:DD.F, hex)")]
@@ -136,6 +138,47 @@ pub(crate) fn bars(header: &[u8]) -> [u32; 6] {
         let at = 0x10 + 4 * i;
         header.get(at..at + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     })
+}
+
+/// A device that a hot reset affects, as VFIO_DEVICE_GET_PCI_HOT_RESET_INFO lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Dependent {
+    /// Canonical PCI address.
+    pub address: String,
+    /// Its IOMMU group, or with [`HOT_RESET_DEV_IDS`] its iommufd device id (0: owned by the
+    /// caller's iommufd but not opened; u32::MAX: not owned).
+    pub id: u32,
+}
+
+/// The reply's flag saying its ids are iommufd device ids (the device was opened by its cdev).
+pub(crate) const HOT_RESET_DEV_IDS: u32 = 1;
+
+/// Decodes VFIO_DEVICE_GET_PCI_HOT_RESET_INFO's reply: its flags and the affected devices.
+pub(crate) fn decode_hot_reset_info(reply: &[u8]) -> Result<(u32, Vec<Dependent>), DecodeError> {
+    let what = "hot reset info";
+    let flags = caps::u32_at(reply, 4, what)?;
+    let count = caps::u32_at(reply, 8, what)? as usize;
+    let need = count.checked_mul(8).and_then(|n| n.checked_add(12)).unwrap_or(usize::MAX);
+    if reply.len() < need {
+        return Err(DecodeError::Truncated { what, need, have: reply.len() });
+    }
+    let devices = (0..count)
+        .map(|i| {
+            let at = 12 + 8 * i;
+            let devfn = reply[at + 7];
+            Ok(Dependent {
+                address: format!(
+                    "{:04x}:{:02x}:{:02x}.{:x}",
+                    caps::u16_at(reply, at + 4, what)?,
+                    reply[at + 6],
+                    devfn >> 3,
+                    devfn & 7
+                ),
+                id: caps::u32_at(reply, at, what)?,
+            })
+        })
+        .collect::<Result<_, DecodeError>>()?;
+    Ok((flags, devices))
 }
 
 #[cfg(test)]

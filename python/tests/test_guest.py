@@ -228,6 +228,21 @@ def test_doctor(edu, testdev):
     assert found[0].code == vfiokit.FINDING_NOT_BOUND and found[0].severity == vfiokit.SEVERITY_BLOCKER
 
 
+def test_hot_reset_needs_every_dependent_open():
+    """nvme (function 0) and edu (function 1) share a slot: edu's hot reset takes the nvme too."""
+    nvme_addr, edu_addr = os.environ["VFIOKIT_TEST_RESET_NVME"], os.environ["VFIOKIT_TEST_RESET_EDU"]
+    with vfiokit.Iommu() as iommu, vfiokit.Device(edu_addr, iommu) as edu:
+        deps = {d.address: d.owned for d in edu.hot_reset_info()}
+        assert deps == {nvme_addr: False, edu_addr: True}
+        with pytest.raises(PermissionError) as refused:
+            edu.hot_reset()
+        assert nvme_addr in str(refused.value)
+        with vfiokit.Device(nvme_addr, iommu):
+            assert all(d.owned for d in edu.hot_reset_info())
+            edu.hot_reset()
+            assert registers(edu).read32(ID) == 0x010000ED
+
+
 def test_translate_and_readonly(edu):
     """iommu.translate() of an address, a buffer and a memoryview slice; DMA_READONLY memory
     is read by edu's DMA engine and not written."""

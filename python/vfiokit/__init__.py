@@ -702,6 +702,20 @@ class Device(_Closing):
         """Resets the device (OSError ENOTSUP if the kernel has no reset for it)."""
         _lib.vfiokit_device_reset(self._handle())
 
+    def hot_reset_info(self) -> list[HotResetDep]:
+        """The devices a hot (bus or slot) reset of this one resets too, itself included
+        (OSError ENOTSUP where the kernel has no bus or slot reset for it)."""
+        n = c_size_t()
+        _lib.vfiokit_device_hot_reset_info(self._handle(), None, 0, byref(n))
+        out = (_capi.vfiokit_hot_reset_dep * n.value)()
+        _lib.vfiokit_device_hot_reset_info(self._handle(), out, n.value, byref(n))
+        return [HotResetDep(d.address.decode(), d.group, d.devid, bool(d.owned)) for d in out[: n.value]]
+
+    def hot_reset(self) -> None:
+        """Resets this device and every one hot_reset_info() lists, which must all be open in
+        its context (PermissionError naming those that are not)."""
+        _lib.vfiokit_device_hot_reset(self._handle())
+
     def fileno(self) -> int:
         """The VFIO device fd, for ioctls vfiokit does not wrap (borrowed: do not close it)."""
         return _lib.vfiokit_device_fd(self._handle())
@@ -747,6 +761,15 @@ def open(name: str, iommu: Optional[Iommu] = None) -> Device:  # noqa: A001 (lik
     return Device(name, iommu)
 
 
+class HotResetDep(NamedTuple):
+    """A device a hot reset resets: its address, IOMMU group, iommufd device id (0 if none)
+    and whether it is open in the resetting device's context."""
+    address: str
+    group: int
+    devid: int
+    owned: bool
+
+
 class Finding(NamedTuple):
     """One set-up problem doctor() found: FINDING_* code, SEVERITY_* severity, its subject (an
     address, a path, "RLIMIT_MEMLOCK") and a message that says how to fix it."""
@@ -781,6 +804,6 @@ def unbind(address: str) -> None:
 
 
 __all__ = [
-    "open", "bind", "unbind", "doctor", "Finding", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "RegionInfo",
+    "open", "bind", "unbind", "doctor", "Finding", "HotResetDep", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "RegionInfo",
     "AreaInfo", "IrqInfo", "IovaRange", "human_size", "LIBRARY_VERSION", "ABI_VERSION",
 ] + [n for n in dir(_capi) if n.isupper() and n.split("_")[0] in ("IOMMU", "IRQ", "PCI", "REGION", "SEVERITY", "FINDING")]

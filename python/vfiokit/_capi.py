@@ -83,6 +83,13 @@ class vfiokit_finding(ctypes.Structure):
     ]
 
 
+class vfiokit_hot_reset_dep(ctypes.Structure):
+    _fields_ = [
+        ("address", ctypes.c_char * 16), ("group", c_uint32), ("devid", c_uint32),
+        ("owned", c_uint32), ("reserved0", c_uint32), ("reserved", c_uint64 * 2),
+    ]
+
+
 class vfiokit_iova_range(ctypes.Structure):
     _fields_ = [("start", c_uint64), ("last", c_uint64)]
 
@@ -90,7 +97,7 @@ class vfiokit_iova_range(ctypes.Structure):
 #: Record sizes are part of the ABI (the header's comments and its C test say so).
 RECORD_SIZES = {vfiokit_region: 64, vfiokit_area: 32, vfiokit_irq: 32, vfiokit_iova_range: 16,
                 vfiokit_device_info: 64, vfiokit_map_info: 48,
-                vfiokit_finding: 512}
+                vfiokit_finding: 512, vfiokit_hot_reset_dep: 48}
 
 _dev, _iommu = c_void_p, c_void_p  # opaque handles
 
@@ -125,6 +132,8 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_device_close": (None, [_dev], None),
     "vfiokit_device_iommu": (_iommu, [_dev], _check_ptr),
     "vfiokit_device_reset": (c_int, [_dev], _check_int),
+    "vfiokit_device_hot_reset_info": (c_int, [_dev, POINTER(vfiokit_hot_reset_dep), c_size_t, POINTER(c_size_t)], _check_int),
+    "vfiokit_device_hot_reset": (c_int, [_dev], _check_int),
     "vfiokit_device_get_info": (c_int, [_dev, POINTER(vfiokit_device_info)], _check_int),
     "vfiokit_device_fd": (c_int, [_dev], _check_int),
     "vfiokit_device_feature": (c_int, [_dev, c_uint32, c_uint32, c_void_p, c_size_t], _check_int),

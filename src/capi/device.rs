@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::iommu::vfiokit_iommu;
 use super::{ArcHandle, call, call_or, need, put, str_arg};
-use crate::device::{Device, MapInfo, Width};
+use crate::device::{Device, HotResetDep, MapInfo, Width};
 use crate::error::{Error, Result};
 
 /// An open VFIO device (opaque).
@@ -273,6 +273,49 @@ pub unsafe extern "C" fn vfiokit_device_feature(
 pub unsafe extern "C" fn vfiokit_device_reset(dev: *mut vfiokit_device) -> c_int {
     // SAFETY: forwarded from the caller.
     call(|| unsafe { self::dev(dev) }?.reset())
+}
+
+/// The devices a hot (bus or slot) reset of `dev` resets too, itself included: copies up to
+/// `cap` `vfiokit_hot_reset_dep` records (address, group, iommufd devid, whether open in this
+/// context) to `out` and sets `*n` to how many there are (which may exceed `cap`; `out` may be
+/// NULL when `cap` is 0). `-ENOTSUP` where the kernel has no bus or slot reset for it.
+///
+/// # Safety
+/// `dev` NULL or live; `out` valid for `cap` records; `n` for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_device_hot_reset_info(
+    dev: *mut vfiokit_device,
+    out: *mut HotResetDep,
+    cap: usize,
+    n: *mut usize,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        let dev = unsafe { self::dev(dev) }?;
+        need(n, "n")?;
+        if cap > 0 {
+            need(out, "out")?;
+        }
+        let deps = dev.hot_reset_info()?;
+        for (i, d) in deps.iter().take(cap).enumerate() {
+            // SAFETY: i < cap, and out holds cap records.
+            unsafe { out.add(i).write(*d) };
+        }
+        // SAFETY: checked non-null.
+        unsafe { put(n, "n", deps.len()) }
+    })
+}
+
+/// Resets `dev` and every device `vfiokit_device_hot_reset_info` lists with it (a bus or slot
+/// reset, for devices without a function-level reset or to reset a slot together). Every one
+/// must be open in `dev`'s context: `-EPERM` naming those that are not.
+///
+/// # Safety
+/// `dev` must be NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_device_hot_reset(dev: *mut vfiokit_device) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { self::dev(dev) }?.hot_reset())
 }
 
 /// Returns a record array owned by the device (NULL on error) and its length in `*n`.

@@ -2,7 +2,7 @@
 //! uapi's `_IO(VFIO_TYPE, VFIO_BASE + n)`, which bindgen cannot express.
 
 use std::ffi::CString;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use vfio_bindings::bindings::vfio::*;
 
@@ -26,6 +26,8 @@ const DEVICE_RESET: u64 = vfio_io(11);
 const IOMMU_GET_INFO: u64 = vfio_io(12);
 const IOMMU_MAP_DMA: u64 = vfio_io(13);
 const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
+const DEVICE_GET_PCI_HOT_RESET_INFO: u64 = vfio_io(12);
+const DEVICE_PCI_HOT_RESET: u64 = vfio_io(13);
 const DEVICE_FEATURE: u64 = vfio_io(17);
 
 fn argsz<T>() -> u32 {
@@ -121,6 +123,33 @@ pub(crate) fn irq_info(device: BorrowedFd, index: u32) -> SysResult<vfio_irq_inf
 pub(crate) fn set_irqs(device: BorrowedFd, encoded: &mut [u8]) -> SysResult<()> {
     // SAFETY: encoded starts with a vfio_irq_set whose argsz equals encoded.len().
     unsafe { ioctl_ptr(device, DEVICE_SET_IRQS, encoded.as_mut_ptr()) }.map(drop)
+}
+
+/// VFIO_DEVICE_GET_PCI_HOT_RESET_INFO's whole reply: the header (argsz, flags, count), then
+/// each affected device. A buffer too small for them is ENOSPC with the count filled in.
+pub(crate) fn hot_reset_info(device: BorrowedFd) -> SysResult<Vec<u8>> {
+    let mut count = 0;
+    // Three rounds: the set could grow between the count and the read (a hotplug).
+    for _ in 0..3 {
+        let mut buf = vec![0u32; 3 + 2 * count];
+        buf[0] = 4 * buf.len() as u32;
+        // SAFETY: buf holds argsz bytes: the header and `count` 8-byte entries.
+        match unsafe { ioctl_ptr(device, DEVICE_GET_PCI_HOT_RESET_INFO, buf.as_mut_ptr()) } {
+            Ok(_) => return Ok(buf.iter().flat_map(|w| w.to_ne_bytes()).collect()),
+            Err(Errno(libc::ENOSPC)) => count = buf[2] as usize,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno(libc::EAGAIN))
+}
+
+/// VFIO_DEVICE_PCI_HOT_RESET with the fds of the groups holding every affected device (type1),
+/// or none: a cdev's zero-length form, the kernel checking the iommufd's ownership itself.
+pub(crate) fn hot_reset(device: BorrowedFd, group_fds: &[RawFd]) -> SysResult<()> {
+    let mut buf = vec![4 * (3 + group_fds.len() as u32), 0, group_fds.len() as u32];
+    buf.extend(group_fds.iter().map(|&fd| fd as u32));
+    // SAFETY: buf is a vfio_pci_hot_reset of argsz bytes.
+    unsafe { ioctl_ptr(device, DEVICE_PCI_HOT_RESET, buf.as_mut_ptr()) }.map(drop)
 }
 
 pub(crate) fn device_reset(device: BorrowedFd) -> SysResult<()> {

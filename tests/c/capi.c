@@ -131,6 +131,8 @@ static void null_arguments(void)
 	FAILS(vfiokit_device_get_info(NULL, NULL), EINVAL);
 	FAILS(vfiokit_device_fd(NULL), EINVAL);
 	FAILS(vfiokit_iommu_fd(NULL), EINVAL);
+	FAILS(vfiokit_device_hot_reset_info(NULL, NULL, 0, &n), EINVAL);
+	FAILS(vfiokit_device_hot_reset(NULL), EINVAL);
 	FAILS(vfiokit_doctor(NULL, NULL, 0, NULL), EINVAL);
 	FAILS(vfiokit_doctor(NULL, NULL, 1, &n), EINVAL);
 	FAILS(vfiokit_iommu_export(NULL, NULL, 0, 0), EINVAL);
@@ -380,6 +382,35 @@ static void no_leaks(void)
 	       count_lines("/proc/self/maps"));
 }
 
+/* The slot of nvme (function 0) and edu (function 1): a hot reset of edu needs both open. */
+static void hot_reset(void)
+{
+	vfiokit_iommu *io = NULL;
+	vfiokit_device *edu = NULL, *nvme = NULL, *lone = NULL;
+	vfiokit_hot_reset_dep deps[4];
+	size_t n = 0;
+
+	CHECK(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, &io) == 0);
+	CHECK(vfiokit_device_open(env("VFIOKIT_TEST_RESET_EDU"), io, &edu) == 0);
+	FAILS(vfiokit_device_hot_reset_info(edu, NULL, 1, &n), EINVAL);
+	FAILS(vfiokit_device_hot_reset_info(edu, deps, 4, NULL), EINVAL);
+	CHECK(vfiokit_device_hot_reset_info(edu, NULL, 0, &n) == 0 && n == 2);
+	CHECK(vfiokit_device_hot_reset_info(edu, deps, 4, &n) == 0 && n == 2);
+	CHECK(strcmp(deps[0].address, env("VFIOKIT_TEST_RESET_NVME")) == 0 && deps[0].owned == 0);
+	CHECK(strcmp(deps[1].address, env("VFIOKIT_TEST_RESET_EDU")) == 0 && deps[1].owned == 1);
+	CHECK(deps[0].group == deps[1].group);
+	FAILS(vfiokit_device_hot_reset(edu), EPERM);
+	CHECK(strstr(vfiokit_last_error(), env("VFIOKIT_TEST_RESET_NVME")) != NULL);
+	CHECK(vfiokit_device_open(env("VFIOKIT_TEST_RESET_NVME"), io, &nvme) == 0);
+	CHECK(vfiokit_device_hot_reset(edu) == 0);
+	CHECK(vfiokit_device_open(env("VFIOKIT_TEST_EDU"), io, &lone) == 0);
+	FAILS(vfiokit_device_hot_reset(lone), ENOTSUP);
+	vfiokit_device_close(lone);
+	vfiokit_device_close(nvme);
+	vfiokit_device_close(edu);
+	vfiokit_iommu_close(io);
+}
+
 /* doctor on a ready device and on a missing one: records filled, the most severe first. */
 static void doctor(void)
 {
@@ -451,6 +482,7 @@ int main(void)
 	with_edu();
 	handoff();
 	doctor();
+	hot_reset();
 	no_leaks();
 	printf("capi: %d passed, %d failed\n", passed, failed);
 	return failed != 0;

@@ -7,6 +7,7 @@ mod equivalence;
 mod fidelity;
 mod handoff;
 mod harness;
+mod hotreset;
 
 use std::ptr::NonNull;
 
@@ -70,6 +71,7 @@ const CASES: &[harness::Case] = &[
     ("handoff_to_an_unprivileged_process", handoff::handoff_to_an_unprivileged_process),
     ("malformed_handoffs_are_refused", handoff::malformed_handoffs_are_refused),
     ("doctor_finds_each_problem_with_its_fix", doctor::doctor_finds_each_problem_with_its_fix),
+    ("hot_reset_resets_every_dependent", hotreset::hot_reset_resets_every_dependent),
     ("backends_agree", equivalence::backends_agree),
 ];
 

@@ -73,11 +73,15 @@ check "EDU and UNPLUG are two devices" test "${VFIOKIT_TEST_EDU:-}" != "${VFIOKI
 check_device GROUP_A 1234:11e8
 check_device GROUP_B 1b36:0005
 check_device NONVIABLE 1234:11e8
+check_device RESET_NVME 1b36:0010
+check_device RESET_EDU 1234:11e8
 group_of() { basename "$(readlink "/sys/bus/pci/devices/$1/iommu_group")"; }
 check "GROUP_A and GROUP_B share an IOMMU group" test "$(group_of "$VFIOKIT_TEST_GROUP_A")" = "$(group_of "$VFIOKIT_TEST_GROUP_B")"
 nonviable_group=/sys/kernel/iommu_groups/$(group_of "$VFIOKIT_TEST_NONVIABLE")/devices
 check "NONVIABLE's group holds a device driven by virtio-pci" \
 	sh -c "readlink $nonviable_group/*/driver | grep -q /virtio-pci\$"
+check "RESET_NVME and RESET_EDU are functions 0 and 1 of one slot" \
+	test "${VFIOKIT_TEST_RESET_NVME%.0}" = "${VFIOKIT_TEST_RESET_EDU%.1}"
 # The unplug victim sits in a PCIe hotplug slot that pciehp drives (slot address: its D:B:D).
 in_hotplug_slot() {
 	local s
@@ -106,7 +110,7 @@ fi
 others=0
 for d in /sys/bus/pci/devices/*; do
 	[[ $(basename "$(readlink "$d/driver" 2>/dev/null)") == vfio-pci ]] || continue
-	case " ${VFIOKIT_TEST_EDU:-} ${VFIOKIT_TEST_NVME:-} ${VFIOKIT_TEST_TESTDEV:-} ${VFIOKIT_TEST_IVSHMEM:-} ${VFIOKIT_TEST_IVSHMEM_BIG:-} ${VFIOKIT_TEST_UNPLUG:-} ${VFIOKIT_TEST_GROUP_A:-} ${VFIOKIT_TEST_GROUP_B:-} ${VFIOKIT_TEST_NONVIABLE:-} " in
+	case " ${VFIOKIT_TEST_EDU:-} ${VFIOKIT_TEST_NVME:-} ${VFIOKIT_TEST_TESTDEV:-} ${VFIOKIT_TEST_IVSHMEM:-} ${VFIOKIT_TEST_IVSHMEM_BIG:-} ${VFIOKIT_TEST_UNPLUG:-} ${VFIOKIT_TEST_GROUP_A:-} ${VFIOKIT_TEST_GROUP_B:-} ${VFIOKIT_TEST_NONVIABLE:-} ${VFIOKIT_TEST_RESET_NVME:-} ${VFIOKIT_TEST_RESET_EDU:-} " in
 	*" ${d##*/} "*) ;;
 	*) others=$((others + 1)) ;;
 	esac

@@ -274,4 +274,25 @@ mod tests {
         // A 256-byte (conventional PCI) config space has no extended list.
         assert_eq!(find_capability(&c[..256], PCI_CAP_EXTENDED + 0x01), None);
     }
+
+    #[test]
+    fn hot_reset_info_of_a_two_function_slot() {
+        // The 6.12 kernel's reply for 0000:02:00.1 (type1): group 15, functions 0 and 1 of bus 2.
+        let mut reply = Vec::new();
+        for w in [28u32, 0, 2] {
+            reply.extend(w.to_ne_bytes());
+        }
+        for devfn in [0u8, 1] {
+            reply.extend(15u32.to_ne_bytes());
+            reply.extend(0u16.to_ne_bytes());
+            reply.extend([2, devfn]);
+        }
+        let (flags, deps) = decode_hot_reset_info(&reply).unwrap();
+        assert_eq!(flags, 0);
+        let got: Vec<_> = deps.iter().map(|d| (d.address.as_str(), d.id)).collect();
+        assert_eq!(got, [("0000:02:00.0", 15), ("0000:02:00.1", 15)]);
+        assert!(decode_hot_reset_info(&reply[..reply.len() - 1]).is_err(), "a truncated entry");
+        reply[8..12].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert!(decode_hot_reset_info(&reply).is_err(), "a count past the reply");
+    }
 }

@@ -2,8 +2,10 @@
 hand-written mmap + struct read of the same BAR (the device fd mmapped directly, at the
 region's offset). Run in the test guest (legacy kernel: the hand-written side uses the group):
 
-    tests/vm/run -- env PYTHONPATH=python VFIOKIT_LIB=$PWD/target/py-prefix/lib/libvfiokit.so.0 \
-        $(pyenv which python3) python/bench-read32.py
+    tests/vm/run -- target/py-venv/bin/python -P python/bench-read32.py
+
+(target/py-venv: python/run-tests installs the package's wheel there, library included; -P
+imports it from there rather than from python/, beside this script.)
 
 (sysfs's resource2 cannot serve: once vfio-pci claims the BAR the kernel revokes such mappings,
 and a read through them dies with SIGBUS.)

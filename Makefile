@@ -8,7 +8,8 @@ DESTDIR ?=
 CARGO ?= cargo
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 SONAME := libvfiokit.so.0
-RELEASE := target/release
+# Where cargo puts the build: CARGO_TARGET_DIR when set, as for cargo (tests/pkg/run sets it).
+RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
 .PHONY: all bench check demo install soak test test-c uninstall
 

@@ -2,8 +2,10 @@
 read of the same BAR (the device fd, from dev.fileno(), mmapped at the region's offset), and
 Region.mem + struct. Run in the test guest:
 
-    tests/vm/run -- env PYTHONPATH=python VFIOKIT_LIB=$PWD/target/py-prefix/lib/libvfiokit.so.0 \
-        $(pyenv which python3) python/bench-read32.py
+    tests/vm/run -- target/py-venv/bin/python -P python/bench-read32.py
+
+(target/py-venv: python/run-tests installs the package's wheel there, library included; -P
+imports it from there rather than from python/, beside this script.)
 
 The variants take turns round by round, and each figure is the median of the per-round ratios
 to the hand-written read: guests sharing the host's cores make absolute times drift by 2x.

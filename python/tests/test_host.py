@@ -90,7 +90,7 @@ def _fake_package(abi: int):
 
 def test_vfiokit_lib_override(tmp_path):
     copy = tmp_path / "libvfiokit-copy.so"
-    shutil.copy(vfiokit.LIBRARY_PATH if os.path.isabs(vfiokit.LIBRARY_PATH) else _installed(), copy)
+    shutil.copy(_library_file(), copy)
     r = run_python("import vfiokit; print(vfiokit.LIBRARY_PATH)", VFIOKIT_LIB=str(copy),
                    PYTHONPATH=os.path.dirname(os.path.dirname(vfiokit.__file__)))
     assert r.returncode == 0, r.stderr
@@ -110,12 +110,14 @@ def test_not_a_vfiokit_library():
     assert r.returncode != 0 and "lacks vfiokit_abi_version" in r.stderr
 
 
-def _installed() -> str:
-    return str(REPO / "target" / "py-prefix" / "lib" / "libvfiokit.so.0")
+def _library_file() -> str:
+    """The loaded library's file: LIBRARY_PATH is only its soname when the loader found it."""
+    with open("/proc/self/maps") as maps:
+        return next(line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libvfiokit"))
 
 
 def test_soname_through_the_loader_path():
-    lib = vfiokit.LIBRARY_PATH if os.path.isabs(vfiokit.LIBRARY_PATH) else _installed()
+    lib = _library_file()
     r = run_python("import vfiokit; print(vfiokit.LIBRARY_PATH)", LD_LIBRARY_PATH=os.path.dirname(lib),
                    PYTHONPATH=os.path.dirname(os.path.dirname(vfiokit.__file__)))
     assert r.returncode == 0, r.stderr
@@ -123,7 +125,7 @@ def test_soname_through_the_loader_path():
 
 
 def test_library_next_to_the_package(tmp_path):
-    lib = vfiokit.LIBRARY_PATH if os.path.isabs(vfiokit.LIBRARY_PATH) else _installed()
+    lib = _library_file()
     shutil.copytree(os.path.dirname(vfiokit.__file__), tmp_path / "vfiokit")
     shutil.copy(lib, tmp_path / "vfiokit" / "libvfiokit.so.0")
     r = run_python("import vfiokit; print(vfiokit.LIBRARY_PATH)", PYTHONPATH=str(tmp_path))

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by the suites that use vfiokit as an installed library (tests/c/run, tests/fault/run,
-# c-examples/test, python/run-tests): one way to install it and build against it, as a user would.
+# c-examples/test): one way to install it and build against it, as a user would.
 #
 # install_prefix PREFIX [LOG]: `make install` into PREFIX (its output into LOG when given), check
 # that the install holds every file it should, and point pkg-config at it. Afterwards

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::iommu::vfiokit_iommu;
-use super::{ArcHandle, call, call_or, need, put, str_arg};
+use super::{ArcHandle, call, call_or, need, need_records, put, put_records, str_arg};
 use crate::device::{Device, HotResetDep, MapInfo, Width};
 use crate::error::{Error, Result};
 
@@ -292,17 +292,9 @@ pub unsafe extern "C" fn vfiokit_device_hot_reset_info(
     call(|| {
         // SAFETY: forwarded from the caller.
         let dev = unsafe { self::dev(dev) }?;
-        need(n, "n")?;
-        if cap > 0 {
-            need(out, "out")?;
-        }
-        let deps = dev.hot_reset_info()?;
-        for (i, d) in deps.iter().take(cap).enumerate() {
-            // SAFETY: i < cap, and out holds cap records.
-            unsafe { out.add(i).write(*d) };
-        }
-        // SAFETY: checked non-null.
-        unsafe { put(n, "n", deps.len()) }
+        need_records(out, cap, n)?;
+        // SAFETY: checked; the caller provides cap records.
+        unsafe { put_records(&dev.hot_reset_info()?, out, cap, n) }
     })
 }
 

@@ -1,6 +1,6 @@
 //! C exports for DMA contexts.
 
-use super::{ArcHandle, call, call_or, need, put, str_arg};
+use super::{ArcHandle, call, call_or, need, need_records, put, put_records, str_arg};
 use crate::error::{Error, Result};
 use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu, IommuKind};
 use crate::iova::IovaRange;
@@ -148,17 +148,9 @@ pub unsafe extern "C" fn vfiokit_iommu_iova_ranges(
     call(|| {
         // SAFETY: forwarded from the caller.
         let h = unsafe { self::iommu(iommu) }?;
-        need(n, "n")?;
-        if cap > 0 {
-            need(out, "out")?;
-        }
-        let ranges = h.iova_ranges()?;
-        for (i, r) in ranges.iter().take(cap).enumerate() {
-            // SAFETY: i < cap, and out holds cap records.
-            unsafe { out.add(i).write(*r) };
-        }
-        // SAFETY: checked non-null.
-        unsafe { put(n, "n", ranges.len()) }
+        need_records(out, cap, n)?;
+        // SAFETY: checked; the caller provides cap records.
+        unsafe { put_records(&h.iova_ranges()?, out, cap, n) }
     })
 }
 

@@ -67,6 +67,32 @@ unsafe fn put<T>(out: *mut T, what: &str, value: T) -> Result<()> {
     unsafe { out.as_mut() }.map(|slot| *slot = value).ok_or_else(|| null(what))
 }
 
+/// Checks the arguments of a call that returns a variable number of fixed-size records (`out`
+/// may be NULL when `cap` is 0), before the work whose result they will carry.
+fn need_records<T>(out: *mut T, cap: usize, n: *mut usize) -> Result<()> {
+    need(n, "n")?;
+    if cap > 0 { need(out, "out") } else { Ok(()) }
+}
+
+/// Copies up to `cap` of `records` to `out` and sets `*n` to how many there are (which may
+/// exceed `cap`): such a call's result.
+///
+/// # Safety
+/// As checked by [`need_records`]; `out` valid for writing `cap` records.
+unsafe fn put_records<T: Copy>(
+    records: &[T],
+    out: *mut T,
+    cap: usize,
+    n: *mut usize,
+) -> Result<()> {
+    for (i, r) in records.iter().take(cap).enumerate() {
+        // SAFETY: i < cap, and out holds cap records.
+        unsafe { out.add(i).write(*r) };
+    }
+    // SAFETY: upheld by the caller.
+    unsafe { put(n, "n", records.len()) }
+}
+
 /// Checks that an out-parameter is non-null before doing work whose result it will carry.
 fn need<T>(out: *mut T, what: &str) -> Result<()> {
     if out.is_null() { Err(null(what)) } else { Ok(()) }
@@ -219,19 +245,11 @@ pub unsafe extern "C" fn vfiokit_doctor(
     n: *mut usize,
 ) -> c_int {
     call(|| {
-        need(n, "n")?;
-        if cap > 0 {
-            need(out, "out")?;
-        }
+        need_records(out, cap, n)?;
         // SAFETY: forwarded from the caller.
         let name = if name.is_null() { None } else { Some(unsafe { str_arg(name, "name") }?) };
-        let findings = crate::doctor(name);
-        for (i, f) in findings.iter().take(cap).enumerate() {
-            // SAFETY: i < cap, and out holds cap records.
-            unsafe { out.add(i).write(*f) };
-        }
-        // SAFETY: checked non-null.
-        unsafe { put(n, "n", findings.len()) }
+        // SAFETY: checked; the caller provides cap records.
+        unsafe { put_records(&crate::doctor(name), out, cap, n) }
     })
 }
 

@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -197,6 +197,8 @@ impl IrqRoute {
 
 struct IrqState {
     routes: Vec<IrqRoute>,
+    /// Set by [`Device::cancel_waits`]: every wait, current or later, ends with ECANCELED.
+    cancelled: bool,
 }
 
 /// `vfiokit_device_feature` (`Device::feature`): read the feature's data.
@@ -376,12 +378,6 @@ pub struct Device {
     mappings: Vec<OnceCell<Mapping>>,
     fast: [FastPath; FAST_REGIONS],
     irq_state: Mutex<IrqState>,
-    /// By index and vector, whether it is routed: what `routes` says, for `irq_trigger` to
-    /// check without the lock. Written under the lock.
-    routed: Vec<Box<[AtomicBool]>>,
-    /// Set by [`Device::cancel_waits`] (under the IRQ lock): every wait, current or later, ends
-    /// with ECANCELED.
-    cancelled: AtomicBool,
     io: Io,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
@@ -456,10 +452,6 @@ impl Device {
             .iter()
             .map(|irq| IrqRoute { vectors: vec![None; irq.count as usize], cancel: None })
             .collect();
-        let routed = irqs
-            .iter()
-            .map(|irq| (0..irq.count).map(|_| AtomicBool::new(false)).collect())
-            .collect();
         Ok(Device {
             address,
             info: pci::identify(flags, num_regions, num_irqs, &header),
@@ -468,9 +460,7 @@ impl Device {
             regions,
             areas,
             irqs,
-            irq_state: Mutex::new(IrqState { routes }),
-            routed,
-            cancelled: AtomicBool::new(false),
+            irq_state: Mutex::new(IrqState { routes, cancelled: false }),
             io,
             _place: place,
             iommu,
@@ -555,9 +545,9 @@ impl Device {
         let (flags, deps) = pci::decode_hot_reset_info(&reply).map_err(|e| {
             Error::new(libc::EPROTO, format!("hot reset info of {}: {e}", self.address))
         })?;
+        let by_devid = flags & pci::HOT_RESET_DEV_IDS != 0;
         deps.iter()
             .map(|d| {
-                let by_devid = flags & pci::HOT_RESET_DEV_IDS != 0;
                 let group = match by_devid {
                     true => PciDevice::find(&d.address)?.iommu_group()?,
                     false => d.id,
@@ -972,10 +962,9 @@ impl Device {
             let what = format!("enabling {} vectors [{first}, +{count})", irq_name(index));
             e.within(format!("{what} on {}", self.address))
         })?;
-        for (slot, fd) in route.vectors[span.clone()].iter_mut().zip(fds) {
+        for (slot, fd) in route.vectors[span].iter_mut().zip(fds) {
             *slot = Some(Vector { fd, waitable });
         }
-        self.routed[index as usize][span].iter().for_each(|r| r.store(true, Ordering::Relaxed));
         if let Some(cancel) = new_cancel {
             route.wake_waiters();
             route.cancel = Some(cancel);
@@ -1000,7 +989,6 @@ impl Device {
             format!("disabling {}", irq_name(index))
         })?;
         route.vectors.fill(None);
-        self.routed[index as usize].iter().for_each(|r| r.store(false, Ordering::Relaxed));
         route.wake_waiters();
         Ok(())
     }
@@ -1011,7 +999,7 @@ impl Device {
     /// and the connection: the device is to be dropped.
     pub fn cancel_waits(&self) {
         let mut state = self.irq_state();
-        self.cancelled.store(true, Ordering::Release);
+        state.cancelled = true;
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
         drop(state);
         if let Io::User { client, .. } = &self.io {
@@ -1050,16 +1038,8 @@ impl Device {
     }
 
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
-    /// Takes no lock: a disable racing with it leaves the kernel nothing to signal, as if
-    /// the trigger had come first.
     pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
-        self.check_vectors(index, vector, 1)?;
-        if self.cancelled.load(Ordering::Acquire) {
-            return Err(self.cancelled(index, vector, "the device is being closed"));
-        }
-        if !self.routed[index as usize][vector as usize].load(Ordering::Relaxed) {
-            return Err(self.not_enabled(index, vector));
-        }
+        self.with_route(index, vector, |_, _| Ok(()))?;
         self.send_action(index, vector, Action::Trigger)
     }
 
@@ -1073,22 +1053,18 @@ impl Device {
     ) -> Result<T> {
         self.check_vectors(index, vector, 1)?;
         let state = self.irq_state();
-        if self.cancelled.load(Ordering::Acquire) {
+        if state.cancelled {
             return Err(self.cancelled(index, vector, "the device is being closed"));
         }
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
             (Some(fd), Some(cancel)) => f(fd, cancel),
-            _ => Err(self.not_enabled(index, vector)),
+            _ => Err(Error::invalid(format!(
+                "{} {} vector {vector} is not enabled",
+                self.address,
+                irq_name(index)
+            ))),
         }
-    }
-
-    fn not_enabled(&self, index: u32, vector: u32) -> Error {
-        Error::invalid(format!(
-            "{} {} vector {vector} is not enabled",
-            self.address,
-            irq_name(index)
-        ))
     }
 
     fn cancelled(&self, index: u32, vector: u32, why: &str) -> Error {
@@ -1104,7 +1080,7 @@ impl Device {
         let state = self.irq_state();
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
-            _ if self.cancelled.load(Ordering::Acquire) => {
+            _ if state.cancelled => {
                 Err(self.cancelled(index, vector, "the device is being closed"))
             }
             (Some(now), Some(cancel)) if Arc::ptr_eq(&now.fd, fd) => Ok(cancel.clone()),

@@ -102,7 +102,6 @@ pub fn doctor(name: Option<&str>) -> Vec<Finding> {
         out.push(Finding::new(code, severity, subject, message))
     };
     let groups = sysfs::list(Path::new("/sys/kernel/iommu_groups"));
-    let noiommu = sysfs::read_text("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode");
     if groups.is_empty() {
         add(
             FINDING_IOMMU_OFF,
@@ -113,6 +112,7 @@ pub fn doctor(name: Option<&str>) -> Vec<Finding> {
                 .into(),
         );
     }
+    let noiommu = sysfs::read_text("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode");
     if noiommu.as_deref() == Some("Y") {
         add(
             FINDING_NOIOMMU_MODE,
@@ -158,9 +158,7 @@ pub fn doctor(name: Option<&str>) -> Vec<Finding> {
             ),
         );
     }
-    let reserved = sysfs::read_text("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
-        .and_then(|n| n.parse::<u64>().ok());
-    if reserved.unwrap_or(0) == 0 {
+    if sysfs::read_u64("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages").unwrap_or(0) == 0 {
         add(
             FINDING_NO_HUGEPAGES,
             SEVERITY_INFO,

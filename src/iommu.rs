@@ -299,7 +299,7 @@ impl Iommu {
     /// Opens a new context of `kind` (see [`open_auto`](Self::open_auto) for the usual choice).
     pub fn open(kind: IommuKind) -> Result<Iommu> {
         // A type1 container reports its ranges once a group is in it: until then, every IOVA.
-        let whole = || Some(vec![IovaRange { start: 0, last: u64::MAX }]);
+        let whole = || Some(vec![iova::EVERY_IOVA]);
         let (backend, space, early) = match kind {
             kind if kind.is_container() => {
                 let container = match kind.is_iommufd() {
@@ -337,9 +337,7 @@ impl Iommu {
         let state = State {
             groups,
             stale: valid.is_none(),
-            space: IovaSpace::new(
-                valid.unwrap_or_else(|| vec![IovaRange { start: 0, last: u64::MAX }]),
-            ),
+            space: IovaSpace::new(valid.unwrap_or_else(|| vec![iova::EVERY_IOVA])),
             early,
             maps: DmaMap::new(),
             buffers: HashMap::new(),
@@ -468,7 +466,7 @@ impl Iommu {
                 }
             }
             let (valid, early) = match groups.is_empty() {
-                true => (Some(vec![IovaRange { start: 0, last: u64::MAX }]), Some(Vec::new())),
+                true => (Some(vec![iova::EVERY_IOVA]), Some(Vec::new())),
                 false => (None, None),
             };
             let backend = Backend::Type1 { container: context, kind };

@@ -13,6 +13,10 @@ pub struct IovaRange {
     pub last: u64,
 }
 
+/// Every IOVA: what a context offers before the kernel reports its ranges, and what a type1
+/// reply without the ranges capability means.
+pub(crate) const EVERY_IOVA: IovaRange = IovaRange { start: 0, last: u64::MAX };
+
 /// IOVA bookkeeping for one DMA context: the valid IOVA ranges, every recorded mapping (made at
 /// a caller's IOVA with [`claim`](Self::claim) or at one picked by [`alloc`](Self::alloc)), and
 /// the free space between them.
@@ -339,7 +343,7 @@ pub(crate) fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::
                 .collect();
         }
     }
-    Ok(vec![IovaRange { start: 0, last: u64::MAX }])
+    Ok(vec![EVERY_IOVA])
 }
 
 #[cfg(test)]

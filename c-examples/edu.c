@@ -75,6 +75,7 @@ static const char *kind_name(uint32_t kind)
 	switch (kind) {
 	case VFIOKIT_IOMMU_IOMMUFD: return "iommufd";
 	case VFIOKIT_IOMMU_VFIO_USER: return "vfio-user";
+	case VFIOKIT_IOMMU_NOIOMMU: return "no-IOMMU";
 	default: return "type1 container";
 	}
 }

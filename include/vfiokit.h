@@ -116,6 +116,10 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // iommufd's compatibility container with type1 (v1) semantics.
 #define VFIOKIT_IOMMU_IOMMUFD_COMPAT_V1 6
 
+// VFIO's unsafe no-IOMMU mode, for machines without an IOMMU: no isolation, DMA buffers locked
+// in memory with their physical addresses as IOVAs. Never chosen by AUTO.
+#define VFIOKIT_IOMMU_NOIOMMU 7
+
 // The device may only read this memory: an IOMMU mapping without write permission.
 #define VFIOKIT_DMA_READONLY (1 << 0)
 
@@ -600,7 +604,9 @@ int vfiokit_irq_wait(struct vfiokit_device *dev,
                      uint64_t *count);
 
 // Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD`, `_VFIO_USER` (for devices
-// served over vfio-user), `_TYPE1V1`, `_IOMMUFD_COMPAT` or `_IOMMUFD_COMPAT_V1`.
+// served over vfio-user), `_TYPE1V1`, `_IOMMUFD_COMPAT`, `_IOMMUFD_COMPAT_V1` or `_NOIOMMU`
+// (VFIO's unsafe no-IOMMU mode: ENOTSUP where the kernel lacks it, ENODEV while it is off,
+// EPERM without CAP_SYS_RAWIO).
 //
 // # Safety
 // `out` must be NULL or valid for writing a pointer.
@@ -658,13 +664,16 @@ int vfiokit_iommu_iova_ranges(const struct vfiokit_iommu *iommu,
                               size_t cap,
                               size_t *n);
 
-// Maps `len` bytes at `vaddr` for DMA at `iova` (all page-aligned).
+// Maps `len` bytes at `vaddr` for DMA at `iova` (all page-aligned). A no-IOMMU context has
+// no IOVAs to choose (`-ENOTSUP`): use `vfiokit_dma_map_any` or `vfiokit_dma_alloc`.
 //
 // # Safety
 // The memory must stay mapped until unmapped here or the context closes.
 int vfiokit_dma_map(struct vfiokit_iommu *iommu, void *vaddr, size_t len, uint64_t iova);
 
-// Maps `len` bytes at `vaddr` at an IOVA the allocator picks inside the valid ranges.
+// Maps `len` bytes at `vaddr` at an IOVA the allocator picks inside the valid ranges. In a
+// no-IOMMU context: the memory's physical address, with the memory locked until unmapped
+// (`-EINVAL` unless physically contiguous: a page, or within a hugepage).
 //
 // # Safety
 // As for `vfiokit_dma_map`; `iova` valid for a write.

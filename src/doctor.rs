@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::text::{fill, text};
 
 use crate::host::{self, PciDevice, VFIO_DRIVER};
+use crate::iommu::NOIOMMU_PARAM;
 use crate::sys::{self, sysfs};
 
 /// How much a finding matters.
@@ -85,15 +86,6 @@ impl std::fmt::Debug for Finding {
     }
 }
 
-/// Whether capability `cap` is in the effective set a /proc/PID/status text shows.
-fn has_capability(status: &str, cap: u32) -> bool {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|eff| eff & (1 << cap) != 0)
-}
-
 /// Every problem found for the machine, and for device `name` (a PCI address or sysfs path)
 /// if given, most severe first.
 pub fn doctor(name: Option<&str>) -> Vec<Finding> {
@@ -101,19 +93,32 @@ pub fn doctor(name: Option<&str>) -> Vec<Finding> {
     let mut add = |code, severity, subject: &str, message: String| {
         out.push(Finding::new(code, severity, subject, message))
     };
-    let groups = sysfs::list(Path::new("/sys/kernel/iommu_groups"));
-    if groups.is_empty() {
-        add(
-            FINDING_IOMMU_OFF,
-            SEVERITY_BLOCKER,
-            "IOMMU",
-            "no IOMMU is active: enable VT-d (Intel) or AMD-Vi in the firmware, and boot with \
-             intel_iommu=on (or amd_iommu=on) on the kernel command line"
-                .into(),
-        );
+    // IOMMU hardware registers itself here (dmar0, ivhd0, ...); iommu_groups would also list
+    // the groups no-IOMMU mode makes up.
+    let noiommu = sysfs::read_text(NOIOMMU_PARAM).is_some_and(|on| on == "Y");
+    if sysfs::list(Path::new("/sys/class/iommu")).is_empty() {
+        match noiommu {
+            false => add(
+                FINDING_IOMMU_OFF,
+                SEVERITY_BLOCKER,
+                "IOMMU",
+                "no IOMMU is active: enable VT-d (Intel) or AMD-Vi in the firmware, and boot with \
+                 intel_iommu=on (or amd_iommu=on) on the kernel command line; a machine that has \
+                 none can use VFIO's unsafe no-IOMMU mode (vfio.enable_unsafe_noiommu_mode=1 and \
+                 VFIOKIT_IOMMU=noiommu), without isolation"
+                    .into(),
+            ),
+            true => add(
+                FINDING_IOMMU_OFF,
+                SEVERITY_WARNING,
+                "IOMMU",
+                "no IOMMU is active: devices are usable only in VFIO's no-IOMMU mode, which is on \
+                 (open them with VFIOKIT_IOMMU=noiommu), without isolation"
+                    .into(),
+            ),
+        }
     }
-    let noiommu = sysfs::read_text("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode");
-    if noiommu.as_deref() == Some("Y") {
+    if noiommu {
         add(
             FINDING_NOIOMMU_MODE,
             SEVERITY_WARNING,
@@ -145,8 +150,7 @@ pub fn doctor(name: Option<&str>) -> Vec<Finding> {
         ),
     }
     let memlock = sys::memlock_limit();
-    let status = sysfs::read_text("/proc/self/status").unwrap_or_default();
-    if memlock < MEMLOCK_ENOUGH && !has_capability(&status, CAP_IPC_LOCK) {
+    if memlock < MEMLOCK_ENOUGH && !host::has_capability(CAP_IPC_LOCK) {
         add(
             FINDING_MEMLOCK_LOW,
             SEVERITY_WARNING,
@@ -210,12 +214,15 @@ fn device(add: &mut impl FnMut(u32, u32, &str, String), name: &str, iommufd: boo
                     host::not_viable(group).message().into(),
                 );
             }
-            match iommufd {
+            match iommufd && pci.noiommu_node().is_none() {
                 true => match pci.cdev() {
                     Ok(cdev) => check_node(add, &cdev),
                     Err(e) => add(FINDING_NO_IOMMUFD, SEVERITY_INFO, subject, e.message().into()),
                 },
-                false => check_node(add, &format!("/dev/vfio/{group}")),
+                false => check_node(
+                    add,
+                    &pci.noiommu_node().unwrap_or_else(|| format!("/dev/vfio/{group}")),
+                ),
             }
         }
     }
@@ -243,14 +250,5 @@ mod tests {
         assert_eq!(f.subject(), "0000:00:02.0");
         assert_eq!(f.message().len(), 422, "423 bytes cut back to a character boundary");
         assert_eq!(f.message[423], 0);
-    }
-
-    #[test]
-    fn capability_from_proc_status() {
-        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
-        let nobody = "CapEff:\t0000000000000000\n";
-        assert!(has_capability(root, CAP_IPC_LOCK));
-        assert!(!has_capability(nobody, CAP_IPC_LOCK));
-        assert!(!has_capability("", CAP_IPC_LOCK));
     }
 }

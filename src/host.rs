@@ -91,8 +91,24 @@ impl PciDevice {
         })
     }
 
+    /// The node of the device's group if VFIO made it a no-IOMMU group ("/dev/vfio/noiommu-0").
+    pub fn noiommu_node(&self) -> Option<String> {
+        let node = format!("/dev/vfio/noiommu-{}", self.iommu_group().ok()?);
+        sysfs::exists(Path::new(&node)).then_some(node)
+    }
+
     /// The device's VFIO cdev ("/dev/vfio/devices/vfio0").
     pub fn cdev(&self) -> Result<String> {
+        if let Some(node) = self.noiommu_node() {
+            return Err(Error::new(
+                libc::ENODEV,
+                format!(
+                    "{} has no IOMMU ({node}, VFIO's unsafe no-IOMMU mode) and so no VFIO cdev: open it in a \
+                     no-IOMMU context (VFIOKIT_IOMMU=noiommu)",
+                    self.address
+                ),
+            ));
+        }
         // 6.1 to 6.5 list the device under vfio-dev but have no /dev node for it.
         let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next();
         let node =
@@ -182,4 +198,33 @@ pub fn unbind(name: &str) -> Result<()> {
     // No driver may want the device; that is not an error.
     let _ = sysfs::write(Path::new("/sys/bus/pci/drivers_probe"), a);
     Ok(())
+}
+
+/// Whether this process has capability `cap` (CAP_*'s bit number) in its effective set.
+pub(crate) fn has_capability(cap: u32) -> bool {
+    capability_in(&sysfs::read_text("/proc/self/status").unwrap_or_default(), cap)
+}
+
+/// Whether capability `cap` is in the effective set a /proc/PID/status text shows.
+fn capability_in(status: &str, cap: u32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|eff| eff & (1 << cap) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_from_proc_status() {
+        const CAP_IPC_LOCK: u32 = 14;
+        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        let nobody = "CapEff:\t0000000000000000\n";
+        assert!(capability_in(root, CAP_IPC_LOCK));
+        assert!(!capability_in(nobody, CAP_IPC_LOCK));
+        assert!(!capability_in("", CAP_IPC_LOCK));
+    }
 }

@@ -1,8 +1,9 @@
 //! The DMA context: which IOVAs a device may reach, and the memory behind them.
 //!
-//! One type, three carriers behind it: the kernel's legacy type1 container with its groups,
-//! iommufd (an IOAS that devices opened through their cdev attach to), and vfio-user (each map
-//! sent to every device server in the context). The IOVA allocator, DMA buffers and error
+//! One type, four carriers behind it: the kernel's legacy type1 container with its groups,
+//! iommufd (an IOAS that devices opened through their cdev attach to), vfio-user (each map sent
+//! to every device server in the context), and VFIO's no-IOMMU mode (no translation: memory is
+//! locked and its physical address is the IOVA). The IOVA bookkeeping, DMA buffers and error
 //! messages are shared; only the requests differ.
 
 use std::collections::{HashMap, HashSet};
@@ -16,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::handoff::{self, Handoff};
 use crate::host::{self, PciDevice};
 use crate::iova::{self, IovaRange, IovaSpace};
+use crate::pagemap::{self, PagemapError};
 use crate::sys::{self, Context, iommufd, mem, socket, sysfs, vfio};
 use crate::vfio_user::{Client, DmaAccess};
 
@@ -35,6 +37,9 @@ pub const IOMMU_TYPE1V1: u32 = 4;
 pub const IOMMU_IOMMUFD_COMPAT: u32 = 5;
 /// iommufd's compatibility container with type1 (v1) semantics.
 pub const IOMMU_IOMMUFD_COMPAT_V1: u32 = 6;
+/// VFIO's unsafe no-IOMMU mode, for machines without an IOMMU: no isolation, DMA buffers locked
+/// in memory with their physical addresses as IOVAs. Never chosen by AUTO.
+pub const IOMMU_NOIOMMU: u32 = 7;
 
 /// The kernel interface a context uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +50,7 @@ pub enum IommuKind {
     Type1V1,
     IommufdCompat,
     IommufdCompatV1,
+    NoIommu,
 }
 
 impl IommuKind {
@@ -56,6 +62,7 @@ impl IommuKind {
             IommuKind::Type1V1 => IOMMU_TYPE1V1,
             IommuKind::IommufdCompat => IOMMU_IOMMUFD_COMPAT,
             IommuKind::IommufdCompatV1 => IOMMU_IOMMUFD_COMPAT_V1,
+            IommuKind::NoIommu => IOMMU_NOIOMMU,
         }
     }
 
@@ -82,15 +89,17 @@ impl IommuKind {
         if self.is_iommufd() { libc::EOVERFLOW } else { libc::EINVAL }
     }
 
-    /// The kind `IOMMU_AUTO` stands for: `VFIOKIT_IOMMU` (type1 or iommufd) if set, else
-    /// iommufd where the kernel has it and gives devices a cdev (6.6+), else type1.
+    /// The kind `IOMMU_AUTO` stands for: `VFIOKIT_IOMMU` (type1, iommufd or noiommu) if set,
+    /// else iommufd where the kernel has it and gives devices a cdev (6.6+), else type1. The
+    /// unsafe no-IOMMU mode only when named.
     pub fn auto() -> Result<IommuKind> {
         match std::env::var("VFIOKIT_IOMMU").as_deref() {
             Ok("type1") => Ok(IommuKind::Type1),
             Ok("iommufd") => Ok(IommuKind::Iommufd),
-            Ok(other) => {
-                Err(Error::invalid(format!("VFIOKIT_IOMMU={other}: expected type1 or iommufd")))
-            }
+            Ok("noiommu") => Ok(IommuKind::NoIommu),
+            Ok(other) => Err(Error::invalid(format!(
+                "VFIOKIT_IOMMU={other}: expected type1, iommufd or noiommu"
+            ))),
             Err(_)
                 if sysfs::exists(Path::new(IOMMUFD))
                     && sysfs::exists(Path::new("/dev/vfio/devices")) =>
@@ -111,10 +120,11 @@ impl IommuKind {
             IOMMU_TYPE1V1 => Ok(IommuKind::Type1V1),
             IOMMU_IOMMUFD_COMPAT => Ok(IommuKind::IommufdCompat),
             IOMMU_IOMMUFD_COMPAT_V1 => Ok(IommuKind::IommufdCompatV1),
+            IOMMU_NOIOMMU => Ok(IommuKind::NoIommu),
             IOMMU_AUTO => IommuKind::auto(),
             other => Err(Error::invalid(format!(
                 "unknown IOMMU kind {other} (expected 0 auto, 1 type1, 2 iommufd, 3 vfio-user, 4 type1 v1, \
-                 5 iommufd compat, 6 iommufd compat v1)"
+                 5 iommufd compat, 6 iommufd compat v1, 7 no-IOMMU)"
             ))),
         }
     }
@@ -124,6 +134,10 @@ const CONTAINER: &str = "/dev/vfio/vfio";
 const IOMMUFD: &str = "/dev/iommu";
 const TYPE1V2: u32 = 3;
 const TYPE1: u32 = 1;
+const NOIOMMU: u32 = vfio_bindings::bindings::vfio::VFIO_NOIOMMU_IOMMU;
+/// VFIO's switch for no-IOMMU mode; absent where the kernel lacks CONFIG_VFIO_NOIOMMU.
+pub(crate) const NOIOMMU_PARAM: &str = "/sys/module/vfio/parameters/enable_unsafe_noiommu_mode";
+const CAP_SYS_RAWIO: u32 = 17;
 
 enum Backend {
     /// Any container kind: the legacy one, or /dev/iommu used as one.
@@ -139,6 +153,10 @@ enum Backend {
     /// in order (never the state lock: the receivers need it to serve DMA meanwhile).
     VfioUser {
         peers: Mutex<Vec<std::sync::Weak<Client>>>,
+    },
+    /// A container with the no-IOMMU driver: groups as for type1, no DMA requests at all.
+    NoIommu {
+        container: OwnedFd,
     },
 }
 
@@ -319,6 +337,11 @@ impl Iommu {
             IommuKind::VfioUser => {
                 (Backend::VfioUser { peers: Mutex::new(Vec::new()) }, whole(), None)
             }
+            IommuKind::NoIommu => {
+                let container = open_container(CONTAINER, "is the vfio module loaded?")?;
+                check_noiommu(&container)?;
+                (Backend::NoIommu { container }, whole(), None)
+            }
             _ => unreachable!("every container kind is matched above"),
         };
         Ok(Iommu::with(backend, space, early, HashMap::new(), HashMap::new()))
@@ -407,6 +430,13 @@ impl Iommu {
                     "a vfio-user context has no fds to hand over: the other process connects to the device servers itself",
                 ));
             }
+            Backend::NoIommu { .. } => {
+                return Err(Error::new(
+                    libc::ENOTSUP,
+                    "a no-IOMMU context cannot be handed to a less privileged process: its devices and DMA need \
+                     CAP_SYS_RAWIO and CAP_SYS_ADMIN in the process that uses them",
+                ));
+            }
         };
         let fds: Vec<_> = std::iter::once(context.as_raw_fd())
             .chain(message.groups.iter().map(|g| state.groups[g].as_raw_fd()))
@@ -443,7 +473,12 @@ impl Iommu {
         let mut fds = fds.into_iter();
         let context = fds.next().expect("counted above");
         let kind = match IommuKind::from_code(message.kind) {
-            Ok(kind) if message.kind != IOMMU_AUTO && kind != IommuKind::VfioUser => kind,
+            Ok(kind)
+                if message.kind != IOMMU_AUTO
+                    && !matches!(kind, IommuKind::VfioUser | IommuKind::NoIommu) =>
+            {
+                kind
+            }
             _ => {
                 return Err(protocol(format!(
                     "context kind {} cannot be handed over",
@@ -519,14 +554,17 @@ impl Iommu {
             Backend::Type1 { kind, .. } => kind,
             Backend::Iommufd { .. } => IommuKind::Iommufd,
             Backend::VfioUser { .. } => IommuKind::VfioUser,
+            Backend::NoIommu { .. } => IommuKind::NoIommu,
         }
     }
 
-    /// The context's fd (the type1 container, or /dev/iommu), for ioctls vfiokit does not wrap.
+    /// The context's fd (the container, or /dev/iommu), for ioctls vfiokit does not wrap.
     /// Borrowed: it closes with the context. A vfio-user context has none (ENOTSUP).
     pub fn fd(&self) -> Result<BorrowedFd<'_>> {
         match &self.0.backend {
-            Backend::Type1 { container, .. } => Ok(container.as_fd()),
+            Backend::Type1 { container, .. } | Backend::NoIommu { container } => {
+                Ok(container.as_fd())
+            }
             Backend::Iommufd { fd, .. } => Ok(fd.as_fd()),
             Backend::VfioUser { .. } => Err(Error::new(
                 libc::ENOTSUP,
@@ -623,7 +661,7 @@ impl Iommu {
 
     fn open_device_fd(&self, dev: &PciDevice) -> Result<OwnedFd> {
         match &self.0.backend {
-            Backend::Type1 { container, .. } => {
+            Backend::Type1 { container, .. } | Backend::NoIommu { container } => {
                 let group = dev.iommu_group()?;
                 let mut state = self.state();
                 self.join_group(&mut state, container, group)?;
@@ -687,7 +725,7 @@ impl Iommu {
     pub(crate) fn hot_reset(&self, device: BorrowedFd, groups: &[u32]) -> Result<()> {
         let state = self.state();
         let fds = match &self.0.backend {
-            Backend::Type1 { .. } => groups
+            Backend::Type1 { .. } | Backend::NoIommu { .. } => groups
                 .iter()
                 .map(|g| {
                     state.groups.get(g).map(|fd| fd.as_raw_fd()).ok_or_else(|| {
@@ -710,8 +748,7 @@ impl Iommu {
         if state.groups.contains_key(&group) {
             return Ok(());
         }
-        let first = state.groups.is_empty().then_some(self.kind());
-        let fd = attach_group(container, group, first)?;
+        let fd = attach_group(container, group, self.kind(), state.groups.is_empty())?;
         match state.early.take() {
             Some(early) if !early.is_empty() => {
                 // On failure the group fd closes, leaving the container as it was.
@@ -747,8 +784,8 @@ impl Iommu {
             let ranges = match &self.0.backend {
                 Backend::Type1 { container, .. } => type1_ranges(container)?,
                 Backend::Iommufd { fd, ioas } => ioas_ranges(fd, *ioas)?,
-                Backend::VfioUser { .. } => {
-                    unreachable!("a vfio-user context's ranges never change")
+                Backend::VfioUser { .. } | Backend::NoIommu { .. } => {
+                    unreachable!("a vfio-user or no-IOMMU context's ranges never change")
                 }
             };
             state.space.set_valid(ranges);
@@ -780,6 +817,15 @@ impl Iommu {
     ) -> Result<()> {
         check_dma_args(vaddr, len, Some(iova))?;
         let writable = map_permission(flags)?;
+        if self.kind() == IommuKind::NoIommu {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                format!(
+                    "DMA map at IOVA {iova:#x}: a no-IOMMU context cannot place memory at an IOVA (its devices \
+                     see physical addresses); map_any and alloc map memory and return its address"
+                ),
+            ));
+        }
         // The kernel's errnos for the same mistakes (an overlap is EEXIST to both).
         if iova.checked_add(len as u64 - 1).is_none() {
             return Err(Error::new(
@@ -803,7 +849,9 @@ impl Iommu {
         mapped
     }
 
-    /// Maps `len` bytes at `vaddr` at an IOVA the allocator picks, and returns it.
+    /// Maps `len` bytes at `vaddr` at an IOVA the allocator picks, and returns it. In a no-IOMMU
+    /// context the memory is locked (mlock) until unmapped, and the IOVA is its physical
+    /// address: the range must be physically contiguous (one page, or within a hugepage).
     ///
     /// # Safety
     /// As for [`Iommu::map`].
@@ -819,15 +867,88 @@ impl Iommu {
     pub unsafe fn map_any_flags(&self, vaddr: *mut u8, len: usize, flags: u32) -> Result<u64> {
         check_dma_args(vaddr, len, None)?;
         let writable = map_permission(flags)?;
-        let iova = self.alloc_iova(len, dma_alignment(len))?;
         // SAFETY: forwarded from the caller.
-        match unsafe { self.map_raw(vaddr, len, iova, writable, None) } {
+        unsafe { self.map_anywhere(vaddr, len, dma_alignment(len), writable, None) }
+    }
+
+    /// Maps for the device at an IOVA `align`ed that this context picks, and returns it: one
+    /// from the allocator, or in a no-IOMMU context the memory's physical address.
+    ///
+    /// # Safety
+    /// As for [`Iommu::map`].
+    unsafe fn map_anywhere(
+        &self,
+        vaddr: *mut u8,
+        len: usize,
+        align: u64,
+        writable: bool,
+        backing: Option<Arc<OwnedFd>>,
+    ) -> Result<u64> {
+        if let Backend::NoIommu { .. } = self.0.backend {
+            return self.lock_physical(vaddr, len, writable);
+        }
+        let iova = self.alloc_iova(len, align)?;
+        // SAFETY: forwarded from the caller.
+        match unsafe { self.map_raw(vaddr, len, iova, writable, backing) } {
             Ok(()) => Ok(iova),
             Err(e) => {
                 self.state().release_iova(iova, len);
                 Err(e)
             }
         }
+    }
+
+    /// No-IOMMU: locks the memory in place and records it at its physical address, which is
+    /// what the device must be given. Nothing stops the device reaching other memory.
+    fn lock_physical(&self, vaddr: *mut u8, len: usize, writable: bool) -> Result<u64> {
+        let what = || format!("no-IOMMU DMA map of {vaddr:p}+{len:#x}");
+        if !writable {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                format!(
+                    "{}: read-only DMA needs an IOMMU to enforce it, and there is none",
+                    what()
+                ),
+            ));
+        }
+        mem::lock(vaddr, len).map_err(|sys::Errno(e)| {
+            let hint = match e {
+                libc::ENOMEM | libc::EPERM | libc::EAGAIN => format!(
+                    " (RLIMIT_MEMLOCK is {} bytes: raise it with ulimit -l or grant CAP_IPC_LOCK)",
+                    sys::memlock_limit()
+                ),
+                _ => String::new(),
+            };
+            Error::os(e, format!("{}: locking it in memory{hint}", what()))
+        })?;
+        let placed = mem::pagemap(vaddr as usize, len)
+            .context(|| format!("{}: reading /proc/self/pagemap", what()))
+            .and_then(|entries| {
+                pagemap::contiguous_physical(&entries, sys::page_size() as u64).map_err(|e| {
+                    let (errno, hint) = match e {
+                        PagemapError::Hidden => (libc::EPERM, " (run as root)"),
+                        PagemapError::NotContiguous { .. } => (
+                            libc::EINVAL,
+                            " (a device without an IOMMU sees physical memory: map a page at a time, or \
+                             allocate with DMA_HUGE_2M for up to 2 MiB in one piece)",
+                        ),
+                        PagemapError::NotPresent { .. } | PagemapError::Truncated => (libc::EIO, ""),
+                    };
+                    Error::new(errno, format!("{}: {e}{hint}", what()))
+                })
+            })
+            .and_then(|phys| {
+                let mut state = self.state();
+                state.space.claim(phys, len as u64).map_err(|why| {
+                    Error::new(libc::EEXIST, format!("{}: {why}", what()))
+                })?;
+                state.record(vaddr, len, phys).map(|()| phys)
+            });
+        if placed.is_err() {
+            // Undone whatever failed; munlock fails only where the memory (and its lock) is gone.
+            let _ = mem::unlock(vaddr, len);
+        }
+        placed
     }
 
     /// An IOVA for `len` bytes aligned to `align`, with a guard page after it in guard mode.
@@ -903,6 +1024,7 @@ impl Iommu {
                 }
                 return Ok(());
             }
+            Backend::NoIommu { .. } => unreachable!("no-IOMMU maps are placed by lock_physical"),
         };
         result.map_err(|sys::Errno(e)| map_error(e, len, iova, self.kind()))?;
         self.state().record(vaddr, len, iova)
@@ -1002,6 +1124,11 @@ impl Iommu {
                 Backend::Iommufd { fd, ioas } => {
                     iommufd::ioas_unmap(fd.as_fd(), *ioas, iova, len as u64).context(what)?;
                 }
+                Backend::NoIommu { .. } => {
+                    let vaddr = self.state().maps.containing(iova, len as u64).map(|m| m.vaddr);
+                    // munlock fails only where the memory (and with it the lock) is gone.
+                    let _ = vaddr.map(|v| mem::unlock(v as *const u8, len));
+                }
                 Backend::VfioUser { peers } => {
                     let peers = lock(peers);
                     // Forgotten first: from here on no server request reaches the memory.
@@ -1065,18 +1192,9 @@ impl Iommu {
         }
         .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
         let align = dma_alignment(len).max(page as u64);
-        let mapped = self.alloc_iova(len, align).and_then(|iova| {
-            // SAFETY: fresh private memory that only the buffer registry (and the caller) reach.
-            match unsafe {
-                self.map_raw(addr.as_ptr(), len, iova, flags & DMA_READONLY == 0, backing)
-            } {
-                Ok(()) => Ok(iova),
-                Err(e) => {
-                    self.state().release_iova(iova, len);
-                    Err(e)
-                }
-            }
-        });
+        let writable = flags & DMA_READONLY == 0;
+        // SAFETY: fresh private memory that only the buffer registry (and the caller) reach.
+        let mapped = unsafe { self.map_anywhere(addr.as_ptr(), len, align, writable, backing) };
         match mapped {
             Ok(iova) => {
                 self.state().buffers.insert(addr.as_ptr() as usize, Buffer { iova, len });
@@ -1293,20 +1411,41 @@ fn open_container(path: &str, missing: &str) -> Result<OwnedFd> {
     Ok(container)
 }
 
-/// Adds a group to the container; the first one (`first`: the context's kind) also sets the
-/// IOMMU driver.
-fn attach_group(container: &OwnedFd, group: u32, first: Option<IommuKind>) -> Result<OwnedFd> {
-    let fd = open_node(
-        &format!("/dev/vfio/{group}"),
-        "no such group node: is the device bound to vfio-pci?",
-    )?;
+/// Adds a group to the container of a context of `kind`; the `first` one also sets the IOMMU
+/// driver.
+fn attach_group(container: &OwnedFd, group: u32, kind: IommuKind, first: bool) -> Result<OwnedFd> {
+    let noiommu = kind == IommuKind::NoIommu;
+    let (node, other) = match noiommu {
+        true => (format!("/dev/vfio/noiommu-{group}"), format!("/dev/vfio/{group}")),
+        false => (format!("/dev/vfio/{group}"), format!("/dev/vfio/noiommu-{group}")),
+    };
+    // A group is either behind an IOMMU or not: say which context its devices need.
+    if !sysfs::exists(Path::new(&node)) && sysfs::exists(Path::new(&other)) {
+        return Err(Error::new(
+            libc::EINVAL,
+            match noiommu {
+                true => format!(
+                    "group {group} is behind an IOMMU ({other}): open its devices in a type1 or iommufd \
+                     context; no-IOMMU contexts are for devices without one"
+                ),
+                false => format!(
+                    "group {group} has no IOMMU ({other}, VFIO's unsafe no-IOMMU mode): open its devices \
+                     in a no-IOMMU context (VFIOKIT_IOMMU=noiommu), where they can DMA anywhere in memory"
+                ),
+            },
+        ));
+    }
+    let fd = open_node(&node, "no such group node: is the device bound to vfio-pci?")?;
     const VIABLE: u32 = vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_VIABLE;
     if vfio::group_flags(fd.as_fd()).context(|| format!("status of group {group}"))? & VIABLE == 0 {
         return Err(host::not_viable(group));
     }
     vfio::group_set_container(fd.as_fd(), container.as_fd())
         .context(|| format!("adding group {group} to the container"))?;
-    if let Some(kind) = first {
+    if first && noiommu {
+        vfio::set_iommu(container.as_fd(), NOIOMMU)
+            .context(|| "setting the no-IOMMU driver on the container")?;
+    } else if first {
         let v1 = matches!(kind, IommuKind::Type1V1 | IommuKind::IommufdCompatV1);
         let kind = if !v1 && vfio::check_extension(container.as_fd(), TYPE1V2).unwrap_or(false) {
             TYPE1V2
@@ -1372,6 +1511,36 @@ fn type1_ranges(container: &OwnedFd) -> Result<Vec<IovaRange>> {
     let reply = vfio::iommu_info(container.as_fd()).context(|| "VFIO_IOMMU_GET_INFO")?;
     iova::decode_type1_ranges(&reply)
         .map_err(|e| Error::new(libc::EPROTO, format!("type1 IOMMU info: {e}")))
+}
+
+/// Whether this process can use VFIO's no-IOMMU mode; if not, why, and the fix.
+fn check_noiommu(container: &OwnedFd) -> Result<()> {
+    let on = vfio::check_extension(container.as_fd(), NOIOMMU)
+        .context(|| "VFIO_CHECK_EXTENSION(VFIO_NOIOMMU_IOMMU)")?;
+    if !on {
+        return Err(match sysfs::exists(Path::new(NOIOMMU_PARAM)) {
+            false => Error::new(
+                libc::ENOTSUP,
+                "this kernel has no VFIO no-IOMMU mode (it was built without CONFIG_VFIO_NOIOMMU)",
+            ),
+            true => Error::new(
+                libc::ENODEV,
+                format!(
+                    "VFIO's no-IOMMU mode is off: boot with vfio.enable_unsafe_noiommu_mode=1, or echo 1 > \
+                     {NOIOMMU_PARAM} before binding devices to vfio-pci (it taints the kernel: such devices \
+                     can DMA anywhere in memory)"
+                ),
+            ),
+        });
+    }
+    if !host::has_capability(CAP_SYS_RAWIO) {
+        return Err(Error::new(
+            libc::EPERM,
+            "VFIO's no-IOMMU mode needs CAP_SYS_RAWIO (and CAP_SYS_ADMIN to read physical addresses): \
+             run as root or grant them",
+        ));
+    }
+    Ok(())
 }
 
 /// A handover refused: EPROTO, with what was wrong.

@@ -67,6 +67,19 @@ def until_in_poll(tid: int) -> None:
 POLL, PPOLL = 7, 271
 
 
+def edu_dma(bar0, src: int, dst: int, length: int, to_ram: bool) -> None:
+    """One transfer by edu's DMA engine (registers in `bar0`), waited for (10 s at most)."""
+    import time
+    bar0.write64(0x80, src)
+    bar0.write64(0x88, dst)
+    bar0.write64(0x90, length)
+    bar0.write64(0x98, 1 | (2 if to_ram else 0))
+    deadline = time.monotonic() + 10
+    while bar0.read64(0x98) & 1:
+        assert time.monotonic() < deadline, "edu DMA did not complete"
+        time.sleep(0.005)
+
+
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m vfiokit ARGS` as a user would, with this interpreter."""
     return subprocess.run([sys.executable, "-m", "vfiokit", *args], capture_output=True, text=True,

@@ -10,20 +10,19 @@ import resource
 import selectors
 import socket
 import struct
-import time
 import traceback
 
 import pytest
 
 import vfiokit
 
-from conftest import cli, cli_main, until_in_poll
+from conftest import cli, cli_main, edu_dma, until_in_poll
 
 pytestmark = pytest.mark.guest
 
 # edu registers (BAR0)
 ID, LIVENESS, IRQ_STATUS, IRQ_RAISE, IRQ_ACK = 0x00, 0x04, 0x24, 0x60, 0x64
-DMA_SRC, DMA_DST, DMA_COUNT, DMA_CMD, EDU_BUFFER = 0x80, 0x88, 0x90, 0x98, 0x40000
+EDU_BUFFER = 0x40000
 PCI_COMMAND, COMMAND_MEMORY, COMMAND_MASTER = 0x04, 0x2, 0x4
 CAP_MSIX = 0x11
 
@@ -159,18 +158,8 @@ def test_edu_dma_round_trip(edu):
             pattern = bytes((i * 7 + 3) & 0xFF for i in range(2048))
             buf.mem[:2048] = pattern
 
-            def dma(src: int, dst: int, to_ram: bool) -> None:
-                bar0.write64(DMA_SRC, src)
-                bar0.write64(DMA_DST, dst)
-                bar0.write64(DMA_COUNT, len(pattern))
-                bar0.write64(DMA_CMD, 1 | (2 if to_ram else 0))
-                deadline = time.monotonic() + 10
-                while bar0.read64(DMA_CMD) & 1:
-                    assert time.monotonic() < deadline, "edu DMA did not complete"
-                    time.sleep(0.005)
-
-            dma(buf.iova, EDU_BUFFER, to_ram=False)
-            dma(EDU_BUFFER, buf.iova + 2048, to_ram=True)
+            edu_dma(bar0, buf.iova, EDU_BUFFER, len(pattern), to_ram=False)
+            edu_dma(bar0, EDU_BUFFER, buf.iova + 2048, len(pattern), to_ram=True)
             assert buf.mem[2048:4096] == pattern
         assert buf.address == 0 and "freed" in repr(buf)
 
@@ -261,14 +250,7 @@ def test_translate_and_readonly(edu):
             ro.mem[:] = b"\x5a" * 4096
             for src, dst, to_ram in ((ro.iova, EDU_BUFFER, False), (EDU_BUFFER, buf.iova, True),
                                      (buf.iova + 4096, EDU_BUFFER, False), (EDU_BUFFER, ro.iova, True)):
-                bar0.write64(DMA_SRC, src)
-                bar0.write64(DMA_DST, dst)
-                bar0.write64(DMA_COUNT, 1024)
-                bar0.write64(DMA_CMD, 1 | (2 if to_ram else 0))
-                deadline = time.monotonic() + 10
-                while bar0.read64(DMA_CMD) & 1:
-                    assert time.monotonic() < deadline, "edu DMA did not complete"
-                    time.sleep(0.005)
+                edu_dma(bar0, src, dst, 1024, to_ram)
             assert buf.mem[:1024] == b"\x5a" * 1024, "read from the read-only buffer"
             assert ro.mem[:] == b"\x5a" * 4096, "the device's write was blocked"
         with pytest.raises(OSError) as e:

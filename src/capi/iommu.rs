@@ -31,7 +31,9 @@ pub(super) unsafe fn iommu(p: *const vfiokit_iommu) -> Result<Iommu> {
 }
 
 /// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD`, `_VFIO_USER` (for devices
-/// served over vfio-user), `_TYPE1V1`, `_IOMMUFD_COMPAT` or `_IOMMUFD_COMPAT_V1`.
+/// served over vfio-user), `_TYPE1V1`, `_IOMMUFD_COMPAT`, `_IOMMUFD_COMPAT_V1` or `_NOIOMMU`
+/// (VFIO's unsafe no-IOMMU mode: ENOTSUP where the kernel lacks it, ENODEV while it is off,
+/// EPERM without CAP_SYS_RAWIO).
 ///
 /// # Safety
 /// `out` must be NULL or valid for writing a pointer.
@@ -154,7 +156,8 @@ pub unsafe extern "C" fn vfiokit_iommu_iova_ranges(
     })
 }
 
-/// Maps `len` bytes at `vaddr` for DMA at `iova` (all page-aligned).
+/// Maps `len` bytes at `vaddr` for DMA at `iova` (all page-aligned). A no-IOMMU context has
+/// no IOVAs to choose (`-ENOTSUP`): use `vfiokit_dma_map_any` or `vfiokit_dma_alloc`.
 ///
 /// # Safety
 /// The memory must stay mapped until unmapped here or the context closes.
@@ -171,7 +174,9 @@ pub unsafe extern "C" fn vfiokit_dma_map(
     })
 }
 
-/// Maps `len` bytes at `vaddr` at an IOVA the allocator picks inside the valid ranges.
+/// Maps `len` bytes at `vaddr` at an IOVA the allocator picks inside the valid ranges. In a
+/// no-IOMMU context: the memory's physical address, with the memory locked until unmapped
+/// (`-EINVAL` unless physically contiguous: a page, or within a hugepage).
 ///
 /// # Safety
 /// As for `vfiokit_dma_map`; `iova` valid for a write.

@@ -1,6 +1,6 @@
 //! Virtual memory: address-space reservations, device mappings, anonymous and memfd DMA buffers.
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use super::{Errno, SysResult, check};
@@ -113,4 +113,26 @@ pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) {
     // SAFETY: upheld by the caller. munmap of a range we mapped cannot fail in a way we could
     // act on.
     unsafe { libc::munmap(addr.as_ptr().cast(), len) };
+}
+
+/// Locks `[addr, addr+len)` in memory, faulting it in: what a no-IOMMU context does instead of
+/// the kernel's pinning.
+pub(crate) fn lock(addr: *const u8, len: usize) -> SysResult<()> {
+    // SAFETY: mlock dereferences nothing; the kernel checks that the range is mapped.
+    check(unsafe { libc::mlock(addr.cast(), len) }).map(drop)
+}
+
+/// Undoes [`lock`] on `[addr, addr+len)`.
+pub(crate) fn unlock(addr: *const u8, len: usize) -> SysResult<()> {
+    // SAFETY: as for lock.
+    check(unsafe { libc::munlock(addr.cast(), len) }).map(drop)
+}
+
+/// The raw /proc/self/pagemap entries (8 bytes a page) of the pages of `[addr, addr+len)`.
+pub(crate) fn pagemap(addr: usize, len: usize) -> SysResult<Vec<u8>> {
+    let page = super::page_size();
+    let fd = super::open("/proc/self/pagemap", libc::O_RDONLY)?;
+    let mut entries = vec![0u8; len.div_ceil(page) * 8];
+    super::pread_exact(fd.as_fd(), &mut entries, (addr / page * 8) as u64)?;
+    Ok(entries)
 }

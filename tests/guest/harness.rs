@@ -1,9 +1,10 @@
 //! A small test runner for suites that must run inside the test guest (tests/vm/run).
 //!
 //! Run by `cargo test` on the host, the binary boots the guest and runs itself there, once per
-//! entry of VFIOKIT_VM_KERNELS (default "legacy iommufd iommufd:type1": a kernel, and the
-//! IOMMU backend forced through VFIOKIT_IOMMU); inside the guest (VFIOKIT_VM_KERNEL set)
-//! it runs the cases one by one, in one thread (beside a watchdog that holds no lock), so cases
+//! entry of VFIOKIT_VM_KERNELS (default "legacy iommufd iommufd:type1 iommufd:noiommu
+//! legacy:noiommu": a kernel, and the IOMMU backend forced through VFIOKIT_IOMMU; `noiommu`
+//! boots a machine without an IOMMU and runs the no-IOMMU cases instead of the others); inside
+//! the guest (VFIOKIT_VM_KERNEL set) it runs the cases one by one, in one thread (beside a watchdog that holds no lock), so cases
 //! may fork. It never skips: a guest that cannot start fails the run.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 pub type Case = (&'static str, fn());
 
-pub fn main(cases: &[Case]) -> ExitCode {
+pub fn main(cases: &[Case], noiommu_cases: &[Case]) -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // libtest-style: an argument not starting with '-' selects cases by substring, and
     // `--skip SUBSTRING` leaves cases out (`make check` skips the cycles).
@@ -29,6 +30,10 @@ pub fn main(cases: &[Case]) -> ExitCode {
     if std::env::var_os("VFIOKIT_VM_KERNEL").is_none() {
         return boot_guests(&args);
     }
+    let cases = match std::env::var("VFIOKIT_VM_IOMMU").as_deref() {
+        Ok("0") => noiommu_cases,
+        _ => cases,
+    };
     let selected: Vec<&Case> = cases
         .iter()
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
@@ -90,7 +95,7 @@ fn boot_guests(args: &[String]) -> ExitCode {
     let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vm/run");
     let exe = std::env::current_exe().expect("own path");
     let runs = std::env::var("VFIOKIT_VM_KERNELS")
-        .unwrap_or_else(|_| "legacy iommufd iommufd:type1".into());
+        .unwrap_or_else(|_| "legacy iommufd iommufd:type1 iommufd:noiommu legacy:noiommu".into());
     let mut failed = Vec::new();
     for run in runs.split_whitespace() {
         let (kernel, backend) = run.split_once(':').unwrap_or((run, ""));

@@ -8,6 +8,7 @@ mod fidelity;
 mod handoff;
 mod harness;
 mod hotreset;
+mod noiommu;
 
 use std::ptr::NonNull;
 
@@ -73,10 +74,18 @@ const CASES: &[harness::Case] = &[
     ("doctor_finds_each_problem_with_its_fix", doctor::doctor_finds_each_problem_with_its_fix),
     ("hot_reset_resets_every_dependent", hotreset::hot_reset_resets_every_dependent),
     ("backends_agree", equivalence::backends_agree),
+    ("noiommu_refused_with_its_cause", noiommu::noiommu_refused_with_its_cause),
+];
+
+/// The cases for a guest without an IOMMU (VFIOKIT_VM_KERNELS entries `KERNEL:noiommu`).
+const NOIOMMU_CASES: &[harness::Case] = &[
+    ("noiommu_dma_and_msi", noiommu::noiommu_dma_and_msi),
+    // Last: on the legacy kernel it unloads vfio-pci.
+    ("noiommu_doctor", noiommu::noiommu_doctor),
 ];
 
 fn main() -> std::process::ExitCode {
-    harness::main(CASES)
+    harness::main(CASES, NOIOMMU_CASES)
 }
 
 /// What AUTO must pick here: iommufd where the kernel has it, unless VFIOKIT_IOMMU says type1.
@@ -104,7 +113,7 @@ fn backend_choice() {
         IommuKind::Type1,
         "type1 is there on both kernels"
     );
-    fails(IommuKind::from_code(7), libc::EINVAL, &["unknown IOMMU kind 7"]);
+    fails(IommuKind::from_code(8), libc::EINVAL, &["unknown IOMMU kind 8", "7 no-IOMMU"]);
     if kernel == "iommufd" {
         assert_eq!(Iommu::open(IommuKind::Iommufd).unwrap().kind(), IommuKind::Iommufd);
         // One device bound through iommufd cannot be opened again through its group.

@@ -178,6 +178,16 @@ static void bad_names(void)
 	CHECK(dev == (vfiokit_device *)0x1);
 }
 
+/* No-IOMMU mode in a guest with an IOMMU: not in 6.1, off in 6.12; either way the fix named. */
+static void noiommu_refused(void)
+{
+	vfiokit_iommu *io = (vfiokit_iommu *)0x1;
+	int legacy = strcmp(env("VFIOKIT_VM_KERNEL"), "legacy") == 0;
+	FAILS(vfiokit_iommu_open(VFIOKIT_IOMMU_NOIOMMU, &io), legacy ? ENOTSUP : ENODEV);
+	CHECK(strstr(vfiokit_last_error(), legacy ? "CONFIG_VFIO_NOIOMMU" : "enable_unsafe_noiommu_mode=1"));
+	CHECK(io == (vfiokit_iommu *)0x1);
+}
+
 static void with_edu(void)
 {
 	vfiokit_iommu *io = NULL;
@@ -479,6 +489,7 @@ int main(void)
 	CHECK(vfiokit_last_error()[0] == '\0');
 	null_arguments();
 	bad_names();
+	noiommu_refused();
 	with_edu();
 	handoff();
 	doctor();

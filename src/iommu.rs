@@ -287,6 +287,12 @@ impl Drop for DmaContext {
     fn drop(&mut self) {
         self.magic = 0;
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Backend::NoIommu { .. } = self.backend {
+            // The locks stand in for the kernel's pins, which a closing container drops.
+            for m in state.maps.iter().filter(|m| !state.buffers.contains_key(&m.vaddr)) {
+                let _ = mem::unlock(m.vaddr as *const u8, m.len);
+            }
+        }
         for (&addr, &Buffer { len, .. }) in &state.buffers {
             // SAFETY: alloc mapped this range; the context is going away, so no one can free it.
             unsafe { mem::unmap(NonNull::new(addr as *mut u8).expect("non-null buffer"), len) };

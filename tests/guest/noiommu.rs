@@ -220,6 +220,16 @@ pub fn noiommu_dma_and_msi() {
     iommu.free(src.as_ptr()).unwrap();
     iommu.free(dst.as_ptr()).unwrap();
     assert_eq!(locked_kb(), locked, "every lock released");
+
+    // Closing the context releases the locks of what is still mapped, as a container's close
+    // releases the pins.
+    // SAFETY: our page, mapped until the context closes.
+    unsafe { iommu.map_any(page.as_ptr(), PAGE) }.unwrap();
+    iommu.alloc(PAGE).unwrap();
+    assert_eq!(locked_kb(), locked + 8);
+    drop(d);
+    drop(iommu);
+    assert_eq!(locked_kb(), locked, "the context's close unlocked its memory");
 }
 
 /// doctor in a guest without an IOMMU: the IOMMU finding (a warning while no-IOMMU mode is on,

@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -166,20 +166,48 @@ width!(u8, u16, u32, u64);
 /// The routed vectors of one IRQ index, and what wakes the threads waiting on them.
 #[derive(Default)]
 struct IrqRoute {
-    /// Each vector's eventfd (None: not routed).
+    /// Each vector's routing (None: not routed).
     vectors: Vec<Option<Vector>>,
     /// An eventfd signalled, then replaced, when vectors of this index that threads may be
     /// waiting on are disabled or routed anew; present while any vector is routed.
     cancel: Option<Arc<OwnedFd>>,
 }
 
-/// A routed vector's eventfd: one the device made, or a duplicate of the caller's.
-#[derive(Clone)]
+/// A routed vector: the fd the kernel signals, as handed out.
 struct Vector {
-    fd: Arc<OwnedFd>,
+    /// A duplicate of the vector's own eventfd ([`VectorSlot::own`]), the number
+    /// `irq_enable` returned, closed by disable; or a duplicate of the caller's eventfd.
+    _fd: OwnedFd,
     /// False for the caller's eventfds: the caller reads them, so `irq_wait` does not.
     waitable: bool,
+    /// Which routing this is (from [`IrqState::routings`]): a wait that finds another one
+    /// after a wake-up on the cancel eventfd ends with ECANCELED.
+    routing: u64,
 }
+
+/// What the fast paths of `irq_trigger` and `irq_wait` read without the IRQ lock, per vector.
+///
+/// Why no lock is needed: `own` is set once and neither replaced nor closed until the device
+/// drops, which cannot happen while a `&self` call runs, so a thread that found the vector
+/// routed reads an eventfd that is open, whatever a concurrent disable or enable does. At
+/// worst it reads a count signalled just before a disable (the wait then counts as having
+/// come first) or finds the eventfd empty and takes the locked path, which decides.
+#[derive(Default)]
+struct VectorSlot {
+    /// [`SLOT_OWN`], [`SLOT_CALLER`] or [`SLOT_OFF`] (also after `cancel_waits`), as
+    /// `IrqState::routes` says: written only under the IRQ lock.
+    state: AtomicU8,
+    /// The vector's own eventfd: made at its first `irq_enable`, reused (emptied first) by
+    /// later ones, closed when the device drops.
+    own: OnceCell<OwnedFd>,
+}
+
+/// [`VectorSlot::state`]: not routed (or waits are cancelled).
+const SLOT_OFF: u8 = 0;
+/// [`VectorSlot::state`]: routed to the caller's eventfd.
+const SLOT_CALLER: u8 = 1;
+/// [`VectorSlot::state`]: routed to the vector's own eventfd.
+const SLOT_OWN: u8 = 2;
 
 impl IrqRoute {
     fn is_enabled(&self) -> bool {
@@ -199,6 +227,8 @@ struct IrqState {
     routes: Vec<IrqRoute>,
     /// Set by [`Device::cancel_waits`]: every wait, current or later, ends with ECANCELED.
     cancelled: bool,
+    /// How many routings were made, for [`Vector::routing`].
+    routings: u64,
 }
 
 /// `vfiokit_device_feature` (`Device::feature`): read the feature's data.
@@ -378,6 +408,8 @@ pub struct Device {
     mappings: Vec<OnceCell<Mapping>>,
     fast: [FastPath; FAST_REGIONS],
     irq_state: Mutex<IrqState>,
+    /// By IRQ index and vector.
+    irq_slots: Box<[Box<[VectorSlot]>]>,
     io: Io,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
@@ -450,7 +482,11 @@ impl Device {
             .collect::<Result<Vec<Irq>>>()?;
         let routes = irqs
             .iter()
-            .map(|irq| IrqRoute { vectors: vec![None; irq.count as usize], cancel: None })
+            .map(|irq| IrqRoute { vectors: (0..irq.count).map(|_| None).collect(), cancel: None })
+            .collect();
+        let irq_slots = irqs
+            .iter()
+            .map(|irq| (0..irq.count).map(|_| VectorSlot::default()).collect())
             .collect();
         Ok(Device {
             address,
@@ -460,7 +496,8 @@ impl Device {
             regions,
             areas,
             irqs,
-            irq_state: Mutex::new(IrqState { routes, cancelled: false }),
+            irq_state: Mutex::new(IrqState { routes, cancelled: false, routings: 0 }),
+            irq_slots,
             io,
             _place: place,
             iommu,
@@ -887,14 +924,22 @@ impl Device {
         self.irq_state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Routes vectors `first..first+count` of an IRQ index to new eventfds (owned by the
-    /// device) and enables them. Returns the eventfds. Threads waiting on vectors this
-    /// re-routes end their wait with ECANCELED.
+    /// Routes vectors `first..first+count` of an IRQ index to eventfds owned by the device,
+    /// empty, and enables them. Returns the eventfds, which the device closes at disable or
+    /// drop. Threads waiting on vectors this re-routes end their wait with ECANCELED.
     pub fn irq_enable(&self, index: u32, first: u32, count: u32) -> Result<Vec<RawFd>> {
         self.check_eventfd_vectors(index, first, count)?;
-        let fds = (0..count)
-            .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
-            .collect::<Result<Vec<_>>>()?;
+        // Each vector keeps one eventfd for the device's life (the waits read it without
+        // the lock: see VectorSlot); the caller gets a duplicate, closed at disable.
+        let slots = &self.irq_slots[index as usize][first as usize..(first + count) as usize];
+        let fds = slots
+            .iter()
+            .map(|slot| {
+                let own = slot.own.get_or_try_init(sys::eventfd)?;
+                sys::dup(own.as_fd())
+            })
+            .collect::<sys::SysResult<Vec<_>>>()
+            .context(|| "creating an eventfd")?;
         self.route(index, first, fds, true)
     }
 
@@ -906,9 +951,7 @@ impl Device {
         self.check_eventfd_vectors(index, first, count)?;
         let dups = fds
             .iter()
-            .map(|fd| {
-                sys::dup(*fd).map(Arc::new).context(|| format!("duplicating fd {}", fd.as_raw_fd()))
-            })
+            .map(|fd| sys::dup(*fd).context(|| format!("duplicating fd {}", fd.as_raw_fd())))
             .collect::<Result<Vec<_>>>()?;
         self.route(index, first, dups, false).map(drop)
     }
@@ -924,13 +967,13 @@ impl Device {
         Ok(())
     }
 
-    /// Tells the kernel to signal `fds` for vectors `first..`, records them, and returns their
-    /// numbers.
+    /// Tells the kernel to signal `fds` for vectors `first..` (`waitable`: duplicates of their
+    /// own eventfds, which are emptied first), records them, and returns their numbers.
     fn route(
         &self,
         index: u32,
         first: u32,
-        fds: Vec<Arc<OwnedFd>>,
+        fds: Vec<OwnedFd>,
         waitable: bool,
     ) -> Result<Vec<RawFd>> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -958,13 +1001,30 @@ impl Device {
             true => Some(Arc::new(sys::eventfd().context(|| "creating an eventfd")?)),
             false => None,
         };
+        let slots = &self.irq_slots[index as usize][span.clone()];
+        if waitable {
+            // What a previous routing left unread is not this one's. An eventfd read fails
+            // only when it is empty.
+            slots.iter().filter_map(|s| s.own.get()).for_each(|own| {
+                let _ = sys::eventfd_take(own.as_fd());
+            });
+        }
         self.io.set_irq_eventfds(index, first, &raw).map_err(|e| {
             let what = format!("enabling {} vectors [{first}, +{count})", irq_name(index));
             e.within(format!("{what} on {}", self.address))
         })?;
-        for (slot, fd) in route.vectors[span].iter_mut().zip(fds) {
-            *slot = Some(Vector { fd, waitable });
+        state.routings += 1;
+        let (routing, cancelled) = (state.routings, state.cancelled);
+        let route = &mut state.routes[index as usize];
+        for (v, fd) in route.vectors[span].iter_mut().zip(fds) {
+            *v = Some(Vector { _fd: fd, waitable, routing });
         }
+        let published = match (cancelled, waitable) {
+            (true, _) => SLOT_OFF,
+            (false, true) => SLOT_OWN,
+            (false, false) => SLOT_CALLER,
+        };
+        slots.iter().for_each(|s| s.state.store(published, Ordering::Release));
         if let Some(cancel) = new_cancel {
             route.wake_waiters();
             route.cancel = Some(cancel);
@@ -988,7 +1048,10 @@ impl Device {
         self.set_irqs(&mut irq::encode_set(index, 0, 0, Action::Trigger), || {
             format!("disabling {}", irq_name(index))
         })?;
-        route.vectors.fill(None);
+        route.vectors.iter_mut().for_each(|v| *v = None);
+        self.irq_slots[index as usize]
+            .iter()
+            .for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         route.wake_waiters();
         Ok(())
     }
@@ -1000,6 +1063,7 @@ impl Device {
     pub fn cancel_waits(&self) {
         let mut state = self.irq_state();
         state.cancelled = true;
+        self.irq_slots.iter().flatten().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
         drop(state);
         if let Io::User { client, .. } = &self.io {
@@ -1037,13 +1101,28 @@ impl Device {
         self.vector_action(index, vector, Action::Unmask)
     }
 
+    /// The vector's lock-free state (None: no such index or vector).
+    #[inline]
+    fn irq_slot(&self, index: u32, vector: u32) -> Option<&VectorSlot> {
+        self.irq_slots.get(index as usize)?.get(vector as usize)
+    }
+
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
+    /// A vector found routed is triggered without the lock: a disable racing with it leaves
+    /// the kernel nothing to signal, as if the trigger had come first.
+    #[inline]
     pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
-        self.with_route(index, vector, |_, _| Ok(()))?;
+        let routed = self
+            .irq_slot(index, vector)
+            .is_some_and(|s| s.state.load(Ordering::Acquire) != SLOT_OFF);
+        if !routed {
+            // Which error, precisely (or a routing that has just been made).
+            self.with_route(index, vector, |_, _| Ok(()))?;
+        }
         self.send_action(index, vector, Action::Trigger)
     }
 
-    /// Runs `f` on an enabled vector's eventfd and its index's cancel eventfd, under the IRQ
+    /// Runs `f` on an enabled vector's routing and its index's cancel eventfd, under the IRQ
     /// lock (so `f` must not block).
     fn with_route<T>(
         &self,
@@ -1058,7 +1137,7 @@ impl Device {
         }
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
-            (Some(fd), Some(cancel)) => f(fd, cancel),
+            (Some(v), Some(cancel)) => f(v, cancel),
             _ => Err(Error::invalid(format!(
                 "{} {} vector {vector} is not enabled",
                 self.address,
@@ -1074,16 +1153,16 @@ impl Device {
         )
     }
 
-    /// After a wake-up on the cancel eventfd: the index's new cancel eventfd when `fd` is still
-    /// the vector's eventfd (other vectors were re-routed), ECANCELED when it is not.
-    fn still_routed(&self, index: u32, vector: u32, fd: &Arc<OwnedFd>) -> Result<Arc<OwnedFd>> {
+    /// After a wake-up on the cancel eventfd: the index's new cancel eventfd when the vector
+    /// still has the same routing (other vectors were re-routed), ECANCELED when it has not.
+    fn still_routed(&self, index: u32, vector: u32, routing: u64) -> Result<Arc<OwnedFd>> {
         let state = self.irq_state();
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
             _ if state.cancelled => {
                 Err(self.cancelled(index, vector, "the device is being closed"))
             }
-            (Some(now), Some(cancel)) if Arc::ptr_eq(&now.fd, fd) => Ok(cancel.clone()),
+            (Some(now), Some(cancel)) if now.routing == routing => Ok(cancel.clone()),
             _ => Err(self.cancelled(index, vector, "the IRQ was disabled or re-enabled")),
         }
     }
@@ -1092,10 +1171,25 @@ impl Device {
     /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`; a wait ended by
     /// [`Device::irq_disable`], an [`Device::irq_enable`] that re-routes the vector, or
     /// [`Device::cancel_waits`] is `ECANCELED`. Holds no lock while waiting.
+    #[inline]
     pub fn irq_wait(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
+        // Already fired: one load and one non-blocking read, no lock (see VectorSlot).
+        let own = self
+            .irq_slot(index, vector)
+            .filter(|s| s.state.load(Ordering::Acquire) == SLOT_OWN)
+            .and_then(|s| s.own.get());
+        if let Some(Ok(Some(count))) = own.map(|fd| sys::eventfd_take(fd.as_fd())) {
+            return Ok(count);
+        }
+        self.irq_wait_locked(index, vector, timeout_ms)
+    }
+
+    /// [`Device::irq_wait`] when the vector had not fired, or something is wrong: decided
+    /// under the IRQ lock, then waiting without it.
+    #[inline(never)]
+    fn irq_wait_locked(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
         let take =
             |fd: &OwnedFd| sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd");
-        // Already fired: answered by one non-blocking read, with no clock and no clone.
         let fired = self.with_route(index, vector, |v, cancel| {
             if !v.waitable {
                 return Err(Error::invalid(format!(
@@ -1104,11 +1198,13 @@ impl Device {
                     irq_name(index)
                 )));
             }
-            Ok(take(&v.fd)?.ok_or_else(|| (v.fd.clone(), cancel.clone())))
+            let own = self.irq_slots[index as usize][vector as usize].own.get();
+            let own = own.expect("a vector routed to its own eventfd has one");
+            Ok(take(own)?.map_or_else(|| Err((own, v.routing, cancel.clone())), Ok))
         })?;
-        let (fd, mut cancel) = match fired {
+        let (fd, routing, mut cancel) = match fired {
             Ok(count) => return Ok(count),
-            Err(fds) => fds,
+            Err(waiting) => waiting,
         };
         let deadline =
             (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
@@ -1133,10 +1229,10 @@ impl Device {
                         ),
                     ));
                 }
-                Some(Readable::Cancel) => cancel = self.still_routed(index, vector, &fd)?,
+                Some(Readable::Cancel) => cancel = self.still_routed(index, vector, routing)?,
                 // Another waiter may have taken it first: then wait on.
                 Some(Readable::Fd) => {
-                    if let Some(count) = take(&fd)? {
+                    if let Some(count) = take(fd)? {
                         return Ok(count);
                     }
                 }

@@ -438,13 +438,15 @@ impl Device {
             let io = Io::User { client, region_fds: Vec::new() };
             return Device::from_io(name.to_string(), iommu, io, place);
         }
-        let pci = PciDevice::find(name)?;
-        pci.require_vfio_driver()?;
-        let iommu = match iommu {
-            Some(i) => i.clone(),
-            None => Iommu::shared()?,
-        };
-        let (fd, place) = iommu.open_device(&pci)?;
+        let pci = PciDevice::named(name)?;
+        // Whether the device is there and bound to vfio-pci is asked of sysfs only when the
+        // open fails (a device fd comes only from a VFIO driver): two lookups fewer.
+        let opened = match iommu {
+            Some(i) => Ok(i.clone()),
+            None => Iommu::shared(),
+        }
+        .and_then(|iommu| Ok((iommu.open_device(&pci)?, iommu)));
+        let ((fd, place), iommu) = opened.map_err(|e| pci.why_not_vfio().unwrap_or(e))?;
         Device::from_io(pci.address, iommu, Io::Kernel(fd), place)
     }
 

@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,41 +37,64 @@ struct Mapping {
 const FAST_REGIONS: usize = 9;
 
 /// The register accessors' fast path for one region, kept inline in the device apart from
-/// its mapping: a checked access then loads two words (under emulation each load costs as
-/// much as the access itself to RAM). Set once, when the region is mapped.
+/// its mapping: a checked access then loads one word and takes one branch (under emulation
+/// each load, and each branch, costs about what the access itself to RAM does). Set once,
+/// when the region is mapped.
 #[derive(Default)]
 struct FastPath {
-    /// The mapping's base for reads and for writes: null until the region is mapped, and
-    /// where it forbids that access or its mapping does not cover it whole.
-    read: AtomicPtr<u8>,
-    write: AtomicPtr<u8>,
-    /// The mapping's `whole` rounded down to 8: any aligned access of 1 to 8 bytes below it
-    /// fits.
-    end: AtomicU64,
+    read: FastAccess,
+    write: FastAccess,
+}
+
+/// [`FastPath`] for one kind of access: the mapping's base (page-aligned) with, in its low
+/// bits, `k` such that any aligned access of 1 to 8 bytes below `(1 << k) >> 1` fits in the
+/// mapping (the largest power of two no larger than its `whole`; a BAR's size is one). 0,
+/// so that no access qualifies, until the region is mapped, and where it forbids this
+/// access or its mapping does not cover it whole (or is smaller than 8 bytes).
+#[derive(Default)]
+struct FastAccess(AtomicUsize);
+
+impl FastAccess {
+    /// The low bits holding `k` (a page-aligned base leaves 12 free).
+    const K: usize = 63;
+
+    #[inline(always)]
+    fn limit(word: usize) -> u64 {
+        (1u64 << (word & Self::K)) >> 1
+    }
 }
 
 impl FastPath {
     fn set(&self, m: &Mapping) {
-        let base = |flag| match m.whole > 0 && m.access & flag != 0 {
-            true => m.base.as_ptr(),
-            false => std::ptr::null_mut(),
-        };
-        self.end.store(m.whole & !7, Ordering::Relaxed);
-        // Release: a reader that sees a base sees `end` too.
-        self.read.store(base(REGION_READ), Ordering::Release);
-        self.write.store(base(REGION_WRITE), Ordering::Release);
+        if m.whole < 8 {
+            return;
+        }
+        // k - 1 is the power of two's log2: at least 3, as whole >= 8.
+        let k = ((u64::BITS - m.whole.leading_zeros()) as usize).min(FastAccess::K);
+        let word = m.base.as_ptr().expose_provenance() | k;
+        debug_assert!(m.base.as_ptr().addr() & FastAccess::K == 0, "mmap returns pages");
+        debug_assert!(FastAccess::limit(word) <= m.whole);
+        for (a, flag) in [(&self.read, REGION_READ), (&self.write, REGION_WRITE)] {
+            if m.access & flag != 0 {
+                a.0.store(word, Ordering::Release);
+            }
+        }
     }
 
     /// The address of an access of `T` at `off` when the fast path may take it: aligned, in
     /// range, allowed, and mapped.
     #[inline(always)]
     fn direct<T: Width>(&self, off: u64, access: u32) -> Option<*mut T> {
-        let base = if access == REGION_WRITE { &self.write } else { &self.read };
-        let base = base.load(Ordering::Acquire);
-        // SAFETY (of the add): off is aligned to T and below `end`, a multiple of 8 no larger
-        // than the mapping's `whole`, so off + T::BYTES <= whole <= len: inside the mapping.
-        (!base.is_null() && off % T::BYTES as u64 == 0 && off < self.end.load(Ordering::Relaxed))
-            .then(|| unsafe { base.add(off as usize).cast::<T>() })
+        let a = if access == REGION_WRITE { &self.write } else { &self.read };
+        let word = a.0.load(Ordering::Acquire);
+        // One comparison for all four conditions: the limit is 0 unless mapped and allowed.
+        (off % T::BYTES as u64 == 0 && off < FastAccess::limit(word)).then(|| {
+            let base = std::ptr::with_exposed_provenance_mut::<u8>(word & !FastAccess::K);
+            // SAFETY: off is aligned to T (a power of two up to 8) and below the limit, a
+            // power of two of at least 8 no larger than the mapping's `whole`, so
+            // off + T::BYTES <= limit <= whole <= len: inside the mapping.
+            unsafe { base.add(off as usize).cast::<T>() }
+        })
     }
 }
 

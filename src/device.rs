@@ -324,14 +324,19 @@ impl Io {
 
     /// IRQ index `i`'s (flags, count); absent (EINVAL) ones have neither.
     fn irq_info(&self, i: u32, address: &str) -> Result<(u32, u32)> {
+        // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them. Told
+        // apart before an error (and its message) is made, as for regions: every open of
+        // such a device gets it.
         let answer = match self {
-            Io::Kernel(fd) => vfio::irq_info(fd.as_fd(), i)
-                .map(|ki| (ki.flags, ki.count))
-                .context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")),
+            Io::Kernel(fd) => match vfio::irq_info(fd.as_fd(), i) {
+                Err(sys::Errno(libc::EINVAL)) => return Ok((0, 0)),
+                other => other
+                    .map(|ki| (ki.flags, ki.count))
+                    .context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")),
+            },
             Io::User { client, .. } => client.irq_info(i),
         };
         match answer {
-            // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them.
             Err(e) if e.errno() == libc::EINVAL => Ok((0, 0)),
             other => other,
         }

@@ -1118,9 +1118,15 @@ impl Device {
     }
 
     fn send_action(&self, index: u32, vector: u32, action: Action) -> Result<()> {
-        self.set_irqs(&mut irq::encode_set(index, vector, 1, action), || {
-            format!("{action:?} of {} vector {vector}", irq_name(index)).to_lowercase()
-        })
+        self.io
+            .set_irqs(&mut irq::encode_set(index, vector, 1, action))
+            .map_err(|e| self.action_failed(index, vector, action, e))
+    }
+
+    #[cold]
+    fn action_failed(&self, index: u32, vector: u32, action: Action, e: IoError) -> Error {
+        let what = format!("{action:?} of {} vector {vector}", irq_name(index)).to_lowercase();
+        e.within(format!("{what} on {}", self.address))
     }
 
     pub fn irq_mask(&self, index: u32, vector: u32) -> Result<()> {
@@ -1140,15 +1146,28 @@ impl Device {
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
     /// A vector found routed is triggered without the lock: a disable racing with it leaves
     /// the kernel nothing to signal, as if the trigger had come first.
-    #[inline]
+    #[inline(always)]
     pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
         let routed = self
             .irq_slot(index, vector)
             .is_some_and(|s| s.state.load(Ordering::Acquire) != SLOT_OFF);
-        if !routed {
-            // Which error, precisely (or a routing that has just been made).
-            self.with_route(index, vector, |_, _| Ok(()))?;
+        match (&self.io, routed) {
+            // The usual case, as one ioctl.
+            (Io::Kernel(fd), true) => {
+                let mut set = irq::encode_set(index, vector, 1, Action::Trigger);
+                vfio::set_irqs(fd.as_fd(), &mut set).map_err(|e| {
+                    self.action_failed(index, vector, Action::Trigger, IoError::Kernel(e))
+                })
+            }
+            _ => self.irq_trigger_locked(index, vector),
         }
+    }
+
+    /// [`Device::irq_trigger`] on a vector not found routed (which error, precisely, or a
+    /// routing just made), or over vfio-user.
+    #[inline(never)]
+    fn irq_trigger_locked(&self, index: u32, vector: u32) -> Result<()> {
+        self.with_route(index, vector, |_, _| Ok(()))?;
         self.send_action(index, vector, Action::Trigger)
     }
 

@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,41 +37,64 @@ struct Mapping {
 const FAST_REGIONS: usize = 9;
 
 /// The register accessors' fast path for one region, kept inline in the device apart from
-/// its mapping: a checked access then loads two words (under emulation each load costs as
-/// much as the access itself to RAM). Set once, when the region is mapped.
+/// its mapping: a checked access then loads one word and takes one branch (under emulation
+/// each load, and each branch, costs about what the access itself to RAM does). Set once,
+/// when the region is mapped.
 #[derive(Default)]
 struct FastPath {
-    /// The mapping's base for reads and for writes: null until the region is mapped, and
-    /// where it forbids that access or its mapping does not cover it whole.
-    read: AtomicPtr<u8>,
-    write: AtomicPtr<u8>,
-    /// The mapping's `whole` rounded down to 8: any aligned access of 1 to 8 bytes below it
-    /// fits.
-    end: AtomicU64,
+    read: FastAccess,
+    write: FastAccess,
+}
+
+/// [`FastPath`] for one kind of access: the mapping's base (page-aligned) with, in its low
+/// bits, `k` such that any aligned access of 1 to 8 bytes below `(1 << k) >> 1` fits in the
+/// mapping (the largest power of two no larger than its `whole`; a BAR's size is one). 0,
+/// so that no access qualifies, until the region is mapped, and where it forbids this
+/// access or its mapping does not cover it whole (or is smaller than 8 bytes).
+#[derive(Default)]
+struct FastAccess(AtomicUsize);
+
+impl FastAccess {
+    /// The low bits holding `k` (a page-aligned base leaves 12 free).
+    const K: usize = 63;
+
+    #[inline(always)]
+    fn limit(word: usize) -> u64 {
+        (1u64 << (word & Self::K)) >> 1
+    }
 }
 
 impl FastPath {
     fn set(&self, m: &Mapping) {
-        let base = |flag| match m.whole > 0 && m.access & flag != 0 {
-            true => m.base.as_ptr(),
-            false => std::ptr::null_mut(),
-        };
-        self.end.store(m.whole & !7, Ordering::Relaxed);
-        // Release: a reader that sees a base sees `end` too.
-        self.read.store(base(REGION_READ), Ordering::Release);
-        self.write.store(base(REGION_WRITE), Ordering::Release);
+        if m.whole < 8 {
+            return;
+        }
+        // k - 1 is the power of two's log2: at least 3, as whole >= 8.
+        let k = ((u64::BITS - m.whole.leading_zeros()) as usize).min(FastAccess::K);
+        let word = m.base.as_ptr().expose_provenance() | k;
+        debug_assert!(m.base.as_ptr().addr() & FastAccess::K == 0, "mmap returns pages");
+        debug_assert!(FastAccess::limit(word) <= m.whole);
+        for (a, flag) in [(&self.read, REGION_READ), (&self.write, REGION_WRITE)] {
+            if m.access & flag != 0 {
+                a.0.store(word, Ordering::Release);
+            }
+        }
     }
 
     /// The address of an access of `T` at `off` when the fast path may take it: aligned, in
     /// range, allowed, and mapped.
     #[inline(always)]
     fn direct<T: Width>(&self, off: u64, access: u32) -> Option<*mut T> {
-        let base = if access == REGION_WRITE { &self.write } else { &self.read };
-        let base = base.load(Ordering::Acquire);
-        // SAFETY (of the add): off is aligned to T and below `end`, a multiple of 8 no larger
-        // than the mapping's `whole`, so off + T::BYTES <= whole <= len: inside the mapping.
-        (!base.is_null() && off % T::BYTES as u64 == 0 && off < self.end.load(Ordering::Relaxed))
-            .then(|| unsafe { base.add(off as usize).cast::<T>() })
+        let a = if access == REGION_WRITE { &self.write } else { &self.read };
+        let word = a.0.load(Ordering::Acquire);
+        // One comparison for all four conditions: the limit is 0 unless mapped and allowed.
+        (off % T::BYTES as u64 == 0 && off < FastAccess::limit(word)).then(|| {
+            let base = std::ptr::with_exposed_provenance_mut::<u8>(word & !FastAccess::K);
+            // SAFETY: off is aligned to T (a power of two up to 8) and below the limit, a
+            // power of two of at least 8 no larger than the mapping's `whole`, so
+            // off + T::BYTES <= limit <= whole <= len: inside the mapping.
+            unsafe { base.add(off as usize).cast::<T>() }
+        })
     }
 }
 
@@ -166,20 +189,48 @@ width!(u8, u16, u32, u64);
 /// The routed vectors of one IRQ index, and what wakes the threads waiting on them.
 #[derive(Default)]
 struct IrqRoute {
-    /// Each vector's eventfd (None: not routed).
+    /// Each vector's routing (None: not routed).
     vectors: Vec<Option<Vector>>,
     /// An eventfd signalled, then replaced, when vectors of this index that threads may be
     /// waiting on are disabled or routed anew; present while any vector is routed.
     cancel: Option<Arc<OwnedFd>>,
 }
 
-/// A routed vector's eventfd: one the device made, or a duplicate of the caller's.
-#[derive(Clone)]
+/// A routed vector: the fd the kernel signals, as handed out.
 struct Vector {
-    fd: Arc<OwnedFd>,
+    /// A duplicate of the vector's own eventfd ([`VectorSlot::own`]), the number
+    /// `irq_enable` returned, closed by disable; or a duplicate of the caller's eventfd.
+    _fd: OwnedFd,
     /// False for the caller's eventfds: the caller reads them, so `irq_wait` does not.
     waitable: bool,
+    /// Which routing this is (from [`IrqState::routings`]): a wait that finds another one
+    /// after a wake-up on the cancel eventfd ends with ECANCELED.
+    routing: u64,
 }
+
+/// What the fast paths of `irq_trigger` and `irq_wait` read without the IRQ lock, per vector.
+///
+/// Why no lock is needed: `own` is set once and neither replaced nor closed until the device
+/// drops, which cannot happen while a `&self` call runs, so a thread that found the vector
+/// routed reads an eventfd that is open, whatever a concurrent disable or enable does. At
+/// worst it reads a count signalled just before a disable (the wait then counts as having
+/// come first) or finds the eventfd empty and takes the locked path, which decides.
+#[derive(Default)]
+struct VectorSlot {
+    /// [`SLOT_OWN`], [`SLOT_CALLER`] or [`SLOT_OFF`] (also after `cancel_waits`), as
+    /// `IrqState::routes` says: written only under the IRQ lock.
+    state: AtomicU8,
+    /// The vector's own eventfd: made at its first `irq_enable`, reused (emptied first) by
+    /// later ones, closed when the device drops.
+    own: OnceCell<OwnedFd>,
+}
+
+/// [`VectorSlot::state`]: not routed (or waits are cancelled).
+const SLOT_OFF: u8 = 0;
+/// [`VectorSlot::state`]: routed to the caller's eventfd.
+const SLOT_CALLER: u8 = 1;
+/// [`VectorSlot::state`]: routed to the vector's own eventfd.
+const SLOT_OWN: u8 = 2;
 
 impl IrqRoute {
     fn is_enabled(&self) -> bool {
@@ -199,6 +250,8 @@ struct IrqState {
     routes: Vec<IrqRoute>,
     /// Set by [`Device::cancel_waits`]: every wait, current or later, ends with ECANCELED.
     cancelled: bool,
+    /// How many routings were made, for [`Vector::routing`].
+    routings: u64,
 }
 
 /// `vfiokit_device_feature` (`Device::feature`): read the feature's data.
@@ -271,14 +324,19 @@ impl Io {
 
     /// IRQ index `i`'s (flags, count); absent (EINVAL) ones have neither.
     fn irq_info(&self, i: u32, address: &str) -> Result<(u32, u32)> {
+        // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them. Told
+        // apart before an error (and its message) is made, as for regions: every open of
+        // such a device gets it.
         let answer = match self {
-            Io::Kernel(fd) => vfio::irq_info(fd.as_fd(), i)
-                .map(|ki| (ki.flags, ki.count))
-                .context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")),
+            Io::Kernel(fd) => match vfio::irq_info(fd.as_fd(), i) {
+                Err(sys::Errno(libc::EINVAL)) => return Ok((0, 0)),
+                other => other
+                    .map(|ki| (ki.flags, ki.count))
+                    .context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")),
+            },
             Io::User { client, .. } => client.irq_info(i),
         };
         match answer {
-            // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them.
             Err(e) if e.errno() == libc::EINVAL => Ok((0, 0)),
             other => other,
         }
@@ -378,6 +436,8 @@ pub struct Device {
     mappings: Vec<OnceCell<Mapping>>,
     fast: [FastPath; FAST_REGIONS],
     irq_state: Mutex<IrqState>,
+    /// By IRQ index and vector.
+    irq_slots: Box<[Box<[VectorSlot]>]>,
     io: Io,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
@@ -406,13 +466,15 @@ impl Device {
             let io = Io::User { client, region_fds: Vec::new() };
             return Device::from_io(name.to_string(), iommu, io, place);
         }
-        let pci = PciDevice::find(name)?;
-        pci.require_vfio_driver()?;
-        let iommu = match iommu {
-            Some(i) => i.clone(),
-            None => Iommu::shared()?,
-        };
-        let (fd, place) = iommu.open_device(&pci)?;
+        let pci = PciDevice::named(name)?;
+        // Whether the device is there and bound to vfio-pci is asked of sysfs only when the
+        // open fails (a device fd comes only from a VFIO driver): two lookups fewer.
+        let opened = match iommu {
+            Some(i) => Ok(i.clone()),
+            None => Iommu::shared(),
+        }
+        .and_then(|iommu| Ok((iommu.open_device(&pci)?, iommu)));
+        let ((fd, place), iommu) = opened.map_err(|e| pci.why_not_vfio().unwrap_or(e))?;
         Device::from_io(pci.address, iommu, Io::Kernel(fd), place)
     }
 
@@ -450,7 +512,11 @@ impl Device {
             .collect::<Result<Vec<Irq>>>()?;
         let routes = irqs
             .iter()
-            .map(|irq| IrqRoute { vectors: vec![None; irq.count as usize], cancel: None })
+            .map(|irq| IrqRoute { vectors: (0..irq.count).map(|_| None).collect(), cancel: None })
+            .collect();
+        let irq_slots = irqs
+            .iter()
+            .map(|irq| (0..irq.count).map(|_| VectorSlot::default()).collect())
             .collect();
         Ok(Device {
             address,
@@ -460,7 +526,8 @@ impl Device {
             regions,
             areas,
             irqs,
-            irq_state: Mutex::new(IrqState { routes, cancelled: false }),
+            irq_state: Mutex::new(IrqState { routes, cancelled: false, routings: 0 }),
+            irq_slots,
             io,
             _place: place,
             iommu,
@@ -887,14 +954,22 @@ impl Device {
         self.irq_state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Routes vectors `first..first+count` of an IRQ index to new eventfds (owned by the
-    /// device) and enables them. Returns the eventfds. Threads waiting on vectors this
-    /// re-routes end their wait with ECANCELED.
+    /// Routes vectors `first..first+count` of an IRQ index to eventfds owned by the device,
+    /// empty, and enables them. Returns the eventfds, which the device closes at disable or
+    /// drop. Threads waiting on vectors this re-routes end their wait with ECANCELED.
     pub fn irq_enable(&self, index: u32, first: u32, count: u32) -> Result<Vec<RawFd>> {
         self.check_eventfd_vectors(index, first, count)?;
-        let fds = (0..count)
-            .map(|_| sys::eventfd().map(Arc::new).context(|| "creating an eventfd"))
-            .collect::<Result<Vec<_>>>()?;
+        // Each vector keeps one eventfd for the device's life (the waits read it without
+        // the lock: see VectorSlot); the caller gets a duplicate, closed at disable.
+        let slots = &self.irq_slots[index as usize][first as usize..(first + count) as usize];
+        let fds = slots
+            .iter()
+            .map(|slot| {
+                let own = slot.own.get_or_try_init(sys::eventfd)?;
+                sys::dup(own.as_fd())
+            })
+            .collect::<sys::SysResult<Vec<_>>>()
+            .context(|| "creating an eventfd")?;
         self.route(index, first, fds, true)
     }
 
@@ -906,9 +981,7 @@ impl Device {
         self.check_eventfd_vectors(index, first, count)?;
         let dups = fds
             .iter()
-            .map(|fd| {
-                sys::dup(*fd).map(Arc::new).context(|| format!("duplicating fd {}", fd.as_raw_fd()))
-            })
+            .map(|fd| sys::dup(*fd).context(|| format!("duplicating fd {}", fd.as_raw_fd())))
             .collect::<Result<Vec<_>>>()?;
         self.route(index, first, dups, false).map(drop)
     }
@@ -924,13 +997,13 @@ impl Device {
         Ok(())
     }
 
-    /// Tells the kernel to signal `fds` for vectors `first..`, records them, and returns their
-    /// numbers.
+    /// Tells the kernel to signal `fds` for vectors `first..` (`waitable`: duplicates of their
+    /// own eventfds, which are emptied first), records them, and returns their numbers.
     fn route(
         &self,
         index: u32,
         first: u32,
-        fds: Vec<Arc<OwnedFd>>,
+        fds: Vec<OwnedFd>,
         waitable: bool,
     ) -> Result<Vec<RawFd>> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -958,13 +1031,30 @@ impl Device {
             true => Some(Arc::new(sys::eventfd().context(|| "creating an eventfd")?)),
             false => None,
         };
+        let slots = &self.irq_slots[index as usize][span.clone()];
+        if waitable {
+            // What a previous routing left unread is not this one's. An eventfd read fails
+            // only when it is empty.
+            slots.iter().filter_map(|s| s.own.get()).for_each(|own| {
+                let _ = sys::eventfd_take(own.as_fd());
+            });
+        }
         self.io.set_irq_eventfds(index, first, &raw).map_err(|e| {
             let what = format!("enabling {} vectors [{first}, +{count})", irq_name(index));
             e.within(format!("{what} on {}", self.address))
         })?;
-        for (slot, fd) in route.vectors[span].iter_mut().zip(fds) {
-            *slot = Some(Vector { fd, waitable });
+        state.routings += 1;
+        let (routing, cancelled) = (state.routings, state.cancelled);
+        let route = &mut state.routes[index as usize];
+        for (v, fd) in route.vectors[span].iter_mut().zip(fds) {
+            *v = Some(Vector { _fd: fd, waitable, routing });
         }
+        let published = match (cancelled, waitable) {
+            (true, _) => SLOT_OFF,
+            (false, true) => SLOT_OWN,
+            (false, false) => SLOT_CALLER,
+        };
+        slots.iter().for_each(|s| s.state.store(published, Ordering::Release));
         if let Some(cancel) = new_cancel {
             route.wake_waiters();
             route.cancel = Some(cancel);
@@ -988,7 +1078,10 @@ impl Device {
         self.set_irqs(&mut irq::encode_set(index, 0, 0, Action::Trigger), || {
             format!("disabling {}", irq_name(index))
         })?;
-        route.vectors.fill(None);
+        route.vectors.iter_mut().for_each(|v| *v = None);
+        self.irq_slots[index as usize]
+            .iter()
+            .for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         route.wake_waiters();
         Ok(())
     }
@@ -1000,6 +1093,7 @@ impl Device {
     pub fn cancel_waits(&self) {
         let mut state = self.irq_state();
         state.cancelled = true;
+        self.irq_slots.iter().flatten().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
         drop(state);
         if let Io::User { client, .. } = &self.io {
@@ -1024,9 +1118,15 @@ impl Device {
     }
 
     fn send_action(&self, index: u32, vector: u32, action: Action) -> Result<()> {
-        self.set_irqs(&mut irq::encode_set(index, vector, 1, action), || {
-            format!("{action:?} of {} vector {vector}", irq_name(index)).to_lowercase()
-        })
+        self.io
+            .set_irqs(&mut irq::encode_set(index, vector, 1, action))
+            .map_err(|e| self.action_failed(index, vector, action, e))
+    }
+
+    #[cold]
+    fn action_failed(&self, index: u32, vector: u32, action: Action, e: IoError) -> Error {
+        let what = format!("{action:?} of {} vector {vector}", irq_name(index)).to_lowercase();
+        e.within(format!("{what} on {}", self.address))
     }
 
     pub fn irq_mask(&self, index: u32, vector: u32) -> Result<()> {
@@ -1037,13 +1137,41 @@ impl Device {
         self.vector_action(index, vector, Action::Unmask)
     }
 
+    /// The vector's lock-free state (None: no such index or vector).
+    #[inline]
+    fn irq_slot(&self, index: u32, vector: u32) -> Option<&VectorSlot> {
+        self.irq_slots.get(index as usize)?.get(vector as usize)
+    }
+
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
+    /// A vector found routed is triggered without the lock: a disable racing with it leaves
+    /// the kernel nothing to signal, as if the trigger had come first.
+    #[inline(always)]
     pub fn irq_trigger(&self, index: u32, vector: u32) -> Result<()> {
+        let routed = self
+            .irq_slot(index, vector)
+            .is_some_and(|s| s.state.load(Ordering::Acquire) != SLOT_OFF);
+        match (&self.io, routed) {
+            // The usual case, as one ioctl.
+            (Io::Kernel(fd), true) => {
+                let mut set = irq::encode_set(index, vector, 1, Action::Trigger);
+                vfio::set_irqs(fd.as_fd(), &mut set).map_err(|e| {
+                    self.action_failed(index, vector, Action::Trigger, IoError::Kernel(e))
+                })
+            }
+            _ => self.irq_trigger_locked(index, vector),
+        }
+    }
+
+    /// [`Device::irq_trigger`] on a vector not found routed (which error, precisely, or a
+    /// routing just made), or over vfio-user.
+    #[inline(never)]
+    fn irq_trigger_locked(&self, index: u32, vector: u32) -> Result<()> {
         self.with_route(index, vector, |_, _| Ok(()))?;
         self.send_action(index, vector, Action::Trigger)
     }
 
-    /// Runs `f` on an enabled vector's eventfd and its index's cancel eventfd, under the IRQ
+    /// Runs `f` on an enabled vector's routing and its index's cancel eventfd, under the IRQ
     /// lock (so `f` must not block).
     fn with_route<T>(
         &self,
@@ -1058,7 +1186,7 @@ impl Device {
         }
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
-            (Some(fd), Some(cancel)) => f(fd, cancel),
+            (Some(v), Some(cancel)) => f(v, cancel),
             _ => Err(Error::invalid(format!(
                 "{} {} vector {vector} is not enabled",
                 self.address,
@@ -1074,16 +1202,16 @@ impl Device {
         )
     }
 
-    /// After a wake-up on the cancel eventfd: the index's new cancel eventfd when `fd` is still
-    /// the vector's eventfd (other vectors were re-routed), ECANCELED when it is not.
-    fn still_routed(&self, index: u32, vector: u32, fd: &Arc<OwnedFd>) -> Result<Arc<OwnedFd>> {
+    /// After a wake-up on the cancel eventfd: the index's new cancel eventfd when the vector
+    /// still has the same routing (other vectors were re-routed), ECANCELED when it has not.
+    fn still_routed(&self, index: u32, vector: u32, routing: u64) -> Result<Arc<OwnedFd>> {
         let state = self.irq_state();
         let route = &state.routes[index as usize];
         match (&route.vectors[vector as usize], &route.cancel) {
             _ if state.cancelled => {
                 Err(self.cancelled(index, vector, "the device is being closed"))
             }
-            (Some(now), Some(cancel)) if Arc::ptr_eq(&now.fd, fd) => Ok(cancel.clone()),
+            (Some(now), Some(cancel)) if now.routing == routing => Ok(cancel.clone()),
             _ => Err(self.cancelled(index, vector, "the IRQ was disabled or re-enabled")),
         }
     }
@@ -1092,10 +1220,25 @@ impl Device {
     /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`; a wait ended by
     /// [`Device::irq_disable`], an [`Device::irq_enable`] that re-routes the vector, or
     /// [`Device::cancel_waits`] is `ECANCELED`. Holds no lock while waiting.
+    #[inline]
     pub fn irq_wait(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
+        // Already fired: one load and one non-blocking read, no lock (see VectorSlot).
+        let own = self
+            .irq_slot(index, vector)
+            .filter(|s| s.state.load(Ordering::Acquire) == SLOT_OWN)
+            .and_then(|s| s.own.get());
+        if let Some(Ok(Some(count))) = own.map(|fd| sys::eventfd_take(fd.as_fd())) {
+            return Ok(count);
+        }
+        self.irq_wait_locked(index, vector, timeout_ms)
+    }
+
+    /// [`Device::irq_wait`] when the vector had not fired, or something is wrong: decided
+    /// under the IRQ lock, then waiting without it.
+    #[inline(never)]
+    fn irq_wait_locked(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
         let take =
             |fd: &OwnedFd| sys::eventfd_take(fd.as_fd()).context(|| "reading an IRQ eventfd");
-        // Already fired: answered by one non-blocking read, with no clock and no clone.
         let fired = self.with_route(index, vector, |v, cancel| {
             if !v.waitable {
                 return Err(Error::invalid(format!(
@@ -1104,11 +1247,13 @@ impl Device {
                     irq_name(index)
                 )));
             }
-            Ok(take(&v.fd)?.ok_or_else(|| (v.fd.clone(), cancel.clone())))
+            let own = self.irq_slots[index as usize][vector as usize].own.get();
+            let own = own.expect("a vector routed to its own eventfd has one");
+            Ok(take(own)?.map_or_else(|| Err((own, v.routing, cancel.clone())), Ok))
         })?;
-        let (fd, mut cancel) = match fired {
+        let (fd, routing, mut cancel) = match fired {
             Ok(count) => return Ok(count),
-            Err(fds) => fds,
+            Err(waiting) => waiting,
         };
         let deadline =
             (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
@@ -1133,10 +1278,10 @@ impl Device {
                         ),
                     ));
                 }
-                Some(Readable::Cancel) => cancel = self.still_routed(index, vector, &fd)?,
+                Some(Readable::Cancel) => cancel = self.still_routed(index, vector, routing)?,
                 // Another waiter may have taken it first: then wait on.
                 Some(Readable::Fd) => {
-                    if let Some(count) = take(&fd)? {
+                    if let Some(count) = take(fd)? {
                         return Ok(count);
                     }
                 }

@@ -24,6 +24,13 @@ impl PciDevice {
     /// Resolves a PCI address ("0000:00:02.0", "00:02.0"), a sysfs device path, or a VFIO
     /// cdev path ("/dev/vfio/devices/vfio0").
     pub fn find(name: &str) -> Result<PciDevice> {
+        let dev = PciDevice::named(name)?;
+        dev.require_present()?;
+        Ok(dev)
+    }
+
+    /// [`PciDevice::find`] without checking that a device at a PCI address is present.
+    pub fn named(name: &str) -> Result<PciDevice> {
         let address = if let Some(node) = name.strip_prefix(CDEV_DIR) {
             if !sysfs::exists(Path::new(name)) {
                 return Err(Error::new(libc::ENOENT, format!("no such VFIO device cdev {name}")));
@@ -46,13 +53,24 @@ impl PciDevice {
             pci::parse_address(name).map_err(|e| Error::invalid(e.to_string()))?
         };
         let sysfs = Path::new(PCI_DEVICES).join(&address);
-        if !sysfs::exists(&sysfs) {
+        Ok(PciDevice { address, sysfs })
+    }
+
+    /// Fails (ENOENT) unless the device is in sysfs.
+    pub fn require_present(&self) -> Result<()> {
+        if !sysfs::exists(&self.sysfs) {
             return Err(Error::new(
                 libc::ENOENT,
-                format!("no PCI device {address} (nothing at {})", sysfs.display()),
+                format!("no PCI device {} (nothing at {})", self.address, self.sysfs.display()),
             ));
         }
-        Ok(PciDevice { address, sysfs })
+        Ok(())
+    }
+
+    /// Why the device cannot be opened through VFIO, if sysfs says: it is absent (ENOENT) or
+    /// not bound to vfio-pci (ENODEV). For an open that failed, in preference to its error.
+    pub fn why_not_vfio(&self) -> Option<Error> {
+        self.require_present().and_then(|()| self.require_vfio_driver()).err()
     }
 
     pub fn driver(&self) -> Option<String> {
@@ -97,6 +115,13 @@ impl PciDevice {
         sysfs::exists(Path::new(&node)).then_some(node)
     }
 
+    /// The device's VFIO cdev ("/dev/vfio/devices/vfio0"), found in sysfs, without checking
+    /// that the node is there ([`PciDevice::cdev`] does).
+    pub fn cdev_unchecked(&self) -> Option<String> {
+        let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next();
+        name.map(|n| format!("{CDEV_DIR}{n}"))
+    }
+
     /// The device's VFIO cdev ("/dev/vfio/devices/vfio0").
     pub fn cdev(&self) -> Result<String> {
         if let Some(node) = self.noiommu_node() {
@@ -110,9 +135,7 @@ impl PciDevice {
             ));
         }
         // 6.1 to 6.5 list the device under vfio-dev but have no /dev node for it.
-        let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next();
-        let node =
-            name.map(|n| format!("{CDEV_DIR}{n}")).filter(|node| sysfs::exists(Path::new(node)));
+        let node = self.cdev_unchecked().filter(|node| sysfs::exists(Path::new(node)));
         node.ok_or_else(|| {
             Error::new(
                 libc::ENODEV,

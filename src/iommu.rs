@@ -683,8 +683,10 @@ impl Iommu {
                 let (device, cdev) = match adopted {
                     Some(fd) => (fd, format!("the cdev handed over for {}", dev.address)),
                     None => {
-                        let cdev = dev.cdev()?;
-                        (open_node(&cdev, "")?, cdev)
+                        // Whether the node is there is checked only if it cannot be opened.
+                        let cdev = dev.cdev_unchecked().map_or_else(|| dev.cdev(), Ok)?;
+                        let fd = open_node(&cdev, "").map_err(|e| dev.cdev().err().unwrap_or(e))?;
+                        (fd, cdev)
                     }
                 };
                 iommufd::bind(device.as_fd(), fd.as_fd()).map_err(|sys::Errno(e)| match e {

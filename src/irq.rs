@@ -53,6 +53,7 @@ const SET_LEN: usize = 20;
 /// A `struct vfio_irq_set` with no data: `action` on vectors `start..start+count`.
 /// With `Trigger` and `count == 0` it disables the whole index. On the stack: it is on the
 /// IRQ round-trip path.
+#[inline]
 pub(crate) fn encode_set(index: u32, start: u32, count: u32, action: Action) -> [u8; SET_LEN] {
     let flag = match action {
         Action::Trigger => ACTION_TRIGGER,

@@ -43,10 +43,12 @@ impl<T> Context<T> for SysResult<T> {
     }
 }
 
+#[inline]
 fn check(ret: libc::c_int) -> SysResult<libc::c_int> {
     if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
 }
 
+#[inline]
 fn check_len(ret: libc::ssize_t) -> SysResult<usize> {
     if ret < 0 { Err(Errno::last()) } else { Ok(ret as usize) }
 }
@@ -172,6 +174,7 @@ pub(crate) fn eventfd_signal(fd: BorrowedFd) -> SysResult<()> {
 }
 
 /// Takes the eventfd's counter (resetting it to zero); `None` if it was zero.
+#[inline]
 pub(crate) fn eventfd_take(fd: BorrowedFd) -> SysResult<Option<u64>> {
     let mut count = 0u64;
     // SAFETY: count is 8 writable bytes, what an eventfd read needs.

@@ -120,6 +120,7 @@ pub(crate) fn irq_info(device: BorrowedFd, index: u32) -> SysResult<vfio_irq_inf
 }
 
 /// SET_IRQS with an already encoded `vfio_irq_set` (header + data).
+#[inline]
 pub(crate) fn set_irqs(device: BorrowedFd, encoded: &mut [u8]) -> SysResult<()> {
     // SAFETY: encoded starts with a vfio_irq_set whose argsz equals encoded.len().
     unsafe { ioctl_ptr(device, DEVICE_SET_IRQS, encoded.as_mut_ptr()) }.map(drop)

@@ -41,6 +41,7 @@ const CASES: &[harness::Case] = &[
     ("nvme_msix_subrange_and_trigger", nvme_msix_subrange_and_trigger),
     ("err_and_req_irqs", err_and_req_irqs),
     ("irq_misuse", irq_misuse),
+    ("reenabled_vectors_start_empty", reenabled_vectors_start_empty),
     ("disable_and_cancel_end_waits", disable_and_cancel_end_waits),
     ("caller_eventfds", caller_eventfds),
     ("iova_ranges_and_mapping_rules", iova_ranges_and_mapping_rules),
@@ -540,6 +541,28 @@ fn irq_misuse() {
     d.irq_enable(IRQ_INTX, 0, 1).unwrap();
     fails(d.irq_enable(IRQ_MSI, 0, 1), libc::EINVAL, &["INTx is enabled"]);
     d.irq_disable(IRQ_INTX).unwrap();
+}
+
+/// A vector keeps its own eventfd across enables (irq_wait reads it without the lock), so
+/// what it counted and nobody read is emptied when it is enabled again, after a disable or by
+/// a re-route, while the fd handed out before is closed.
+fn reenabled_vectors_start_empty() {
+    let d = open("NVME");
+    let before = d.irq_enable(IRQ_MSIX, 0, 1).unwrap()[0];
+    d.irq_trigger(IRQ_MSIX, 0).unwrap();
+    d.irq_disable(IRQ_MSIX).unwrap();
+    // SAFETY: fcntl on a number we no longer own only queries it.
+    assert_eq!(unsafe { libc::fcntl(before, libc::F_GETFD) }, -1, "disable closes the eventfd");
+    d.irq_enable(IRQ_MSIX, 0, 1).unwrap();
+    fails(d.irq_wait(IRQ_MSIX, 0, 0), libc::ETIMEDOUT, &[]);
+    d.irq_trigger(IRQ_MSIX, 0).unwrap();
+    assert_eq!(d.irq_wait(IRQ_MSIX, 0, 1000).unwrap(), 1);
+    d.irq_trigger(IRQ_MSIX, 0).unwrap();
+    d.irq_enable(IRQ_MSIX, 0, 1).unwrap();
+    fails(d.irq_wait(IRQ_MSIX, 0, 0), libc::ETIMEDOUT, &[]);
+    d.irq_trigger(IRQ_MSIX, 0).unwrap();
+    assert_eq!(d.irq_wait(IRQ_MSIX, 0, 1000).unwrap(), 1);
+    d.irq_disable(IRQ_MSIX).unwrap();
 }
 
 /// Vectors routed to the caller's eventfds: the kernel signals them, the caller reads and

@@ -547,6 +547,8 @@ int vfiokit_pci_find_capability(struct vfiokit_device *dev, uint32_t cap_id, uin
 
 // Enables vectors `first..first+count` of an IRQ index, each signalling its own eventfd;
 // the eventfds (owned by the device, closed by disable/close) are written to `eventfds`.
+// Each is a duplicate of one the device keeps until close: take it out of an epoll set
+// before disabling, or epoll keeps watching it.
 //
 // # Safety
 // `dev` NULL or live; `eventfds` valid for `count` ints.

@@ -327,18 +327,17 @@ impl Io {
         // vfio-pci answers EINVAL for ERR on a device that is not PCIe: none of them. Told
         // apart before an error (and its message) is made, as for regions: every open of
         // such a device gets it.
-        let answer = match self {
+        match self {
             Io::Kernel(fd) => match vfio::irq_info(fd.as_fd(), i) {
-                Err(sys::Errno(libc::EINVAL)) => return Ok((0, 0)),
+                Err(sys::Errno(libc::EINVAL)) => Ok((0, 0)),
                 other => other
                     .map(|ki| (ki.flags, ki.count))
                     .context(|| format!("VFIO_DEVICE_GET_IRQ_INFO {i} on {address}")),
             },
-            Io::User { client, .. } => client.irq_info(i),
-        };
-        match answer {
-            Err(e) if e.errno() == libc::EINVAL => Ok((0, 0)),
-            other => other,
+            Io::User { client, .. } => match client.irq_info(i) {
+                Err(e) if e.errno() == libc::EINVAL => Ok((0, 0)),
+                other => other,
+            },
         }
     }
 
@@ -1247,7 +1246,7 @@ impl Device {
                     irq_name(index)
                 )));
             }
-            let own = self.irq_slots[index as usize][vector as usize].own.get();
+            let own = self.irq_slot(index, vector).and_then(|s| s.own.get());
             let own = own.expect("a vector routed to its own eventfd has one");
             Ok(take(own)?.map_or_else(|| Err((own, v.routing, cancel.clone())), Ok))
         })?;

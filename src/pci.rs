@@ -26,7 +26,12 @@ pub(crate) fn parse_address(name: &str) -> Result<String, BadAddress> {
         _ => return Err(bad()),
     };
     let function = hex(function, 1, 7)?;
-    Ok(format!("{domain:04x}:{bus:02x}:{device:02x}.{function:x}"))
+    Ok(address(domain, bus as u8, device << 3 | function))
+}
+
+/// The canonical form of a PCI address ("0000:02:00.1"), `devfn` as in config cycles.
+fn address(domain: u32, bus: u8, devfn: u32) -> String {
+    format!("{domain:04x}:{bus:02x}:{:02x}.{:x}", devfn >> 3, devfn & 7)
 }
 
 /// `cap_id` values at or above this select an extended capability (`id + EXTENDED`).
@@ -165,15 +170,9 @@ pub(crate) fn decode_hot_reset_info(reply: &[u8]) -> Result<(u32, Vec<Dependent>
     let devices = (0..count)
         .map(|i| {
             let at = 12 + 8 * i;
-            let devfn = reply[at + 7];
+            let domain = caps::u16_at(reply, at + 4, what)?.into();
             Ok(Dependent {
-                address: format!(
-                    "{:04x}:{:02x}:{:02x}.{:x}",
-                    caps::u16_at(reply, at + 4, what)?,
-                    reply[at + 6],
-                    devfn >> 3,
-                    devfn & 7
-                ),
+                address: address(domain, reply[at + 6], reply[at + 7].into()),
                 id: caps::u32_at(reply, at, what)?,
             })
         })

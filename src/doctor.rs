@@ -214,15 +214,14 @@ fn device(add: &mut impl FnMut(u32, u32, &str, String), name: &str, iommufd: boo
                     host::not_viable(group).message().into(),
                 );
             }
-            match iommufd && pci.noiommu_node().is_none() {
-                true => match pci.cdev() {
+            // The node an open will need: a no-IOMMU group's, else the cdev or the group's.
+            match (pci.noiommu_node(), iommufd) {
+                (Some(node), _) => check_node(add, &node),
+                (None, true) => match pci.cdev() {
                     Ok(cdev) => check_node(add, &cdev),
                     Err(e) => add(FINDING_NO_IOMMUFD, SEVERITY_INFO, subject, e.message().into()),
                 },
-                false => check_node(
-                    add,
-                    &pci.noiommu_node().unwrap_or_else(|| format!("/dev/vfio/{group}")),
-                ),
+                (None, false) => check_node(add, &host::group_node(group, false)),
             }
         }
     }

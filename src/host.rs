@@ -111,7 +111,7 @@ impl PciDevice {
 
     /// The node of the device's group if VFIO made it a no-IOMMU group ("/dev/vfio/noiommu-0").
     pub fn noiommu_node(&self) -> Option<String> {
-        let node = format!("/dev/vfio/noiommu-{}", self.iommu_group().ok()?);
+        let node = group_node(self.iommu_group().ok()?, true);
         sysfs::exists(Path::new(&node)).then_some(node)
     }
 
@@ -145,6 +145,14 @@ impl PciDevice {
                 ),
             )
         })
+    }
+}
+
+/// The node of VFIO group `group`: "/dev/vfio/N", or for a no-IOMMU group "/dev/vfio/noiommu-N".
+pub(crate) fn group_node(group: u32, noiommu: bool) -> String {
+    match noiommu {
+        true => format!("/dev/vfio/noiommu-{group}"),
+        false => format!("/dev/vfio/{group}"),
     }
 }
 

@@ -1423,10 +1423,7 @@ fn open_container(path: &str, missing: &str) -> Result<OwnedFd> {
 /// driver.
 fn attach_group(container: &OwnedFd, group: u32, kind: IommuKind, first: bool) -> Result<OwnedFd> {
     let noiommu = kind == IommuKind::NoIommu;
-    let (node, other) = match noiommu {
-        true => (format!("/dev/vfio/noiommu-{group}"), format!("/dev/vfio/{group}")),
-        false => (format!("/dev/vfio/{group}"), format!("/dev/vfio/noiommu-{group}")),
-    };
+    let (node, other) = (host::group_node(group, noiommu), host::group_node(group, !noiommu));
     // A group is either behind an IOMMU or not: say which context its devices need.
     if !sysfs::exists(Path::new(&node)) && sysfs::exists(Path::new(&other)) {
         return Err(Error::new(

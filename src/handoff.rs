@@ -8,7 +8,7 @@
 //! (u16) and of devices (u16), then each group's number (u32), then each device's canonical
 //! PCI address (12 bytes, "0000:00:02.0").
 
-use crate::caps::DecodeError;
+use crate::caps::{self, DecodeError};
 use crate::pci;
 
 const MAGIC: [u8; 8] = *b"vfkHANDO";
@@ -65,12 +65,12 @@ impl Handoff {
         if header[..8] != MAGIC {
             return Err(malformed(what, "not a vfiokit handoff (bad magic)"));
         }
-        let version = u32::from_ne_bytes(header[8..12].try_into().expect("4 bytes"));
+        let version = caps::u32_at(header, 8, what)?;
         if version != VERSION {
             return Err(malformed(what, format!("version {version}, expected {VERSION}")));
         }
-        let count = |at: usize| u16::from_ne_bytes([header[at], header[at + 1]]) as usize;
-        let (groups, devices) = (count(20), count(22));
+        let count = |at: usize| caps::u16_at(header, at, what).map(usize::from);
+        let (groups, devices) = (count(20)?, count(22)?);
         if groups > MAX_ITEMS || devices > MAX_ITEMS {
             return Err(malformed(
                 what,
@@ -89,9 +89,10 @@ impl Handoff {
                 format!("{} bytes where its header says {expected}", bytes.len()),
             ));
         }
-        let word = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        let groups_len = u16::from_ne_bytes([bytes[20], bytes[21]]) as usize;
-        let groups: Vec<u32> = (0..groups_len).map(|i| word(HEADER_LEN + 4 * i)).collect();
+        let word = |at: usize| caps::u32_at(bytes, at, "handoff");
+        let groups_len = usize::from(caps::u16_at(bytes, 20, "handoff")?);
+        let groups =
+            (0..groups_len).map(|i| word(HEADER_LEN + 4 * i)).collect::<Result<Vec<u32>, _>>()?;
         let devices = bytes[HEADER_LEN + 4 * groups_len..]
             .chunks_exact(ADDRESS_LEN)
             .map(|raw| {
@@ -103,17 +104,17 @@ impl Handoff {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut seen = groups.clone();
-        seen.sort_unstable();
-        seen.dedup();
-        let mut names = devices.clone();
-        names.sort_unstable();
-        names.dedup();
-        if seen.len() != groups.len() || names.len() != devices.len() {
+        if has_repeats(&groups) || has_repeats(&devices) {
             return Err(malformed("handoff", "a group or device is listed twice"));
         }
-        Ok(Handoff { kind: word(12), ioas: word(16), groups, devices })
+        Ok(Handoff { kind: word(12)?, ioas: word(16)?, groups, devices })
     }
+}
+
+fn has_repeats<T: Ord>(items: &[T]) -> bool {
+    let mut sorted: Vec<&T> = items.iter().collect();
+    sorted.sort_unstable();
+    sorted.windows(2).any(|w| w[0] == w[1])
 }
 
 fn malformed(what: &'static str, why: impl Into<String>) -> DecodeError {

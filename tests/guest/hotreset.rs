@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use vfiokit::{Device, Iommu};
 
 use crate::common::*;
+use crate::group_of_address;
 
 // NVMe controller registers (BAR0).
 const CC: u64 = 0x14;
@@ -46,7 +47,7 @@ pub fn hot_reset_resets_every_dependent() {
     // Only edu open here: the reset would take the nvme with it, so it is refused, naming it.
     assert_eq!(addresses(&edu), [(nvme_addr.clone(), 0), (edu_addr.clone(), 1)]);
     let group = edu.hot_reset_info().unwrap()[0].group;
-    assert_eq!(group.to_string(), group_of_addr(&nvme_addr), "the kernel's group or sysfs's");
+    assert_eq!(group.to_string(), group_of_address(&nvme_addr), "the kernel's group or sysfs's");
     fails(edu.hot_reset(), libc::EPERM, &[&nvme_addr, "not open in its IOMMU context"]);
 
     // Held by another process, the nvme cannot join this context, nor the reset go ahead there.
@@ -76,9 +77,4 @@ pub fn hot_reset_resets_every_dependent() {
     // A device on the root bus has no bus or slot reset to offer.
     let lone = open("EDU");
     fails(lone.hot_reset_info(), libc::ENOTSUP, &["no bus or slot reset"]);
-}
-
-fn group_of_addr(address: &str) -> String {
-    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{address}/iommu_group")).unwrap();
-    link.file_name().unwrap().to_string_lossy().into_owned()
 }

@@ -1379,8 +1379,12 @@ fn open_map_alloc_cycles_leak_nothing() {
 }
 
 fn group_of(role: &str) -> String {
-    let link =
-        std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", addr(role))).unwrap();
+    group_of_address(&addr(role))
+}
+
+/// The device's IOMMU group, as sysfs names it.
+fn group_of_address(address: &str) -> String {
+    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{address}/iommu_group")).unwrap();
     link.file_name().unwrap().to_string_lossy().into_owned()
 }
 

@@ -474,6 +474,16 @@ class DmaBuffer(_Closing):
         return f"<vfiokit.DmaBuffer {self.size:#x} ({human_size(self.size)}), {state}>"
 
 
+def _copied_records(func: Any, subject: Any, record: Any) -> list:
+    """The records of a call that returns a variable number of them (`func(subject, out, cap,
+    &n)`): asked for their number, then for them."""
+    n = c_size_t()
+    func(subject, None, 0, byref(n))
+    out = (record * n.value)()
+    func(subject, out, n.value, byref(n))
+    return out[: n.value]
+
+
 def _fileno(sock: Union[int, Any]) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
@@ -535,11 +545,8 @@ class Iommu(_Closing):
 
     def iova_ranges(self) -> list[IovaRange]:
         """The valid IOVA ranges (a type1 context has them once a device is in it)."""
-        n = c_size_t()
-        _lib.vfiokit_iommu_iova_ranges(self._handle(), None, 0, byref(n))
-        out = (_capi.vfiokit_iova_range * n.value)()
-        _lib.vfiokit_iommu_iova_ranges(self._handle(), out, n.value, byref(n))
-        return [IovaRange(r.start, r.last) for r in out[: n.value]]
+        out = _copied_records(_lib.vfiokit_iommu_iova_ranges, self._handle(), _capi.vfiokit_iova_range)
+        return [IovaRange(r.start, r.last) for r in out]
 
     @staticmethod
     def _memory(buffer: Union[int, Buffer], length: Optional[int]) -> tuple[int, int, object]:
@@ -708,11 +715,8 @@ class Device(_Closing):
     def hot_reset_info(self) -> list[HotResetDep]:
         """The devices a hot (bus or slot) reset of this one resets too, itself included
         (OSError ENOTSUP where the kernel has no bus or slot reset for it)."""
-        n = c_size_t()
-        _lib.vfiokit_device_hot_reset_info(self._handle(), None, 0, byref(n))
-        out = (_capi.vfiokit_hot_reset_dep * n.value)()
-        _lib.vfiokit_device_hot_reset_info(self._handle(), out, n.value, byref(n))
-        return [HotResetDep(d.address.decode(), d.group, d.devid, bool(d.owned)) for d in out[: n.value]]
+        out = _copied_records(_lib.vfiokit_device_hot_reset_info, self._handle(), _capi.vfiokit_hot_reset_dep)
+        return [HotResetDep(d.address.decode(), d.group, d.devid, bool(d.owned)) for d in out]
 
     def hot_reset(self) -> None:
         """Resets this device and every one hot_reset_info() lists, which must all be open in
@@ -788,12 +792,9 @@ SEVERITY_NAMES = {SEVERITY_INFO: "info", SEVERITY_WARNING: "warning", SEVERITY_B
 def doctor(name: Optional[str] = None) -> list[Finding]:
     """The set-up problems found for this machine and, if given, device `name`, most severe
     first; none of SEVERITY_BLOCKER means nothing found stops an open. Changes nothing."""
-    n = c_size_t()
     key = os.fsencode(name) if name is not None else None
-    _lib.vfiokit_doctor(key, None, 0, byref(n))
-    out = (_capi.vfiokit_finding * n.value)()
-    _lib.vfiokit_doctor(key, out, n.value, byref(n))
-    return [Finding(f.code, f.severity, f.subject.decode(), f.message.decode()) for f in out[: n.value]]
+    out = _copied_records(_lib.vfiokit_doctor, key, _capi.vfiokit_finding)
+    return [Finding(f.code, f.severity, f.subject.decode(), f.message.decode()) for f in out]
 
 
 def bind(address: str) -> None:

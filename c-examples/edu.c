@@ -156,7 +156,10 @@ int main(int argc, char **argv)
 	TRY(vfiokit_dma_alloc(iommu, 4096, &dst_buf, &dst_iova));
 	src = src_buf;
 	dst = dst_buf;
-	EXPECT(src_iova + 4096 <= 1u << 28 && dst_iova + 4096 <= 1u << 28,
+	/* vfiokit's allocator starts low; without an IOMMU the IOVAs are physical addresses,
+	 * which need edu's dma_mask widened (the test bed does). */
+	EXPECT(vfiokit_iommu_kind(iommu) == VFIOKIT_IOMMU_NOIOMMU ||
+	               (src_iova + 4096 <= 1u << 28 && dst_iova + 4096 <= 1u << 28),
 	       "IOVAs %#llx, %#llx beyond edu's 28-bit reach", (unsigned long long)src_iova,
 	       (unsigned long long)dst_iova);
 	for (int i = 0; i < DMA_LEN; i++)

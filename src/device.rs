@@ -189,7 +189,7 @@ width!(u8, u16, u32, u64);
 /// The routed vectors of one IRQ index, and what wakes the threads waiting on them.
 #[derive(Default)]
 struct IrqRoute {
-    /// Each vector's routing (None: not routed).
+    /// Each vector's routing (None: not routed); empty until the index is first enabled.
     vectors: Vec<Option<Vector>>,
     /// An eventfd signalled, then replaced, when vectors of this index that threads may be
     /// waiting on are disabled or routed anew; present while any vector is routed.
@@ -235,6 +235,10 @@ const SLOT_OWN: u8 = 2;
 impl IrqRoute {
     fn is_enabled(&self) -> bool {
         self.vectors.iter().any(Option::is_some)
+    }
+
+    fn vector(&self, vector: u32) -> Option<&Vector> {
+        self.vectors.get(vector as usize)?.as_ref()
     }
 
     /// Wakes every waiter on this index; each then checks whether its vector is still routed.
@@ -293,16 +297,23 @@ impl Io {
 
     /// Region `i`'s information; absent regions (EINVAL from vfio-pci or the server) are
     /// empty. Called for indices in order: a vfio-user region's mmap fd is kept by index.
-    fn region_info(&mut self, i: u32, address: &str) -> Result<region::RegionInfo> {
-        let reply = match self {
-            Io::Kernel(fd) => match vfio::region_info(fd.as_fd(), i) {
-                Ok(reply) => reply,
-                Err(sys::Errno(libc::EINVAL)) => return Ok(Default::default()),
+    /// `scratch` holds the kernel's replies, reused from region to region.
+    fn region_info(
+        &mut self,
+        i: u32,
+        address: &str,
+        scratch: &mut Vec<u64>,
+    ) -> Result<region::RegionInfo> {
+        let decode = |reply: &[u8]| {
+            region::decode_region_info(reply)
+                .map_err(|e| Error::new(libc::EPROTO, format!("{address} region {i}: {e}")))
+        };
+        match self {
+            Io::Kernel(fd) => match vfio::region_info(fd.as_fd(), i, scratch) {
+                Ok(reply) => decode(reply),
+                Err(sys::Errno(libc::EINVAL)) => Ok(Default::default()),
                 Err(sys::Errno(e)) => {
-                    return Err(Error::os(
-                        e,
-                        format!("VFIO_DEVICE_GET_REGION_INFO {i} on {address}"),
-                    ));
+                    Err(Error::os(e, format!("VFIO_DEVICE_GET_REGION_INFO {i} on {address}")))
                 }
             },
             Io::User { client, region_fds } => {
@@ -312,14 +323,9 @@ impl Io {
                     other => other.map(|(reply, fds)| (Some(reply), fds))?,
                 };
                 region_fds.push(fds);
-                match reply {
-                    Some(reply) => reply,
-                    None => return Ok(Default::default()),
-                }
+                reply.map_or_else(|| Ok(Default::default()), |reply| decode(&reply))
             }
-        };
-        region::decode_region_info(&reply)
-            .map_err(|e| Error::new(libc::EPROTO, format!("{address} region {i}: {e}")))
+        }
     }
 
     /// IRQ index `i`'s (flags, count); absent (EINVAL) ones have neither.
@@ -492,12 +498,14 @@ impl Device {
                 ),
             ));
         }
-        let infos =
-            (0..num_regions).map(|i| io.region_info(i, &address)).collect::<Result<Vec<_>>>()?;
+        let mut scratch = Vec::new();
+        let infos = (0..num_regions)
+            .map(|i| io.region_info(i, &address, &mut scratch))
+            .collect::<Result<Vec<_>>>()?;
         let header = read_header(&io, &infos)
             .map_err(|e| e.within(format!("reading the config header of {address}")))?;
         let bars = pci::bars(&header);
-        let mut areas = Vec::new();
+        let mut areas = Vec::with_capacity(infos.len());
         let regions: Vec<Region> = infos
             .iter()
             .enumerate()
@@ -509,10 +517,7 @@ impl Device {
         let irqs = (0..num_irqs)
             .map(|i| io.irq_info(i, &address).map(|(flags, count)| irq::record(i, flags, count)))
             .collect::<Result<Vec<Irq>>>()?;
-        let routes = irqs
-            .iter()
-            .map(|irq| IrqRoute { vectors: (0..irq.count).map(|_| None).collect(), cancel: None })
-            .collect();
+        let routes = irqs.iter().map(|_| IrqRoute::default()).collect();
         let irq_slots = irqs
             .iter()
             .map(|irq| (0..irq.count).map(|_| VectorSlot::default()).collect())
@@ -1023,6 +1028,12 @@ impl Device {
             )));
         }
         let route = &mut state.routes[index as usize];
+        // Sized at the index's first enable: most of a device's vectors never are.
+        route
+            .vectors
+            .resize_with(route.vectors.len().max(self.irqs[index as usize].count as usize), || {
+                None
+            });
         let span = first as usize..(first + count) as usize;
         let rerouted = route.vectors[span.clone()].iter().any(Option::is_some);
         // Made before the kernel is told, so a failure leaves everything as it was.
@@ -1184,7 +1195,7 @@ impl Device {
             return Err(self.cancelled(index, vector, "the device is being closed"));
         }
         let route = &state.routes[index as usize];
-        match (&route.vectors[vector as usize], &route.cancel) {
+        match (route.vector(vector), &route.cancel) {
             (Some(v), Some(cancel)) => f(v, cancel),
             _ => Err(Error::invalid(format!(
                 "{} {} vector {vector} is not enabled",
@@ -1206,7 +1217,7 @@ impl Device {
     fn still_routed(&self, index: u32, vector: u32, routing: u64) -> Result<Arc<OwnedFd>> {
         let state = self.irq_state();
         let route = &state.routes[index as usize];
-        match (&route.vectors[vector as usize], &route.cancel) {
+        match (route.vector(vector), &route.cancel) {
             _ if state.cancelled => {
                 Err(self.cancelled(index, vector, "the device is being closed"))
             }
@@ -1293,14 +1304,12 @@ fn irq_name(index: u32) -> &'static str {
     ["INTx", "MSI", "MSI-X", "ERR", "REQ"].get(index as usize).copied().unwrap_or("device-specific")
 }
 
-/// The config space's type 0 header (empty if the device has no config region that large).
-fn read_header(io: &Io, infos: &[region::RegionInfo]) -> IoResult<Vec<u8>> {
-    let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= pci::HEADER_LEN as u64)
-    else {
-        return Ok(Vec::new());
-    };
-    let r = Region { index: PCI_CONFIG, offset: config.offset, ..Default::default() };
-    let mut header = vec![0u8; pci::HEADER_LEN];
-    io.read(&r, 0, &mut header)?;
+/// The config space's type 0 header (zeros if the device has no config region that large).
+fn read_header(io: &Io, infos: &[region::RegionInfo]) -> IoResult<[u8; pci::HEADER_LEN]> {
+    let mut header = [0; pci::HEADER_LEN];
+    if let Some(config) = infos.get(PCI_CONFIG as usize).filter(|c| c.size >= header.len() as u64) {
+        let r = Region { index: PCI_CONFIG, offset: config.offset, ..Default::default() };
+        io.read(&r, 0, &mut header)?;
+    }
     Ok(header)
 }

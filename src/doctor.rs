@@ -225,7 +225,7 @@ fn device(add: &mut impl FnMut(u32, u32, &str, String), name: &str, iommufd: boo
             }
         }
     }
-    let reset = sysfs::read_text(&format!("{}/reset_method", pci.sysfs.display()));
+    let reset = sysfs::read_text(&pci.attr("reset_method").to_string_lossy());
     if reset.as_deref().is_none_or(str::is_empty) {
         add(
             FINDING_NO_RESET,

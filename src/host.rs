@@ -17,7 +17,6 @@ const CDEV_DIR: &str = "/dev/vfio/devices/";
 pub(crate) struct PciDevice {
     /// Canonical address, "0000:00:02.0".
     pub address: String,
-    pub sysfs: PathBuf,
 }
 
 impl PciDevice {
@@ -52,16 +51,25 @@ impl PciDevice {
         } else {
             pci::parse_address(name).map_err(|e| Error::invalid(e.to_string()))?
         };
-        let sysfs = Path::new(PCI_DEVICES).join(&address);
-        Ok(PciDevice { address, sysfs })
+        Ok(PciDevice { address })
+    }
+
+    /// Its sysfs node, "/sys/bus/pci/devices/0000:00:02.0".
+    pub fn sysfs(&self) -> PathBuf {
+        [PCI_DEVICES, "/", &self.address].concat().into()
+    }
+
+    /// The path of `name` in its sysfs node ("iommu_group", "driver/unbind").
+    pub fn attr(&self, name: &str) -> PathBuf {
+        [PCI_DEVICES, "/", &self.address, "/", name].concat().into()
     }
 
     /// Fails (ENOENT) unless the device is in sysfs.
     pub fn require_present(&self) -> Result<()> {
-        if !sysfs::exists(&self.sysfs) {
+        if !sysfs::exists(&self.sysfs()) {
             return Err(Error::new(
                 libc::ENOENT,
-                format!("no PCI device {} (nothing at {})", self.address, self.sysfs.display()),
+                format!("no PCI device {} (nothing at {})", self.address, self.sysfs().display()),
             ));
         }
         Ok(())
@@ -74,7 +82,7 @@ impl PciDevice {
     }
 
     pub fn driver(&self) -> Option<String> {
-        sysfs::link_name(&self.sysfs.join("driver"))
+        sysfs::link_name(&self.attr("driver"))
     }
 
     /// Fails with a message saying how to fix it unless the device is bound to vfio-pci.
@@ -93,7 +101,7 @@ impl PciDevice {
                          echo {VFIO_DRIVER} > {s}/driver_override; echo {a} > {s}/driver/unbind; \
                          echo {a} > /sys/bus/pci/drivers_probe",
                         a = self.address,
-                        s = self.sysfs.display()
+                        s = self.sysfs().display()
                     ),
                 ))
             }
@@ -101,10 +109,13 @@ impl PciDevice {
     }
 
     pub fn iommu_group(&self) -> Result<u32> {
-        sysfs::link_name(&self.sysfs.join("iommu_group")).and_then(|g| g.parse().ok()).ok_or_else(|| {
+        sysfs::link_name(&self.attr("iommu_group")).and_then(|g| g.parse().ok()).ok_or_else(|| {
             Error::new(
                 libc::ENODEV,
-                format!("{} has no IOMMU group: is an IOMMU enabled (intel_iommu=on / amd_iommu=on)?", self.address),
+                format!(
+                    "{} has no IOMMU group: is an IOMMU enabled (intel_iommu=on / amd_iommu=on)?",
+                    self.address
+                ),
             )
         })
     }
@@ -118,7 +129,7 @@ impl PciDevice {
     /// The device's VFIO cdev ("/dev/vfio/devices/vfio0"), found in sysfs, without checking
     /// that the node is there ([`PciDevice::cdev`] does).
     pub fn cdev_unchecked(&self) -> Option<String> {
-        let name = sysfs::list(&self.sysfs.join("vfio-dev")).into_iter().next();
+        let name = sysfs::list(&self.attr("vfio-dev")).into_iter().next();
         name.map(|n| format!("{CDEV_DIR}{n}"))
     }
 
@@ -192,10 +203,10 @@ pub fn bind(name: &str) -> Result<()> {
         return Ok(());
     }
     let a = &dev.address;
-    sysfs::write(&dev.sysfs.join("driver_override"), VFIO_DRIVER)
+    sysfs::write(&dev.attr("driver_override"), VFIO_DRIVER)
         .context(|| format!("setting driver_override of {a}"))?;
     if dev.driver().is_some() {
-        sysfs::write(&dev.sysfs.join("driver/unbind"), a)
+        sysfs::write(&dev.attr("driver/unbind"), a)
             .context(|| format!("unbinding {a} from its driver"))?;
     }
     sysfs::write(Path::new("/sys/bus/pci/drivers_probe"), a).context(|| format!("probing {a}"))?;
@@ -214,8 +225,9 @@ pub fn unbind(name: &str) -> Result<()> {
     let dev = PciDevice::find(name)?;
     let a = &dev.address;
     match dev.driver() {
-        Some(d) if d == VFIO_DRIVER => sysfs::write(&dev.sysfs.join("driver/unbind"), a)
-            .context(|| format!("unbinding {a}"))?,
+        Some(d) if d == VFIO_DRIVER => {
+            sysfs::write(&dev.attr("driver/unbind"), a).context(|| format!("unbinding {a}"))?
+        }
         Some(d) => {
             return Err(Error::invalid(format!(
                 "{a} is bound to {d}, not {VFIO_DRIVER}: not unbinding it"
@@ -224,7 +236,7 @@ pub fn unbind(name: &str) -> Result<()> {
         None => {}
     }
     // An empty override lets the device's native driver match again.
-    sysfs::write(&dev.sysfs.join("driver_override"), "\n")
+    sysfs::write(&dev.attr("driver_override"), "\n")
         .context(|| format!("clearing driver_override of {a}"))?;
     // No driver may want the device; that is not an error.
     let _ = sysfs::write(Path::new("/sys/bus/pci/drivers_probe"), a);

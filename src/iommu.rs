@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::dmamap::DmaMap;
 use crate::error::{Error, Result};
@@ -322,9 +322,7 @@ static DEFAULT: Mutex<Weak<DmaContext>> = Mutex::new(Weak::new());
 impl Iommu {
     /// Opens a new context of `kind` (see [`open_auto`](Self::open_auto) for the usual choice).
     pub fn open(kind: IommuKind) -> Result<Iommu> {
-        // A type1 container reports its ranges once a group is in it: until then, every IOVA.
-        let whole = || Some(vec![iova::EVERY_IOVA]);
-        let (backend, space, early) = match kind {
+        let (backend, early) = match kind {
             kind if kind.is_container() => {
                 let container = match kind.is_iommufd() {
                     true => open_container(
@@ -333,28 +331,26 @@ impl Iommu {
                     )?,
                     false => open_container(CONTAINER, "is the vfio module loaded?")?,
                 };
-                (Backend::Type1 { container, kind }, whole(), Some(Vec::new()))
+                (Backend::Type1 { container, kind }, Some(Vec::new()))
             }
             IommuKind::Iommufd => {
                 let fd = open_node(IOMMUFD, "is the kernel built with CONFIG_IOMMUFD?")?;
                 let ioas = iommufd::ioas_alloc(fd.as_fd()).context(|| "allocating an IOAS")?;
-                (Backend::Iommufd { fd, ioas }, None, None)
+                (Backend::Iommufd { fd, ioas }, None)
             }
-            IommuKind::VfioUser => {
-                (Backend::VfioUser { peers: Mutex::new(Vec::new()) }, whole(), None)
-            }
+            IommuKind::VfioUser => (Backend::VfioUser { peers: Mutex::new(Vec::new()) }, None),
             IommuKind::NoIommu => {
                 let container = open_container(CONTAINER, "is the vfio module loaded?")?;
                 check_noiommu(&container)?;
-                (Backend::NoIommu { container }, whole(), None)
+                (Backend::NoIommu { container }, None)
             }
             _ => unreachable!("every container kind is matched above"),
         };
-        Ok(Iommu::with(backend, space, early, HashMap::new(), HashMap::new()))
+        Ok(Iommu::with(backend, None, early, HashMap::new(), HashMap::new()))
     }
 
-    /// A context over `backend` with no mapping yet; `valid` None: its ranges are read from
-    /// the kernel when first needed.
+    /// A context over `backend` with no mapping yet; `valid` None: its ranges are found when
+    /// first needed (see [`Iommu::refresh_ranges`]).
     fn with(
         backend: Backend,
         valid: Option<Vec<IovaRange>>,
@@ -362,11 +358,14 @@ impl Iommu {
         groups: HashMap<u32, OwnedFd>,
         adopted: HashMap<String, OwnedFd>,
     ) -> Iommu {
-        let guard = std::env::var("VFIOKIT_DMA_GUARD").is_ok_and(|v| v == "1");
+        // Read once: an environment lookup costs a context's open more than its allocations.
+        static GUARD: OnceLock<bool> = OnceLock::new();
+        let guard =
+            *GUARD.get_or_init(|| std::env::var_os("VFIOKIT_DMA_GUARD") == Some("1".into()));
         let state = State {
             groups,
             stale: valid.is_none(),
-            space: IovaSpace::new(valid.unwrap_or_else(|| vec![iova::EVERY_IOVA])),
+            space: valid.map(IovaSpace::new).unwrap_or_default(),
             early,
             maps: DmaMap::new(),
             buffers: HashMap::new(),
@@ -506,12 +505,9 @@ impl Iommu {
                     )));
                 }
             }
-            let (valid, early) = match groups.is_empty() {
-                true => (Some(vec![iova::EVERY_IOVA]), Some(Vec::new())),
-                false => (None, None),
-            };
+            let early = groups.is_empty().then(Vec::new);
             let backend = Backend::Type1 { container: context, kind };
-            return Ok(Iommu::with(backend, valid, early, groups, HashMap::new()));
+            return Ok(Iommu::with(backend, None, early, groups, HashMap::new()));
         }
         if !message.groups.is_empty() {
             return Err(protocol("group fds came with an iommufd context".into()));
@@ -764,6 +760,7 @@ impl Iommu {
                     state.early = Some(early);
                 })?;
                 state.space.set_valid(ranges);
+                state.stale = false;
             }
             Some(_) => state.stale = true,
             None => {}
@@ -786,15 +783,17 @@ impl Iommu {
         Ok(state.space.valid().to_vec())
     }
 
-    /// Reads the kernel's valid ranges again if they changed since they were last read.
+    /// Finds the valid ranges when first needed, and reads the kernel's again if they changed
+    /// since: an open does not pay for what it may never use.
     fn refresh_ranges(&self, state: &mut State) -> Result<()> {
         if state.stale {
             let ranges = match &self.0.backend {
+                // A type1 container reports its ranges once a group is in it: until then,
+                // every IOVA (the early maps are checked against the ranges at attach).
+                Backend::Type1 { .. } if state.early.is_some() => vec![iova::EVERY_IOVA],
                 Backend::Type1 { container, .. } => type1_ranges(container)?,
                 Backend::Iommufd { fd, ioas } => ioas_ranges(fd, *ioas)?,
-                Backend::VfioUser { .. } | Backend::NoIommu { .. } => {
-                    unreachable!("a vfio-user or no-IOMMU context's ranges never change")
-                }
+                Backend::VfioUser { .. } | Backend::NoIommu { .. } => vec![iova::EVERY_IOVA],
             };
             state.space.set_valid(ranges);
             state.stale = false;
@@ -947,6 +946,7 @@ impl Iommu {
             })
             .and_then(|phys| {
                 let mut state = self.state();
+                self.refresh_ranges(&mut state)?;
                 state.space.claim(phys, len as u64).map_err(|why| {
                     Error::new(libc::EEXIST, format!("{}: {why}", what()))
                 })?;
@@ -1391,7 +1391,7 @@ fn check_dma_args(vaddr: *mut u8, len: usize, iova: Option<u64>) -> Result<()> {
 
 /// Opens a device node read/write; `missing` says what its absence means.
 fn open_node(path: &str, missing: &str) -> Result<OwnedFd> {
-    sys::open(path, libc::O_RDWR).map_err(|sys::Errno(e)| {
+    sys::open_rw(path).map_err(|sys::Errno(e)| {
         let hint = match e {
             libc::ENOENT if !missing.is_empty() => format!(" ({missing})"),
             libc::EACCES | libc::EPERM => {
@@ -1423,24 +1423,14 @@ fn open_container(path: &str, missing: &str) -> Result<OwnedFd> {
 /// driver.
 fn attach_group(container: &OwnedFd, group: u32, kind: IommuKind, first: bool) -> Result<OwnedFd> {
     let noiommu = kind == IommuKind::NoIommu;
-    let (node, other) = (host::group_node(group, noiommu), host::group_node(group, !noiommu));
-    // A group is either behind an IOMMU or not: say which context its devices need.
-    if !sysfs::exists(Path::new(&node)) && sysfs::exists(Path::new(&other)) {
-        return Err(Error::new(
-            libc::EINVAL,
-            match noiommu {
-                true => format!(
-                    "group {group} is behind an IOMMU ({other}): open its devices in a type1 or iommufd \
-                     context; no-IOMMU contexts are for devices without one"
-                ),
-                false => format!(
-                    "group {group} has no IOMMU ({other}, VFIO's unsafe no-IOMMU mode): open its devices \
-                     in a no-IOMMU context (VFIOKIT_IOMMU=noiommu), where they can DMA anywhere in memory"
-                ),
-            },
-        ));
-    }
-    let fd = open_node(&node, "no such group node: is the device bound to vfio-pci?")?;
+    let node = host::group_node(group, noiommu);
+    let fd =
+        open_node(&node, "no such group node: is the device bound to vfio-pci?").map_err(|e| {
+            match e.errno() {
+                libc::ENOENT => wrong_group_kind(group, noiommu).unwrap_or(e),
+                _ => e,
+            }
+        })?;
     const VIABLE: u32 = vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_VIABLE;
     if vfio::group_flags(fd.as_fd()).context(|| format!("status of group {group}"))? & VIABLE == 0 {
         return Err(host::not_viable(group));
@@ -1467,6 +1457,27 @@ fn attach_group(container: &OwnedFd, group: u32, kind: IommuKind, first: bool) -
         })?;
     }
     Ok(fd)
+}
+
+/// Where a group's node is missing, whether the group is of the other kind (behind an IOMMU or
+/// not): then the error says which context its devices need.
+fn wrong_group_kind(group: u32, noiommu: bool) -> Option<Error> {
+    let other = host::group_node(group, !noiommu);
+    sysfs::exists(Path::new(&other)).then(|| {
+        Error::new(
+            libc::EINVAL,
+            match noiommu {
+                true => format!(
+                    "group {group} is behind an IOMMU ({other}): open its devices in a type1 or iommufd \
+                     context; no-IOMMU contexts are for devices without one"
+                ),
+                false => format!(
+                    "group {group} has no IOMMU ({other}, VFIO's unsafe no-IOMMU mode): open its devices \
+                     in a no-IOMMU context (VFIOKIT_IOMMU=noiommu), where they can DMA anywhere in memory"
+                ),
+            },
+        )
+    })
 }
 
 fn ioas_ranges(fd: &OwnedFd, ioas: u32) -> Result<Vec<IovaRange>> {
@@ -1513,8 +1524,9 @@ fn replay_early_maps(container: &OwnedFd, early: &[EarlyMap]) -> Result<Vec<Iova
 /// The valid IOVA ranges from the type1 info's capability chain; without one (older kernels),
 /// the whole 64-bit space.
 fn type1_ranges(container: &OwnedFd) -> Result<Vec<IovaRange>> {
-    let reply = vfio::iommu_info(container.as_fd()).context(|| "VFIO_IOMMU_GET_INFO")?;
-    iova::decode_type1_ranges(&reply)
+    let mut buf = Vec::new();
+    let reply = vfio::iommu_info(container.as_fd(), &mut buf).context(|| "VFIO_IOMMU_GET_INFO")?;
+    iova::decode_type1_ranges(reply)
         .map_err(|e| Error::new(libc::EPROTO, format!("type1 IOMMU info: {e}")))
 }
 

@@ -19,13 +19,17 @@ pub(crate) fn parse_address(name: &str) -> Result<String, BadAddress> {
         u32::from_str_radix(s, 16).ok().filter(|&v| v <= max).ok_or_else(bad)
     };
     let (rest, function) = name.rsplit_once('.').ok_or_else(bad)?;
-    let parts: Vec<&str> = rest.split(':').collect();
-    let (domain, bus, device) = match parts[..] {
-        [d, b, s] => (hex(d, 4, 0xffff)?, hex(b, 2, 0xff)?, hex(s, 2, 0x1f)?),
-        [b, s] => (0, hex(b, 2, 0xff)?, hex(s, 2, 0x1f)?),
-        _ => return Err(bad()),
+    let (domain, bus_device) = match rest.split_once(':') {
+        Some((d, bd)) if bd.contains(':') => (hex(d, 4, 0xffff)?, bd),
+        _ => (0, rest),
     };
+    let (bus, device) = bus_device.split_once(':').ok_or_else(bad)?;
+    let (bus, device) = (hex(bus, 2, 0xff)?, hex(device, 2, 0x1f)?);
     let function = hex(function, 1, 7)?;
+    // Already canonical (what sysfs and most callers use): no formatting.
+    if name.len() == 12 && !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Ok(name.to_owned());
+    }
     Ok(address(domain, bus as u8, device << 3 | function))
 }
 
@@ -215,6 +219,7 @@ mod tests {
         assert_eq!(parse_address("0000:00:02.0").unwrap(), "0000:00:02.0");
         assert_eq!(parse_address("00:1F.7").unwrap(), "0000:00:1f.7");
         assert_eq!(parse_address("abcd:ff:1f.7").unwrap(), "abcd:ff:1f.7");
+        assert_eq!(parse_address("ABCD:FF:1F.7").unwrap(), "abcd:ff:1f.7");
     }
 
     #[test]
@@ -226,6 +231,7 @@ mod tests {
             "00:02.8",
             "00:02",
             "0000:00:02.0.1",
+            "0000:00:00:02.0",
             "zz:00.0",
             "00:02.+",
             "+0:02.0",

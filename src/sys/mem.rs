@@ -131,7 +131,7 @@ pub(crate) fn unlock(addr: *const u8, len: usize) -> SysResult<()> {
 /// The raw /proc/self/pagemap entries (8 bytes a page) of the pages of `[addr, addr+len)`.
 pub(crate) fn pagemap(addr: usize, len: usize) -> SysResult<Vec<u8>> {
     let page = super::page_size();
-    let fd = super::open("/proc/self/pagemap", libc::O_RDONLY)?;
+    let fd = std::fs::File::open("/proc/self/pagemap")?;
     let mut entries = vec![0u8; len.div_ceil(page) * 8];
     super::pread_exact(fd.as_fd(), &mut entries, (addr / page * 8) as u64)?;
     Ok(entries)

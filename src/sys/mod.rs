@@ -9,7 +9,6 @@ pub(crate) mod socket;
 pub(crate) mod sysfs;
 pub(crate) mod vfio;
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::error::Error;
@@ -53,13 +52,10 @@ fn check_len(ret: libc::ssize_t) -> SysResult<usize> {
     if ret < 0 { Err(Errno::last()) } else { Ok(ret as usize) }
 }
 
-/// Opens a file with O_CLOEXEC, so a forked-and-exec'd child never inherits device access.
-pub(crate) fn open(path: &str, flags: libc::c_int) -> SysResult<OwnedFd> {
-    let cpath = CString::new(path).map_err(|_| Errno(libc::EINVAL))?;
-    // SAFETY: cpath is a valid NUL-terminated string.
-    let fd = check(unsafe { libc::open(cpath.as_ptr(), flags | libc::O_CLOEXEC) })?;
-    // SAFETY: open just returned this fd and nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// Opens a device node read/write with O_CLOEXEC (std's default), so a forked-and-exec'd child
+/// never inherits device access. std builds the C path on the stack.
+pub(crate) fn open_rw(path: &str) -> SysResult<OwnedFd> {
+    Ok(std::fs::OpenOptions::new().read(true).write(true).open(path)?.into())
 }
 
 /// An ioctl whose argument is a pointer to `T` (in, out or both).

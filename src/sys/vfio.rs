@@ -74,42 +74,54 @@ pub(crate) fn device_info(device: BorrowedFd) -> SysResult<vfio_device_info> {
     Ok(info)
 }
 
-/// Calls a GET_INFO-style ioctl whose reply may carry a capability chain, growing the buffer
-/// to the `argsz` the kernel asks for. Returns the whole reply, header first.
+/// Calls a GET_INFO-style ioctl whose reply may carry a capability chain, growing `buf` to the
+/// `argsz` the kernel asks for. Returns the whole reply, header first, in `buf`.
 ///
 /// `head` is the fixed header with `argsz` as its first u32 (every VFIO info struct starts so).
-fn info_with_caps<T: Copy>(fd: BorrowedFd, request: u64, head: T) -> SysResult<Vec<u8>> {
-    let head_len = std::mem::size_of::<T>();
-    let mut want = head_len;
+/// `buf` is scratch a caller may reuse: it keeps its largest size, so the regions of a device
+/// share one allocation and a chain costs a second call only when it is longer than any
+/// before (the kernel leaves a larger `argsz` as it was).
+fn info_with_caps<'a, T: Copy>(
+    fd: BorrowedFd,
+    request: u64,
+    head: T,
+    buf: &'a mut Vec<u64>,
+) -> SysResult<&'a [u8]> {
+    // u64 storage keeps the buffer aligned for the header's 64-bit fields.
+    let mut words = buf.len().max(size_of::<T>().div_ceil(8));
     // Two rounds suffice: the kernel's second answer fits what its first asked for. A third
     // guards against a chain that grew in between.
     for _ in 0..3 {
-        // u64 storage keeps the buffer aligned for the header's 64-bit fields.
-        let mut buf = vec![0u64; want.div_ceil(8)];
+        buf.clear();
+        buf.resize(words, 0);
+        let want = 8 * words;
         let bytes = buf.as_mut_ptr().cast::<u8>();
-        // SAFETY: buf holds at least head_len bytes and is 8-aligned; T is plain data.
-        unsafe { std::ptr::write(bytes.cast::<T>(), head) };
-        // SAFETY: argsz (first u32) is set to want; buf has want bytes.
-        unsafe {
+        // SAFETY: buf holds want >= size_of::<T>() bytes and is 8-aligned; T is plain data;
+        // argsz (the first u32) says want, and the kernel writes at most that much.
+        let asked = unsafe {
+            std::ptr::write(bytes.cast::<T>(), head);
             bytes.cast::<u32>().write(want as u32);
             ioctl_ptr(fd, request, bytes)?;
-        }
-        // SAFETY: the kernel wrote back argsz.
-        let asked = unsafe { bytes.cast::<u32>().read() } as usize;
-        // SAFETY: buf is want bytes long and initialized.
-        let reply = unsafe { std::slice::from_raw_parts(bytes, want) }.to_vec();
+            bytes.cast::<u32>().read()
+        } as usize;
         if asked <= want {
-            return Ok(reply);
+            // SAFETY: buf is want bytes long and initialized.
+            return Ok(unsafe { std::slice::from_raw_parts(bytes, want) });
         }
-        want = asked;
+        words = asked.div_ceil(8);
     }
     Err(Errno(libc::EAGAIN))
 }
 
-/// The region's info with its capability chain (if any) as raw bytes.
-pub(crate) fn region_info(device: BorrowedFd, index: u32) -> SysResult<Vec<u8>> {
+/// The region's info with its capability chain (if any) as raw bytes, in `buf` (see
+/// [`info_with_caps`]).
+pub(crate) fn region_info<'a>(
+    device: BorrowedFd,
+    index: u32,
+    buf: &'a mut Vec<u64>,
+) -> SysResult<&'a [u8]> {
     let head = vfio_region_info { index, ..Default::default() };
-    info_with_caps(device, DEVICE_GET_REGION_INFO, head)
+    info_with_caps(device, DEVICE_GET_REGION_INFO, head, buf)
 }
 
 pub(crate) fn irq_info(device: BorrowedFd, index: u32) -> SysResult<vfio_irq_info> {
@@ -157,9 +169,9 @@ pub(crate) fn device_reset(device: BorrowedFd) -> SysResult<()> {
     ioctl_val(device, DEVICE_RESET, 0).map(drop)
 }
 
-/// The type1 container's info with its capability chain (IOVA ranges) as raw bytes.
-pub(crate) fn iommu_info(container: BorrowedFd) -> SysResult<Vec<u8>> {
-    info_with_caps(container, IOMMU_GET_INFO, vfio_iommu_type1_info::default())
+/// The type1 container's info with its capability chain (IOVA ranges) as raw bytes, in `buf`.
+pub(crate) fn iommu_info<'a>(container: BorrowedFd, buf: &'a mut Vec<u64>) -> SysResult<&'a [u8]> {
+    info_with_caps(container, IOMMU_GET_INFO, vfio_iommu_type1_info::default(), buf)
 }
 
 /// # Safety

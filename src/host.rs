@@ -129,8 +129,9 @@ impl PciDevice {
     /// The device's VFIO cdev ("/dev/vfio/devices/vfio0"), found in sysfs, without checking
     /// that the node is there ([`PciDevice::cdev`] does).
     pub fn cdev_unchecked(&self) -> Option<String> {
-        let name = sysfs::list(&self.attr("vfio-dev")).into_iter().next();
-        name.map(|n| format!("{CDEV_DIR}{n}"))
+        // "vfio-dev" holds the one cdev's name ("vfio0").
+        let name = sysfs::first_name(&self.attr("vfio-dev"))?;
+        Some([CDEV_DIR, &name].concat())
     }
 
     /// The device's VFIO cdev ("/dev/vfio/devices/vfio0").

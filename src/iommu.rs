@@ -6,7 +6,7 @@
 //! locked and its physical address is the IOVA). The IOVA bookkeeping, DMA buffers and error
 //! messages are shared; only the requests differ.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -191,15 +191,17 @@ struct EarlyMap {
 
 struct State {
     /// Groups attached to the container, kept until the context closes so that DMA mappings
-    /// outlive any one device.
-    groups: HashMap<u32, OwnedFd>,
-    /// Valid IOVA ranges and the mappings in them. A type1 container reports its ranges only
-    /// once a group is in it: until then the whole space, and `early` holds the maps.
+    /// outlive any one device. This and `devices` are ordered: they stay small, and every
+    /// open pays for hashing but not for a short tree walk.
+    groups: BTreeMap<u32, OwnedFd>,
+    /// Valid IOVA ranges and the mappings in them, once first needed (`stale` until then). A
+    /// type1 container reports its ranges only once a group is in it: until then the whole
+    /// space, and `early` holds the maps.
     space: IovaSpace,
     /// Type1 before the first group: the maps the kernel has not been given yet.
     early: Option<Vec<EarlyMap>>,
-    /// The kernel's valid ranges changed (a device attached) and are read again before the
-    /// next claim, allocation or query: an open does not pay for a read it may never need.
+    /// The valid ranges are not known yet, or the kernel's changed (a device attached): they
+    /// are found before the next claim, allocation or query, so an open does not pay for them.
     stale: bool,
     /// Every DMA mapping by IOVA and by address (for translate).
     maps: DmaMap,
@@ -208,7 +210,7 @@ struct State {
     /// Guard mode: allocated IOVA ranges get an unmapped page after them (their IOVAs here).
     guarded: Option<HashSet<u64>>,
     /// PCI addresses of the devices open in this context (see [`OpenDevice`]).
-    devices: HashSet<String>,
+    devices: BTreeSet<String>,
     /// An adopted iommufd context: the device cdevs handed over with it, by PCI address, each
     /// taken by the device's first open.
     adopted: HashMap<String, OwnedFd>,
@@ -346,7 +348,7 @@ impl Iommu {
             }
             _ => unreachable!("every container kind is matched above"),
         };
-        Ok(Iommu::with(backend, None, early, HashMap::new(), HashMap::new()))
+        Ok(Iommu::with(backend, None, early, BTreeMap::new(), HashMap::new()))
     }
 
     /// A context over `backend` with no mapping yet; `valid` None: its ranges are found when
@@ -355,7 +357,7 @@ impl Iommu {
         backend: Backend,
         valid: Option<Vec<IovaRange>>,
         early: Option<Vec<EarlyMap>>,
-        groups: HashMap<u32, OwnedFd>,
+        groups: BTreeMap<u32, OwnedFd>,
         adopted: HashMap<String, OwnedFd>,
     ) -> Iommu {
         // Read once: an environment lookup costs a context's open more than its allocations.
@@ -370,7 +372,7 @@ impl Iommu {
             maps: DmaMap::new(),
             buffers: HashMap::new(),
             guarded: guard.then(HashSet::new),
-            devices: HashSet::new(),
+            devices: BTreeSet::new(),
             adopted,
             user_maps: HashMap::new(),
             iova_align: sys::page_size() as u64,
@@ -416,9 +418,7 @@ impl Iommu {
                 for pci in &pcis {
                     self.join_group(&mut state, container, pci.iommu_group()?)?;
                 }
-                let mut groups: Vec<u32> = state.groups.keys().copied().collect();
-                groups.sort_unstable();
-                message.groups = groups;
+                message.groups = state.groups.keys().copied().collect();
                 container.as_fd()
             }
             Backend::Iommufd { fd, ioas } => {
@@ -495,7 +495,7 @@ impl Iommu {
             if !message.devices.is_empty() {
                 return Err(protocol("device cdevs came with a type1 context".into()));
             }
-            let groups: HashMap<u32, OwnedFd> = message.groups.iter().copied().zip(fds).collect();
+            let groups: BTreeMap<u32, OwnedFd> = message.groups.iter().copied().zip(fds).collect();
             const CONTAINER_SET: u32 =
                 vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_CONTAINER_SET;
             for (group, fd) in &groups {
@@ -518,7 +518,7 @@ impl Iommu {
         );
         let adopted = message.devices.into_iter().zip(fds).collect();
         let backend = Backend::Iommufd { fd: context, ioas: message.ioas };
-        Ok(Iommu::with(backend, valid, None, HashMap::new(), adopted))
+        Ok(Iommu::with(backend, valid, None, BTreeMap::new(), adopted))
     }
 
     /// Opens a new context of the kind [`IommuKind::auto`] picks: iommufd where the kernel

@@ -23,6 +23,13 @@ pub(crate) fn canonical(path: &Path) -> SysResult<PathBuf> {
     Ok(fs::canonicalize(path)?)
 }
 
+/// The first name `readdir` gives in a directory, for directories that hold one; None if it is
+/// empty or does not exist.
+pub(crate) fn first_name(dir: &Path) -> Option<String> {
+    let entry = fs::read_dir(dir).ok()?.flatten().next()?;
+    Some(entry.file_name().to_string_lossy().into_owned())
+}
+
 /// Names in a directory, sorted; empty if it does not exist.
 pub(crate) fn list(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)

@@ -71,6 +71,7 @@ impl VmmCtx {
 
 /// vfio-ioctls: open, enumerate (what VfioDevice::new reads), read the records, close.
 /// Returns BAR0's size and the number of MSI vectors, for the caller to check.
+#[inline(never)]
 pub fn vmm_open_enumerate_close(backend: Backend, address: &str) -> (u64, u32) {
     let ctx = VmmCtx::open(backend, address);
     let dev = ctx.device();
@@ -111,6 +112,7 @@ impl PdCtx {
 
 /// pci-driver: VfioPciDevice::open (group lookup, container, device, BARs, config), close.
 /// Returns BAR0's size.
+#[inline(never)]
 pub fn pd_open_enumerate_close(address: &str) -> u64 {
     let dev = VfioPciDevice::open(sysfs(address)).expect("pci-driver: open");
     let bar0 = dev.bar(0).map(|b| b.len()).unwrap_or(0);

@@ -334,6 +334,7 @@ pub fn enumerate(device: RawFd) -> Enumeration {
 }
 
 /// Open from scratch, enumerate, close everything.
+#[inline(never)]
 pub fn open_enumerate_close(backend: Backend, address: &str) -> Enumeration {
     let ctx = Ctx::open(backend, address);
     enumerate(ctx.device.as_raw_fd())

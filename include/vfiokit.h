@@ -465,6 +465,22 @@ int vfiokit_region_map_info(struct vfiokit_device *dev,
                             uint32_t region,
                             struct vfiokit_map_info *info);
 
+// The address of the `width`-byte register (1, 2, 4 or 8) at `off` of a region, checked once:
+// aligned, inside the region, in an mmappable area (`-ENOTSUP` elsewhere, where
+// `vfiokit_readN`/`vfiokit_writeN` go through the device fd), in a region that may be read and
+// written (`-EACCES`). Maps the region. Access it
+// with `vfiokit_mmio_readN(addr, 0)` and `vfiokit_mmio_writeN(addr, 0, val)`: one access each,
+// nothing left to check, for the loops that poll or feed a register. Valid until the device
+// is closed.
+//
+// # Safety
+// `dev` must be NULL or live; `addr` writable.
+int vfiokit_register(struct vfiokit_device *dev,
+                     uint32_t region,
+                     uint64_t off,
+                     uint32_t width,
+                     void **addr);
+
 // Reads `len` bytes at `off` of a region into `buf`. 1, 2, 4 or 8 bytes at an offset aligned
 // to that size are one access of that width; longer transfers use unspecified widths.
 //

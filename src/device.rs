@@ -2,6 +2,7 @@
 //! reset. Owns its fds and mappings; everything is released on drop.
 
 use std::ffi::c_char;
+use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -130,6 +131,48 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: we reserved base..base+len and nothing else refers to it once we drop.
         unsafe { mem::unmap(self.base, self.len) };
+    }
+}
+
+/// A register checked once, for the loops that poll or feed one: [`Device::register`] checked
+/// its alignment, range and mapping and that its region may be read and written, so
+/// [`read`](Self::read) and [`write`](Self::write) are one volatile access each, what a
+/// hand-written driver does through its own pointer. It borrows the device, whose mapping it
+/// points into.
+pub struct Register<'a, T: Width> {
+    at: NonNull<T>,
+    _device: PhantomData<&'a Device>,
+}
+
+// SAFETY: `at` points into the device's mapping, which the borrow keeps alive; every access
+// is one volatile load or store, as the device's own accessors make from any thread.
+unsafe impl<T: Width> Send for Register<'_, T> {}
+// SAFETY: as above.
+unsafe impl<T: Width> Sync for Register<'_, T> {}
+
+impl<T: Width> std::fmt::Debug for Register<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Register").field(&self.at).finish()
+    }
+}
+
+impl<T: Width> Register<'_, T> {
+    /// Its address in the mapping: valid while the device lives.
+    pub fn as_ptr(&self) -> *mut T {
+        self.at.as_ptr()
+    }
+
+    #[inline]
+    pub fn read(&self) -> T {
+        // SAFETY: aligned, inside a mapped area of a readable region (checked at creation);
+        // volatile so it is exactly one access.
+        unsafe { self.at.as_ptr().read_volatile() }
+    }
+
+    #[inline]
+    pub fn write(&self, value: T) {
+        // SAFETY: as for read, in a writable region, so a writable mapping.
+        unsafe { self.at.as_ptr().write_volatile(value) }
     }
 }
 
@@ -863,6 +906,32 @@ impl Device {
             )));
         }
         Ok(())
+    }
+
+    /// The register of `T`'s width at `off` of region `index`, checked once (see [`Register`]):
+    /// aligned, inside the region, in one of its mmappable areas (ENOTSUP elsewhere: the
+    /// device fd's part of a region is for [`read_reg`](Self::read_reg) and
+    /// [`write_reg`](Self::write_reg)), in a region that may be read and written (EACCES
+    /// otherwise; every mmappable BAR of vfio-pci may). Maps the region.
+    pub fn register<T: Width>(&self, index: u32, off: u64) -> Result<Register<'_, T>> {
+        self.check_aligned::<T>(index, off)?;
+        let r = self.region(index)?;
+        self.check_range(r, off, T::BYTES, REGION_READ)?;
+        self.check_range(r, off, T::BYTES, REGION_WRITE)?;
+        let at = self.mapped(r, off, T::BYTES)?.ok_or_else(|| {
+            Error::new(
+                libc::ENOTSUP,
+                format!(
+                    "{} region {index}: [{off:#x}, +{}) is not in an mmappable area: use read_reg/write_reg",
+                    self.address,
+                    T::BYTES
+                ),
+            )
+        })?;
+        Ok(Register {
+            at: NonNull::new(at.cast()).expect("inside a mapping"),
+            _device: PhantomData,
+        })
     }
 
     /// One read of exactly `T`'s width at `off` (aligned to it).

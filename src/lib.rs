@@ -28,7 +28,8 @@ mod vfio_user;
 
 pub use caps::DecodeError;
 pub use device::{
-    Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, HotResetDep, MapInfo, VFIO_USER_PREFIX, Width,
+    Device, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, HotResetDep, MapInfo, Register,
+    VFIO_USER_PREFIX, Width,
 };
 pub use dmamap::{DmaMap, DmaMapping};
 pub use doctor::{

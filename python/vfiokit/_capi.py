@@ -142,6 +142,7 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_device_irqs": (c_void_p, [_dev, POINTER(c_size_t)], _check_ptr),
     "vfiokit_region_map": (c_int, [_dev, c_uint32, POINTER(c_void_p)], _check_int),
     "vfiokit_region_map_info": (c_int, [_dev, c_uint32, POINTER(vfiokit_map_info)], _check_int),
+    "vfiokit_register": (c_int, [_dev, c_uint32, c_uint64, c_uint32, POINTER(c_void_p)], _check_int),
     "vfiokit_region_read": (c_int, [_dev, c_uint32, c_uint64, c_void_p, c_size_t], _check_int),
     "vfiokit_region_write": (c_int, [_dev, c_uint32, c_uint64, c_void_p, c_size_t], _check_int),
     **{

@@ -414,6 +414,40 @@ pub unsafe extern "C" fn vfiokit_region_map_info(
     })
 }
 
+/// The address of the `width`-byte register (1, 2, 4 or 8) at `off` of a region, checked once:
+/// aligned, inside the region, in an mmappable area (`-ENOTSUP` elsewhere, where
+/// `vfiokit_readN`/`vfiokit_writeN` go through the device fd), in a region that may be read and
+/// written (`-EACCES`). Maps the region. Access it
+/// with `vfiokit_mmio_readN(addr, 0)` and `vfiokit_mmio_writeN(addr, 0, val)`: one access each,
+/// nothing left to check, for the loops that poll or feed a register. Valid until the device
+/// is closed.
+///
+/// # Safety
+/// `dev` must be NULL or live; `addr` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_register(
+    dev: *mut vfiokit_device,
+    region: u32,
+    off: u64,
+    width: u32,
+    addr: *mut *mut c_void,
+) -> c_int {
+    call(|| {
+        need(addr, "addr")?;
+        // SAFETY: forwarded from the caller.
+        let d = unsafe { self::dev(dev) }?;
+        let at: *mut c_void = match width {
+            1 => d.register::<u8>(region, off)?.as_ptr().cast(),
+            2 => d.register::<u16>(region, off)?.as_ptr().cast(),
+            4 => d.register::<u32>(region, off)?.as_ptr().cast(),
+            8 => d.register::<u64>(region, off)?.as_ptr().cast(),
+            _ => return Err(Error::invalid(format!("register width {width}: 1, 2, 4 or 8"))),
+        };
+        // SAFETY: checked non-null.
+        unsafe { put(addr, "addr", at) }
+    })
+}
+
 /// The caller's buffer for a write to the device.
 ///
 /// # Safety

@@ -144,6 +144,7 @@ static void null_arguments(void)
 	FAILS_AS(vfiokit_device_irqs(NULL, &n), NULL);
 	FAILS(vfiokit_region_map(NULL, 0, &p), EINVAL);
 	FAILS(vfiokit_region_map_info(NULL, 0, &map), EINVAL);
+	FAILS(vfiokit_register(NULL, 0, 0, 4, &p), EINVAL);
 	FAILS(vfiokit_region_read(NULL, 0, 0, buf, 4), EINVAL);
 	FAILS(vfiokit_region_write(NULL, 0, 0, buf, 4), EINVAL);
 	FAILS(vfiokit_read8(NULL, 0, 0, (uint8_t *)buf), EINVAL);
@@ -251,6 +252,17 @@ static void with_edu(void)
 	CHECK(map.access == (VFIOKIT_REGION_READ | VFIOKIT_REGION_WRITE));
 	FAILS(vfiokit_region_map_info(dev, VFIOKIT_PCI_CONFIG, &map), ENOTSUP);
 	FAILS(vfiokit_region_map_info(dev, VFIOKIT_PCI_BAR0, NULL), EINVAL);
+	/* A register checked once, then plain accesses through its address. */
+	CHECK(vfiokit_register(dev, VFIOKIT_PCI_BAR0, 4, 4, &p) == 0 && p == (char *)bar0 + 4);
+	vfiokit_mmio_write32(p, 0, 0x12345678);
+	CHECK(vfiokit_mmio_read32(p, 0) == 0xedcba987);
+	CHECK(vfiokit_register(dev, VFIOKIT_PCI_BAR0, 0x80, 8, &p) == 0 && p == (char *)bar0 + 0x80);
+	FAILS(vfiokit_register(dev, VFIOKIT_PCI_BAR0, 2, 4, &p), EINVAL);
+	FAILS(vfiokit_register(dev, VFIOKIT_PCI_BAR0, 1 << 20, 1, &p), EINVAL);
+	FAILS(vfiokit_register(dev, VFIOKIT_PCI_BAR0, 0, 3, &p), EINVAL);
+	FAILS(vfiokit_register(dev, VFIOKIT_PCI_CONFIG, 0, 4, &p), ENOTSUP);
+	FAILS(vfiokit_register(dev, 1000, 0, 4, &p), EINVAL);
+	FAILS(vfiokit_register(dev, VFIOKIT_PCI_BAR0, 0, 4, NULL), EINVAL);
 
 	/* Config space. */
 	CHECK(vfiokit_pci_find_capability(dev, 0x05, &cap) == 0 && cap == 0x40);

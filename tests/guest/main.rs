@@ -295,6 +295,9 @@ fn testdev_io_bar_is_not_mmappable() {
     assert_eq!(bar1.num_areas, 0);
     fails(d.map(1), libc::ENOTSUP, &["cannot be mmapped", "I/O-port"]);
     fails(d.map(PCI_CONFIG), libc::ENOTSUP, &["cannot be mmapped"]);
+    for region in [1, PCI_CONFIG] {
+        fails(d.register::<u32>(region, 0), libc::ENOTSUP, &["not in an mmappable area"]);
+    }
     assert_eq!(d.irqs()[IRQ_INTX as usize].count, 0, "pci-testdev has no INTx pin");
 }
 
@@ -314,6 +317,16 @@ fn edu_registers_through_the_mapping() {
         assert!(std::time::Instant::now() < deadline);
     }
     assert_eq!(rd::<u32>(&d, 0, edu::FACTORIAL), 3628800);
+    // The same through registers checked once, the status poll as a driver writes it.
+    let reg = |off| d.register::<u32>(0, off).unwrap();
+    let (liveness, factorial, status) = (reg(edu::LIVENESS), reg(edu::FACTORIAL), reg(edu::STATUS));
+    liveness.write(0x0f0f_0f0f);
+    assert_eq!(liveness.read(), 0xf0f0_f0f0);
+    factorial.write(5);
+    while status.read() & 1 != 0 {
+        assert!(std::time::Instant::now() < deadline);
+    }
+    assert_eq!((factorial.read(), rd::<u32>(&d, 0, edu::FACTORIAL)), (120, 120));
     let mut id = [0u8; 4];
     d.read(0, edu::ID, &mut id).unwrap();
     assert_eq!(u32::from_le_bytes(id), 0x010000ed);

@@ -17,7 +17,6 @@
 mod bookkeeping;
 mod peers;
 mod raw;
-mod sketch;
 mod stats;
 mod vfio_user;
 
@@ -227,7 +226,8 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
     let iommu = Iommu::open(kind(o.backend)).expect("Iommu::open");
     let edu = Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("open edu");
     let bar0 = edu.map(0).expect("map edu BAR0").as_ptr();
-    let fast0 = sketch::Fast::new(&edu, 0);
+    let (id, liveness) = (edu.register::<u32>(0, 0), edu.register::<u32>(0, 4));
+    let (id, liveness) = (id.expect("edu id register"), liveness.expect("edu liveness register"));
     let be = "any";
 
     let n = batch(o, 20_000);
@@ -249,9 +249,7 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
                     edu.read_reg::<u32>(0, 0).expect("read_reg")
                 })
             }),
-            variant("fix sketch", |n| {
-                read_n(n, EDU_ID, "sketch: edu id register", || fast0.read32(0).expect("read32"))
-            }),
+            variant("register", |n| read_n(n, EDU_ID, "register: edu id register", || id.read())),
         ],
     ));
 
@@ -290,14 +288,14 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
                 }
                 check_liveness(seq);
             }),
-            variant("fix sketch", |n| {
+            variant("register", |n| {
                 let mut s = seq_raw.get();
                 for _ in 0..n {
                     s = s.wrapping_add(1);
-                    fast0.write32(4, s).expect("write32");
+                    liveness.write(s);
                 }
                 seq_raw.set(s);
-                assert_eq!(fast0.read32(4).unwrap(), !s, "sketch: liveness");
+                assert_eq!(liveness.read(), !s, "register: liveness");
             }),
         ],
     ));
@@ -306,11 +304,11 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
     let ivshmem =
         Device::open(&env_addr("VFIOKIT_TEST_IVSHMEM"), Some(&iommu)).expect("open ivshmem");
     let bar2 = ivshmem.map(2).expect("map ivshmem BAR2").as_ptr();
-    let fast2 = sketch::Fast::new(&ivshmem, 2);
     const OFF: usize = 0x100;
     const PATTERN: u32 = 0x5a5a_1234;
     // SAFETY: inside the mapped BAR (64 MiB).
     unsafe { bar2.add(OFF).cast::<u32>().write_volatile(PATTERN) };
+    let word = ivshmem.register::<u32>(2, OFF as u64).expect("ivshmem register");
     let n = batch(o, 1_000_000);
     out.extend(run_case(
         "read32 ivshmem BAR2 (RAM)",
@@ -330,14 +328,13 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
                     ivshmem.read_reg::<u32>(2, OFF as u64).expect("read_reg")
                 })
             }),
-            variant("fix sketch", |n| {
-                read_n(n, PATTERN, "sketch: ivshmem pattern", || {
-                    fast2.read32(OFF as u64).expect("read32")
-                })
+            variant("register", |n| {
+                read_n(n, PATTERN, "register: ivshmem pattern", || word.read())
             }),
         ],
     ));
     const WOFF: usize = 0x200;
+    let written = ivshmem.register::<u32>(2, WOFF as u64).expect("ivshmem register");
     out.extend(run_case(
         "write32 ivshmem BAR2 (RAM)",
         be,
@@ -368,15 +365,15 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
                     "vfiokit: written"
                 );
             }),
-            variant("fix sketch", |n| {
+            variant("register", |n| {
                 for i in 0..n as u32 {
-                    fast2.write32(WOFF as u64, i).expect("write32");
+                    written.write(i);
                 }
                 // SAFETY: inside the mapped BAR, aligned.
                 assert_eq!(
                     unsafe { bar2.add(WOFF).cast::<u32>().read_volatile() },
                     n as u32 - 1,
-                    "sketch: written"
+                    "register: written"
                 );
             }),
         ],

@@ -195,6 +195,10 @@ pub fn op_vfio_user(o: &Opts) -> Vec<Figure> {
     let bar4 = dev.map(4).expect("vfiokit: map BAR4").as_ptr();
     const OFF: usize = 0x100;
     const WANT: u32 = model::ROM_BASE + (OFF / 4) as u32;
+    // A register handle needs a region that may be written: it reads the same value from BAR2's
+    // first area (the model's RAM, the same memfd as BAR4).
+    let ram = dev.register::<u32>(2, OFF as u64).expect("vfiokit: BAR2 register");
+    ram.write(WANT);
     out.extend(run_case(
         "read32 mapped RAM (vfio-user BAR4, native)",
         backend,
@@ -213,6 +217,7 @@ pub fn op_vfio_user(o: &Opts) -> Vec<Figure> {
                     dev.read_reg::<u32>(4, OFF as u64).expect("vfiokit: read_reg")
                 })
             }),
+            variant("register", |n| read_n(n, WANT, "register: BAR2 word", || ram.read())),
         ],
     ));
     let efd = eventfd();

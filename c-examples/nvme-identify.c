@@ -2,7 +2,8 @@
  *
  * Shows, in order:
  *   - a function reset (vfiokit_device_reset: FLR on NVMe), then bus mastering;
- *   - 64- and 32-bit register accesses in BAR0 (CAP, VS, CC, CSTS, AQA, ASQ, ACQ, doorbells);
+ *   - 64- and 32-bit register accesses in BAR0 (CAP, VS, CC, CSTS, AQA, ASQ, ACQ), and the
+ *     doorbells as registers checked once (vfiokit_register), then rung with one store each;
  *   - the controller disabled (CC.EN = 0, wait for CSTS.RDY = 0), its admin submission and
  *     completion queues built in DMA memory (vfiokit_dma_alloc), and enabled again;
  *   - one MSI-X vector enabled (vector 0: the admin completion queue's), with the MSI-X table
@@ -116,6 +117,7 @@ int main(int argc, char **argv)
 	vfiokit_device *dev = NULL;
 	vfiokit_iommu *iommu = NULL;
 	void *sq_buf = NULL, *cq_buf = NULL, *id_buf = NULL;
+	void *sq0_tail, *cq0_head; /* the admin queues' doorbells */
 	struct nvme_command *sq;
 	volatile struct nvme_completion *cq; /* written by the controller */
 	unsigned char *identify;
@@ -144,6 +146,8 @@ int main(int argc, char **argv)
 	TRY(vfiokit_read64(dev, VFIOKIT_PCI_BAR0, NVME_CAP, &cap));
 	TRY(vfiokit_read32(dev, VFIOKIT_PCI_BAR0, NVME_VS, &vs));
 	stride = 4u << ((cap >> 32) & 0xf);                     /* doorbell stride */
+	TRY(vfiokit_register(dev, VFIOKIT_PCI_BAR0, NVME_DOORBELLS + 0 * stride, 4, &sq0_tail));
+	TRY(vfiokit_register(dev, VFIOKIT_PCI_BAR0, NVME_DOORBELLS + 1 * stride, 4, &cq0_head));
 	timeout_s = (((cap >> 24) & 0xff) ? (cap >> 24) & 0xff : 1) * 0.5; /* CAP.TO */
 	EXPECT(((cap & 0xffff) + 1) >= QUEUE_DEPTH, "queues of at most %u entries", (unsigned)(cap & 0xffff) + 1);
 	printf("nvme-identify: opened %s%s: NVMe %u.%u, queues up to %u entries, doorbell stride %u\n",
@@ -186,7 +190,7 @@ int main(int argc, char **argv)
 		.cdw10 = IDENTIFY_CNS_CONTROLLER,
 	};
 	atomic_thread_fence(memory_order_seq_cst); /* the entry is in memory before the doorbell */
-	TRY(vfiokit_write32(dev, VFIOKIT_PCI_BAR0, NVME_DOORBELLS + 0 * stride, 1)); /* SQ 0 tail */
+	vfiokit_mmio_write32(sq0_tail, 0, 1);
 
 	TRY(vfiokit_irq_wait(dev, VFIOKIT_IRQ_MSIX, 0, IRQ_TIMEOUT_MS, &count));
 	atomic_thread_fence(memory_order_seq_cst);
@@ -196,7 +200,7 @@ int main(int argc, char **argv)
 	EXPECT((st >> 1) == 0, "IDENTIFY failed: status code type %u, status code %#x", (st >> 9) & 7, (st >> 1) & 0xff);
 	EXPECT(cq[0].sq_head == 1, "submission queue head %u after one command", cq[0].sq_head);
 	/* We consumed the entry: tell the controller (CQ 0 head doorbell). */
-	TRY(vfiokit_write32(dev, VFIOKIT_PCI_BAR0, NVME_DOORBELLS + 1 * stride, 1));
+	vfiokit_mmio_write32(cq0_head, 0, 1);
 	printf("  IDENTIFY CONTROLLER completed by MSI-X vector 0 (eventfd %d): phase 1, status 0\n", efd);
 
 	field(serial, identify, 4, 23);

@@ -191,8 +191,8 @@ struct EarlyMap {
 
 struct State {
     /// Groups attached to the container, kept until the context closes so that DMA mappings
-    /// outlive any one device. This and `devices` are ordered: they stay small, and every
-    /// open pays for hashing but not for a short tree walk.
+    /// outlive any one device. Ordered, like `devices`: both stay small, and a short tree walk
+    /// costs an open less than hashing.
     groups: BTreeMap<u32, OwnedFd>,
     /// Valid IOVA ranges and the mappings in them, once first needed (`stale` until then). A
     /// type1 container reports its ranges only once a group is in it: until then the whole

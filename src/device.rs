@@ -34,6 +34,9 @@ struct Mapping {
     access: u32,
 }
 
+/// The most vectors an IRQ index may have: MSI-X's 2048.
+const MAX_VECTORS: u32 = 2048;
+
 /// Regions below this index (the PCI BARs, ROM, config space and VGA) have a [`FastPath`].
 const FAST_REGIONS: usize = 9;
 
@@ -268,6 +271,46 @@ struct VectorSlot {
     own: OnceCell<OwnedFd>,
 }
 
+/// Every vector's [`VectorSlot`], index after index, in one allocation (a device's open makes
+/// one for them all, not one per index): index `i`'s are `slots[start[i]..start[i + 1]]`.
+struct IrqSlots {
+    slots: Box<[VectorSlot]>,
+    start: Box<[u32]>,
+}
+
+impl IrqSlots {
+    fn new(irqs: &[Irq]) -> IrqSlots {
+        let mut start = Vec::with_capacity(irqs.len() + 1);
+        let mut total = 0;
+        start.push(total);
+        for irq in irqs {
+            total += irq.count;
+            start.push(total);
+        }
+        let slots = (0..total).map(|_| VectorSlot::default()).collect();
+        IrqSlots { slots, start: start.into_boxed_slice() }
+    }
+
+    /// Index `index`'s slots (empty for an index out of range).
+    fn of(&self, index: u32) -> &[VectorSlot] {
+        let i = index as usize;
+        match (self.start.get(i), self.start.get(i + 1)) {
+            (Some(&from), Some(&to)) => &self.slots[from as usize..to as usize],
+            _ => &[],
+        }
+    }
+
+    #[inline]
+    fn get(&self, index: u32, vector: u32) -> Option<&VectorSlot> {
+        let i = index as usize;
+        let (from, to) = (*self.start.get(i)?, *self.start.get(i + 1)?);
+        if vector >= to - from {
+            return None;
+        }
+        self.slots.get((from + vector) as usize)
+    }
+}
+
 /// [`VectorSlot::state`]: not routed (or waits are cancelled).
 const SLOT_OFF: u8 = 0;
 /// [`VectorSlot::state`]: routed to the caller's eventfd.
@@ -484,8 +527,7 @@ pub struct Device {
     mappings: Vec<OnceCell<Mapping>>,
     fast: [FastPath; FAST_REGIONS],
     irq_state: Mutex<IrqState>,
-    /// By IRQ index and vector.
-    irq_slots: Box<[Box<[VectorSlot]>]>,
+    irq_slots: IrqSlots,
     io: Io,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
@@ -541,10 +583,9 @@ impl Device {
                 ),
             ));
         }
-        let mut scratch = Vec::new();
-        let infos = (0..num_regions)
-            .map(|i| io.region_info(i, &address, &mut scratch))
-            .collect::<Result<Vec<_>>>()?;
+        // Room for a header and a short chain: most regions' replies fit without a reallocation.
+        let mut scratch = Vec::with_capacity(32);
+        let infos = each(num_regions, |i| io.region_info(i, &address, &mut scratch))?;
         let header = read_header(&io, &infos)
             .map_err(|e| e.within(format!("reading the config header of {address}")))?;
         let bars = pci::bars(&header);
@@ -557,14 +598,21 @@ impl Device {
                 region::record(i as u32, info, attrs, &mut areas)
             })
             .collect();
-        let irqs = (0..num_irqs)
-            .map(|i| io.irq_info(i, &address).map(|(flags, count)| irq::record(i, flags, count)))
-            .collect::<Result<Vec<Irq>>>()?;
+        let irqs = each(num_irqs, |i| {
+            io.irq_info(i, &address).map(|(flags, count)| irq::record(i, flags, count))
+        })?;
+        // Nor are its vector counts: PCI has at most 2048 (MSI-X).
+        if let Some(irq) = irqs.iter().find(|irq| irq.count > MAX_VECTORS) {
+            return Err(Error::new(
+                libc::EPROTO,
+                format!(
+                    "{address} reports {} vectors for IRQ index {} ({MAX_VECTORS} at most)",
+                    irq.count, irq.index
+                ),
+            ));
+        }
         let routes = irqs.iter().map(|_| IrqRoute::default()).collect();
-        let irq_slots = irqs
-            .iter()
-            .map(|irq| (0..irq.count).map(|_| VectorSlot::default()).collect())
-            .collect();
+        let irq_slots = IrqSlots::new(&irqs);
         Ok(Device {
             address,
             info: pci::identify(flags, num_regions, num_irqs, &header),
@@ -1034,7 +1082,7 @@ impl Device {
         self.check_eventfd_vectors(index, first, count)?;
         // Each vector keeps one eventfd for the device's life (the waits read it without
         // the lock: see VectorSlot); the caller gets a duplicate, closed at disable.
-        let slots = &self.irq_slots[index as usize][first as usize..(first + count) as usize];
+        let slots = &self.irq_slots.of(index)[first as usize..(first + count) as usize];
         let fds = slots
             .iter()
             .map(|slot| {
@@ -1110,7 +1158,7 @@ impl Device {
             true => Some(Arc::new(sys::eventfd().context(|| "creating an eventfd")?)),
             false => None,
         };
-        let slots = &self.irq_slots[index as usize][span.clone()];
+        let slots = &self.irq_slots.of(index)[span.clone()];
         if waitable {
             // What a previous routing left unread is not this one's. An eventfd read fails
             // only when it is empty.
@@ -1158,9 +1206,7 @@ impl Device {
             format!("disabling {}", irq_name(index))
         })?;
         route.vectors.iter_mut().for_each(|v| *v = None);
-        self.irq_slots[index as usize]
-            .iter()
-            .for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
+        self.irq_slots.of(index).iter().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         route.wake_waiters();
         Ok(())
     }
@@ -1172,7 +1218,7 @@ impl Device {
     pub fn cancel_waits(&self) {
         let mut state = self.irq_state();
         state.cancelled = true;
-        self.irq_slots.iter().flatten().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
+        self.irq_slots.slots.iter().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
         drop(state);
         if let Io::User { client, .. } = &self.io {
@@ -1219,7 +1265,7 @@ impl Device {
     /// The vector's lock-free state (None: no such index or vector).
     #[inline]
     fn irq_slot(&self, index: u32, vector: u32) -> Option<&VectorSlot> {
-        self.irq_slots.get(index as usize)?.get(vector as usize)
+        self.irq_slots.get(index, vector)
     }
 
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.
@@ -1371,6 +1417,16 @@ impl Device {
 
 fn irq_name(index: u32) -> &'static str {
     ["INTx", "MSI", "MSI-X", "ERR", "REQ"].get(index as usize).copied().unwrap_or("device-specific")
+}
+
+/// `f(0)`, ..., `f(n - 1)` in a vector allocated once (collecting into `Result<Vec<_>>` grows
+/// the vector from empty: the first error could come at any point), or the first error.
+fn each<T>(n: u32, mut f: impl FnMut(u32) -> Result<T>) -> Result<Vec<T>> {
+    let mut all = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        all.push(f(i)?);
+    }
+    Ok(all)
 }
 
 /// The config space's type 0 header (zeros if the device has no config region that large).

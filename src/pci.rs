@@ -12,11 +12,10 @@ pub(crate) struct BadAddress(pub String);
 #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) fn parse_address(name: &str) -> Result<String, BadAddress> {
     let bad = || BadAddress(name.to_owned());
-    let hex = |s: &str, digits: usize, max: u32| -> Result<u32, BadAddress> {
-        if s.len() != digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        u32::from_str_radix(s, 16).ok().filter(|&v| v <= max).ok_or_else(bad)
+    let hex = |s: &str, len: usize, max: u32| -> Result<u32, BadAddress> {
+        let nibbles = (s.len() == len).then(|| s.chars().map(|c| c.to_digit(16)));
+        let value = nibbles.and_then(|mut n| n.try_fold(0, |v, d| Some(v << 4 | d?)));
+        value.filter(|&v| v <= max).ok_or_else(bad)
     };
     let (rest, function) = name.rsplit_once('.').ok_or_else(bad)?;
     let (domain, bus_device) = match rest.split_once(':') {

@@ -1,14 +1,29 @@
 //! Reads of sysfs and /dev: where a device's driver, IOMMU group and cdev are found.
 
+use std::ffi::CString;
 use std::fs;
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::SysResult;
 
 /// The last path component of a symlink's target (`driver` -> "vfio-pci"), if the link exists.
+/// Read into a stack buffer: std's `read_link` allocates and then shrinks its buffer, and every
+/// open of a device reads its `iommu_group` link.
 pub(crate) fn link_name(path: &Path) -> Option<String> {
-    let target = fs::read_link(path).ok()?;
-    Some(target.file_name()?.to_string_lossy().into_owned())
+    let cpath = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // Linux stores a symlink's target in at most PATH_MAX bytes with its NUL. Not zeroed
+    // first: that would cost more than the rest.
+    let mut buf = [MaybeUninit::<u8>::uninit(); libc::PATH_MAX as usize];
+    // SAFETY: cpath is NUL-terminated; readlink writes at most buf.len() bytes.
+    let n = unsafe { libc::readlink(cpath.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = usize::try_from(n).ok()?;
+    // SAFETY: readlink initialized the first n <= buf.len() bytes.
+    let target = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+    // The bytes after the last '/': Path's component parser costs more than the readlink.
+    let name = target.rsplit(|&b| b == b'/').next()?;
+    Some(String::from_utf8_lossy(name).into_owned())
 }
 
 pub(crate) fn write(path: &Path, text: &str) -> SysResult<()> {

@@ -480,6 +480,29 @@ fn protocol_violations_fail_the_connection_with_eproto() {
 }
 
 #[test]
+fn an_impossible_vector_count_refuses_the_open() {
+    let _serial = setup();
+    let fds = open_fds();
+    let path = socket_path("vectors");
+    let server = scripted::serve(&path, |peer| {
+        peer.handshake_with(r#"{"capabilities":{"max_msg_fds":8}}"#);
+        let (h, _) = peer.expect(scripted::DEVICE_GET_INFO);
+        // A PCI device with no regions and one IRQ index, which claims 2^32 - 1 vectors.
+        let info: Vec<u8> = [16u32, 0b11, 0, 1].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        peer.reply(h, &info);
+        let (h, _) = peer.expect(scripted::DEVICE_GET_IRQ_INFO);
+        let irq: Vec<u8> = [16u32, 0, 0, u32::MAX].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        peer.reply(h, &irq);
+        peer.until_closed();
+    });
+    let e = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap_err();
+    assert_eq!(e.errno(), libc::EPROTO, "{e}");
+    assert!(e.message().contains("4294967295 vectors"), "{e}");
+    server.join().unwrap();
+    assert_eq!(open_fds(), fds, "fds left behind");
+}
+
+#[test]
 fn a_servers_errno_fails_only_that_call() {
     let _serial = setup();
     let (dev, server) = open_scripted("errno", None, |peer| {

@@ -12,6 +12,7 @@ pub const VERSION: u16 = 1;
 pub const DMA_MAP: u16 = 2;
 pub const DMA_UNMAP: u16 = 3;
 pub const DEVICE_GET_INFO: u16 = 4;
+pub const DEVICE_GET_IRQ_INFO: u16 = 7;
 pub const DMA_READ: u16 = 11;
 pub const DMA_WRITE: u16 = 12;
 pub const DEVICE_RESET: u16 = 13;

@@ -271,46 +271,6 @@ struct VectorSlot {
     own: OnceCell<OwnedFd>,
 }
 
-/// Every vector's [`VectorSlot`], index after index, in one allocation (a device's open makes
-/// one for them all, not one per index): index `i`'s are `slots[start[i]..start[i + 1]]`.
-struct IrqSlots {
-    slots: Box<[VectorSlot]>,
-    start: Box<[u32]>,
-}
-
-impl IrqSlots {
-    fn new(irqs: &[Irq]) -> IrqSlots {
-        let mut start = Vec::with_capacity(irqs.len() + 1);
-        let mut total = 0;
-        start.push(total);
-        for irq in irqs {
-            total += irq.count;
-            start.push(total);
-        }
-        let slots = (0..total).map(|_| VectorSlot::default()).collect();
-        IrqSlots { slots, start: start.into_boxed_slice() }
-    }
-
-    /// Index `index`'s slots (empty for an index out of range).
-    fn of(&self, index: u32) -> &[VectorSlot] {
-        let i = index as usize;
-        match (self.start.get(i), self.start.get(i + 1)) {
-            (Some(&from), Some(&to)) => &self.slots[from as usize..to as usize],
-            _ => &[],
-        }
-    }
-
-    #[inline]
-    fn get(&self, index: u32, vector: u32) -> Option<&VectorSlot> {
-        let i = index as usize;
-        let (from, to) = (*self.start.get(i)?, *self.start.get(i + 1)?);
-        if vector >= to - from {
-            return None;
-        }
-        self.slots.get((from + vector) as usize)
-    }
-}
-
 /// [`VectorSlot::state`]: not routed (or waits are cancelled).
 const SLOT_OFF: u8 = 0;
 /// [`VectorSlot::state`]: routed to the caller's eventfd.
@@ -527,7 +487,8 @@ pub struct Device {
     mappings: Vec<OnceCell<Mapping>>,
     fast: [FastPath; FAST_REGIONS],
     irq_state: Mutex<IrqState>,
-    irq_slots: IrqSlots,
+    /// By IRQ index and vector.
+    irq_slots: Box<[Box<[VectorSlot]>]>,
     io: Io,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
@@ -612,7 +573,10 @@ impl Device {
             ));
         }
         let routes = irqs.iter().map(|_| IrqRoute::default()).collect();
-        let irq_slots = IrqSlots::new(&irqs);
+        let irq_slots = irqs
+            .iter()
+            .map(|irq| (0..irq.count).map(|_| VectorSlot::default()).collect())
+            .collect();
         Ok(Device {
             address,
             info: pci::identify(flags, num_regions, num_irqs, &header),
@@ -1082,7 +1046,7 @@ impl Device {
         self.check_eventfd_vectors(index, first, count)?;
         // Each vector keeps one eventfd for the device's life (the waits read it without
         // the lock: see VectorSlot); the caller gets a duplicate, closed at disable.
-        let slots = &self.irq_slots.of(index)[first as usize..(first + count) as usize];
+        let slots = &self.irq_slots[index as usize][first as usize..(first + count) as usize];
         let fds = slots
             .iter()
             .map(|slot| {
@@ -1158,7 +1122,7 @@ impl Device {
             true => Some(Arc::new(sys::eventfd().context(|| "creating an eventfd")?)),
             false => None,
         };
-        let slots = &self.irq_slots.of(index)[span.clone()];
+        let slots = &self.irq_slots[index as usize][span.clone()];
         if waitable {
             // What a previous routing left unread is not this one's. An eventfd read fails
             // only when it is empty.
@@ -1206,7 +1170,9 @@ impl Device {
             format!("disabling {}", irq_name(index))
         })?;
         route.vectors.iter_mut().for_each(|v| *v = None);
-        self.irq_slots.of(index).iter().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
+        self.irq_slots[index as usize]
+            .iter()
+            .for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         route.wake_waiters();
         Ok(())
     }
@@ -1218,7 +1184,7 @@ impl Device {
     pub fn cancel_waits(&self) {
         let mut state = self.irq_state();
         state.cancelled = true;
-        self.irq_slots.slots.iter().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
+        self.irq_slots.iter().flatten().for_each(|s| s.state.store(SLOT_OFF, Ordering::Release));
         state.routes.iter_mut().for_each(IrqRoute::wake_waiters);
         drop(state);
         if let Io::User { client, .. } = &self.io {
@@ -1265,7 +1231,7 @@ impl Device {
     /// The vector's lock-free state (None: no such index or vector).
     #[inline]
     fn irq_slot(&self, index: u32, vector: u32) -> Option<&VectorSlot> {
-        self.irq_slots.get(index, vector)
+        self.irq_slots.get(index as usize)?.get(vector as usize)
     }
 
     /// Makes the kernel signal the vector's eventfd as if the device had raised it.

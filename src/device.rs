@@ -731,7 +731,8 @@ impl Device {
         &self.areas[r.first_area as usize..(r.first_area + r.num_areas) as usize]
     }
 
-    /// Checks that `[off, off+len)` lies inside the region and the region allows `access`.
+    /// Checks that `[off, off+len)` lies inside the region and the region allows every access
+    /// in `access` (REGION_READ, REGION_WRITE or both).
     fn check_range(&self, r: &Region, off: u64, len: usize, access: u32) -> Result<()> {
         if off.checked_add(len as u64).is_none_or(|end| end > r.size) {
             return Err(Error::invalid(format!(
@@ -739,12 +740,13 @@ impl Device {
                 self.address, r.index, r.size
             )));
         }
-        if r.flags & access == 0 {
-            let what = if access == REGION_READ { "read" } else { "written" };
-            return Err(Error::new(
-                libc::EACCES,
-                format!("{} region {} cannot be {what}", self.address, r.index),
-            ));
+        for (flag, what) in [(REGION_READ, "read"), (REGION_WRITE, "written")] {
+            if access & flag != 0 && r.flags & flag == 0 {
+                return Err(Error::new(
+                    libc::EACCES,
+                    format!("{} region {} cannot be {what}", self.address, r.index),
+                ));
+            }
         }
         Ok(())
     }
@@ -928,8 +930,7 @@ impl Device {
     pub fn register<T: Width>(&self, index: u32, off: u64) -> Result<Register<'_, T>> {
         self.check_aligned::<T>(index, off)?;
         let r = self.region(index)?;
-        self.check_range(r, off, T::BYTES, REGION_READ)?;
-        self.check_range(r, off, T::BYTES, REGION_WRITE)?;
+        self.check_range(r, off, T::BYTES, REGION_READ | REGION_WRITE)?;
         let at = self.mapped(r, off, T::BYTES)?.ok_or_else(|| {
             Error::new(
                 libc::ENOTSUP,

@@ -226,8 +226,8 @@ fn op_registers(o: &Opts) -> Vec<Figure> {
     let iommu = Iommu::open(kind(o.backend)).expect("Iommu::open");
     let edu = Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("open edu");
     let bar0 = edu.map(0).expect("map edu BAR0").as_ptr();
-    let (id, liveness) = (edu.register::<u32>(0, 0), edu.register::<u32>(0, 4));
-    let (id, liveness) = (id.expect("edu id register"), liveness.expect("edu liveness register"));
+    let id = edu.register::<u32>(0, 0).expect("edu id register");
+    let liveness = edu.register::<u32>(0, 4).expect("edu liveness register");
     let be = "any";
 
     let n = batch(o, 20_000);

@@ -37,6 +37,7 @@ test:
 # The edit-and-test loop: linters, unit tests, the header check, and the guest suite on the
 # iommufd kernel without its leak cycles.
 check:
+	tests/setup --lint
 	tests/lint
 	VFIOKIT_VM_KERNELS=iommufd cargo test --all-targets -- --skip cycles
 

@@ -1,6 +1,8 @@
 //! What the guest suites share: the test devices' addresses and small device helpers.
 
-use vfiokit::{Device, Iommu, Width};
+use std::ptr::NonNull;
+
+use vfiokit::{Device, Iommu, IommuKind, Width};
 
 pub fn addr(role: &str) -> String {
     std::env::var(format!("VFIOKIT_TEST_{role}"))
@@ -139,4 +141,59 @@ pub fn raw_type1_unmap(fd: i32, iova: u64, size: u64) -> (i32, i32, u64) {
 /// A call's result as the C API would return it: 0, or the errno.
 pub fn rc<T>(r: vfiokit::Result<T>) -> i32 {
     r.map_or_else(|e| e.errno(), |_| 0)
+}
+
+/// What AUTO must pick here: iommufd where the kernel has it, unless VFIOKIT_IOMMU says type1.
+pub fn expected_kind() -> IommuKind {
+    let kernel_has_iommufd = std::path::Path::new("/dev/iommu").exists();
+    match std::env::var("VFIOKIT_IOMMU").as_deref() {
+        Ok("type1") => IommuKind::Type1,
+        Ok(_) => IommuKind::Iommufd,
+        Err(_) if kernel_has_iommufd => IommuKind::Iommufd,
+        Err(_) => IommuKind::Type1,
+    }
+}
+
+/// Reads `len` bytes the device may have written.
+pub fn volatile_bytes(p: NonNull<u8>, len: usize) -> Vec<u8> {
+    // SAFETY: the caller's mapped buffer of at least len bytes; volatile: a device writes it.
+    (0..len).map(|i| unsafe { p.as_ptr().add(i).read_volatile() }).collect()
+}
+
+pub const CAP_IPC_LOCK: u32 = 14;
+
+/// Removes a capability from this process's effective and permitted sets.
+pub fn drop_capability(cap: u32) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: 0x2008_0522, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with the v3 header and two data words, as the ABI asks.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()), 0);
+        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+        data[word].effective &= !bit;
+        data[word].permitted &= !bit;
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()), 0);
+    }
+}
+
+pub fn group_of(role: &str) -> String {
+    group_of_address(&addr(role))
+}
+
+/// The device's IOMMU group, as sysfs names it.
+pub fn group_of_address(address: &str) -> String {
+    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{address}/iommu_group")).unwrap();
+    link.file_name().unwrap().to_string_lossy().into_owned()
 }

@@ -3,7 +3,6 @@
 use vfiokit::*;
 
 use crate::common::*;
-use crate::{CAP_IPC_LOCK, drop_capability, group_of};
 
 /// The findings with `code`, as "subject: message" lines.
 fn found(findings: &[Finding], code: u32) -> Vec<String> {

@@ -8,7 +8,6 @@ use vfiokit::irq::IRQ_MSI;
 use vfiokit::{Device, Iommu};
 
 use crate::common::*;
-use crate::expected_kind;
 
 fn socketpair() -> (OwnedFd, OwnedFd) {
     let mut sv = [0; 2];

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use vfiokit::{Device, Iommu};
 
 use crate::common::*;
-use crate::group_of_address;
 
 // NVMe controller registers (BAR0).
 const CC: u64 = 0x14;

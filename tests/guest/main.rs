@@ -89,17 +89,6 @@ fn main() -> std::process::ExitCode {
     harness::main(CASES, NOIOMMU_CASES)
 }
 
-/// What AUTO must pick here: iommufd where the kernel has it, unless VFIOKIT_IOMMU says type1.
-fn expected_kind() -> IommuKind {
-    let kernel_has_iommufd = std::path::Path::new("/dev/iommu").exists();
-    match std::env::var("VFIOKIT_IOMMU").as_deref() {
-        Ok("type1") => IommuKind::Type1,
-        Ok(_) => IommuKind::Iommufd,
-        Err(_) if kernel_has_iommufd => IommuKind::Iommufd,
-        Err(_) => IommuKind::Type1,
-    }
-}
-
 fn backend_choice() {
     let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap();
     assert_eq!(
@@ -802,12 +791,6 @@ fn dma_to_unmapped_iova_does_not_reach_memory() {
     drop(unsafe { Box::from_raw(victim.as_ptr().cast::<[u8; 8192]>()) });
 }
 
-/// Reads `len` bytes the device may have written.
-fn volatile_bytes(p: NonNull<u8>, len: usize) -> Vec<u8> {
-    // SAFETY: the caller's mapped buffer of at least len bytes; volatile: a device writes it.
-    (0..len).map(|i| unsafe { p.as_ptr().add(i).read_volatile() }).collect()
-}
-
 /// DMA_READONLY: edu's engine reads the buffer; its write into it is blocked by the vIOMMU.
 fn readonly_dma_memory_is_not_written() {
     let d = open("EDU");
@@ -1162,34 +1145,6 @@ fn memlock_too_low_is_named() {
     });
 }
 
-const CAP_IPC_LOCK: u32 = 14;
-
-/// Removes a capability from this process's effective and permitted sets.
-fn drop_capability(cap: u32) {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header { version: 0x2008_0522, pid: 0 };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget/capset with the v3 header and two data words, as the ABI asks.
-    unsafe {
-        assert_eq!(libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()), 0);
-        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
-        data[word].effective &= !bit;
-        data[word].permitted &= !bit;
-        assert_eq!(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()), 0);
-    }
-}
-
 fn open_close_cycles_leak_nothing() {
     let cycle = || {
         let iommu = Iommu::open_auto().unwrap();
@@ -1389,16 +1344,6 @@ fn open_map_alloc_cycles_leak_nothing() {
     );
     iommu.free(buf.as_ptr()).unwrap();
     drop(keep);
-}
-
-fn group_of(role: &str) -> String {
-    group_of_address(&addr(role))
-}
-
-/// The device's IOMMU group, as sysfs names it.
-fn group_of_address(address: &str) -> String {
-    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{address}/iommu_group")).unwrap();
-    link.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 /// Two functions of one slot share an IOMMU group: both open in one context, the group node

@@ -8,7 +8,6 @@ use vfiokit::irq::IRQ_MSI;
 use vfiokit::*;
 
 use crate::common::*;
-use crate::{drop_capability, volatile_bytes};
 
 const PAGE: usize = 4096;
 const NOIOMMU_PARAM: &str = "/sys/module/vfio/parameters/enable_unsafe_noiommu_mode";

@@ -12,12 +12,11 @@ mod handoff;
 mod harness;
 mod hotreset;
 mod irq;
+mod lifecycle;
 mod noiommu;
 
 use common::*;
-use vfiokit::irq::*;
 use vfiokit::region::*;
-use vfiokit::{Device, Iommu};
 
 const CASES: &[harness::Case] = &[
     ("backend_choice", backends::backend_choice),
@@ -65,16 +64,16 @@ const CASES: &[harness::Case] = &[
     ("device_info_fds_and_features", device::device_info_fds_and_features),
     ("several_devices_and_contexts", backends::several_devices_and_contexts),
     ("group_not_permitted", backends::group_not_permitted),
-    ("memlock_too_low_is_named", memlock_too_low_is_named),
-    ("open_close_cycles_leak_nothing", open_close_cycles_leak_nothing),
-    ("open_map_alloc_cycles_leak_nothing", open_map_alloc_cycles_leak_nothing),
-    ("threads_share_handles", threads_share_handles),
-    ("fds_are_close_on_exec", fds_are_close_on_exec),
+    ("memlock_too_low_is_named", lifecycle::memlock_too_low_is_named),
+    ("open_close_cycles_leak_nothing", lifecycle::open_close_cycles_leak_nothing),
+    ("open_map_alloc_cycles_leak_nothing", lifecycle::open_map_alloc_cycles_leak_nothing),
+    ("threads_share_handles", lifecycle::threads_share_handles),
+    ("fds_are_close_on_exec", lifecycle::fds_are_close_on_exec),
     (
         "exit_without_close_leaves_the_device_reusable",
-        exit_without_close_leaves_the_device_reusable,
+        lifecycle::exit_without_close_leaves_the_device_reusable,
     ),
-    ("second_process_gets_ebusy", second_process_gets_ebusy),
+    ("second_process_gets_ebusy", lifecycle::second_process_gets_ebusy),
     ("handoff_to_an_unprivileged_process", handoff::handoff_to_an_unprivileged_process),
     ("malformed_handoffs_are_refused", handoff::malformed_handoffs_are_refused),
     ("doctor_finds_each_problem_with_its_fix", doctor::doctor_finds_each_problem_with_its_fix),
@@ -100,222 +99,4 @@ fn reset_where_supported() {
     nvme.reset().unwrap();
     let edu = open("EDU");
     fails(edu.reset(), libc::ENOTSUP, &["does not support reset"]);
-}
-
-fn memlock_too_low_is_named() {
-    in_child(|| {
-        drop_capability(CAP_IPC_LOCK);
-        let limit = 64 << 10;
-        let rl = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-        // SAFETY: plain setrlimit.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) }, 0);
-        let d = open("EDU");
-        let asked = 1 << 20;
-        fails(
-            d.iommu().alloc(asked),
-            libc::ENOMEM,
-            &["RLIMIT_MEMLOCK is 65536 bytes", &format!("{asked} more")],
-        );
-    });
-}
-
-fn open_close_cycles_leak_nothing() {
-    let cycle = || {
-        let iommu = Iommu::open_auto().unwrap();
-        let d = open_in("NVME", &iommu);
-        d.map(0).unwrap();
-        d.irq_enable(IRQ_MSIX, 0, 4).unwrap();
-        let (buf, _) = iommu.alloc(8192).unwrap();
-        let (_kept, _) = iommu.alloc(4096).unwrap(); // freed by the context's close
-        iommu.free(buf.as_ptr()).unwrap();
-        let big = open_in("IVSHMEM_BIG", &iommu);
-        big.map(2).unwrap();
-    };
-    cycle(); // first use may allocate process-wide state (thread-locals, the allocator's arenas)
-    let before = fds_and_maps();
-    // 5: a leak shows after one cycle; each costs 1.3-2.8 s of guest time (two devices opened,
-    // released and reset by the kernel), and the case below covers repetition.
-    for _ in 0..5 {
-        cycle();
-    }
-    assert_eq!(fds_and_maps(), before, "(fds, mappings) after 5 open/map/irq/dma/close cycles");
-}
-
-/// Register accesses, DMA map/unmap and IRQ waits from many threads on shared handles at once,
-/// with every result checked and a bound on the time.
-fn threads_share_handles() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    const ROUNDS: u64 = 2000;
-    const TRIGGERS: u64 = 200;
-    let iommu = Iommu::open_auto().unwrap();
-    let edu = Arc::new(open_in("EDU", &iommu));
-    let shm = Arc::new(open_in("IVSHMEM", &iommu));
-    let nvme = Arc::new(open_in("NVME", &iommu));
-    nvme.irq_enable(IRQ_MSIX, 0, 1).unwrap();
-    let started = std::time::Instant::now();
-    let mut workers = Vec::new();
-    // Readers of edu's id register (trapping MMIO), and writers of their own slice of ivshmem.
-    for t in 0..4u64 {
-        let (edu, shm) = (edu.clone(), shm.clone());
-        workers.push(std::thread::spawn(move || {
-            for i in 0..ROUNDS {
-                assert_eq!(edu.read_reg::<u32>(0, edu::ID).unwrap(), 0x010000ed);
-                let off = t * 4096 + (i % 512) * 8;
-                shm.write_reg(2, off, t << 32 | i).unwrap();
-                assert_eq!(shm.read_reg::<u64>(2, off).unwrap(), t << 32 | i);
-            }
-        }));
-    }
-    // DMA buffers allocated and freed concurrently never share an IOVA.
-    let live = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-    for _ in 0..2 {
-        let (iommu, live) = (iommu.clone(), live.clone());
-        workers.push(std::thread::spawn(move || {
-            for _ in 0..100 {
-                let (buf, iova) = iommu.alloc(8192).unwrap();
-                assert!(live.lock().unwrap().insert(iova), "IOVA {iova:#x} handed out twice");
-                // SAFETY: our fresh buffer; held a while so the other thread's allocations overlap.
-                unsafe { std::ptr::write_bytes(buf.as_ptr(), 0x5a, 8192) };
-                std::thread::yield_now();
-                assert!(live.lock().unwrap().remove(&iova));
-                iommu.free(buf.as_ptr()).unwrap();
-            }
-        }));
-    }
-    // One thread waits for interrupts while another triggers them: none is lost.
-    let seen = Arc::new(AtomicU64::new(0));
-    let waiter = {
-        let (nvme, seen) = (nvme.clone(), seen.clone());
-        std::thread::spawn(move || {
-            while seen.load(Ordering::Relaxed) < TRIGGERS {
-                let n = nvme.irq_wait(IRQ_MSIX, 0, 10_000).expect("an interrupt within 10 s");
-                seen.fetch_add(n, Ordering::Relaxed);
-            }
-        })
-    };
-    {
-        let nvme = nvme.clone();
-        workers.push(std::thread::spawn(move || {
-            for _ in 0..TRIGGERS {
-                nvme.irq_trigger(IRQ_MSIX, 0).unwrap();
-            }
-        }));
-    }
-    for w in workers {
-        w.join().expect("worker");
-    }
-    waiter.join().expect("waiter");
-    assert_eq!(seen.load(Ordering::Relaxed), TRIGGERS, "every trigger counted once");
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(120),
-        "no deadlock: {:?}",
-        started.elapsed()
-    );
-    println!(
-        "  7 threads: {} register round trips, 200 DMA alloc/free, {TRIGGERS} IRQs in {:?}",
-        4 * ROUNDS,
-        started.elapsed()
-    );
-}
-
-/// Everything vfiokit opens is close-on-exec: a child that execs inherits no VFIO fd.
-fn fds_are_close_on_exec() {
-    let d = open("NVME");
-    d.irq_enable(IRQ_MSIX, 0, 2).unwrap();
-    let _buf = d.iommu().alloc(4096).unwrap();
-    let out =
-        std::process::Command::new("/bin/ls").arg("-l").arg("/proc/self/fd/").output().unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout);
-    for vfio_fd in ["/dev/vfio", "/dev/iommu", "eventfd", "anon_inode:[vfio"] {
-        assert!(!listing.contains(vfio_fd), "{vfio_fd} leaked into an exec'd child:\n{listing}");
-    }
-}
-
-/// A process that exits without closing anything leaves the device usable by the next one.
-fn exit_without_close_leaves_the_device_reusable() {
-    in_child(|| {
-        let d = open("EDU");
-        enable_bus_master(&d);
-        d.irq_enable(IRQ_MSI, 0, 1).unwrap();
-        let (buf, _) = d.iommu().alloc(1 << 20).unwrap();
-        std::mem::forget((d, buf));
-        // SAFETY: exiting on purpose without running destructors.
-        unsafe { libc::_exit(0) };
-    });
-    let d = open("EDU");
-    assert_eq!(rd::<u32>(&d, 0, edu::ID), 0x010000ed);
-    d.irq_enable(IRQ_MSI, 0, 1).unwrap();
-    d.irq_trigger(IRQ_MSI, 0).unwrap();
-    assert_eq!(d.irq_wait(IRQ_MSI, 0, 1000).unwrap(), 1);
-}
-
-/// A device open in one process is refused to another, with a message that says so.
-fn second_process_gets_ebusy() {
-    let _held = open("EDU");
-    in_child(|| {
-        let iommu = Iommu::open_auto().unwrap();
-        fails(Device::open(&addr("EDU"), Some(&iommu)), libc::EBUSY, &["already", "process"]);
-    });
-}
-
-/// Locked and pinned memory of this process (kB): what leaked DMA mappings would grow.
-fn locked_kb() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map_or(0, |v| v.trim().trim_end_matches(" kB").parse().unwrap())
-    };
-    (field("VmLck:"), field("VmPin:"))
-}
-
-/// VFIOKIT_CYCLES (200 in `make test`, 10,000 in `make soak`) each of device open/close, DMA
-/// map/unmap and DMA alloc/free: fds, mappings, locked and pinned memory end where they
-/// started. Prints the time spent in each of the three.
-fn open_map_alloc_cycles_leak_nothing() {
-    let cycles: usize = std::env::var("VFIOKIT_CYCLES").map_or(200, |v| v.parse().unwrap());
-    let iommu = Iommu::open_auto().unwrap();
-    let keep = open_in("NVME", &iommu); // keeps a type1 container's group, hence its mappings
-    let (buf, _) = iommu.alloc(4096).unwrap();
-    let spent = std::cell::Cell::new([std::time::Duration::ZERO; 3]);
-    let timed = |phase: usize, f: &dyn Fn()| {
-        let t = std::time::Instant::now();
-        f();
-        let mut s = spent.get();
-        s[phase] += t.elapsed();
-        spent.set(s);
-    };
-    let cycle = |i: usize| {
-        timed(0, &|| {
-            let d = open_in("EDU", &iommu);
-            assert_eq!(rd::<u32>(&d, 0, edu::ID), 0x010000ed);
-        });
-        let iova = 0x100_0000 + (i as u64 % 64) * 4096;
-        // SAFETY: buf lives until the end of the test; mapped and unmapped here.
-        timed(1, &|| unsafe {
-            iommu.map(buf.as_ptr(), 4096, iova).unwrap();
-            iommu.unmap(iova, 4096).unwrap();
-        });
-        timed(2, &|| {
-            let (b, _) = iommu.alloc(8192).unwrap();
-            iommu.free(b.as_ptr()).unwrap();
-        });
-    };
-    cycle(0);
-    let (before, locked) = (fds_and_maps(), locked_kb());
-    let started = std::time::Instant::now();
-    for i in 1..=cycles {
-        cycle(i);
-    }
-    assert_eq!(fds_and_maps(), before, "(fds, mappings) after {cycles} cycles");
-    assert_eq!(locked_kb(), locked, "(VmLck, VmPin) kB after {cycles} cycles");
-    let [open, map, alloc] = spent.get();
-    println!(
-        "  {cycles} x (open + close, map + unmap, alloc + free) in {:?} ({open:?}, {map:?}, {alloc:?}): fds, maps, locked {locked:?} kB unchanged",
-        started.elapsed()
-    );
-    iommu.free(buf.as_ptr()).unwrap();
-    drop(keep);
 }

@@ -10,10 +10,10 @@ mod equivalence;
 mod fidelity;
 mod handoff;
 mod harness;
-mod hotreset;
 mod irq;
 mod lifecycle;
 mod noiommu;
+mod reset;
 
 use common::*;
 use vfiokit::region::*;
@@ -77,7 +77,7 @@ const CASES: &[harness::Case] = &[
     ("handoff_to_an_unprivileged_process", handoff::handoff_to_an_unprivileged_process),
     ("malformed_handoffs_are_refused", handoff::malformed_handoffs_are_refused),
     ("doctor_finds_each_problem_with_its_fix", doctor::doctor_finds_each_problem_with_its_fix),
-    ("hot_reset_resets_every_dependent", hotreset::hot_reset_resets_every_dependent),
+    ("hot_reset_resets_every_dependent", reset::hot_reset_resets_every_dependent),
     ("backends_agree", equivalence::backends_agree),
     ("noiommu_refused_with_its_cause", noiommu::noiommu_refused_with_its_cause),
 ];

@@ -15,9 +15,6 @@ mod lifecycle;
 mod noiommu;
 mod reset;
 
-use common::*;
-use vfiokit::region::*;
-
 const CASES: &[harness::Case] = &[
     ("backend_choice", backends::backend_choice),
     ("open_by_every_name_form", device::open_by_every_name_form),
@@ -60,7 +57,7 @@ const CASES: &[harness::Case] = &[
     ("guard_pages_stop_an_overrun", dma::guard_pages_stop_an_overrun),
     ("maps_before_the_first_device", dma::maps_before_the_first_device),
     ("dma_flag_and_buffer_misuse", dma::dma_flag_and_buffer_misuse),
-    ("reset_where_supported", reset_where_supported),
+    ("reset_where_supported", reset::reset_where_supported),
     ("device_info_fds_and_features", device::device_info_fds_and_features),
     ("several_devices_and_contexts", backends::several_devices_and_contexts),
     ("group_not_permitted", backends::group_not_permitted),
@@ -91,12 +88,4 @@ const NOIOMMU_CASES: &[harness::Case] = &[
 
 fn main() -> std::process::ExitCode {
     harness::main(CASES, NOIOMMU_CASES)
-}
-
-fn reset_where_supported() {
-    let nvme = open("NVME");
-    wr(&nvme, PCI_CONFIG, 0x3c, 0x11u8);
-    nvme.reset().unwrap();
-    let edu = open("EDU");
-    fails(edu.reset(), libc::ENOTSUP, &["does not support reset"]);
 }

@@ -1,11 +1,21 @@
-//! Hot reset with its dependents: nvme (function 0) and edu (function 1) share a slot behind a
-//! PCIe root port, so a bus reset of either resets both.
+//! Resets: a device's own reset where it has one, refused where it has not; and hot reset with
+//! its dependents: nvme (function 0) and edu (function 1) share a slot behind a PCIe root port,
+//! so a bus reset of either resets both.
 
 use std::time::{Duration, Instant};
 
+use vfiokit::region::PCI_CONFIG;
 use vfiokit::{Device, Iommu};
 
 use crate::common::*;
+
+pub fn reset_where_supported() {
+    let nvme = open("NVME");
+    wr(&nvme, PCI_CONFIG, 0x3c, 0x11u8);
+    nvme.reset().unwrap();
+    let edu = open("EDU");
+    fails(edu.reset(), libc::ENOTSUP, &["does not support reset"]);
+}
 
 // NVMe controller registers (BAR0).
 const CC: u64 = 0x14;

@@ -513,7 +513,17 @@ impl Device {
                 Some(i) => i.clone(),
                 None => Iommu::open(IommuKind::VfioUser)?,
             };
-            let (client, place) = iommu.attach_vfio_user(path)?;
+            // Refused before connecting where the context is a kernel one.
+            if iommu.kind() != IommuKind::VfioUser {
+                return Err(Error::invalid(format!(
+                    "{name} is served over vfio-user: open it in a vfio-user context (VFIOKIT_IOMMU_VFIO_USER) \
+                     or with none"
+                )));
+            }
+            // A server serves one connection: a second open in the context is refused first.
+            let place = iommu.take_place(name)?;
+            let client = Arc::new(Client::connect(path, iommu.dma_server())?);
+            iommu.add_peer(name, &client)?;
             let io = Io::User { client, region_fds: Vec::new() };
             return Device::from_io(name.to_string(), iommu, io, place);
         }

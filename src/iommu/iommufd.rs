@@ -1,0 +1,156 @@
+//! iommufd: an IOAS on /dev/iommu, which devices opened through their VFIO cdev attach to.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
+
+use super::backend::{Backend, Export, Hook, map_error, open_node, unmap_what};
+use super::ledger::Record;
+use super::{IOMMUFD, IommuKind, lock};
+use crate::error::{Error, Result};
+use crate::handoff::Handoff;
+use crate::host::{self, PciDevice};
+use crate::iova::IovaRange;
+use crate::sys::{self, Context, iommufd, vfio};
+
+pub(crate) struct Iommufd {
+    fd: OwnedFd,
+    ioas: u32,
+    /// An adopted context: the device cdevs handed over with it, by PCI address, each taken by
+    /// the device's first open.
+    adopted: Mutex<HashMap<String, OwnedFd>>,
+}
+
+impl Iommufd {
+    pub fn open() -> Result<Iommufd> {
+        let fd = open_node(IOMMUFD, "is the kernel built with CONFIG_IOMMUFD?")?;
+        let ioas = iommufd::ioas_alloc(fd.as_fd()).context(|| "allocating an IOAS")?;
+        Ok(Iommufd { fd, ioas, adopted: Mutex::new(HashMap::new()) })
+    }
+
+    /// A context handed over: its fd, IOAS and device cdevs (see [`Iommufd::ranges`] for the
+    /// check that the fd holds that IOAS).
+    pub fn adopted(fd: OwnedFd, ioas: u32, cdevs: HashMap<String, OwnedFd>) -> Iommufd {
+        Iommufd { fd, ioas, adopted: Mutex::new(cdevs) }
+    }
+
+    pub fn valid_ranges(&self) -> Result<Vec<IovaRange>> {
+        let ranges = iommufd::ioas_iova_ranges(self.fd.as_fd(), self.ioas)
+            .context(|| format!("IOVA ranges of IOAS {}", self.ioas))?;
+        Ok(ranges.into_iter().map(|(start, last)| IovaRange { start, last }).collect())
+    }
+}
+
+impl Backend for Iommufd {
+    fn kind(&self) -> IommuKind {
+        IommuKind::Iommufd
+    }
+
+    fn fd(&self) -> Result<BorrowedFd<'_>> {
+        Ok(self.fd.as_fd())
+    }
+
+    fn ioas(&self) -> Option<u32> {
+        Some(self.ioas)
+    }
+
+    fn ranges(&self) -> Result<Option<Vec<IovaRange>>> {
+        self.valid_ranges().map(Some)
+    }
+
+    unsafe fn map(&self, m: &Record, commit: Hook) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            iommufd::ioas_map(
+                self.fd.as_fd(),
+                self.ioas,
+                m.vaddr as u64,
+                m.len as u64,
+                m.iova,
+                m.facts.writable,
+            )
+        }
+        .map_err(|sys::Errno(e)| map_error(e, m.len, m.iova, map_hint(e)))?;
+        commit()
+    }
+
+    fn unmap(&self, m: &Record, retire: Hook) -> Result<()> {
+        iommufd::ioas_unmap(self.fd.as_fd(), self.ioas, m.iova, m.len as u64)
+            .context(|| unmap_what(m))?;
+        retire()
+    }
+
+    fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {
+        // An adopted context's devices come with their cdevs: the process that adopted it may
+        // not be allowed to open the nodes.
+        let adopted = lock(&self.adopted).remove(&dev.address);
+        let (device, cdev) = match adopted {
+            Some(fd) => (fd, format!("the cdev handed over for {}", dev.address)),
+            None => {
+                // Whether the node is there is checked only if it cannot be opened.
+                let cdev = dev.cdev_unchecked().map_or_else(|| dev.cdev(), Ok)?;
+                let fd = open_node(&cdev, "").map_err(|e| dev.cdev().err().unwrap_or(e))?;
+                (fd, cdev)
+            }
+        };
+        iommufd::bind(device.as_fd(), self.fd.as_fd()).map_err(|sys::Errno(e)| match e {
+            _ if dev.iommu_group().is_ok_and(|g| !host::group_blockers(g).is_empty()) => {
+                host::not_viable(dev.iommu_group().unwrap_or_default())
+            }
+            // Another device of the group belongs to another iommufd (the kernel says EPERM:
+            // the group's DMA has another owner).
+            libc::EPERM => Error::new(
+                libc::EBUSY,
+                format!(
+                    "binding {cdev} ({}) to iommufd: its IOMMU group is in use by another IOMMU context or process",
+                    dev.address
+                ),
+            ),
+            // The kernel's answer when another open of the cdev is bound already; our
+            // arguments are otherwise always valid.
+            libc::EINVAL | libc::EBUSY => Error::new(
+                libc::EBUSY,
+                format!(
+                    "binding {cdev} ({}) to iommufd: the device is already bound (open in another IOMMU context or process)",
+                    dev.address
+                ),
+            ),
+            _ => Error::os(e, format!("binding {cdev} ({}) to iommufd", dev.address)),
+        })?;
+        iommufd::attach(device.as_fd(), self.ioas)
+            .context(|| format!("attaching {cdev} ({}) to IOAS {}", dev.address, self.ioas))?;
+        Ok(device)
+    }
+
+    fn hot_reset(&self, device: BorrowedFd, _groups: &[u32]) -> Result<()> {
+        // The zero-length form: the kernel checks that this iommufd owns every affected device.
+        vfio::hot_reset(device, &[]).context(|| "VFIO_DEVICE_PCI_HOT_RESET")
+    }
+
+    fn export(&self, devices: &[PciDevice]) -> Result<Export> {
+        let opened =
+            devices.iter().map(|pci| open_node(&pci.cdev()?, "")).collect::<Result<Vec<_>>>()?;
+        let fds = std::iter::once(self.fd.as_raw_fd())
+            .chain(opened.iter().map(|fd| fd.as_raw_fd()))
+            .collect();
+        let message = Handoff {
+            kind: self.kind().code(),
+            ioas: self.ioas,
+            groups: Vec::new(),
+            devices: devices.iter().map(|pci| pci.address.clone()).collect(),
+        };
+        Ok(Export { message, fds, _opened: opened })
+    }
+}
+
+/// iommufd pins pages; a BAR mapping (VM_PFNMAP) has none, where type1 follows its PFNs.
+pub(crate) fn map_hint(e: i32) -> &'static str {
+    match e {
+        libc::EFAULT => {
+            " (iommufd maps only ordinary process memory: not an unmapped address, and not another \
+             device's BAR for peer-to-peer DMA, which needs dma-buf support that this kernel's iommufd \
+             lacks; a type1 context maps BARs)"
+        }
+        _ => "",
+    }
+}

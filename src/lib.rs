@@ -41,9 +41,9 @@ pub use doctor::{
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
 pub use iommu::{
-    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_IOMMUFD_COMPAT,
-    IOMMU_IOMMUFD_COMPAT_V1, IOMMU_NOIOMMU, IOMMU_TYPE1, IOMMU_TYPE1V1, IOMMU_VFIO_USER, Iommu,
-    IommuKind,
+    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, HeapInfo, IOMMU_AUTO, IOMMU_IOMMUFD,
+    IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_NOIOMMU, IOMMU_TYPE1, IOMMU_TYPE1V1,
+    IOMMU_VFIO_USER, Iommu, IommuKind,
 };
 pub use iova::{IovaRange, IovaSpace};
 pub use irq::Irq;

@@ -59,6 +59,12 @@ pub(crate) trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Whether the backend places memory at its physical address (see [`place`](Self::place)),
+    /// so that only physically contiguous memory is contiguous to the device.
+    fn places_physically(&self) -> bool {
+        false
+    }
+
     /// Where the backend itself places memory (no IOMMU: at its physical address, locked
     /// there), the IOVA; None where the context's allocator picks one. Undone by
     /// [`unmap`](Self::unmap).

@@ -18,13 +18,24 @@ use std::sync::Arc;
 use crate::dmamap::{DmaMap, DmaMapping};
 use crate::iova::{IovaRange, IovaSpace};
 
+/// Whose memory a mapping is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// The caller's (map, map_any): unmapped by unmap.
+    #[default]
+    Caller,
+    /// A DMA buffer from `alloc`, whose memory the context owns (and frees).
+    Buffer,
+    /// An arena of the DMA heap, mapped until the context closes.
+    Heap,
+}
+
 /// What a mapping is, beyond where it is.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Facts {
     /// The device may write the memory.
     pub writable: bool,
-    /// A DMA buffer from `alloc`, whose memory the context owns (and frees).
-    pub buffer: bool,
+    pub owner: Owner,
     /// The memfd behind the memory (a DMA buffer's), for backends that map memory by fd.
     pub fd: Option<Arc<OwnedFd>>,
 }
@@ -212,7 +223,7 @@ impl Ledger {
     /// The Live DMA buffer whose memory starts at `vaddr`.
     pub fn buffer_at(&self, vaddr: usize) -> Option<&Record> {
         let iova = self.live.translate(vaddr, 1)?;
-        self.records.get(&iova).filter(|r| r.facts.buffer && r.vaddr == vaddr)
+        self.records.get(&iova).filter(|r| r.facts.owner == Owner::Buffer && r.vaddr == vaddr)
     }
 
     /// Every record, whatever its phase (for closing the context).
@@ -303,7 +314,7 @@ mod tests {
     #[test]
     fn buffers_are_found_by_their_first_byte_only() {
         let mut l = ledger();
-        let facts = Facts { writable: true, buffer: true, fd: None };
+        let facts = Facts { writable: true, owner: Owner::Buffer, fd: None };
         let iova = l.reserve_any(0x10_0000, 2 * PAGE, PAGE as u64, false, facts).unwrap();
         assert!(l.buffer_at(0x10_0000).is_none(), "not Live yet");
         l.commit(iova);

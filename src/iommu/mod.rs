@@ -11,6 +11,7 @@
 mod backend;
 mod container;
 mod handoff;
+mod heap;
 mod iommufd;
 mod kind;
 mod ledger;
@@ -25,8 +26,10 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use self::backend::Backend;
+use self::heap::Heap;
+pub use self::heap::HeapInfo;
 pub use self::kind::*;
-use self::ledger::{Facts, Ledger, Record, Refused};
+use self::ledger::{Facts, Ledger, Owner, Record, Refused};
 pub(crate) use self::noiommu::NOIOMMU_PARAM;
 use crate::error::{Error, Result};
 use crate::host::PciDevice;
@@ -78,6 +81,8 @@ pub(crate) struct DmaContext {
     magic: u64,
     backend: Box<dyn Backend>,
     state: Mutex<State>,
+    /// Made at the first heap allocation; dropped after the backend, which unmaps its arenas.
+    heap: OnceLock<Arc<Heap>>,
 }
 
 impl DmaContext {
@@ -94,7 +99,7 @@ impl Drop for DmaContext {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for r in state.ledger.all() {
             self.backend.forget(r);
-            if r.facts.buffer {
+            if r.facts.owner == Owner::Buffer {
                 // SAFETY: alloc mapped this memory; the context is going away, so no one can
                 // free it.
                 unsafe { mem::unmap(NonNull::new(r.vaddr as *mut u8).expect("non-null"), r.len) };
@@ -159,7 +164,13 @@ impl Iommu {
             ledger.set_valid(valid);
         }
         let state = State { ledger, stale, guard, devices: BTreeSet::new() };
-        Iommu(Arc::new(DmaContext { magic: DmaContext::MAGIC, backend, state: Mutex::new(state) }))
+        let state = Mutex::new(state);
+        Iommu(Arc::new(DmaContext {
+            magic: DmaContext::MAGIC,
+            backend,
+            state,
+            heap: OnceLock::new(),
+        }))
     }
 
     /// Opens a new context of the kind [`IommuKind::auto`] picks: iommufd where the kernel
@@ -440,14 +451,27 @@ impl Iommu {
                         ),
                     );
                 }
-                if m.facts.buffer {
-                    return refuse(
-                        libc::EBUSY,
-                        format!(
-                            "IOVA {:#x} is the mapping of a DMA buffer from alloc: free the buffer instead",
-                            m.iova
-                        ),
-                    );
+                match m.facts.owner {
+                    Owner::Caller => {}
+                    Owner::Buffer => {
+                        return refuse(
+                            libc::EBUSY,
+                            format!(
+                                "IOVA {:#x} is the mapping of a DMA buffer from alloc: free the buffer instead",
+                                m.iova
+                            ),
+                        );
+                    }
+                    Owner::Heap => {
+                        return refuse(
+                            libc::EBUSY,
+                            format!(
+                                "IOVA {:#x} is an arena of the DMA heap, mapped until the context closes: free its \
+                                 objects with heap_free",
+                                m.iova
+                            ),
+                        );
+                    }
                 }
                 maps.push((m.iova, m.len));
             }
@@ -464,7 +488,8 @@ impl Iommu {
     pub fn unmap_all(&self) -> Result<u64> {
         let maps: Vec<(u64, usize)> = {
             let state = self.state();
-            state.ledger.live().filter(|m| !m.facts.buffer).map(|m| (m.iova, m.len)).collect()
+            let callers = state.ledger.live().filter(|m| m.facts.owner == Owner::Caller);
+            callers.map(|m| (m.iova, m.len)).collect()
         };
         self.unmap_each(&maps)
     }
@@ -528,7 +553,7 @@ impl Iommu {
         }
         .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
         let align = dma_alignment(len).max(page as u64);
-        let facts = Facts { writable: flags & DMA_READONLY == 0, buffer: true, fd };
+        let facts = Facts { writable: flags & DMA_READONLY == 0, owner: Owner::Buffer, fd };
         // SAFETY: fresh private memory that only the ledger (and the caller) reach.
         match unsafe { self.map_at(addr.as_ptr(), len, At::Any(align), facts) } {
             Ok(iova) => Ok((addr, iova)),
@@ -580,6 +605,72 @@ impl Iommu {
     /// keep their guard page until released.
     pub fn set_dma_guard(&self, on: bool) {
         self.state().guard = on;
+        if let Some(heap) = self.0.heap.get() {
+            heap.poison.store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The address behind `[iova, iova+len)` when it lies wholly inside one DMA mapping of this
+    /// context (`len` 0 counts as 1), as a completion entry gives it back; ENOENT otherwise.
+    /// O(log n) in the mappings.
+    pub fn dma_to_vaddr(&self, iova: u64, len: usize) -> Result<NonNull<u8>> {
+        let state = self.state();
+        let m = state.ledger.containing(iova, len as u64).ok_or_else(|| {
+            Error::new(
+                libc::ENOENT,
+                format!(
+                    "IOVA [{iova:#x}, +{len:#x}) is not inside one DMA mapping of this context"
+                ),
+            )
+        })?;
+        let vaddr = m.vaddr + (iova - m.iova) as usize;
+        Ok(NonNull::new(vaddr as *mut u8).expect("mappings are not at 0"))
+    }
+
+    fn heap(&self) -> Result<&Arc<Heap>> {
+        if let Some(heap) = self.0.heap.get() {
+            return Ok(heap);
+        }
+        let heap = Arc::new(Heap::new(self.state().guard)?);
+        Ok(self.0.heap.get_or_init(|| heap))
+    }
+
+    /// A zeroed object of `size` bytes (1 byte to 2 MiB) aligned to `align` (a power of two up
+    /// to 2 MiB) from the context's DMA heap, and its IOVA: for the small objects a driver
+    /// allocates by the thousand. See heap.rs for the arenas, classes and thread caches.
+    pub fn heap_alloc(&self, size: usize, align: usize) -> Result<(NonNull<u8>, u64)> {
+        self.heap()?.alloc(self, size, align)
+    }
+
+    /// Frees an object from [`heap_alloc`](Self::heap_alloc). In guard mode its memory is
+    /// poisoned (0x6b) first.
+    pub fn heap_free(&self, vaddr: *mut u8) -> Result<()> {
+        match self.0.heap.get() {
+            Some(heap) => heap.free(vaddr),
+            None => Err(Error::invalid(format!(
+                "{vaddr:p} is not an object of this context's DMA heap"
+            ))),
+        }
+    }
+
+    /// What the context's DMA heap holds (all zeros before its first allocation).
+    pub fn heap_info(&self) -> HeapInfo {
+        self.0.heap.get().map(|heap| heap.info()).unwrap_or_default()
+    }
+
+    /// Unmaps the mappings of memory the context owns in `[vaddr, vaddr+len)` (a heap arena
+    /// whose pages were mapped one by one, when one of them failed).
+    fn unmap_owned_range(&self, vaddr: usize, len: usize) {
+        let maps: Vec<(u64, usize)> = {
+            let state = self.state();
+            let owned = state.ledger.live().filter(|m| {
+                m.facts.owner != Owner::Caller && m.vaddr >= vaddr && m.vaddr < vaddr + len
+            });
+            owned.map(|m| (m.iova, m.len)).collect()
+        };
+        for (iova, len) in maps {
+            let _ = self.unmap_mapping(iova, len);
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::IommuKind;
 use super::backend::{Backend, Export, Hook};
 use super::container::Container;
-use super::ledger::Record;
+use super::ledger::{Owner, Record};
 use crate::error::{Error, Result};
 use crate::host::{self, PciDevice};
 use crate::iova::{EVERY_IOVA, IovaRange};
@@ -53,6 +53,10 @@ impl Backend for NoIommu {
         ))
     }
 
+    fn places_physically(&self) -> bool {
+        true
+    }
+
     /// Locks the memory in place and returns its physical address, which is what the device
     /// must be given. Nothing stops the device reaching other memory.
     fn place(&self, vaddr: *mut u8, len: usize, writable: bool) -> Option<Result<u64>> {
@@ -72,9 +76,9 @@ impl Backend for NoIommu {
     }
 
     fn forget(&self, m: &Record) {
-        // The locks stand in for the kernel's pins, which a closing container drops; a DMA
-        // buffer's go with its memory.
-        if !m.facts.buffer {
+        // The locks stand in for the kernel's pins, which a closing container drops; those of
+        // memory the context owns (buffers, heap arenas) go with it.
+        if m.facts.owner == Owner::Caller {
             let _ = mem::unlock(m.vaddr as *const u8, m.len);
         }
     }

@@ -57,29 +57,75 @@ pub(crate) unsafe fn map_shared_fixed(
 /// Anonymous, private, zero-filled read/write memory (DMA buffers); `huge_shift` 0 for normal
 /// pages, else the log2 of the hugetlb page size to back it with (21: 2 MiB, 30: 1 GiB).
 pub(crate) fn anonymous(len: usize, huge_shift: u32) -> SysResult<NonNull<u8>> {
+    // SAFETY: no fixed address: the kernel picks memory no one uses.
+    unsafe { anonymous_at(None, len, huge_shift) }
+}
+
+/// [`anonymous`] over `at` when given.
+///
+/// # Safety
+/// `at..at+len` must be inside a reservation made by [`reserve`] and not in use by anyone.
+pub(crate) unsafe fn anonymous_at(
+    at: Option<NonNull<u8>>,
+    len: usize,
+    huge_shift: u32,
+) -> SysResult<NonNull<u8>> {
     let huge = match huge_shift {
         0 => 0,
         shift => libc::MAP_HUGETLB | (shift as i32) << libc::MAP_HUGE_SHIFT,
     };
+    let (addr, fixed) =
+        at.map_or((std::ptr::null_mut(), 0), |a| (a.as_ptr().cast(), libc::MAP_FIXED));
     // MAP_POPULATE write-faults every page now: a read-only DMA pin of a never-touched private
     // page would pin the shared zero page, and the device would never see what is written later.
-    // SAFETY: a fresh anonymous mapping touches no existing memory.
+    // SAFETY: a fresh mapping, at a range that is ours to replace when fixed (the caller's word).
     check_map(unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
+            addr,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | huge,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | huge | fixed,
             -1,
             0,
         )
     })
 }
 
+/// Gives `at..at+len` back to its reservation: no access, no memory behind it.
+///
+/// # Safety
+/// As for [`anonymous_at`]; nothing may use the range afterwards.
+pub(crate) unsafe fn unreserve_to(at: NonNull<u8>, len: usize) {
+    // SAFETY: upheld by the caller. It fails only for arguments we never pass.
+    unsafe {
+        libc::mmap(
+            at.as_ptr().cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+}
+
 /// Shared, zero-filled read/write memory backed by a memfd (DMA buffers another process can map
 /// through the fd: a vfio-user server); `huge_shift` as for [`anonymous`]. Returns the fd and
 /// the mapping.
 pub(crate) fn memfd(len: usize, huge_shift: u32) -> SysResult<(OwnedFd, NonNull<u8>)> {
+    // SAFETY: no fixed address: the kernel picks memory no one uses.
+    unsafe { memfd_at(None, len, huge_shift) }
+}
+
+/// [`memfd`] over `at` when given.
+///
+/// # Safety
+/// As for [`anonymous_at`].
+pub(crate) unsafe fn memfd_at(
+    at: Option<NonNull<u8>>,
+    len: usize,
+    huge_shift: u32,
+) -> SysResult<(OwnedFd, NonNull<u8>)> {
     let huge = match huge_shift {
         0 => 0,
         shift => libc::MFD_HUGETLB | shift << libc::MFD_HUGE_SHIFT,
@@ -91,13 +137,15 @@ pub(crate) fn memfd(len: usize, huge_shift: u32) -> SysResult<(OwnedFd, NonNull<
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: plain syscall on our fd.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
-    // SAFETY: a fresh shared mapping of our own memfd touches no existing memory.
+    let (addr, fixed) =
+        at.map_or((std::ptr::null_mut(), 0), |a| (a.as_ptr().cast(), libc::MAP_FIXED));
+    // SAFETY: a shared mapping of our own memfd, at a range that is ours to replace when fixed.
     let addr = check_map(unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
+            addr,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
+            libc::MAP_SHARED | libc::MAP_POPULATE | fixed,
             fd.as_raw_fd(),
             0,
         )

@@ -93,6 +93,15 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // VFIO's unsafe no-IOMMU mode is on: devices can DMA anywhere, and the kernel is tainted.
 #define VFIOKIT_FINDING_NOIOMMU_MODE 11
 
+// The device may only read this memory: an IOMMU mapping without write permission.
+#define VFIOKIT_DMA_READONLY (1 << 0)
+
+// `alloc` only: back the buffer with 2 MiB hugetlb pages (length rounded, IOVA aligned).
+#define VFIOKIT_DMA_HUGE_2M (1 << 1)
+
+// `alloc` only: back the buffer with 1 GiB hugetlb pages (length rounded, IOVA aligned).
+#define VFIOKIT_DMA_HUGE_1G (1 << 2)
+
 // Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
 #define VFIOKIT_IOMMU_AUTO 0
 
@@ -119,15 +128,6 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // VFIO's unsafe no-IOMMU mode, for machines without an IOMMU: no isolation, DMA buffers locked
 // in memory with their physical addresses as IOVAs. Never chosen by AUTO.
 #define VFIOKIT_IOMMU_NOIOMMU 7
-
-// The device may only read this memory: an IOMMU mapping without write permission.
-#define VFIOKIT_DMA_READONLY (1 << 0)
-
-// `alloc` only: back the buffer with 2 MiB hugetlb pages (length rounded, IOVA aligned).
-#define VFIOKIT_DMA_HUGE_2M (1 << 1)
-
-// `alloc` only: back the buffer with 1 GiB hugetlb pages (length rounded, IOVA aligned).
-#define VFIOKIT_DMA_HUGE_1G (1 << 2)
 
 // IRQ indices of a PCI device: fixed by vfio-pci.
 #define VFIOKIT_IRQ_INTX 0
@@ -314,6 +314,18 @@ typedef struct vfiokit_iova_range {
   uint64_t start;
   uint64_t last;
 } vfiokit_iova_range;
+
+// What a context's DMA heap holds (`Iommu::heap_info`, `vfiokit_dma_heap_info`): 48 bytes.
+typedef struct vfiokit_dma_heap_info {
+  // The size of an arena: 2 MiB.
+  uint64_t arena_size;
+  // Arenas mapped, and how many of them are one 2 MiB hugepage each.
+  uint32_t arenas;
+  uint32_t huge_arenas;
+  // Bytes of spans given to objects (each span a size class, or part of a large object).
+  uint64_t used;
+  uint64_t reserved[3];
+} vfiokit_dma_heap_info;
 
 #ifdef __cplusplus
 extern "C" {
@@ -788,6 +800,45 @@ int vfiokit_dma_translate(struct vfiokit_iommu *iommu,
                           const void *vaddr,
                           size_t len,
                           uint64_t *iova);
+
+// The address behind `[iova, iova+len)`, which must lie wholly inside one DMA mapping of the
+// context (`len` 0 counts as 1): what a completion entry's IOVA stands for. `-ENOENT`
+// otherwise. O(log n) in the number of mappings.
+//
+// # Safety
+// `iommu` must be NULL or a live context; `vaddr` valid for a write.
+int vfiokit_dma_to_vaddr(struct vfiokit_iommu *iommu, uint64_t iova, size_t len, void **vaddr);
+
+// A zeroed object of `size` bytes (1 byte to 2 MiB) aligned to `align` (a power of two up to
+// 2 MiB; 0 is 1) from the context's DMA heap: its address and IOVA. For the small DMA objects
+// a driver allocates by the thousand (queue entries, PRP/SGL lists, descriptors): they are
+// carved from 2 MiB arenas mapped once (hugepages where reserved), with no system call and
+// no lock on the usual path, and an object never spans a discontiguity the device would see.
+// `vfiokit_dma_translate` and `vfiokit_dma_to_vaddr` work on it. Safe from many threads.
+// `-ENOMEM` on a no-IOMMU context for an object over 4 KiB without a free 2 MiB hugepage.
+//
+// # Safety
+// `vaddr` and `iova` must be valid for writes.
+int vfiokit_dma_heap_alloc(struct vfiokit_iommu *iommu,
+                           size_t size,
+                           size_t align,
+                           void **vaddr,
+                           uint64_t *iova);
+
+// Frees an object from `vfiokit_dma_heap_alloc`; `-EINVAL` for any other address (inside an
+// object, of another context, freed already). In guard mode the object is poisoned (0x6b).
+// Objects still allocated go when the context closes.
+//
+// # Safety
+// Nothing may use the object afterwards, the device included.
+int vfiokit_dma_heap_free(struct vfiokit_iommu *iommu, void *vaddr);
+
+// What the context's DMA heap holds: its arenas (and how many are 2 MiB hugepages) and the
+// bytes given to objects. All zero before the first allocation.
+//
+// # Safety
+// `out` must be valid for a write.
+int vfiokit_dma_heap_get_info(const struct vfiokit_iommu *iommu, struct vfiokit_dma_heap_info *out);
 
 #ifdef __cplusplus
 }  // extern "C"

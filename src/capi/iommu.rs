@@ -400,3 +400,90 @@ pub unsafe extern "C" fn vfiokit_dma_translate(
         unsafe { put(iova, "iova", at) }
     })
 }
+
+/// The address behind `[iova, iova+len)`, which must lie wholly inside one DMA mapping of the
+/// context (`len` 0 counts as 1): what a completion entry's IOVA stands for. `-ENOENT`
+/// otherwise. O(log n) in the number of mappings.
+///
+/// # Safety
+/// `iommu` must be NULL or a live context; `vaddr` valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_to_vaddr(
+    iommu: *mut vfiokit_iommu,
+    iova: u64,
+    len: usize,
+    vaddr: *mut *mut c_void,
+) -> c_int {
+    call(|| {
+        need(vaddr, "vaddr")?;
+        // SAFETY: forwarded from the caller.
+        let at = unsafe { self::iommu(iommu) }?.dma_to_vaddr(iova, len)?;
+        // SAFETY: checked non-null.
+        unsafe { put(vaddr, "vaddr", at.as_ptr().cast()) }
+    })
+}
+
+/// A zeroed object of `size` bytes (1 byte to 2 MiB) aligned to `align` (a power of two up to
+/// 2 MiB; 0 is 1) from the context's DMA heap: its address and IOVA. For the small DMA objects
+/// a driver allocates by the thousand (queue entries, PRP/SGL lists, descriptors): they are
+/// carved from 2 MiB arenas mapped once (hugepages where reserved), with no system call and
+/// no lock on the usual path, and an object never spans a discontiguity the device would see.
+/// `vfiokit_dma_translate` and `vfiokit_dma_to_vaddr` work on it. Safe from many threads.
+/// `-ENOMEM` on a no-IOMMU context for an object over 4 KiB without a free 2 MiB hugepage.
+///
+/// # Safety
+/// `vaddr` and `iova` must be valid for writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_heap_alloc(
+    iommu: *mut vfiokit_iommu,
+    size: usize,
+    align: usize,
+    vaddr: *mut *mut c_void,
+    iova: *mut u64,
+) -> c_int {
+    call(|| {
+        need(vaddr, "vaddr")?;
+        need(iova, "iova")?;
+        // SAFETY: forwarded from the caller.
+        let (addr, at) = unsafe { self::iommu(iommu) }?.heap_alloc(size, align.max(1))?;
+        // SAFETY: both checked non-null.
+        unsafe {
+            put(vaddr, "vaddr", addr.as_ptr().cast())?;
+            put(iova, "iova", at)
+        }
+    })
+}
+
+/// Frees an object from `vfiokit_dma_heap_alloc`; `-EINVAL` for any other address (inside an
+/// object, of another context, freed already). In guard mode the object is poisoned (0x6b).
+/// Objects still allocated go when the context closes.
+///
+/// # Safety
+/// Nothing may use the object afterwards, the device included.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_heap_free(
+    iommu: *mut vfiokit_iommu,
+    vaddr: *mut c_void,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { self::iommu(iommu) }?.heap_free(vaddr.cast()))
+}
+
+/// What the context's DMA heap holds: its arenas (and how many are 2 MiB hugepages) and the
+/// bytes given to objects. All zero before the first allocation.
+///
+/// # Safety
+/// `out` must be valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_heap_get_info(
+    iommu: *const vfiokit_iommu,
+    out: *mut crate::HeapInfo,
+) -> c_int {
+    call(|| {
+        need(out, "out")?;
+        // SAFETY: forwarded from the caller.
+        let info = unsafe { self::iommu(iommu) }?.heap_info();
+        // SAFETY: checked non-null.
+        unsafe { put(out, "out", info) }
+    })
+}

@@ -110,12 +110,11 @@ fn free_run(free: u32, n: usize, step: usize) -> Option<usize> {
     (0..=SPANS - n).step_by(step).find(|&at| (free >> at) & run == run)
 }
 
-/// What the heap holds, as [`Iommu::heap_info`] tells it: the C API's `vfiokit_dma_heap_info`,
-/// 48 bytes.
+/// What a context's DMA heap holds (`Iommu::heap_info`, `vfiokit_dma_heap_info`): 48 bytes.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HeapInfo {
-    /// The size of an arena (2 MiB).
+    /// The size of an arena: 2 MiB.
     pub arena_size: u64,
     /// Arenas mapped, and how many of them are one 2 MiB hugepage each.
     pub arenas: u32,
@@ -125,7 +124,11 @@ pub struct HeapInfo {
     pub reserved: [u64; 3],
 }
 
-const _: () = assert!(size_of::<HeapInfo>() == 48);
+const _: () = assert!(
+    size_of::<HeapInfo>() == 48
+        && std::mem::offset_of!(HeapInfo, used) == 16
+        && std::mem::offset_of!(HeapInfo, reserved) == 24
+);
 
 /// One arena's bookkeeping, made once and read without the lock.
 struct Arena {

@@ -71,6 +71,11 @@ LAYOUT(vfiokit_finding, reserved, 496);
 
 _Static_assert(sizeof(vfiokit_iova_range) == 16, "vfiokit_iova_range is 16 bytes");
 LAYOUT(vfiokit_iova_range, last, 8);
+_Static_assert(sizeof(vfiokit_dma_heap_info) == 48, "vfiokit_dma_heap_info is 48 bytes");
+LAYOUT(vfiokit_dma_heap_info, arenas, 8);
+LAYOUT(vfiokit_dma_heap_info, huge_arenas, 12);
+LAYOUT(vfiokit_dma_heap_info, used, 16);
+LAYOUT(vfiokit_dma_heap_info, reserved, 24);
 
 _Static_assert(VFIOKIT_PCI_BAR0 == 0 && VFIOKIT_PCI_ROM == 6 && VFIOKIT_PCI_CONFIG == 7 && VFIOKIT_PCI_VGA == 8,
 	       "fixed region indices");

@@ -114,8 +114,8 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // Devices served by other processes over vfio-user sockets (never chosen by AUTO).
 #define VFIOKIT_IOMMU_VFIO_USER 3
 
-// The legacy container with the original type1 (v1) IOMMU driver (see the README for how its
-// unmap differs from v2's).
+// The legacy container with the original type1 (v1) IOMMU driver (see docs/backends.md for
+// how its unmap differs from v2's).
 #define VFIOKIT_IOMMU_TYPE1V1 4
 
 // iommufd's compatibility container: /dev/iommu driven with the legacy container and group

@@ -491,7 +491,7 @@ def _fileno(sock: Union[int, Any]) -> int:
 class Iommu(_Closing):
     """A DMA context: `IOMMU_AUTO` (iommufd where the kernel has it, else type1, unless
     VFIOKIT_IOMMU says), `_TYPE1`, `_IOMMUFD`, the other `IOMMU_*` kinds, or `_NOIOMMU` (no
-    IOMMU: IOVAs are physical addresses, README "No-IOMMU mode"). Devices opened in it keep it
+    IOMMU: IOVAs are physical addresses, docs/backends.md "No-IOMMU mode"). Devices opened in it keep it
     alive in the library; close() drops ours."""
 
     def __init__(self, kind: int = IOMMU_AUTO):

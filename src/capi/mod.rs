@@ -1,7 +1,7 @@
 //! The C ABI: a thin translation of the Rust API. Every export checks its pointers, catches
 //! panics, and reports failure as a negative errno plus a thread-local message.
 //!
-//! Conventions (also in README.md): fallible calls return 0 or `-errno`; out-parameters are
+//! Conventions (also in docs/c-api.md): fallible calls return 0 or `-errno`; out-parameters are
 //! written only on success; `_close(NULL)` does nothing; handles may be shared by threads.
 
 // The C names are the contract; Rust's naming style does not apply to them.

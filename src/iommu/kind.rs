@@ -13,8 +13,8 @@ pub const IOMMU_TYPE1: u32 = 1;
 pub const IOMMU_IOMMUFD: u32 = 2;
 /// Devices served by other processes over vfio-user sockets (never chosen by AUTO).
 pub const IOMMU_VFIO_USER: u32 = 3;
-/// The legacy container with the original type1 (v1) IOMMU driver (see the README for how its
-/// unmap differs from v2's).
+/// The legacy container with the original type1 (v1) IOMMU driver (see docs/backends.md for
+/// how its unmap differs from v2's).
 pub const IOMMU_TYPE1V1: u32 = 4;
 /// iommufd's compatibility container: /dev/iommu driven with the legacy container and group
 /// ioctls, type1v2 semantics.

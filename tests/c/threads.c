@@ -1,5 +1,5 @@
 /* The concurrency contract of the C API, against the real kernel in the test guest
- * (tests/c/run; README "Conventions"):
+ * (tests/c/run; docs/c-api.md, "Conventions and errors"):
  *   - vfiokit_irq_disable, and vfiokit_irq_enable re-routing a vector, end the waits on the
  *     affected vectors with -ECANCELED (others wait on);
  *   - vfiokit_device_close while another thread is inside a call on the device: a waiter

@@ -1,8 +1,9 @@
 //! One program, one behaviour: the same call sequences run on every IOMMU backend the guest's
-//! kernel offers, each step's result (0 or the errno) compared with the outcome README's
-//! "Backend semantics" table documents, and the process's fds and mappings checked to return
-//! to where they were. A new backend joins by being added to `backends()`; a sequence whose
-//! outcome genuinely differs on it gets an entry in `differences()` and a row in the table.
+//! kernel offers, each step's result (0 or the errno) compared with the outcome the "Backend
+//! semantics" table of docs/backends.md documents, and the process's fds and mappings checked
+//! to return to where they were. A new backend joins by being added to `backends()`; a
+//! sequence whose outcome genuinely differs on it gets an entry in `differences()` and a row
+//! in the table.
 
 use std::ptr::NonNull;
 
@@ -43,7 +44,7 @@ fn backends() -> Vec<(&'static str, IommuKind)> {
 }
 
 /// (sequence, backend): where the kernel makes a backend answer differently, with the reason
-/// written in README's table.
+/// written in docs/backends.md's table.
 fn differences() -> Vec<(&'static str, &'static str, &'static [i32])> {
     // An unmap cutting through a mapping: vfiokit answers with each kernel's errno for it.
     vec![(
@@ -80,7 +81,11 @@ pub fn backends_agree() {
         maps_after_warmup.get_or_insert(fds_and_maps().1);
     }
     assert_eq!(Some(fds_and_maps().1), maps_after_warmup, "mappings after every backend's pass");
-    assert!(wrong.is_empty(), "outcomes that differ from README's table:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "outcomes that differ from docs/backends.md's table:\n{}",
+        wrong.join("\n")
+    );
 }
 
 /// 0, or the error's errno.

@@ -90,7 +90,7 @@ fn send_with_fds(sock: &OwnedFd, bytes: &[u8], fds: &[i32]) {
     }
 }
 
-/// A handoff header written by hand (the wire format, README): type1, `groups` groups.
+/// A handoff header written by hand (the wire format, docs/handoff.md): type1, `groups` groups.
 fn header(version: u32, groups: &[u32]) -> Vec<u8> {
     let mut m = b"vfkHANDO".to_vec();
     for word in [version, 1, 0] {

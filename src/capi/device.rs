@@ -6,8 +6,9 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::ArcHandle;
+use super::boundary::{call, call_or, need, need_records, null, put, put_records, str_arg};
 use super::iommu::vfiokit_iommu;
-use super::{ArcHandle, call, call_or, need, need_records, put, put_records, str_arg};
 use crate::device::{Device, HotResetDep, MapInfo, Width};
 use crate::error::{Error, Result};
 
@@ -137,7 +138,7 @@ impl Drop for InFlight {
 /// readable memory at least as large as a handle.
 unsafe fn dev(dev: *const vfiokit_device) -> Result<InFlight> {
     // SAFETY: forwarded from the caller.
-    let slot = unsafe { dev.cast::<DeviceSlot>().as_ref() }.ok_or_else(|| super::null("dev"))?;
+    let slot = unsafe { dev.cast::<DeviceSlot>().as_ref() }.ok_or_else(|| null("dev"))?;
     if slot.magic != DeviceSlot::MAGIC {
         return Err(Error::new(libc::EBADF, format!("dev {dev:p} is not a vfiokit_device")));
     }
@@ -455,7 +456,7 @@ pub unsafe extern "C" fn vfiokit_register(
 unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
     match (buf.is_null(), len) {
         (_, 0) => Ok(&[]),
-        (true, _) => Err(super::null("buf")),
+        (true, _) => Err(null("buf")),
         // SAFETY: upheld by the caller.
         (false, _) => Ok(unsafe { std::slice::from_raw_parts(buf.cast(), len) }),
     }
@@ -469,7 +470,7 @@ unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
 unsafe fn bytes_mut<'a>(buf: *mut c_void, len: usize) -> Result<&'a mut [u8]> {
     match (buf.is_null(), len) {
         (_, 0) => Ok(&mut []),
-        (true, _) => Err(super::null("buf")),
+        (true, _) => Err(null("buf")),
         // SAFETY: upheld by the caller.
         (false, _) => Ok(unsafe { std::slice::from_raw_parts_mut(buf.cast(), len) }),
     }

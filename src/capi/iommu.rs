@@ -1,6 +1,7 @@
 //! C exports for DMA contexts.
 
-use super::{ArcHandle, call, call_or, need, need_records, put, put_records, str_arg};
+use super::ArcHandle;
+use super::boundary::{call, call_or, need, need_records, put, put_records, str_arg};
 use crate::error::{Error, Result};
 use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu, IommuKind};
 use crate::iova::IovaRange;

@@ -268,26 +268,14 @@ impl Drop for OpenDevice {
     }
 }
 
-/// What an [`Iommu`] shares; the C ABI hands out `Arc<DmaContext>` pointers as handles.
+/// What an [`Iommu`] shares.
 pub(crate) struct DmaContext {
-    /// [`DmaContext::MAGIC`] while alive, so the C ABI can tell a live context from a closed
-    /// or foreign pointer (where the memory has not been reused yet).
-    magic: u64,
     backend: Backend,
     state: Mutex<State>,
 }
 
-impl DmaContext {
-    const MAGIC: u64 = u64::from_be_bytes(*b"vfkIOMMU");
-
-    pub(crate) fn is_live(&self) -> bool {
-        self.magic == Self::MAGIC
-    }
-}
-
 impl Drop for DmaContext {
     fn drop(&mut self) {
-        self.magic = 0;
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Backend::NoIommu { .. } = self.backend {
             // The locks stand in for the kernel's pins, which a closing container drops.
@@ -377,7 +365,7 @@ impl Iommu {
             user_maps: HashMap::new(),
             iova_align: sys::page_size() as u64,
         };
-        Iommu(Arc::new(DmaContext { magic: DmaContext::MAGIC, backend, state: Mutex::new(state) }))
+        Iommu(Arc::new(DmaContext { backend, state: Mutex::new(state) }))
     }
 
     /// Hands this context, and access to the named devices (bound to vfio-pci), to the process
@@ -537,18 +525,6 @@ impl Iommu {
         let iommu = Iommu::open_auto()?;
         *slot = Arc::downgrade(&iommu.0);
         Ok(iommu)
-    }
-
-    pub(crate) fn from_arc(context: Arc<DmaContext>) -> Iommu {
-        Iommu(context)
-    }
-
-    pub(crate) fn into_arc(self) -> Arc<DmaContext> {
-        self.0
-    }
-
-    pub(crate) fn as_arc(&self) -> &Arc<DmaContext> {
-        &self.0
     }
 
     pub fn kind(&self) -> IommuKind {

@@ -1,13 +1,12 @@
 //! C exports for devices: records, regions, accessors, config space, IRQs.
 
-use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::boundary::{call, call_or, need, need_records, null, put, put_records, str_arg};
+use super::handle::{Call, FreeSlots, Handle, Hold};
 use super::iommu::vfiokit_iommu;
-use super::{ArcHandle, call, call_or, need, need_records, put, put_records, str_arg};
 use crate::device::{Device, HotResetDep, MapInfo, Width};
 use crate::error::{Error, Result};
 
@@ -16,134 +15,47 @@ pub struct vfiokit_device {
     _private: [u8; 0],
 }
 
-/// What a device handle points to: type-stable memory, never returned to the allocator and
-/// reused only for later device handles. So a call that starts after close reads "closed"
-/// (EBADF) instead of freed memory, and calls in flight during close keep the device alive:
-/// the last of them to return releases it (fds, mappings, eventfds).
-pub(super) struct DeviceSlot {
-    /// [`DeviceSlot::MAGIC`] once made: a best-effort check for foreign pointers.
-    magic: u64,
-    /// CLOSED and DROPPED bits, and the number of calls in flight below them.
-    state: AtomicU64,
-    /// Written only while no call can read it: before the handle is handed out, and by the
-    /// one thread that wins the CLOSED -> DROPPED transition.
-    device: UnsafeCell<Option<Device>>,
+/// What a device handle carries: the device, and a hold on the handle of its context (the
+/// one it was opened in, or the one made for it), which keeps that handle open while the
+/// device is and is what `vfiokit_device_iommu` returns. Dropped in this order: the device
+/// first, then the context's handle.
+pub(super) struct Opened {
+    device: Device,
+    context: Hold<vfiokit_iommu>,
 }
 
-// SAFETY: `device` is read only by calls holding an in-flight count on an open slot, and written
-// only when no such call exists (see the field); Device itself is Send + Sync.
-unsafe impl Sync for DeviceSlot {}
-
-const CLOSED: u64 = 1 << 63;
-const DROPPED: u64 = 1 << 62;
-
-/// Slots whose device was dropped, for reuse by later opens.
-static FREE_SLOTS: Mutex<Vec<&'static DeviceSlot>> = Mutex::new(Vec::new());
-
-impl DeviceSlot {
-    const MAGIC: u64 = u64::from_be_bytes(*b"vfkDEVIC");
-
-    /// A slot holding `device`, open, with no call in flight.
-    fn fill(device: Device) -> &'static DeviceSlot {
-        let free = FREE_SLOTS.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let slot = free.unwrap_or_else(|| {
-            Box::leak(Box::new(DeviceSlot {
-                magic: Self::MAGIC,
-                state: AtomicU64::new(CLOSED | DROPPED),
-                device: UnsafeCell::new(None),
-            }))
-        });
-        // SAFETY: the slot is DROPPED and unreachable from any handle C holds as open: calls
-        // that still arrive on it see CLOSED and leave without touching `device`.
-        unsafe { *slot.device.get() = Some(device) };
-        // Clears both bits and keeps the counts of such late calls, which undo their own.
-        slot.state.fetch_and(!(CLOSED | DROPPED), Ordering::Release);
-        slot
-    }
-
-    /// Starts a call: the device, held until the returned guard drops.
-    fn enter(&'static self) -> Result<InFlight> {
-        let state = self.state.fetch_add(1, Ordering::Acquire);
-        let call = InFlight(self);
-        if state & CLOSED != 0 {
-            return Err(Error::new(
-                libc::EBADF,
-                format!("dev {:p} is not open (closed already?)", self),
-            ));
-        }
-        Ok(call)
-    }
-
-    /// Called as a call leaves: the last one out of a closed slot drops the device.
-    fn leave(&'static self) {
-        if self.state.fetch_sub(1, Ordering::AcqRel) != CLOSED | 1
-            || self
-                .state
-                .compare_exchange(CLOSED, CLOSED | DROPPED, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        // SAFETY: we won CLOSED -> DROPPED with no call in flight; later calls see CLOSED.
-        drop(unsafe { (*self.device.get()).take() });
-        FREE_SLOTS.lock().unwrap_or_else(|e| e.into_inner()).push(self);
-    }
-}
-
-/// A call in flight on a device: derefs to the device, leaves the slot when dropped.
-struct InFlight(&'static DeviceSlot);
-
-impl InFlight {
-    /// Marks the slot closed, ends the IRQ waits on it, waits for the other calls in flight
-    /// to return, and releases the device as this call leaves.
-    fn close(self) -> Result<()> {
-        let slot = self.0;
-        if slot.state.fetch_or(CLOSED, Ordering::AcqRel) & CLOSED != 0 {
-            // Another thread's close got there first.
-            return Err(Error::new(
-                libc::EBADF,
-                format!("vfiokit_device {slot:p} is closed already"),
-            ));
-        }
-        self.cancel_waits();
-        // The calls in flight finish promptly now (their waits are cancelled): wait for them,
-        // so that this close releases the device (its reset by the kernel included) and
-        // everything is gone when it returns, not whenever the last of them returns.
-        while slot.state.load(Ordering::Acquire) & !(CLOSED | DROPPED) > 1 {
-            std::thread::yield_now();
-        }
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for InFlight {
+impl std::ops::Deref for Opened {
     type Target = Device;
     fn deref(&self) -> &Device {
-        // SAFETY: while this call is in flight the device is present and not written.
-        unsafe { (*self.0.device.get()).as_ref() }.expect("an open slot holds its device")
+        &self.device
     }
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.leave()
+/// A device handle is its owner's alone (nothing holds it): its close ends the IRQ waits on
+/// it, waits for the other calls in flight to return, and releases the device (its fds,
+/// mappings and eventfds, the kernel's reset included) before it returns.
+impl Handle for vfiokit_device {
+    type Value = Opened;
+    const MAGIC: u64 = u64::from_be_bytes(*b"vfkDEVIC");
+    const NAME: &'static str = "dev";
+    const TYPE: &'static str = "vfiokit_device";
+    const CLOSE_WAITS: bool = true;
+    fn closing(value: &Opened) {
+        value.device.cancel_waits();
+    }
+    fn free_slots() -> &'static FreeSlots<Self> {
+        static FREE: FreeSlots<vfiokit_device> = Mutex::new(Vec::new());
+        &FREE
     }
 }
 
 /// The device behind `dev`, held for the duration of one call.
 ///
 /// # Safety
-/// `dev` must be NULL or a pointer from `vfiokit_device_open` (open or closed), or point to
-/// readable memory at least as large as a handle.
-unsafe fn dev(dev: *const vfiokit_device) -> Result<InFlight> {
+/// As for [`Handle::enter`].
+unsafe fn dev(dev: *const vfiokit_device) -> Result<Call<vfiokit_device>> {
     // SAFETY: forwarded from the caller.
-    let slot = unsafe { dev.cast::<DeviceSlot>().as_ref() }.ok_or_else(|| super::null("dev"))?;
-    if slot.magic != DeviceSlot::MAGIC {
-        return Err(Error::new(libc::EBADF, format!("dev {dev:p} is not a vfiokit_device")));
-    }
-    // SAFETY: slots are leaked, so every real handle is 'static.
-    let slot: &'static DeviceSlot = unsafe { &*(slot as *const DeviceSlot) };
-    slot.enter()
+    unsafe { vfiokit_device::enter(dev) }
 }
 
 /// Opens a device by PCI address ("0000:00:02.0", "00:02.0") or sysfs path, in `iommu`
@@ -164,14 +76,21 @@ pub unsafe extern "C" fn vfiokit_device_open(
         let name = unsafe { str_arg(name, "name") }?;
         // With no context, the device's name is checked before the shared context is made,
         // so a bad name is reported as such even where VFIO is missing.
-        let device = match iommu.is_null() {
-            true => Device::open(name, None)?,
-            // SAFETY: forwarded from the caller.
-            false => Device::open(name, Some(&unsafe { super::iommu::iommu(iommu) }?))?,
+        let opened = match iommu.is_null() {
+            true => {
+                let device = Device::open(name, None)?;
+                Opened { context: super::iommu::made_for(device.iommu()), device }
+            }
+            false => {
+                // SAFETY: forwarded from the caller.
+                let iommu = unsafe { super::iommu::iommu(iommu) }?;
+                let context = iommu.hold()?;
+                Opened { device: Device::open(name, Some(&iommu))?, context }
+            }
         };
-        let slot: *const DeviceSlot = DeviceSlot::fill(device);
+        let h = vfiokit_device::into_c(opened);
         // SAFETY: checked non-null.
-        unsafe { put(out, "out", slot.cast_mut().cast()) }
+        unsafe { put(out, "out", h) }
     })
 }
 
@@ -185,14 +104,8 @@ pub unsafe extern "C" fn vfiokit_device_open(
 /// mappings or eventfds after the calls in flight have returned.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_device_close(dev: *mut vfiokit_device) {
-    call_or(
-        |_| (),
-        || match dev.is_null() {
-            true => Ok(()),
-            // SAFETY: forwarded from the caller.
-            false => unsafe { self::dev(dev) }?.close(),
-        },
-    )
+    // SAFETY: forwarded from the caller.
+    unsafe { vfiokit_device::close(dev) }
 }
 
 /// The device's DMA context (borrowed: valid while the device is open; do not close it).
@@ -205,7 +118,7 @@ pub unsafe extern "C" fn vfiokit_device_iommu(dev: *const vfiokit_device) -> *mu
     call_or(
         |_| std::ptr::null_mut(),
         // SAFETY: forwarded from the caller.
-        || Ok(vfiokit_iommu::borrow_c(unsafe { self::dev(dev) }?.iommu().as_arc())),
+        || Ok(unsafe { self::dev(dev) }?.context.as_c()),
     )
 }
 
@@ -455,7 +368,7 @@ pub unsafe extern "C" fn vfiokit_register(
 unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
     match (buf.is_null(), len) {
         (_, 0) => Ok(&[]),
-        (true, _) => Err(super::null("buf")),
+        (true, _) => Err(null("buf")),
         // SAFETY: upheld by the caller.
         (false, _) => Ok(unsafe { std::slice::from_raw_parts(buf.cast(), len) }),
     }
@@ -469,7 +382,7 @@ unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
 unsafe fn bytes_mut<'a>(buf: *mut c_void, len: usize) -> Result<&'a mut [u8]> {
     match (buf.is_null(), len) {
         (_, 0) => Ok(&mut []),
-        (true, _) => Err(super::null("buf")),
+        (true, _) => Err(null("buf")),
         // SAFETY: upheld by the caller.
         (false, _) => Ok(unsafe { std::slice::from_raw_parts_mut(buf.cast(), len) }),
     }

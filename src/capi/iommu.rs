@@ -1,33 +1,64 @@
 //! C exports for DMA contexts.
 
-use super::{ArcHandle, call, call_or, need, need_records, put, put_records, str_arg};
-use crate::error::{Error, Result};
-use crate::iommu::{DmaContext, IOMMU_AUTO, Iommu, IommuKind};
-use crate::iova::IovaRange;
 use std::ffi::{c_char, c_int, c_void};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Mutex;
+
+use super::boundary::{call, call_or, need, need_records, put, put_records, str_arg};
+use super::handle::{Call, FreeSlots, Handle, Hold, Slot, lock};
+use crate::error::{Error, Result};
+use crate::iommu::{IOMMU_AUTO, Iommu, IommuKind};
+use crate::iova::IovaRange;
 
 /// A DMA context (opaque). Reference-counted: devices opened in it keep it alive.
 pub struct vfiokit_iommu {
     _private: [u8; 0],
 }
 
-impl ArcHandle for vfiokit_iommu {
-    type Target = DmaContext;
+/// A context handle carries the context; the devices opened in it hold it (see
+/// [`super::device`]), so it stays open for them after its owner closed it, and
+/// `vfiokit_device_iommu` can return it.
+impl Handle for vfiokit_iommu {
+    type Value = Iommu;
+    const MAGIC: u64 = u64::from_be_bytes(*b"vfkIOMMU");
     const NAME: &'static str = "iommu";
     const TYPE: &'static str = "vfiokit_iommu";
-    fn is_open(target: &DmaContext) -> bool {
-        target.is_live()
+    /// The context goes when the last call in flight on it, or the last device, lets it go.
+    const CLOSE_WAITS: bool = false;
+    fn free_slots() -> &'static FreeSlots<Self> {
+        static FREE: FreeSlots<vfiokit_iommu> = Mutex::new(Vec::new());
+        &FREE
     }
 }
 
 /// The context behind `p`, held for the duration of one call.
 ///
 /// # Safety
-/// As for [`ArcHandle::retain`].
-pub(super) unsafe fn iommu(p: *const vfiokit_iommu) -> Result<Iommu> {
+/// As for [`Handle::enter`].
+pub(super) unsafe fn iommu(p: *const vfiokit_iommu) -> Result<Call<vfiokit_iommu>> {
     // SAFETY: forwarded from the caller.
-    Ok(Iommu::from_arc(unsafe { vfiokit_iommu::retain(p) }?))
+    unsafe { vfiokit_iommu::enter(p) }
+}
+
+/// The handles of the contexts the library made for devices opened without one (the shared
+/// context; a vfio-user device's own), which no one owns: each is open while devices hold it.
+/// So the devices in one such context give C one pointer for it.
+static MADE: Mutex<Vec<&'static Slot<vfiokit_iommu>>> = Mutex::new(Vec::new());
+
+/// A hold on the handle of `context`, the context a device opened without one is in: the
+/// handle the other devices in it hold, or a new one.
+pub(super) fn made_for(context: &Iommu) -> Hold<vfiokit_iommu> {
+    let mut made = lock(&MADE);
+    let found = made.iter().find_map(|slot| slot.hold().ok().filter(|h| **h == *context));
+    // Closed ones go (a closed slot may be reused for any context handle).
+    made.retain(|slot| slot.is_open());
+    found.unwrap_or_else(|| {
+        let hold = vfiokit_iommu::held(context.clone());
+        // Once, though its slot may have closed and come back since the retain.
+        made.retain(|slot| !std::ptr::eq(*slot, hold.slot()));
+        made.push(hold.slot());
+        hold
+    })
 }
 
 /// Opens a DMA context: `VFIOKIT_IOMMU_AUTO`, `_TYPE1`, `_IOMMUFD`, `_VFIO_USER` (for devices
@@ -41,7 +72,7 @@ pub(super) unsafe fn iommu(p: *const vfiokit_iommu) -> Result<Iommu> {
 pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_iommu) -> c_int {
     call(|| {
         need(out, "out")?;
-        let h = vfiokit_iommu::into_c(Iommu::open(IommuKind::from_code(kind)?)?.into_arc());
+        let h = vfiokit_iommu::into_c(Iommu::open(IommuKind::from_code(kind)?)?);
         // SAFETY: checked non-null; the caller provides a writable slot.
         unsafe { put(out, "out", h) }
     })
@@ -55,7 +86,7 @@ pub unsafe extern "C" fn vfiokit_iommu_open(kind: u32, out: *mut *mut vfiokit_io
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfiokit_iommu_close(iommu: *mut vfiokit_iommu) {
     // SAFETY: forwarded from the caller.
-    unsafe { vfiokit_iommu::close(iommu, |_| ()) }
+    unsafe { vfiokit_iommu::close(iommu) }
 }
 
 /// The context's `VFIOKIT_IOMMU_*` kind (never AUTO); `VFIOKIT_IOMMU_AUTO` (0) if `iommu` is invalid.
@@ -119,7 +150,7 @@ pub unsafe extern "C" fn vfiokit_iommu_export(
 pub unsafe extern "C" fn vfiokit_iommu_adopt(sock: c_int, out: *mut *mut vfiokit_iommu) -> c_int {
     call(|| {
         need(out, "out")?;
-        let h = vfiokit_iommu::into_c(Iommu::adopt(socket_arg(sock)?)?.into_arc());
+        let h = vfiokit_iommu::into_c(Iommu::adopt(socket_arg(sock)?)?);
         // SAFETY: checked non-null; the caller provides a writable slot.
         unsafe { put(out, "out", h) }
     })

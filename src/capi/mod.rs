@@ -3,207 +3,22 @@
 //!
 //! Conventions (also in docs/c-api.md): fallible calls return 0 or `-errno`; out-parameters are
 //! written only on success; `_close(NULL)` does nothing; handles may be shared by threads.
+//!
+//! Two files hold what every export shares: `boundary` (the panic boundary, the last error,
+//! pointer arguments and out-parameters) and `handle` (the one scheme behind every handle
+//! kind: checks, calls in flight, close).
 
 // The C names are the contract; Rust's naming style does not apply to them.
 #![allow(non_camel_case_types)]
 
+mod boundary;
 mod device;
+mod handle;
 mod iommu;
 
-use std::cell::RefCell;
-use std::collections::BTreeSet;
-use std::ffi::{CStr, CString, c_char, c_int};
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Mutex};
+use std::ffi::{CStr, c_char, c_int};
 
-use crate::error::{Error, Result};
-
-thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
-}
-
-fn set_last_error(e: &Error) {
-    // Interior NULs cannot come from our messages, but never let one cost the message.
-    let msg = CString::new(e.message().replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = msg);
-}
-
-fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {
-    let what = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
-    Error::new(libc::EIO, format!("internal error in vfiokit (a bug, please report it): {what}"))
-}
-
-/// Runs an export's body: `Ok` is 0, `Err` is `-errno` with the message recorded, a panic is
-/// `-EIO` and never unwinds into C.
-fn call(body: impl FnOnce() -> Result<()>) -> c_int {
-    call_or(|e| -e.errno(), || body().map(|()| 0))
-}
-
-/// Like [`call`] for exports that return a value: `fallback` turns a failure into one.
-fn call_or<T>(fallback: impl FnOnce(&Error) -> T, body: impl FnOnce() -> Result<T>) -> T {
-    let err = match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(value)) => return value,
-        Ok(Err(e)) => e,
-        Err(payload) => panic_error(payload),
-    };
-    set_last_error(&err);
-    fallback(&err)
-}
-
-fn null(what: &str) -> Error {
-    Error::invalid(format!("{what} is NULL"))
-}
-
-/// Writes an out-parameter, which must be non-null.
-///
-/// # Safety
-/// `out` must be NULL or valid for a write of `T`.
-unsafe fn put<T>(out: *mut T, what: &str, value: T) -> Result<()> {
-    // SAFETY: upheld by the caller for non-null pointers.
-    unsafe { out.as_mut() }.map(|slot| *slot = value).ok_or_else(|| null(what))
-}
-
-/// Checks the arguments of a call that returns a variable number of fixed-size records (`out`
-/// may be NULL when `cap` is 0), before the work whose result they will carry.
-fn need_records<T>(out: *mut T, cap: usize, n: *mut usize) -> Result<()> {
-    need(n, "n")?;
-    if cap > 0 { need(out, "out") } else { Ok(()) }
-}
-
-/// Copies up to `cap` of `records` to `out` and sets `*n` to how many there are (which may
-/// exceed `cap`): such a call's result.
-///
-/// # Safety
-/// As checked by [`need_records`]; `out` valid for writing `cap` records.
-unsafe fn put_records<T: Copy>(
-    records: &[T],
-    out: *mut T,
-    cap: usize,
-    n: *mut usize,
-) -> Result<()> {
-    for (i, r) in records.iter().take(cap).enumerate() {
-        // SAFETY: i < cap, and out holds cap records.
-        unsafe { out.add(i).write(*r) };
-    }
-    // SAFETY: upheld by the caller.
-    unsafe { put(n, "n", records.len()) }
-}
-
-/// Checks that an out-parameter is non-null before doing work whose result it will carry.
-fn need<T>(out: *mut T, what: &str) -> Result<()> {
-    if out.is_null() { Err(null(what)) } else { Ok(()) }
-}
-
-/// A borrowed C string as UTF-8.
-///
-/// # Safety
-/// `s` must be NULL or a NUL-terminated string that lives for `'a`.
-unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str> {
-    if s.is_null() {
-        return Err(null(what));
-    }
-    // SAFETY: upheld by the caller.
-    unsafe { CStr::from_ptr(s) }
-        .to_str()
-        .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
-}
-
-/// Handles handed out by `_open` and not closed yet. Only open and close consult it, so a
-/// double close is refused without touching freed memory; other calls check the magic word.
-static OPEN_HANDLES: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
-
-fn open_handles() -> std::sync::MutexGuard<'static, BTreeSet<usize>> {
-    OPEN_HANDLES.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// How a C handle type stands for a Rust value, as rustls-ffi's `Castable` with
-/// `OwnershipArc`: the pointer C holds is `Arc::into_raw` of an `Arc<Self::Target>`, and each
-/// call takes a reference of its own for its duration. So a close by another thread drops
-/// only the caller's reference: the value (its memory, fds and mappings) goes when the last
-/// call in flight returns. A call that starts after close returns is refused with EBADF where
-/// the handle's memory still says it is closed (its magic word), as a best effort.
-trait ArcHandle: Sized {
-    type Target;
-    /// The parameter name in messages ("dev", "iommu").
-    const NAME: &'static str;
-    /// The C type's name, for the close message.
-    const TYPE: &'static str;
-
-    /// Whether the pointee is an open handle of this kind.
-    fn is_open(target: &Self::Target) -> bool;
-
-    /// A new reference to the value behind `p`, for the duration of one call.
-    ///
-    /// # Safety
-    /// `p` must be NULL, or a pointer from [`ArcHandle::into_c`] or [`ArcHandle::borrow_c`]
-    /// whose value is alive (its handle not closed by the time this call started).
-    unsafe fn retain(p: *const Self) -> Result<Arc<Self::Target>> {
-        let target = p.cast::<Self::Target>();
-        // SAFETY: upheld by the caller: NULL or a live Arc's pointee.
-        let live = unsafe { target.as_ref() }.ok_or_else(|| null(Self::NAME))?;
-        if !Self::is_open(live) {
-            return Err(Error::new(
-                libc::EBADF,
-                format!("{} {p:p} is not open (closed already?)", Self::NAME),
-            ));
-        }
-        // SAFETY: target came from Arc::into_raw or Arc::as_ptr of a live Arc; the new strong
-        // reference is balanced by the Arc returned here.
-        unsafe {
-            Arc::increment_strong_count(target);
-            Ok(Arc::from_raw(target))
-        }
-    }
-
-    /// Hands C the caller's reference to `value`, recorded as open.
-    fn into_c(value: Arc<Self::Target>) -> *mut Self {
-        let p = Arc::into_raw(value);
-        open_handles().insert(p as usize);
-        p.cast_mut().cast()
-    }
-
-    /// A pointer to `value` that C borrows (not recorded as open: it is not the caller's to
-    /// close).
-    fn borrow_c(value: &Arc<Self::Target>) -> *mut Self {
-        Arc::as_ptr(value).cast_mut().cast()
-    }
-
-    /// The body of every `_close`: NULL does nothing, a handle that is not open is refused
-    /// (with a message), an open one has `closing` run on it and the caller's reference
-    /// dropped.
-    ///
-    /// # Safety
-    /// `p` must be NULL or a pointer from [`ArcHandle::into_c`].
-    unsafe fn close(p: *mut Self, closing: impl FnOnce(&Self::Target)) {
-        call_or(
-            |_| (),
-            || {
-                if p.is_null() {
-                    return Ok(());
-                }
-                if !open_handles().remove(&(p as usize)) {
-                    return Err(Error::new(
-                        libc::EBADF,
-                        format!(
-                            "{} {p:p} is not open: closed already, or not from {}_open",
-                            Self::TYPE,
-                            Self::TYPE
-                        ),
-                    ));
-                }
-                // SAFETY: recorded as open, so this is the caller's reference from into_c,
-                // released exactly once (the registry entry is gone).
-                let value = unsafe { Arc::from_raw(p.cast_const().cast::<Self::Target>()) };
-                closing(&value);
-                Ok(())
-            },
-        )
-    }
-}
+use boundary::{call, need_records, put_records, str_arg};
 
 /// The ABI version of the library: equals `VFIOKIT_ABI_VERSION` of the header it was built with.
 #[unsafe(no_mangle)]
@@ -226,7 +41,7 @@ pub extern "C" fn vfiokit_version() -> *const c_char {
 /// call. Successful calls leave it unchanged.
 #[unsafe(no_mangle)]
 pub extern "C" fn vfiokit_last_error() -> *const c_char {
-    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+    boundary::last_error()
 }
 
 /// The set-up problems found for this machine and, unless `name` is NULL, for that device (PCI

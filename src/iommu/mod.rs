@@ -74,28 +74,16 @@ impl Drop for OpenDevice {
     }
 }
 
-/// What an [`Iommu`] shares; the C ABI hands out `Arc<DmaContext>` pointers as handles.
+/// What an [`Iommu`] shares.
 pub(crate) struct DmaContext {
-    /// [`DmaContext::MAGIC`] while alive, so the C ABI can tell a live context from a closed
-    /// or foreign pointer (where the memory has not been reused yet).
-    magic: u64,
     backend: Box<dyn Backend>,
     state: Mutex<State>,
     /// Made at the first heap allocation; dropped after the backend, which unmaps its arenas.
     heap: OnceLock<Arc<Heap>>,
 }
 
-impl DmaContext {
-    const MAGIC: u64 = u64::from_be_bytes(*b"vfkIOMMU");
-
-    pub(crate) fn is_live(&self) -> bool {
-        self.magic == Self::MAGIC
-    }
-}
-
 impl Drop for DmaContext {
     fn drop(&mut self) {
-        self.magic = 0;
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for r in state.ledger.all() {
             self.backend.forget(r);
@@ -165,12 +153,7 @@ impl Iommu {
         }
         let state = State { ledger, stale, guard, devices: BTreeSet::new() };
         let state = Mutex::new(state);
-        Iommu(Arc::new(DmaContext {
-            magic: DmaContext::MAGIC,
-            backend,
-            state,
-            heap: OnceLock::new(),
-        }))
+        Iommu(Arc::new(DmaContext { backend, state, heap: OnceLock::new() }))
     }
 
     /// Opens a new context of the kind [`IommuKind::auto`] picks: iommufd where the kernel
@@ -189,18 +172,6 @@ impl Iommu {
         let iommu = Iommu::open_auto()?;
         *slot = Arc::downgrade(&iommu.0);
         Ok(iommu)
-    }
-
-    pub(crate) fn from_arc(context: Arc<DmaContext>) -> Iommu {
-        Iommu(context)
-    }
-
-    pub(crate) fn into_arc(self) -> Arc<DmaContext> {
-        self.0
-    }
-
-    pub(crate) fn as_arc(&self) -> &Arc<DmaContext> {
-        &self.0
     }
 
     pub fn kind(&self) -> IommuKind {

@@ -436,15 +436,23 @@ class DmaBuffer(_Closing):
     DMA_READONLY, DMA_HUGE_2M or DMA_HUGE_1G (hugetlb pages, size rounded up to them)."""
 
     def __init__(self, iommu: Iommu, size: int, flags: int = 0):
-        self._iommu = iommu
         address, iova = c_void_p(), c_uint64()
-        _lib.vfiokit_dma_alloc_flags(iommu._handle(), size, flags, byref(address), byref(iova))
+        self._allocate(iommu, size, flags, address, iova)
+        self._iommu = iommu
         self.address: int = address.value or 0
         self.iova: int = iova.value
         self.size = size
         self._mem: Optional[memoryview] = None
         self._closed = False
         iommu._buffers.add(self)
+
+    @staticmethod
+    def _allocate(iommu: Iommu, size: int, flags: int, address: c_void_p, iova: c_uint64) -> None:
+        _lib.vfiokit_dma_alloc_flags(iommu._handle(), size, flags, byref(address), byref(iova))
+
+    @staticmethod
+    def _free(iommu: Any, address: int) -> None:
+        _lib.vfiokit_dma_free(iommu, address)
 
     _closed_state = "freed"
 
@@ -467,11 +475,31 @@ class DmaBuffer(_Closing):
         address, self.address = self.address, 0
         self._iommu._buffers.discard(self)
         if not self._iommu.closed:
-            _lib.vfiokit_dma_free(self._iommu._h, address)
+            self._free(self._iommu._h, address)
 
     def __repr__(self) -> str:
         state = "freed" if self._closed else f"iova {self.iova:#x}"
-        return f"<vfiokit.DmaBuffer {self.size:#x} ({human_size(self.size)}), {state}>"
+        return f"<vfiokit.{type(self).__name__} {self.size:#x} ({human_size(self.size)}), {state}>"
+
+
+class HeapObject(DmaBuffer):
+    """A zeroed object of `size` bytes (1 byte to 2 MiB) aligned to `align`, from the context's
+    DMA heap (docs/dma.md, "The DMA heap"): `.iova`, `.mem` (a memoryview), `.address`; freed
+    by close(). For the small DMA objects a driver needs many of."""
+
+    def __init__(self, iommu: Iommu, size: int, align: int = 1):
+        super().__init__(iommu, size, align)
+
+    @staticmethod
+    def _allocate(iommu: Iommu, size: int, align: int, address: c_void_p, iova: c_uint64) -> None:
+        _lib.vfiokit_dma_heap_alloc(iommu._handle(), size, align, byref(address), byref(iova))
+
+    @staticmethod
+    def _free(iommu: Any, address: int) -> None:
+        _lib.vfiokit_dma_heap_free(iommu, address)
+
+    def _name(self) -> str:
+        return f"DMA heap object at IOVA {self.iova:#x}"
 
 
 def _copied_records(func: Any, subject: Any, record: Any) -> list:
@@ -602,6 +630,25 @@ class Iommu(_Closing):
         """Allocates zeroed memory mapped for DMA: `.iova`, `.mem`; free it with close().
         `flags`: DMA_READONLY, DMA_HUGE_2M or DMA_HUGE_1G."""
         return DmaBuffer(self, size, flags)
+
+    def heap_alloc(self, size: int, align: int = 1) -> HeapObject:
+        """A zeroed object from the context's DMA heap: `.iova`, `.mem`; free it with close()."""
+        return HeapObject(self, size, align)
+
+    def heap_info(self) -> Any:
+        """What the DMA heap holds: a vfiokit_dma_heap_info record (arena_size, arenas,
+        huge_arenas, used)."""
+        info = _capi.vfiokit_dma_heap_info()
+        _lib.vfiokit_dma_heap_get_info(self._handle(), byref(info))
+        return info
+
+    def to_vaddr(self, iova: int, length: int = 1) -> int:
+        """The address behind `[iova, iova+length)`, which must lie wholly inside one DMA mapping
+        of this context (as a completion entry gives an IOVA back). FileNotFoundError (ENOENT)
+        otherwise."""
+        address = c_void_p()
+        _lib.vfiokit_dma_to_vaddr(self._handle(), iova, length, byref(address))
+        return address.value or 0
 
     def translate(self, obj: Union[int, Buffer], length: int = 1) -> int:
         """The IOVA of an address, or of a buffer (a memoryview slice of a DmaBuffer's .mem, a
@@ -808,6 +855,6 @@ def unbind(address: str) -> None:
 
 
 __all__ = [
-    "open", "bind", "unbind", "doctor", "Finding", "HotResetDep", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "RegionInfo",
+    "open", "bind", "unbind", "doctor", "Finding", "HotResetDep", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "HeapObject", "RegionInfo",
     "AreaInfo", "IrqInfo", "IovaRange", "human_size", "LIBRARY_VERSION", "ABI_VERSION",
 ] + [n for n in dir(_capi) if n.isupper() and n.split("_")[0] in ("IOMMU", "IRQ", "PCI", "REGION", "SEVERITY", "FINDING")]

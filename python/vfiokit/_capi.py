@@ -94,10 +94,17 @@ class vfiokit_iova_range(ctypes.Structure):
     _fields_ = [("start", c_uint64), ("last", c_uint64)]
 
 
+class vfiokit_dma_heap_info(ctypes.Structure):
+    _fields_ = [
+        ("arena_size", c_uint64), ("arenas", c_uint32), ("huge_arenas", c_uint32),
+        ("used", c_uint64), ("reserved", c_uint64 * 3),
+    ]
+
+
 #: Record sizes are part of the ABI (the header's comments and its C test say so).
 RECORD_SIZES = {vfiokit_region: 64, vfiokit_area: 32, vfiokit_irq: 32, vfiokit_iova_range: 16,
                 vfiokit_device_info: 64, vfiokit_map_info: 48,
-                vfiokit_finding: 512, vfiokit_hot_reset_dep: 48}
+                vfiokit_finding: 512, vfiokit_hot_reset_dep: 48, vfiokit_dma_heap_info: 48}
 
 _dev, _iommu = c_void_p, c_void_p  # opaque handles
 
@@ -176,6 +183,10 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_dma_map_any_flags": (c_int, [_iommu, c_void_p, c_size_t, c_uint32, POINTER(c_uint64)], _check_int),
     "vfiokit_dma_alloc_flags": (c_int, [_iommu, c_size_t, c_uint32, POINTER(c_void_p), POINTER(c_uint64)], _check_int),
     "vfiokit_dma_translate": (c_int, [_iommu, c_void_p, c_size_t, POINTER(c_uint64)], _check_int),
+    "vfiokit_dma_to_vaddr": (c_int, [_iommu, c_uint64, c_size_t, POINTER(c_void_p)], _check_int),
+    "vfiokit_dma_heap_alloc": (c_int, [_iommu, c_size_t, c_size_t, POINTER(c_void_p), POINTER(c_uint64)], _check_int),
+    "vfiokit_dma_heap_free": (c_int, [_iommu, c_void_p], _check_int),
+    "vfiokit_dma_heap_get_info": (c_int, [_iommu, POINTER(vfiokit_dma_heap_info)], _check_int),
     "vfiokit_iommu_set_dma_guard": (c_int, [_iommu, c_int], _check_int),
 }
 

@@ -34,7 +34,7 @@ pub(crate) const ARENA: usize = 2 << 20;
 const SPAN: usize = 64 << 10;
 const SPANS: usize = ARENA / SPAN;
 const PAGE: usize = 4096;
-/// A heap's arenas at most: 64 GiB.
+/// A heap's arenas at most: 64 GiB (less where the address space is short: under valgrind).
 const MAX_ARENAS: usize = 32768;
 /// The size classes of objects that share spans; larger objects take whole spans.
 const CLASSES: [usize; 31] = [
@@ -232,16 +232,25 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 impl Heap {
     /// A heap with its address space reserved, no arena yet.
     pub fn new(poison: bool) -> Result<Heap> {
-        let reservation_len = MAX_ARENAS * ARENA + ARENA;
-        let reservation = mem::reserve(reservation_len)
-            .map_err(|sys::Errno(e)| Error::os(e, "reserving address space for the DMA heap"))?;
+        // Halved until the address space takes it, down to 16 arenas.
+        let mut arenas = MAX_ARENAS;
+        let (reservation, reservation_len) = loop {
+            let len = arenas * ARENA + ARENA;
+            match mem::reserve(len) {
+                Ok(at) => break (at, len),
+                Err(_) if arenas > 16 => arenas /= 2,
+                Err(sys::Errno(e)) => {
+                    return Err(Error::os(e, "reserving address space for the DMA heap"));
+                }
+            }
+        };
         let base = (reservation.as_ptr() as usize).next_multiple_of(ARENA);
         Ok(Heap {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             reservation,
             reservation_len,
             base,
-            arenas: (0..MAX_ARENAS).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
+            arenas: (0..arenas).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
             central: Mutex::new(Central {
                 free: vec![Vec::new(); CLASSES.len()],
                 ..Default::default()

@@ -311,3 +311,53 @@ pub fn dma_flag_and_buffer_misuse() {
     iommu.free(buf.as_ptr()).unwrap();
     fails(iommu.free(buf.as_ptr()), libc::EINVAL, &["not a DMA buffer"]);
 }
+
+/// The DMA heap on the kernel's backends: edu's engine writes into the middle of one object
+/// and its neighbours stay as they were; objects translate both ways; an object from a second
+/// arena (past 2 MiB of objects) reaches the device too; the heap goes with its context.
+pub fn heap_objects_reach_the_device() {
+    let before = fds_and_maps();
+    let d = open("EDU");
+    enable_bus_master(&d);
+    let iommu = d.iommu();
+    let objects: Vec<_> = (0..3).map(|_| iommu.heap_alloc(256, 64).unwrap()).collect();
+    let (src, src_iova) = iommu.heap_alloc(48, 16).unwrap();
+    let pattern: Vec<u8> = (0..48).map(|i| (i * 5 + 1) as u8).collect();
+    // SAFETY: our objects; the device reads src only during the transfer.
+    unsafe {
+        std::ptr::copy_nonoverlapping(pattern.as_ptr(), src.as_ptr(), 48);
+        for (p, _) in &objects {
+            std::ptr::write_bytes(p.as_ptr(), 0x5a, 256);
+        }
+    }
+    let (middle, middle_iova) = objects[1];
+    assert!(middle_iova < 1 << 28, "edu reaches only 28 bits");
+    assert_eq!(iommu.translate(middle.as_ptr(), 256).unwrap(), middle_iova);
+    assert_eq!(
+        iommu.dma_to_vaddr(middle_iova + 100, 8).unwrap().as_ptr(),
+        middle.as_ptr().wrapping_add(100)
+    );
+    edu::dma(&d, src_iova, edu::BUFFER, 48, false);
+    edu::dma(&d, edu::BUFFER, middle_iova + 100, 48, true);
+    let got = volatile_bytes(middle, 256);
+    assert_eq!(&got[100..148], &pattern[..], "the device's write landed");
+    assert!(got[..100].iter().chain(&got[148..]).all(|&b| b == 0x5a), "the rest of the object");
+    for (p, _) in [objects[0], objects[2]] {
+        assert!(volatile_bytes(p, 256).iter().all(|&b| b == 0x5a), "a neighbour");
+    }
+    // A second arena: 40 objects of 64 KiB fill the first.
+    let big: Vec<_> = (0..40).map(|_| iommu.heap_alloc(64 << 10, 1).unwrap()).collect();
+    assert!(iommu.heap_info().arenas >= 2, "{:?}", iommu.heap_info());
+    let (last, last_iova) = *big.last().unwrap();
+    edu::dma(&d, src_iova, edu::BUFFER, 48, false);
+    edu::dma(&d, edu::BUFFER, last_iova + 4000, 48, true);
+    assert_eq!(&volatile_bytes(last, 4048)[4000..], &pattern[..], "an object of the second arena");
+    fails(iommu.unmap(last_iova & !0x1f_ffff, 2 << 20), libc::EBUSY, &["DMA heap"]);
+    for (p, _) in objects.into_iter().chain(big) {
+        iommu.heap_free(p.as_ptr()).unwrap();
+    }
+    fails(iommu.heap_free(src.as_ptr().wrapping_add(16)), libc::EINVAL, &["not an object"]);
+    iommu.heap_free(src.as_ptr()).unwrap();
+    drop(d);
+    assert_eq!(fds_and_maps(), before, "the heap closed with its context");
+}

@@ -47,6 +47,7 @@ const CASES: &[harness::Case] = &[
     ("caller_eventfds", irq::caller_eventfds),
     ("iova_ranges_and_mapping_rules", dma::iova_ranges_and_mapping_rules),
     ("edu_dma_round_trip", dma::edu_dma_round_trip),
+    ("heap_objects_reach_the_device", dma::heap_objects_reach_the_device),
     ("type1_v1_and_iommufd_compat_kinds", backends::type1_v1_and_iommufd_compat_kinds),
     ("dma_errors_are_the_kernels", fidelity::dma_errors_are_the_kernels),
     ("region_and_irq_errors_are_the_kernels", fidelity::region_and_irq_errors_are_the_kernels),
@@ -82,6 +83,7 @@ const CASES: &[harness::Case] = &[
 /// The cases for a guest without an IOMMU (VFIOKIT_VM_KERNELS entries `KERNEL:noiommu`).
 const NOIOMMU_CASES: &[harness::Case] = &[
     ("noiommu_dma_and_msi", noiommu::noiommu_dma_and_msi),
+    ("noiommu_heap", noiommu::noiommu_heap),
     // Last: on the legacy kernel it unloads vfio-pci.
     ("noiommu_doctor", noiommu::noiommu_doctor),
 ];

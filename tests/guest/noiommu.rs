@@ -267,3 +267,42 @@ pub fn noiommu_doctor() {
         );
     });
 }
+
+/// The DMA heap without an IOMMU: with no hugepage free, an arena's 4 KiB pages are mapped one
+/// by one at their physical addresses, small objects reach the device there, and an object
+/// larger than a page is refused (ENOMEM, naming the knob); with hugepages reserved, an arena
+/// is one hugepage and a 64 KiB object is physically contiguous.
+pub fn noiommu_heap() {
+    if legacy() {
+        return; // no no-IOMMU mode (noiommu_dma_and_msi says so)
+    }
+    std::fs::write("/proc/sys/vm/nr_hugepages", "0").unwrap();
+    let iommu = Iommu::open(IommuKind::NoIommu).unwrap();
+    let d = open_in("EDU", &iommu);
+    enable_bus_master(&d);
+    let (src, src_iova) = iommu.heap_alloc(64, 64).unwrap();
+    let (dst, dst_iova) = iommu.heap_alloc(64, 64).unwrap();
+    assert_eq!(src_iova, physical(src.as_ptr()), "the IOVA is the physical address");
+    assert_eq!(dst_iova, physical(dst.as_ptr()));
+    assert_eq!(iommu.heap_info().huge_arenas, 0);
+    // SAFETY: our object; the device reads it during the transfer.
+    unsafe { std::ptr::copy_nonoverlapping(b"no-iommu heap!!!".as_ptr(), src.as_ptr(), 16) };
+    edu::dma(&d, src_iova, edu::BUFFER, 16, false);
+    edu::dma(&d, edu::BUFFER, dst_iova + 8, 16, true);
+    let got = volatile_bytes(dst, 64);
+    assert_eq!(&got[8..24], b"no-iommu heap!!!");
+    assert!(got[..8].iter().chain(&got[24..]).all(|&b| b == 0));
+    fails(iommu.heap_alloc(8192, 1), libc::ENOMEM, &["hugepage", "nr_hugepages"]);
+    drop(d);
+    drop(iommu);
+
+    std::fs::write("/proc/sys/vm/nr_hugepages", "2").unwrap();
+    let iommu = Iommu::open(IommuKind::NoIommu).unwrap();
+    let (big, big_iova) = iommu.heap_alloc(64 << 10, 4096).unwrap();
+    assert_eq!(iommu.heap_info().huge_arenas, 1);
+    assert_eq!(big_iova, physical(big.as_ptr()));
+    let end = big.as_ptr().wrapping_add((64 << 10) - 1);
+    assert_eq!(physical(end), big_iova + (64 << 10) - 1, "physically contiguous");
+    drop(iommu);
+    std::fs::write("/proc/sys/vm/nr_hugepages", "0").unwrap();
+}

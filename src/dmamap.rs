@@ -28,6 +28,13 @@ pub struct DmaMapping {
 pub struct DmaMap {
     /// iova -> (vaddr, len, layer).
     by_iova: BTreeMap<u64, (usize, usize, usize)>,
+    index: VaddrIndex,
+}
+
+/// The virtual ranges of DMA mappings, to find the one holding an address: the layers of
+/// [`DmaMap`] (see there for their cost), for bookkeeping that keeps its records by IOVA itself.
+#[derive(Debug, Default, Clone)]
+pub struct VaddrIndex {
     /// Per layer: vaddr -> (len, iova), virtual ranges disjoint within a layer.
     layers: Vec<BTreeMap<usize, (usize, u64)>>,
 }
@@ -36,6 +43,41 @@ pub struct DmaMap {
 /// (vaddr, last byte, iova). Only it can (the layer's ranges do not overlap).
 fn below(layer: &BTreeMap<usize, (usize, u64)>, addr: usize) -> Option<(usize, usize, u64)> {
     layer.range(..=addr).next_back().map(|(&v, &(len, iova))| (v, v + (len - 1), iova))
+}
+
+impl VaddrIndex {
+    /// Records `[vaddr, vaddr+len)` (len > 0, not wrapping) at `iova`; returns its layer, which
+    /// [`remove`](Self::remove) needs.
+    pub fn insert(&mut self, vaddr: usize, len: usize, iova: u64) -> usize {
+        let vlast = vaddr + (len - 1);
+        let layer =
+            match self.layers.iter().position(|m| below(m, vlast).is_none_or(|r| r.1 < vaddr)) {
+                Some(k) => k,
+                None => {
+                    self.layers.push(BTreeMap::new());
+                    self.layers.len() - 1
+                }
+            };
+        self.layers[layer].insert(vaddr, (len, iova));
+        layer
+    }
+
+    /// Forgets the range recorded at `vaddr` in `layer`.
+    pub fn remove(&mut self, vaddr: usize, layer: usize) {
+        self.layers[layer].remove(&vaddr);
+        while self.layers.last().is_some_and(BTreeMap::is_empty) {
+            self.layers.pop();
+        }
+    }
+
+    /// The IOVA of `vaddr`, when `[vaddr, vaddr+len)` lies wholly inside one recorded range
+    /// (`len` 0 is taken as 1); through the lowest layer's where several hold it.
+    pub fn translate(&self, vaddr: usize, len: usize) -> Option<u64> {
+        let last = vaddr.checked_add(len.max(1) - 1)?;
+        self.layers.iter().find_map(|m| {
+            below(m, vaddr).filter(|r| last <= r.1).map(|(v, _, iova)| iova + (vaddr - v) as u64)
+        })
+    }
 }
 
 impl DmaMap {
@@ -50,8 +92,7 @@ impl DmaMap {
         if len == 0 {
             return Err("length is zero".into());
         }
-        let (Some(vlast), Some(ilast)) =
-            (vaddr.checked_add(len - 1), iova.checked_add(len as u64 - 1))
+        let (Some(_), Some(ilast)) = (vaddr.checked_add(len - 1), iova.checked_add(len as u64 - 1))
         else {
             return Err(format!(
                 "{vaddr:#x}+{len:#x} at IOVA {iova:#x} wraps around the end of the address space"
@@ -64,15 +105,7 @@ impl DmaMap {
                 "IOVA range [{iova:#x}, +{len:#x}) overlaps the recorded mapping of {v:#x}+{l:#x} at IOVA {at:#x}"
             ));
         }
-        let layer =
-            match self.layers.iter().position(|m| below(m, vlast).is_none_or(|r| r.1 < vaddr)) {
-                Some(k) => k,
-                None => {
-                    self.layers.push(BTreeMap::new());
-                    self.layers.len() - 1
-                }
-            };
-        self.layers[layer].insert(vaddr, (len, iova));
+        let layer = self.index.insert(vaddr, len, iova);
         self.by_iova.insert(iova, (vaddr, len, layer));
         Ok(())
     }
@@ -85,10 +118,7 @@ impl DmaMap {
             return None;
         }
         self.by_iova.remove(&iova);
-        self.layers[layer].remove(&vaddr);
-        while self.layers.last().is_some_and(BTreeMap::is_empty) {
-            self.layers.pop();
-        }
+        self.index.remove(vaddr, layer);
         Some(vaddr)
     }
 
@@ -103,10 +133,7 @@ impl DmaMap {
     /// mappings contain the range, the IOVA is through the one in the lowest layer (see
     /// [`DmaMap`]), always the same one for the same records.
     pub fn translate(&self, vaddr: usize, len: usize) -> Option<u64> {
-        let last = vaddr.checked_add(len.max(1) - 1)?;
-        self.layers.iter().find_map(|m| {
-            below(m, vaddr).filter(|r| last <= r.1).map(|(v, _, iova)| iova + (vaddr - v) as u64)
-        })
+        self.index.translate(vaddr, len)
     }
 
     /// The record whose IOVA range holds all of `[iova, iova+len)` (`len` 0 taken as 1).
@@ -246,7 +273,7 @@ mod tests {
         m.insert(0xf_f000, 3 * PAGE, 0x3_0000).unwrap();
         m.insert(0x10_2000, 4 * PAGE, 0x4_0000).unwrap();
         // Layers: the first; the second; the third; the fourth beside the third.
-        assert_eq!(m.layers.len(), 3);
+        assert_eq!(m.index.layers.len(), 3);
         let t = m.translate(0x10_1000, PAGE).unwrap();
         assert!([0x1_1000, 0x2_1000, 0x3_2000].contains(&t), "{t:#x}");
         assert_eq!(m.translate(0x10_1000, PAGE), Some(0x1_1000), "the lowest layer's");
@@ -264,13 +291,13 @@ mod tests {
         assert_eq!(m.translate(0x10_2000, 2 * PAGE), Some(0x4_0000));
         // A new record takes the first layer with room; emptied top layers go away.
         m.insert(0x10_0000, PAGE, 0x5_0000).unwrap();
-        assert_eq!(m.layers[0].len(), 1);
+        assert_eq!(m.index.layers[0].len(), 1);
         assert_eq!(m.remove(0x4_0000, 4 * PAGE), Some(0x10_2000));
         assert_eq!(m.remove(0x3_0000, 3 * PAGE), Some(0xf_f000));
-        assert_eq!(m.layers.len(), 1);
+        assert_eq!(m.index.layers.len(), 1);
         assert_eq!(m.translate(0x10_0000, PAGE), Some(0x5_0000));
         assert_eq!(m.remove(0x5_0000, PAGE), Some(0x10_0000));
-        assert!(m.is_empty() && m.layers.is_empty());
+        assert!(m.is_empty() && m.index.layers.is_empty());
     }
 
     /// A tiny deterministic generator for the randomized test.

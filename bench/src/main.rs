@@ -55,6 +55,9 @@ fn main() {
     if args.first().map(String::as_str) == Some("--merge") {
         return merge(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("--dma-pairs") {
+        return dma_pairs_main(&args[1..]);
+    }
     let mut o = Opts {
         backend: match std::env::var("VFIOKIT_IOMMU").as_deref() {
             Ok("iommufd") => Backend::Iommufd,
@@ -488,6 +491,56 @@ fn op_copy(o: &Opts) -> Vec<Figure> {
 }
 
 /// 4. DMA map + unmap of pre-faulted buffers, and dma_alloc + free.
+/// `--dma-pairs KIND N LIVE` (bench/callgrind-dma): N pairs of one DMA operation on a 4 KiB
+/// page, in a context of the backend VFIOKIT_IOMMU names with edu attached and LIVE other
+/// mappings in it: `map_any` (+ unmap), `map` (fixed IOVA, + unmap), `alloc` (+ free) or `heap`
+/// (a 64-byte heap object: heap_alloc + heap_free). Callgrind counts `dma_pairs` alone.
+fn dma_pairs_main(args: &[String]) {
+    let [kind_name, n, live] = args else { panic!("--dma-pairs KIND N LIVE") };
+    let (n, live): (usize, usize) = (n.parse().expect("N"), live.parse().expect("LIVE"));
+    let iommu = Iommu::open_auto().expect("Iommu::open");
+    let _edu = Device::open(&env_addr("VFIOKIT_TEST_EDU"), Some(&iommu)).expect("open edu");
+    let pool = raw::Prefaulted::new((live + 1) * 4096, 4096);
+    for i in 0..live {
+        // SAFETY: the pool outlives the context's mappings (the process ends first).
+        unsafe { iommu.map_any(pool.ptr.add((i + 1) * 4096), 4096) }.expect("a live mapping");
+    }
+    if kind_name == "heap" {
+        // The heap's first arena, made before the counting starts.
+        let (p, _) = iommu.heap_alloc(64, 64).expect("heap_alloc");
+        iommu.heap_free(p.as_ptr()).expect("heap_free");
+    }
+    dma_pairs(&iommu, kind_name, pool.ptr, n);
+    println!("{kind_name}: {n} pairs with {live} live mappings, backend {:?}", iommu.kind());
+}
+
+#[inline(never)]
+fn dma_pairs(iommu: &Iommu, kind_name: &str, page: *mut u8, n: usize) {
+    for _ in 0..n {
+        match kind_name {
+            // SAFETY: the page outlives the mapping, removed right away.
+            "map_any" => {
+                let iova = unsafe { iommu.map_any(page, 4096) }.expect("map_any");
+                iommu.unmap(iova, 4096).expect("unmap");
+            }
+            "map" => {
+                // SAFETY: as above.
+                unsafe { iommu.map(page, 4096, IOVA) }.expect("map");
+                iommu.unmap(IOVA, 4096).expect("unmap");
+            }
+            "alloc" => {
+                let (p, _) = iommu.alloc(4096).expect("alloc");
+                iommu.free(p.as_ptr()).expect("free");
+            }
+            "heap" => {
+                let (p, _) = iommu.heap_alloc(64, 64).expect("heap_alloc");
+                iommu.heap_free(p.as_ptr()).expect("heap_free");
+            }
+            other => panic!("no DMA pair {other}"),
+        }
+    }
+}
+
 fn op_dma(o: &Opts) -> Vec<Figure> {
     let backend = o.backend;
     let b = backend.name();

@@ -409,9 +409,19 @@ impl Iommu {
                 format!("IOVA and length must be multiples of the {page}-byte page"),
             );
         }
-        let maps: Vec<(u64, usize)> = {
+        // The usual range is exactly one mapping: found by its IOVA, no range walked.
+        let exact = self
+            .state()
+            .ledger
+            .live_at(iova, len)
+            .filter(|m| m.facts.owner == Owner::Caller)
+            .cloned();
+        if let Some(m) = exact {
+            return self.unmap_record(&m).map(|()| len as u64);
+        }
+        let (first, more) = {
             let state = self.state();
-            let mut maps = Vec::new();
+            let (mut first, mut more) = (None, Vec::new());
             for m in state.ledger.overlapping(iova, last) {
                 if m.iova < iova || m.iova + (m.len as u64 - 1) > last {
                     return refuse(
@@ -444,49 +454,57 @@ impl Iommu {
                         );
                     }
                 }
-                maps.push((m.iova, m.len));
+                match first {
+                    None => first = Some(m.clone()),
+                    Some(_) => more.push(m.clone()),
+                }
             }
-            maps
+            (first, more)
         };
-        if maps.is_empty() {
+        let Some(first) = first else {
             return refuse(libc::ENOENT, "no DMA mapping lies in the range".into());
-        }
-        self.unmap_each(&maps)
+        };
+        self.unmap_each(std::iter::once(first).chain(more))
     }
 
     /// Removes every DMA mapping made by [`Iommu::map`] and [`Iommu::map_any`] (DMA buffers
     /// stay mapped until freed) and returns how many bytes that unmapped.
     pub fn unmap_all(&self) -> Result<u64> {
-        let maps: Vec<(u64, usize)> = {
+        let maps: Vec<Record> = {
             let state = self.state();
-            let callers = state.ledger.live().filter(|m| m.facts.owner == Owner::Caller);
-            callers.map(|m| (m.iova, m.len)).collect()
+            state.ledger.live().filter(|m| m.facts.owner == Owner::Caller).cloned().collect()
         };
-        self.unmap_each(&maps)
+        self.unmap_each(maps)
     }
 
-    fn unmap_each(&self, maps: &[(u64, usize)]) -> Result<u64> {
-        maps.iter().try_fold(0, |done, &(iova, len)| {
-            self.unmap_mapping(iova, len).map(|()| done + len as u64)
+    fn unmap_each(&self, maps: impl IntoIterator<Item = Record>) -> Result<u64> {
+        maps.into_iter().try_fold(0, |done, m| {
+            let len = m.len as u64;
+            self.unmap_record(&m).map(|()| done + len)
         })
     }
 
-    /// Has the backend let go of the Live mapping at exactly `[iova, iova+len)`, then frees
-    /// its IOVAs: only now may the allocator hand them out again (released earlier, another
-    /// thread could map them while the backend still has the old mapping: EEXIST).
+    /// [`unmap_record`](Self::unmap_record) of the Live mapping at exactly `[iova, iova+len)`.
     fn unmap_mapping(&self, iova: u64, len: usize) -> Result<()> {
-        let gone = || {
-            Error::new(libc::ENOENT, format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}"))
-        };
-        let record = self.state().ledger.live_at(iova, len).cloned().ok_or_else(gone)?;
+        let record = self.state().ledger.live_at(iova, len).cloned();
+        self.unmap_record(&record.ok_or_else(|| unmapped_already(iova, len))?)
+    }
+
+    /// Has the backend let go of the Live mapping `record`, then frees its IOVAs: only now may
+    /// the allocator hand them out again (released earlier, another thread could map them
+    /// while the backend still has the old mapping: EEXIST).
+    fn unmap_record(&self, record: &Record) -> Result<()> {
+        let (iova, len) = (record.iova, record.len);
         let retired = Cell::new(false);
         let retire = || {
-            self.state().ledger.retire(iova, len).ok_or_else(gone)?;
+            if !self.state().ledger.retire(iova, len) {
+                return Err(unmapped_already(iova, len));
+            }
             retired.set(true);
             Ok(())
         };
         // Not under the lock: the kernel's unmap can be slow, and other DMA calls go on.
-        let unmapped = self.0.backend.unmap(&record, &retire);
+        let unmapped = self.0.backend.unmap(record, &retire);
         if retired.get() {
             self.state().ledger.remove(iova);
         }
@@ -643,6 +661,11 @@ impl Iommu {
             let _ = self.unmap_mapping(iova, len);
         }
     }
+}
+
+/// An unmap of a mapping that another unmap took first.
+fn unmapped_already(iova: u64, len: usize) -> Error {
+    Error::new(libc::ENOENT, format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}"))
 }
 
 /// Reserves a mapping of `len` bytes at `vaddr` in the ledger, at `at`; the errnos are the

@@ -4,7 +4,8 @@
 //! Layers, each using only those above it: `sys` (the only code that makes system calls);
 //! `caps`, `region`, `irq`, `pci`, `iova`, `dmamap` (pure decoding and bookkeeping); `host`
 //! (sysfs discovery and binding); `vfio_user` (the vfio-user client, over `sys`); `iommu` (DMA
-//! contexts); `device`; `capi` (the C ABI).
+//! contexts: one file per backend behind one trait, the ledger, the heap); `device` (which
+//! connects its own vfio-user transport: iommu never imports it); `capi` (the C ABI).
 
 mod capi;
 mod caps;

@@ -1,5 +1,6 @@
 //! 6. vfiokit's DMA bookkeeping alone, on the host (no device, no guest): the IOVA allocator
-//! (`IovaSpace`) and the translation map (`DmaMap`) with 1k to 1M live mappings, each against
+//! (`IovaSpace`) and the translation map (`DmaMap`) with 1k to 1M live mappings, and a DMA
+//! heap object against malloc, each against
 //! the floor any such bookkeeping pays, a `BTreeMap` of the same mappings ("raw": one insert and
 //! one remove per alloc+release, one predecessor lookup per translation).
 //!
@@ -15,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
-use vfiokit::{DmaMap, IovaRange, IovaSpace};
+use vfiokit::{DmaMap, Iommu, IommuKind, IovaRange, IovaSpace};
 
 use crate::stats::{Figure, run_case_cpu, thread_cpu_ns, variant};
 use crate::{MIB, Opts, batch};
@@ -75,7 +76,44 @@ pub fn op_bookkeeping(o: &Opts) -> Vec<Figure> {
         out.extend(at_size(o, n));
     }
     print!("{}", scaling(&out));
+    out.extend(heap(o));
     out
+}
+
+/// A 64-byte DMA heap object (alloc + free, zeroed) on a vfio-user context with no device (the
+/// heap's paths are the same on every backend once its arena is mapped), against malloc +
+/// zeroing + free in the same process.
+fn heap(o: &Opts) -> Vec<Figure> {
+    let iommu = Iommu::open(IommuKind::VfioUser).expect("a vfio-user context");
+    let (p, _) = iommu.heap_alloc(64, 64).expect("the heap's first arena");
+    iommu.heap_free(p.as_ptr()).expect("heap_free");
+    let iommu = &iommu;
+    run_case_cpu(
+        "DMA heap alloc+free 64 B",
+        "host",
+        o.rounds,
+        batch(o, 200_000),
+        vec![
+            variant("raw", |k| {
+                for _ in 0..k {
+                    // SAFETY: a fresh allocation, zeroed, then freed.
+                    unsafe {
+                        let p = libc::malloc(64).cast::<u8>();
+                        assert!(!p.is_null(), "malloc");
+                        std::ptr::write_bytes(black_box(p), 0, 64);
+                        libc::free(p.cast());
+                    }
+                }
+            }),
+            variant("vfiokit", |k| {
+                for _ in 0..k {
+                    let (p, iova) = iommu.heap_alloc(64, 64).expect("heap_alloc");
+                    assert_ne!(black_box(iova), 0, "an IOVA");
+                    iommu.heap_free(p.as_ptr()).expect("heap_free");
+                }
+            }),
+        ],
+    )
 }
 
 fn at_size(o: &Opts, n: usize) -> Vec<Figure> {

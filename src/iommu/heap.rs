@@ -14,8 +14,8 @@
 //!   object take no lock and make no system call unless the cache is empty (then a batch comes
 //!   from the heap's central lists, under its lock) or full.
 //! - An object's span and arena are found from its address alone (the arena's place in the
-//!   reservation), and one bit per object says whether it is allocated, so a free of anything
-//!   else is refused rather than corrupting the heap.
+//!   reservation), and one byte per object slot says whether it is allocated, so a free of
+//!   anything else is refused rather than corrupting the heap.
 //! - Arenas stay mapped until the context closes: freed objects are reused by their class, no
 //!   IOVA of a live object is ever handed out again.
 
@@ -61,14 +61,37 @@ fn class_of(size: usize, align: usize) -> Option<usize> {
     CLASSES.iter().position(|&c| c >= size && c & c.wrapping_neg() >= align)
 }
 
-/// How many objects of `class` a span holds, and how many of them a page (for classes up to
-/// a page; 0 for larger ones, laid out end to end).
-fn layout(class: usize) -> (usize, usize) {
-    let size = CLASSES[class];
-    match size <= PAGE {
-        true => ((SPAN / PAGE) * (PAGE / size), PAGE / size),
-        false => (SPAN / size, 0),
+/// Per class: how many objects a span holds, how many of them a page (0 for classes over a
+/// page, laid out end to end), and 2^32 / size rounded up, so that the hot paths divide by a
+/// class's size with a multiplication. Made at compile time.
+const LAYOUT: [(usize, usize, u64); CLASSES.len()] = {
+    let mut table = [(0, 0, 0); CLASSES.len()];
+    let mut c = 0;
+    while c < CLASSES.len() {
+        let size = CLASSES[c];
+        table[c] = match size <= PAGE {
+            true => {
+                ((SPAN / PAGE) * (PAGE / size), PAGE / size, (1u64 << 32).div_ceil(size as u64))
+            }
+            false => (SPAN / size, 0, (1u64 << 32).div_ceil(size as u64)),
+        };
+        c += 1;
     }
+    table
+};
+
+/// How many objects of `class` a span holds, and how many of them a page (0 for classes over a
+/// page, laid out end to end).
+fn layout(class: usize) -> (usize, usize) {
+    let (count, per_page, _) = LAYOUT[class];
+    (count, per_page)
+}
+
+/// `x / CLASSES[class]` when that divides `x` exactly (`x` below a span).
+fn divide_exactly(x: usize, class: usize) -> Option<usize> {
+    // Exact for multiples: the rounding of the reciprocal adds less than x / 2^32 < 1/2^16.
+    let k = ((x as u64 * LAYOUT[class].2) >> 32) as usize;
+    (k * CLASSES[class] == x).then_some(k)
 }
 
 /// Object `i` of `class`'s offset in its span.
@@ -82,14 +105,12 @@ fn object_offset(class: usize, i: usize) -> usize {
 
 /// Which object of `class` starts at `offset` in its span, if one does.
 fn object_at(class: usize, offset: usize) -> Option<usize> {
-    let size = CLASSES[class];
     let (count, per_page) = layout(class);
     let i = match per_page {
-        0 => (offset % size == 0).then_some(offset / size)?,
+        0 => divide_exactly(offset, class)?,
         _ => {
-            let within = offset % PAGE;
-            (within % size == 0 && within / size < per_page)
-                .then_some(offset / PAGE * per_page + within / size)?
+            let k = divide_exactly(offset % PAGE, class).filter(|&k| k < per_page)?;
+            offset / PAGE * per_page + k
         }
     };
     (i < count).then_some(i)
@@ -108,6 +129,13 @@ fn large_spans(size: usize, align: usize) -> Option<(usize, usize)> {
 fn free_run(free: u32, n: usize, step: usize) -> Option<usize> {
     let run = if n == SPANS { u32::MAX } else { (1u32 << n) - 1 };
     (0..=SPANS - n).step_by(step).find(|&at| (free >> at) & run == run)
+}
+
+/// `n` zeroed atomic bytes, from calloc (fresh zero pages: no loop writing them).
+fn zeroed_bytes(n: usize) -> Box<[AtomicU8]> {
+    let bytes = vec![0u8; n].into_boxed_slice();
+    // SAFETY: AtomicU8 has the size, alignment and bit validity of u8.
+    unsafe { Box::from_raw(Box::into_raw(bytes) as *mut [AtomicU8]) }
 }
 
 /// What a context's DMA heap holds (`Iommu::heap_info`, `vfiokit_dma_heap_info`): 48 bytes.
@@ -136,8 +164,10 @@ struct Arena {
     iovas: Box<[u64]>,
     /// Each span's use: [`SPAN_FREE`], a class + 1, or a large object's.
     spans: [AtomicU8; SPANS],
-    /// One bit per object slot of each span: allocated.
-    allocated: Box<[AtomicU64]>,
+    /// One byte per object slot of each span: allocated. Plain loads and stores, no
+    /// read-modify-write on the hot paths: a byte is written only by the thread that owns the
+    /// object (the allocator handing it out, then its one rightful free).
+    allocated: Box<[AtomicU8]>,
 }
 
 impl Arena {
@@ -148,15 +178,14 @@ impl Arena {
         }
     }
 
-    /// Sets (`on`) or clears an object's allocated bit; false when it already was so.
+    /// Marks an object allocated (`on`) or free; false when it already was so (a double free).
     fn mark(&self, span: usize, object: usize, on: bool) -> bool {
-        let bit = span * SPAN_OBJECTS + object;
-        let (word, mask) = (&self.allocated[bit / 64], 1u64 << (bit % 64));
-        let old = match on {
-            true => word.fetch_or(mask, Ordering::AcqRel),
-            false => word.fetch_and(!mask, Ordering::AcqRel),
-        };
-        (old & mask == 0) == on
+        let slot = &self.allocated[span * SPAN_OBJECTS + object];
+        if (slot.load(Ordering::Acquire) != 0) == on {
+            return false;
+        }
+        slot.store(on as u8, Ordering::Release);
+        true
     }
 }
 
@@ -285,17 +314,25 @@ impl Heap {
                  power of two up to 2 MiB"
             )));
         }
-        let addr = match class_of(size, align) {
+        let (addr, arena, offset) = match class_of(size, align) {
             Some(class) => self.alloc_small(iommu, class)?,
-            None => self.alloc_large(iommu, size, align)?,
+            None => {
+                let addr = self.alloc_large(iommu, size, align)?;
+                let (arena, _, offset) = self.locate(addr).expect("carved from an arena");
+                (addr, arena, offset)
+            }
         };
-        let (arena, _, offset) = self.locate(addr).expect("carved from an arena");
         // SAFETY: a free object of at least `size` bytes, now the caller's.
         unsafe { std::ptr::write_bytes(addr as *mut u8, 0, size) };
         Ok((NonNull::new(addr as *mut u8).expect("arenas are not at 0"), arena.iova(offset)))
     }
 
-    fn alloc_small(self: &Arc<Self>, iommu: &Iommu, class: usize) -> Result<usize> {
+    /// A small object: its address, arena and offset there.
+    fn alloc_small(
+        self: &Arc<Self>,
+        iommu: &Iommu,
+        class: usize,
+    ) -> Result<(usize, &Arena, usize)> {
         let cached = CACHES.try_with(|caches| {
             let mut caches = caches.borrow_mut();
             let cache = self.cache(&mut caches);
@@ -322,7 +359,7 @@ impl Heap {
         let object = object_at(class, offset % SPAN).expect("a slot of its class");
         let fresh = arena.mark(offset / SPAN, object, true);
         debug_assert!(fresh, "a free object is not allocated");
-        Ok(addr)
+        Ok((addr, arena, offset))
     }
 
     /// This thread's cache of this heap (caches of closed heaps are dropped on the way).
@@ -453,7 +490,7 @@ impl Heap {
         let arena = Arena {
             iovas: iovas.into(),
             spans: Default::default(),
-            allocated: (0..SPANS * SPAN_OBJECTS / 64).map(|_| AtomicU64::new(0)).collect(),
+            allocated: zeroed_bytes(SPANS * SPAN_OBJECTS),
         };
         self.arenas[i].store(Box::into_raw(Box::new(arena)), Ordering::Release);
         central.free_spans.push(u32::MAX);
@@ -583,6 +620,16 @@ mod tests {
                 last_end = at + size;
             }
             assert!(count <= SPAN_OBJECTS);
+        }
+    }
+
+    #[test]
+    fn division_by_multiplication_is_exact_below_a_span() {
+        for (class, &size) in CLASSES.iter().enumerate() {
+            for x in 0..SPAN {
+                let expected = (x % size == 0).then_some(x / size);
+                assert_eq!(divide_exactly(x, class), expected, "{x} / {size}");
+            }
         }
     }
 

@@ -97,6 +97,18 @@ def test_the_library_decides_what_goes_through_the_mapping(model: str) -> None:
         assert ram.read32(0) == 0x04030201
 
 
+def dma_copy(bar0: vfiokit.Region, irq: vfiokit.Irq, src: int, dst: int, length: int) -> None:
+    """Copies `length` bytes from IOVA `src` to `dst` through the model's buffer: two
+    transfers, each ending in MSI-X vector 0."""
+    for frm, to, cmd in ((src, BUFFER, 0), (BUFFER, dst, DMA_TO_RAM)):
+        for reg, value in ((REG_DMA_SRC, frm), (REG_DMA_DST, to), (REG_DMA_COUNT, length),
+                           (REG_DMA_CMD, cmd | DMA_START | DMA_IRQ)):
+            bar0.write64(reg, value)
+        assert irq.wait(timeout=2, vector=0) == 1
+        bar0.write32(REG_IRQ_ACK, IRQ_DMA)
+        assert bar0.read64(REG_DMA_ERROR) == 0
+
+
 def test_msix_and_dma(model: str) -> None:
     with vfiokit.Device(model) as dev, dev.irq(vfiokit.IRQ_MSIX, 0, 4) as irq:
         bar0 = dev.region(0)
@@ -104,13 +116,7 @@ def test_msix_and_dma(model: str) -> None:
         assert irq.wait(timeout=2, vector=3) == 1
         src, dst = dev.iommu.alloc(4096), dev.iommu.alloc(4096)
         src.mem[:4] = b"vfio"
-        for frm, to, cmd in ((src.iova, BUFFER, 0), (BUFFER, dst.iova, DMA_TO_RAM)):
-            for reg, value in ((REG_DMA_SRC, frm), (REG_DMA_DST, to), (REG_DMA_COUNT, 4096),
-                               (REG_DMA_CMD, cmd | DMA_START | DMA_IRQ)):
-                bar0.write64(reg, value)
-            assert irq.wait(timeout=2, vector=0) == 1
-            bar0.write32(REG_IRQ_ACK, IRQ_DMA)
-            assert bar0.read64(REG_DMA_ERROR) == 0
+        dma_copy(bar0, irq, src.iova, dst.iova, 4096)
         assert bytes(dst.mem[:4]) == b"vfio"
         assert dev.iommu.translate(dst.mem[4:8]) == dst.iova + 4
 
@@ -122,13 +128,7 @@ def test_heap_objects(model: str) -> None:
         src, dst = iommu.heap_alloc(64, 64), iommu.heap_alloc(64, 64)
         assert bytes(src.mem) == bytes(64) and src.address % 64 == 0
         src.mem[:8] = b"heap-obj"
-        for frm, to, cmd in ((src.iova, BUFFER, 0), (BUFFER, dst.iova, DMA_TO_RAM)):
-            for reg, value in ((REG_DMA_SRC, frm), (REG_DMA_DST, to), (REG_DMA_COUNT, 8),
-                               (REG_DMA_CMD, cmd | DMA_START | DMA_IRQ)):
-                bar0.write64(reg, value)
-            assert irq.wait(timeout=2, vector=0) == 1
-            bar0.write32(REG_IRQ_ACK, IRQ_DMA)
-            assert bar0.read64(REG_DMA_ERROR) == 0
+        dma_copy(bar0, irq, src.iova, dst.iova, 8)
         assert bytes(dst.mem[:8]) == b"heap-obj"
         assert iommu.translate(dst.mem[8:16]) == dst.iova + 8
         assert iommu.to_vaddr(dst.iova + 8) == dst.address + 8

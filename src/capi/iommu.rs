@@ -31,6 +31,26 @@ impl Handle for vfiokit_iommu {
     }
 }
 
+/// The body of the calls that allocate DMA memory: `vaddr` and `iova` checked, then `alloc`'s
+/// address and IOVA written to them.
+///
+/// # Safety
+/// `vaddr` and `iova` must be NULL or valid for writes.
+unsafe fn allocated(
+    vaddr: *mut *mut c_void,
+    iova: *mut u64,
+    alloc: impl FnOnce() -> Result<(std::ptr::NonNull<u8>, u64)>,
+) -> Result<()> {
+    need(vaddr, "vaddr")?;
+    need(iova, "iova")?;
+    let (addr, at) = alloc()?;
+    // SAFETY: both checked non-null.
+    unsafe {
+        put(vaddr, "vaddr", addr.as_ptr().cast())?;
+        put(iova, "iova", at)
+    }
+}
+
 /// The context behind `p`, held for the duration of one call.
 ///
 /// # Safety
@@ -300,17 +320,8 @@ pub unsafe extern "C" fn vfiokit_dma_alloc(
     vaddr: *mut *mut c_void,
     iova: *mut u64,
 ) -> c_int {
-    call(|| {
-        need(vaddr, "vaddr")?;
-        need(iova, "iova")?;
-        // SAFETY: forwarded from the caller.
-        let (addr, at) = unsafe { self::iommu(iommu) }?.alloc(len)?;
-        // SAFETY: both checked non-null.
-        unsafe {
-            put(vaddr, "vaddr", addr.as_ptr().cast())?;
-            put(iova, "iova", at)
-        }
-    })
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { allocated(vaddr, iova, || self::iommu(iommu)?.alloc(len)) })
 }
 
 /// Unmaps and frees a buffer from `vfiokit_dma_alloc`.
@@ -378,17 +389,8 @@ pub unsafe extern "C" fn vfiokit_dma_alloc_flags(
     vaddr: *mut *mut c_void,
     iova: *mut u64,
 ) -> c_int {
-    call(|| {
-        need(vaddr, "vaddr")?;
-        need(iova, "iova")?;
-        // SAFETY: forwarded from the caller.
-        let (addr, at) = unsafe { self::iommu(iommu) }?.alloc_flags(len, flags)?;
-        // SAFETY: both checked non-null.
-        unsafe {
-            put(vaddr, "vaddr", addr.as_ptr().cast())?;
-            put(iova, "iova", at)
-        }
-    })
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { allocated(vaddr, iova, || self::iommu(iommu)?.alloc_flags(len, flags)) })
 }
 
 /// Guard mode on (`on` non-zero) or off for later allocations: each IOVA range that
@@ -472,16 +474,9 @@ pub unsafe extern "C" fn vfiokit_dma_heap_alloc(
     vaddr: *mut *mut c_void,
     iova: *mut u64,
 ) -> c_int {
-    call(|| {
-        need(vaddr, "vaddr")?;
-        need(iova, "iova")?;
-        // SAFETY: forwarded from the caller.
-        let (addr, at) = unsafe { self::iommu(iommu) }?.heap_alloc(size, align.max(1))?;
-        // SAFETY: both checked non-null.
-        unsafe {
-            put(vaddr, "vaddr", addr.as_ptr().cast())?;
-            put(iova, "iova", at)
-        }
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe {
+        allocated(vaddr, iova, || self::iommu(iommu)?.heap_alloc(size, align.max(1)))
     })
 }
 

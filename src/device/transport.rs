@@ -4,6 +4,8 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use vfio_bindings::bindings::vfio::{VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE};
+
 use crate::error::{Error, Result};
 use crate::irq::{self};
 use crate::region::{self, Region};
@@ -59,7 +61,17 @@ impl Io {
                     other => other.map(|(reply, fds)| (Some(reply), fds))?,
                 };
                 region_fds.push(fds);
-                reply.map_or_else(|| Ok(Default::default()), |reply| decode(&reply))
+                let mut info = reply.map_or_else(|| Ok(Default::default()), |r| decode(&r))?;
+                // The spec's READ and WRITE say whether the client may read and write a
+                // region. libvfio-user says neither for the config region it makes for every
+                // device (vfu_pci_init sizes it and leaves its flags 0) and serves both (QEMU's
+                // client never looks at the two flags there). vfio-pci always says both for
+                // config space, so a config region with a size is taken as readable and
+                // writable, as every PCI device's is.
+                if i == region::PCI_CONFIG && info.size > 0 {
+                    info.flags |= VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+                }
+                Ok(info)
             }
         }
     }

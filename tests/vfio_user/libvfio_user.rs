@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use vfiokit::pci::{DEVICE_PCI, DEVICE_RESET};
-use vfiokit::{Device, irq};
+use vfiokit::pci::{DEVICE_PCI, DEVICE_RESET, PCI_CAP_EXTENDED};
+use vfiokit::{Device, irq, region};
 
 use crate::{anonymous, setup, socket_path};
 
@@ -141,4 +141,44 @@ fn libvfio_user_gpio_sample() {
     gpio.kill().unwrap();
     gpio.wait().unwrap();
     let _ = std::fs::remove_file(&path);
+}
+
+/// Config space through the region record, as a driver reaches it: libvfio-user serves every
+/// device's config space but leaves READ and WRITE out of the config region's flags (its
+/// `vfu_pci_init` sizes the region and never sets them), so the record says what the server
+/// does, on the first connection and on the next one (the sample serves one client: a new
+/// sample at the same path).
+#[test]
+fn libvfio_user_config_space() {
+    const COMMAND_MEMORY: u16 = 1 << 1;
+    const COMMAND_MASTER: u16 = 1 << 2;
+    const STATUS_CAP_LIST: u16 = 1 << 4;
+    // Power management, MSI, PCI Express, MSI-X; AER (extended).
+    const CAPS: [u32; 5] = [0x01, 0x05, 0x10, 0x11, PCI_CAP_EXTENDED + 0x0001];
+    let _serial = setup();
+    for connection in ["first", "again"] {
+        let (mut server, path, _) = start("server", &[], "lvu-config");
+        let dev = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap();
+        let config = dev.regions()[region::PCI_CONFIG as usize];
+        assert_eq!(config.size, 256, "{connection}");
+        let rw = region::REGION_PRESENT | region::REGION_READ | region::REGION_WRITE;
+        assert_eq!(config.flags & rw, rw, "{connection}: {config:?}");
+        let word = |off| dev.read_reg::<u16>(region::PCI_CONFIG, off).unwrap();
+        assert_eq!((word(0), word(2)), (0xdead, 0xbeef), "{connection}: vendor and device");
+        assert_eq!((word(0x2c), word(0x2e)), (0xcafe, 0xbabe), "{connection}: subsystem");
+        // The command register takes memory space and bus master, and reads them back.
+        assert_eq!(word(4), 0, "{connection}: command at reset");
+        dev.write_reg::<u16>(region::PCI_CONFIG, 4, COMMAND_MEMORY | COMMAND_MASTER).unwrap();
+        assert_eq!(word(4), COMMAND_MEMORY | COMMAND_MASTER, "{connection}: command");
+        // The sample has no capability list (status bit 4 clear): every walk, standard and
+        // extended, answers none instead of failing.
+        assert_eq!(word(6) & STATUS_CAP_LIST, 0, "{connection}: status");
+        for cap in CAPS {
+            assert_eq!(dev.find_capability(cap).unwrap(), None, "{connection}: {cap:#x}");
+        }
+        drop(dev);
+        let status = server.wait().unwrap();
+        assert!(status.success(), "{connection}: the server exited with {status}");
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -55,6 +55,7 @@ pub use region::{Area, Region};
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod vfio_user_proto {
+    pub use crate::vfio_user::inbox::{Inbox, Message, ReadError};
     pub use crate::vfio_user::proto::{
         Header, decode_device_info, decode_dma_access, decode_irq_info, decode_region_read,
         decode_version, region_info_argsz,

@@ -1,6 +1,7 @@
 //! What a vfio-user server sends: a header and any payload through every decoder (the VERSION
 //! JSON, device/IRQ/region info, a region-read reply, a DMA request); an error or a value,
-//! never a panic or a hang.
+//! never a panic or a hang. And the same bytes as a stream, cut into messages by the client's
+//! inbox.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -19,4 +20,22 @@ fuzz_target!(|data: &[u8]| {
     let count = data.first().map_or(0, |&n| n as usize);
     let _ = proto::decode_region_read(data, count);
     let _ = vfiokit::region::decode_region_info(data);
+    // Received in pieces of a size the first byte sets: every message taken is one the bytes
+    // hold, whole and in order, and none is more than they are.
+    let step = 1 + data.first().map_or(0, |&n| n as usize % 64);
+    let mut at = 0;
+    let mut recv = |buf: &mut [u8]| -> Result<(usize, Vec<std::os::fd::OwnedFd>), ()> {
+        let n = step.min(buf.len()).min(data.len() - at);
+        buf[..n].copy_from_slice(&data[at..at + n]);
+        at += n;
+        Ok((n, Vec::new()))
+    };
+    let mut inbox = proto::Inbox::new();
+    let mut taken = 0;
+    while let Ok(m) = inbox.read(64 << 10, &mut recv) {
+        assert_eq!(m.payload.len() + 16, m.header.size as usize);
+        taken += m.header.size as usize;
+        assert!(taken <= data.len());
+        let _ = inbox.ready(64 << 10);
+    }
 });

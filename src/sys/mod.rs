@@ -8,6 +8,7 @@ pub(crate) mod mem;
 pub(crate) mod socket;
 pub(crate) mod sysfs;
 pub(crate) mod vfio;
+pub(crate) mod watch;
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 

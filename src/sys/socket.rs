@@ -49,6 +49,9 @@ fn cmsg_space(n: usize) -> usize {
 /// Sends all of `bytes`, with `fds` attached to its first byte. Never raises SIGPIPE: a closed
 /// peer is EPIPE.
 pub(crate) fn send_with_fds(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> SysResult<()> {
+    if fds.is_empty() {
+        return send_all(sock, bytes);
+    }
     let mut control = vec![0u64; cmsg_space(fds.len()).div_ceil(8)];
     let mut done = 0;
     while done < bytes.len() {
@@ -84,6 +87,23 @@ pub(crate) fn send_with_fds(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> Sy
     Ok(())
 }
 
+/// Sends all of `bytes` (send(2): no message header to build). Never raises SIGPIPE.
+fn send_all(sock: BorrowedFd, bytes: &[u8]) -> SysResult<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let rest = &bytes[done..];
+        // SAFETY: rest is a live buffer of the length given.
+        match check_len(unsafe {
+            libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL)
+        }) {
+            Ok(n) => done += n,
+            Err(Errno(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Receives up to `buf.len()` bytes and the fds that came with them (close-on-exec; at most
 /// `max_fds` are taken, more is EPROTO and closes them all). 0 bytes: the peer closed.
 pub(crate) fn recv_with_fds(
@@ -91,7 +111,17 @@ pub(crate) fn recv_with_fds(
     buf: &mut [u8],
     max_fds: usize,
 ) -> SysResult<(usize, Vec<OwnedFd>)> {
-    let mut control = vec![0u64; cmsg_space(max_fds).div_ceil(8)];
+    // Room for 16 fds on the stack (the vfio-user client's every receive); more on the heap.
+    let mut small = [0u64; 16];
+    let mut large = Vec::new();
+    let words = cmsg_space(max_fds).div_ceil(8);
+    let control = match words <= small.len() {
+        true => &mut small[..words],
+        false => {
+            large.resize(words, 0u64);
+            &mut large[..]
+        }
+    };
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: an all-zero msghdr is valid.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };

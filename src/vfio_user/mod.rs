@@ -1,22 +1,36 @@
 //! A vfio-user client: one connection to a server process that carries a device.
 //!
-//! Requests are numbered and matched to their replies by a receiver thread, which also serves
-//! the server's DMA_READ/DMA_WRITE requests (for memory mapped without an fd); when the server
-//! offers a twin socket for its requests, a second thread serves them there. Every request has
-//! a deadline. The first broken rule (a dead or stalled server, a reply nobody asked for, an
-//! impossible size, unexpected fds) fails the connection: that call and every later one get the
-//! same error, and the socket is shut so the server sees it too.
+//! Requests are numbered and matched to their replies. Whoever reads the main socket also
+//! serves the server's DMA_READ/DMA_WRITE requests it finds there (for memory mapped without
+//! an fd): a calling thread that finds no one reading reads itself, until its own reply
+//! arrives, delivering the replies of the calls that came meanwhile; then it hands the reading
+//! to one of those (which reads its own reply), or leaves the socket to the receiver thread.
+//! That thread reads only while no call does: an epoll watch wakes it when a message arrives
+//! then. While calls are being made it is not armed (arming and disarming it around every call
+//! would cost two system calls each); a ticker wakes the receiver every [`TICK`] instead, to
+//! end a reading call that is past its deadline and, once no call is left, to arm the watch
+//! again. So a lone call costs what a hand-written client pays, with no thread wake-up
+//! between the socket and the caller; a server request that comes just after a call, while no
+//! call reads, waits at most a tick. When the server offers a twin socket for its requests, a
+//! second thread serves them there at once.
+//!
+//! Every request has a deadline. The first broken rule (a dead or stalled server, a reply
+//! nobody asked for, an impossible size, unexpected fds) fails the connection: that call and
+//! every later one get the same error, every waiting call is woken with it, and the socket is
+//! shut so the server sees it too.
 
+pub(crate) mod inbox;
 pub(crate) mod proto;
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::sys::watch::{Fired, Watch};
 use crate::sys::{self, Context, socket};
+use inbox::{Inbox, Message, ReadError};
 use proto::Header;
 
 /// What a server's DMA request asks of the client's memory.
@@ -35,8 +49,16 @@ const MAX_MSG_FDS: u32 = 16;
 const MAX_DATA_XFER: u32 = 1 << 20;
 /// Room for a message's fixed parts beyond its data (region info capability chains included).
 const MESSAGE_SLACK: u32 = 64 << 10;
+/// The largest message vfiokit takes.
+const MESSAGE_LIMIT: u32 = MAX_DATA_XFER + MESSAGE_SLACK;
 /// How long a request waits for its reply unless `VFIOKIT_VFIO_USER_TIMEOUT_MS` says otherwise.
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// How often the receiver looks at the connection while calls are being made: how late past
+/// its deadline a call reading the socket may end, and how long a server request that comes
+/// while no call reads may wait after the last call.
+const TICK: Duration = Duration::from_millis(4);
+/// The watch's number once the connection has failed: it fires for good.
+const WATCH_FAILED: u64 = u64::MAX - 1;
 
 /// A reply, with the fds that came with it.
 pub(crate) struct Reply {
@@ -44,25 +66,96 @@ pub(crate) struct Reply {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Who reads the main socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// No one: the receiver thread's watch is armed (the next message wakes it), or is armed
+    /// at its next tick.
+    Nobody,
+    /// The receiver thread, for one message.
+    Receiver,
+    /// The call waiting for the reply to this request, until that reply arrives.
+    Call(u16),
+}
+
+/// A request sent and not yet answered.
+struct Waiter {
+    /// Its reply, when another thread read it.
+    reply: Option<(Header, Reply)>,
+    /// The calling thread, unparked when its reply is in, when it is to read, or on failure;
+    /// None for a call that reads from the start (no one else wakes it: it reads until its
+    /// reply is in or the connection fails).
+    thread: Option<Thread>,
+    command: u16,
+    deadline: Instant,
+}
+
+/// The requests waiting for replies: few (one a calling thread), so a vector.
 #[derive(Default)]
+struct Waiting(Vec<(u16, Waiter)>);
+
+impl Waiting {
+    fn get(&self, id: u16) -> Option<&Waiter> {
+        self.0.iter().find(|(i, _)| *i == id).map(|(_, w)| w)
+    }
+
+    fn get_mut(&mut self, id: u16) -> Option<&mut Waiter> {
+        self.0.iter_mut().find(|(i, _)| *i == id).map(|(_, w)| w)
+    }
+
+    fn contains(&self, id: u16) -> bool {
+        self.get(id).is_some()
+    }
+
+    fn insert(&mut self, id: u16, waiter: Waiter) {
+        self.0.push((id, waiter));
+    }
+
+    fn remove(&mut self, id: u16) {
+        if let Some(at) = self.0.iter().position(|(i, _)| *i == id) {
+            self.0.swap_remove(at);
+        }
+    }
+
+    /// The threads of the calls that may be parked.
+    fn threads(&self) -> impl Iterator<Item = &Thread> {
+        self.0.iter().filter_map(|(_, w)| w.thread.as_ref())
+    }
+}
+
 struct Calls {
-    /// Requests sent and not yet answered: their replies land here.
-    waiting: HashMap<u16, Option<(Header, Reply)>>,
+    waiting: Waiting,
     next_id: u16,
     /// Why the connection is unusable, once it is.
     failed: Option<Error>,
+    reader: Reader,
+    /// The number of the watch's latest arming or disarming: an arming that fires under an
+    /// older number was undone (the socket went to a call) before the receiver saw it.
+    watch_number: u64,
+    /// Whether the watch is armed under `watch_number` and has not fired.
+    armed: bool,
+    /// Whether the watch's ticker runs: from when a call takes the socket until the receiver
+    /// finds no call left.
+    ticking: bool,
 }
 
 struct Connection {
     /// "vfio-user:<path>", the start of every message about this connection.
     name: String,
     sock: OwnedFd,
+    /// What the main socket's reader has received ahead.
+    inbox: Mutex<Inbox>,
     /// The server's command channel, in twin-socket mode.
     twin: std::sync::OnceLock<OwnedFd>,
+    /// Wakes the receiver thread when a message arrives on the main socket while no call
+    /// reads it, and at each tick while calls are being made.
+    watch: Watch,
     /// Held while a message is written, so messages never interleave.
     send: Mutex<()>,
     calls: Mutex<Calls>,
-    answered: Condvar,
+    /// How long a request waits for its reply.
+    timeout: Duration,
+    serve_dma: DmaServer,
 }
 
 impl Connection {
@@ -70,16 +163,21 @@ impl Connection {
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks the connection failed (the first reason stays), wakes every waiting call, and
-    /// shuts the socket. Returns the connection's error.
+    /// Marks the connection failed (the first reason stays), wakes every waiting call and the
+    /// receiver, and shuts the socket. Returns the connection's error.
     fn fail(&self, errno: i32, why: impl std::fmt::Display) -> Error {
         let mut calls = self.calls();
         let error =
             calls.failed.get_or_insert_with(|| Error::new(errno, format!("{}: {why}", self.name)));
         let error = error.clone();
+        let waiters: Vec<Thread> = calls.waiting.threads().cloned().collect();
         drop(calls);
-        self.answered.notify_all();
+        waiters.iter().for_each(Thread::unpark);
         self.shutdown();
+        // The receiver may be waiting with its watch disarmed; the shut socket is readable for
+        // good, so this wakes it, and it sees the failure. If this fails the receiver is
+        // reading, and the shutdown ends its receive.
+        let _ = self.watch.arm_for_good(WATCH_FAILED);
         error
     }
 
@@ -96,20 +194,241 @@ impl Connection {
             self.fail(libc::ECONNRESET, format!("sending to the server: {}", strerror(e)))
         })
     }
-}
 
-/// Reads exactly `buf.len()` bytes, collecting fds; `Ok(false)` if the peer closed first.
-fn recv_exact(sock: BorrowedFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> sys::SysResult<bool> {
-    let mut done = 0;
-    while done < buf.len() {
-        let (n, more) = socket::recv_with_fds(sock, &mut buf[done..], MAX_MSG_FDS as usize)?;
-        fds.extend(more);
-        if n == 0 {
-            return Ok(false);
+    /// Gives the main socket to call `id` (under the calls lock): the receiver's watch no
+    /// longer fires for data, and its ticker runs, to end the call at its deadline. A failure
+    /// to disarm is harmless (the receiver, woken, finds the arming's number stale); one to
+    /// start the ticker is the caller's to fail the connection with, once the lock is released.
+    fn give_socket(&self, calls: &mut Calls, id: u16) -> std::result::Result<(), sys::Errno> {
+        calls.reader = Reader::Call(id);
+        if calls.armed {
+            calls.armed = false;
+            calls.watch_number += 1;
+            let _ = self.watch.disarm(calls.watch_number);
         }
-        done += n;
+        if !calls.ticking {
+            self.watch.tick(Some(TICK))?;
+            calls.ticking = true;
+        }
+        Ok(())
     }
-    Ok(true)
+
+    /// The reader is done (under the calls lock): the reading goes to a call still waiting
+    /// for its reply, whose thread is returned to be unparked, or to no one. The receiver then
+    /// arms its watch at its next tick, or at once (`arm`, when the receiver was the reader).
+    fn hand_on(
+        &self,
+        calls: &mut Calls,
+        arm: bool,
+    ) -> std::result::Result<Option<Thread>, sys::Errno> {
+        if let Some((next, waiter)) = calls.waiting.0.iter().find(|(_, w)| w.reply.is_none()) {
+            let (next, thread) = (*next, waiter.thread.clone());
+            self.give_socket(calls, next)?;
+            return Ok(thread);
+        }
+        calls.reader = Reader::Nobody;
+        if arm {
+            self.arm(calls)?;
+        }
+        Ok(None)
+    }
+
+    /// Arms the receiver's watch (under the calls lock).
+    fn arm(&self, calls: &mut Calls) -> std::result::Result<(), sys::Errno> {
+        calls.watch_number += 1;
+        self.watch.arm(calls.watch_number)?;
+        calls.armed = true;
+        Ok(())
+    }
+
+    /// After [`Connection::hand_on`], with the lock released.
+    fn handed_on(&self, next: std::result::Result<Option<Thread>, sys::Errno>) {
+        match next {
+            Ok(Some(thread)) => thread.unpark(),
+            Ok(None) => {}
+            Err(sys::Errno(e)) => {
+                self.fail(e, format!("handing the socket on: {}", strerror(e)));
+            }
+        }
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads one whole message from `sock` into `inbox`, or fails the connection.
+    fn read_message(&self, inbox: &mut Inbox, sock: BorrowedFd) -> Result<Message> {
+        let recv = |buf: &mut [u8]| socket::recv_with_fds(sock, buf, MAX_MSG_FDS as usize);
+        inbox.read(MESSAGE_LIMIT, recv).map_err(|e| match e {
+            ReadError::Closed(None) => {
+                self.fail(libc::ECONNRESET, "the server closed the connection")
+            }
+            ReadError::Closed(Some(size)) => self.fail(
+                libc::EPROTO,
+                format!("the server closed the connection in the middle of a {size}-byte message"),
+            ),
+            ReadError::Size(header) => self.fail(
+                libc::EPROTO,
+                format!(
+                    "the server sent a message of {} bytes (id {}, {}): not between 16 and {MESSAGE_LIMIT}",
+                    header.size,
+                    header.id,
+                    command_name(header.command)
+                ),
+            ),
+            ReadError::Recv(sys::Errno(e)) => {
+                self.fail(e, format!("receiving from the server: {}", strerror(e)))
+            }
+        })
+    }
+
+    /// Reads one whole message from the main socket (its reader only), and says whether
+    /// another waits whole in the inbox.
+    fn read_main(&self) -> Result<(Message, bool)> {
+        let mut inbox = self.inbox();
+        let message = self.read_message(&mut inbox, self.sock.as_fd())?;
+        Ok((message, inbox.ready(MESSAGE_LIMIT)))
+    }
+
+    /// Handles a message read from the main socket by the call `me` (None: the receiver): a
+    /// reply goes to its call, or is returned when it is `me`'s; a server request is served.
+    fn dispatch(&self, message: Message, me: Option<u16>) -> Result<Option<(Header, Reply)>> {
+        let Message { header, payload, fds } = message;
+        if !header.is_reply() {
+            self.serve_request(self.sock.as_fd(), &header, &payload, fds)?;
+            return Ok(None);
+        }
+        let reply = Reply { payload, fds };
+        if me == Some(header.id) {
+            return Ok(Some((header, reply)));
+        }
+        let mut calls = self.calls();
+        let thread = match calls.waiting.get_mut(header.id) {
+            Some(waiter) if waiter.reply.is_none() => {
+                waiter.reply = Some((header, reply));
+                waiter.thread.clone()
+            }
+            _ => {
+                drop(calls);
+                return Err(self.fail(
+                    libc::EPROTO,
+                    format!(
+                        "the server sent a reply (id {}, {}) to no outstanding request",
+                        header.id,
+                        command_name(header.command)
+                    ),
+                ));
+            }
+        };
+        drop(calls);
+        thread.as_ref().map(Thread::unpark);
+        Ok(None)
+    }
+
+    /// Serves a command the server sent on `sock` (DMA_READ, DMA_WRITE) and sends the answer.
+    fn serve_request(
+        &self,
+        sock: BorrowedFd,
+        header: &Header,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<()> {
+        if !fds.is_empty() {
+            return Err(self.fail(
+                libc::EPROTO,
+                format!("the server sent {} fds with {}", fds.len(), command_name(header.command)),
+            ));
+        }
+        let answer = serve(header, payload, &self.serve_dma);
+        self.send(sock, &answer, &[])
+    }
+
+    /// Waits for the reply to request `id` (sent, or failed to send): reads it itself when
+    /// the socket is, or becomes, its to read; else is woken when another reader delivers it.
+    fn wait_for(&self, id: u16, command: u16, deadline: Instant) -> Result<(Header, Reply)> {
+        let mut calls = self.calls();
+        loop {
+            // A reply that arrived before the connection failed still answers its call.
+            if let Some(answer) = calls.waiting.get_mut(id).and_then(|w| w.reply.take()) {
+                calls.waiting.remove(id);
+                return Ok(answer);
+            }
+            if let Some(e) = &calls.failed {
+                let e = e.clone();
+                calls.waiting.remove(id);
+                return Err(e);
+            }
+            if calls.reader == Reader::Nobody
+                && let Err(sys::Errno(e)) = self.give_socket(&mut calls, id)
+            {
+                drop(calls);
+                self.fail(e, format!("starting the receiver's ticker: {}", strerror(e)));
+                calls = self.calls();
+                continue;
+            }
+            if calls.reader == Reader::Call(id) {
+                drop(calls);
+                return self.read_until(id, command, deadline);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                calls.waiting.remove(id);
+                drop(calls);
+                return Err(self.timed_out(command));
+            }
+            drop(calls);
+            std::thread::park_timeout(left);
+            calls = self.calls();
+        }
+    }
+
+    /// The reading call `id`: reads the main socket until its reply arrives, then hands the
+    /// reading on. A server that sends nothing is the receiver's to time out (at a tick, by
+    /// failing the connection, which ends the receive); one that keeps sending other messages
+    /// is timed out here.
+    fn read_until(&self, id: u16, command: u16, deadline: Instant) -> Result<(Header, Reply)> {
+        let stopped = |e| {
+            self.calls().waiting.remove(id);
+            e
+        };
+        let (answer, mut more) = loop {
+            let (message, more) = self.read_main().map_err(stopped)?;
+            if let Some(answer) = self.dispatch(message, Some(id)).map_err(stopped)? {
+                break (answer, more);
+            }
+            if Instant::now() >= deadline {
+                self.calls().waiting.remove(id);
+                return Err(self.timed_out(command));
+            }
+        };
+        // What came in the same receive is handled before the socket is left.
+        while more {
+            let message;
+            (message, more) = self.read_main().map_err(stopped)?;
+            if self.dispatch(message, Some(id)).map_err(stopped)?.is_some() {
+                let twice =
+                    format!("the server replied twice to {} (id {id})", command_name(command));
+                return Err(stopped(self.fail(libc::EPROTO, twice)));
+            }
+        }
+        let mut calls = self.calls();
+        calls.waiting.remove(id);
+        let next = self.hand_on(&mut calls, false);
+        drop(calls);
+        self.handed_on(next);
+        Ok(answer)
+    }
+
+    fn timed_out(&self, command: u16) -> Error {
+        self.fail(
+            libc::ETIMEDOUT,
+            format!(
+                "no reply to {} within {} ms (set VFIOKIT_VFIO_USER_TIMEOUT_MS to wait longer)",
+                command_name(command),
+                self.timeout.as_millis()
+            ),
+        )
+    }
 }
 
 fn strerror(e: i32) -> std::io::Error {
@@ -135,12 +454,11 @@ fn command_name(code: u16) -> &'static str {
     }
 }
 
-/// One connection to a vfio-user server. Dropping it shuts the socket and joins its receiver.
+/// One connection to a vfio-user server. Dropping it shuts the socket and joins its receivers.
 pub(crate) struct Client {
     conn: Arc<Connection>,
     /// The server's limits.
     caps: proto::Caps,
-    timeout: Duration,
     /// DMA mappings the server holds, against its `max_dma_maps`.
     dma_maps: Mutex<u32>,
     /// The receivers of the main socket and, in twin-socket mode, of the twin.
@@ -148,19 +466,14 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    /// Connects to the server at `path` and negotiates the protocol version; `serve_dma`
-    /// answers the server's DMA requests.
     /// Starts the thread that receives on the main socket or (`twin`) the twin socket.
-    fn start_receiver(&mut self, twin: bool, serve_dma: Arc<DmaServer>) -> Result<()> {
+    fn start_receiver(&mut self, twin: bool) -> Result<()> {
         let conn = self.conn.clone();
         let thread = std::thread::Builder::new()
             .name("vfiokit-vfio-user".into())
-            .spawn(move || {
-                let sock = match twin {
-                    true => conn.twin.get().expect("set before its receiver starts").as_fd(),
-                    false => conn.sock.as_fd(),
-                };
-                receive(&conn, sock, twin, &serve_dma)
+            .spawn(move || match twin {
+                true => receive_twin(&conn),
+                false => receive(&conn),
             })
             .map_err(sys::Errno::from)
             .context(|| "starting a vfio-user receiver thread")?;
@@ -168,8 +481,9 @@ impl Client {
         Ok(())
     }
 
+    /// Connects to the server at `path` and negotiates the protocol version; `serve_dma`
+    /// answers the server's DMA requests.
     pub(crate) fn connect(path: &str, serve_dma: DmaServer) -> Result<Client> {
-        let serve_dma = Arc::new(serve_dma);
         let name = format!("vfio-user:{path}");
         let sock = socket::connect_unix(path).map_err(|sys::Errno(e)| {
             let hint = match e {
@@ -182,22 +496,36 @@ impl Client {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_TIMEOUT_MS);
+        let timeout = Duration::from_millis(timeout_ms);
+        let watch =
+            Watch::new(sock.as_fd(), 0).context(|| format!("making an epoll watch of {name}"))?;
+        let calls = Calls {
+            waiting: Waiting::default(),
+            next_id: 0,
+            failed: None,
+            reader: Reader::Nobody,
+            watch_number: 0,
+            armed: true,
+            ticking: false,
+        };
         let conn = Arc::new(Connection {
             name,
             sock,
+            inbox: Mutex::new(Inbox::new()),
             twin: std::sync::OnceLock::new(),
+            watch,
             send: Mutex::new(()),
-            calls: Mutex::new(Calls::default()),
-            answered: Condvar::new(),
+            calls: Mutex::new(calls),
+            timeout,
+            serve_dma,
         });
         let mut client = Client {
             conn,
             caps: proto::Caps::default(),
-            timeout: Duration::from_millis(timeout_ms),
             dma_maps: Mutex::new(0),
             receivers: Vec::new(),
         };
-        client.start_receiver(false, serve_dma.clone())?;
+        client.start_receiver(false)?;
         let ours = proto::Caps {
             max_msg_fds: MAX_MSG_FDS,
             max_data_xfer_size: MAX_DATA_XFER,
@@ -217,7 +545,7 @@ impl Client {
                 )));
             }
             let _ = client.conn.twin.set(fds.swap_remove(index as usize));
-            client.start_receiver(true, serve_dma)?;
+            client.start_receiver(true)?;
         }
         if major != proto::MAJOR {
             return Err(client.conn.fail(
@@ -243,49 +571,36 @@ impl Client {
         max_fds: usize,
     ) -> Result<Reply> {
         let conn = &*self.conn;
+        let deadline = Instant::now() + conn.timeout;
         let id = {
             let mut calls = conn.calls();
             if let Some(e) = &calls.failed {
                 return Err(e.clone());
             }
             let mut id = calls.next_id;
-            while calls.waiting.contains_key(&id) {
+            while calls.waiting.contains(id) {
                 id = id.wrapping_add(1);
             }
             calls.next_id = id.wrapping_add(1);
-            calls.waiting.insert(id, None);
+            // Taken before the request goes out, so that the reply cannot wake the receiver.
+            let reads = calls.reader == Reader::Nobody;
+            let thread = (!reads).then(std::thread::current);
+            calls.waiting.insert(id, Waiter { reply: None, thread, command, deadline });
+            if reads && let Err(sys::Errno(e)) = conn.give_socket(&mut calls, id) {
+                drop(calls);
+                // The wait reports it.
+                conn.fail(e, format!("starting the receiver's ticker: {}", strerror(e)));
+            }
             id
         };
-        let sent = conn.send(conn.sock.as_fd(), &proto::command(id, command, parts), fds);
-        let deadline = Instant::now() + self.timeout;
-        let mut calls = conn.calls();
-        let answer = loop {
-            // A reply that arrived before the connection failed still answers its call.
-            if let Some(answer) = calls.waiting.get_mut(&id).and_then(Option::take) {
-                calls.waiting.remove(&id);
-                break answer;
-            }
-            if sent.is_err() || calls.failed.is_some() {
-                calls.waiting.remove(&id);
-                return Err(calls.failed.clone().expect("set by the failure"));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                calls.waiting.remove(&id);
-                drop(calls);
-                return Err(conn.fail(
-                    libc::ETIMEDOUT,
-                    format!(
-                        "no reply to {} within {} ms (set VFIOKIT_VFIO_USER_TIMEOUT_MS to wait longer)",
-                        command_name(command),
-                        self.timeout.as_millis()
-                    ),
-                ));
-            }
-            calls = conn.answered.wait_timeout(calls, left).unwrap_or_else(|e| e.into_inner()).0;
+        // A failed send fails the connection, which the wait then reports. Small commands
+        // (nearly all) are put together on the stack.
+        let mut small = [0u8; 256];
+        let _ = match proto::command_into(&mut small, id, command, parts) {
+            Some(n) => conn.send(conn.sock.as_fd(), &small[..n], fds),
+            None => conn.send(conn.sock.as_fd(), &proto::command(id, command, parts), fds),
         };
-        drop(calls);
-        let (header, reply) = answer;
+        let (header, reply) = conn.wait_for(id, command, deadline)?;
         if header.command != command {
             return Err(self.protocol_error(format!(
                 "the reply to {} (id {id}) is for {}",
@@ -459,91 +774,104 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.conn.shutdown();
+        // No call is in flight (each holds the client): the receivers see the failure and end.
+        self.conn.fail(libc::ECANCELED, "the connection is closed");
         for receiver in self.receivers.drain(..) {
             let _ = receiver.join();
         }
     }
 }
 
-/// A receiver thread: delivers replies (main socket only) and serves the server's requests
-/// until the connection ends.
-fn receive(conn: &Connection, sock: BorrowedFd, twin: bool, serve_dma: &DmaServer) {
-    let limit = MAX_DATA_XFER + MESSAGE_SLACK;
+/// The main socket's receiver thread: reads a message whenever one arrives while no call is
+/// reading; at each tick, ends a reading call that is past its deadline, and arms the watch
+/// once no call is left. Until the connection ends.
+fn receive(conn: &Connection) {
     loop {
-        let mut head = [0u8; proto::HEADER_LEN];
-        let mut fds = Vec::new();
-        match recv_exact(sock, &mut head, &mut fds) {
-            Ok(true) => {}
-            Ok(false) => {
-                return drop(conn.fail(libc::ECONNRESET, "the server closed the connection"));
-            }
+        let fired = match conn.watch.wait() {
+            Ok(fired) => fired,
             Err(sys::Errno(e)) => {
-                return drop(conn.fail(e, format!("receiving from the server: {}", strerror(e))));
+                conn.fail(e, format!("waiting for the server: {}", strerror(e)));
+                return;
+            }
+        };
+        let mut calls = conn.calls();
+        if calls.failed.is_some() {
+            return;
+        }
+        match (fired, calls.reader) {
+            (Fired::Tick, Reader::Call(id)) => {
+                let late = calls.waiting.get(id).filter(|w| w.deadline <= Instant::now());
+                if let Some(command) = late.map(|w| w.command) {
+                    drop(calls);
+                    // Ends the call's receive: it returns this error.
+                    conn.timed_out(command);
+                }
+                continue;
+            }
+            (Fired::Tick, _) => {
+                // No call reads: the watch goes back on, and the ticker off.
+                let next = conn.hand_on(&mut calls, true).and_then(|next| {
+                    if calls.reader == Reader::Nobody {
+                        conn.watch.tick(None)?;
+                        calls.ticking = false;
+                    }
+                    Ok(next)
+                });
+                drop(calls);
+                conn.handed_on(next);
+                continue;
+            }
+            // An older number: that arming was undone when a call took the socket, which
+            // read what woke the watch, or reads it still.
+            (Fired::Socket(n), _) if n != calls.watch_number => continue,
+            (Fired::Socket(_), reader) => {
+                calls.armed = false;
+                if reader != Reader::Nobody {
+                    continue;
+                }
+                calls.reader = Reader::Receiver;
             }
         }
-        let header = Header::decode(&head);
-        if (header.size as usize) < proto::HEADER_LEN || header.size > limit {
-            return drop(conn.fail(
-                libc::EPROTO,
-                format!(
-                    "the server sent a message of {} bytes (id {}, {}): not between 16 and {limit}",
-                    header.size,
-                    header.id,
-                    command_name(header.command)
-                ),
-            ));
-        }
-        let mut payload = vec![0u8; header.size as usize - proto::HEADER_LEN];
-        match recv_exact(sock, &mut payload, &mut fds) {
-            Ok(true) => {}
-            Ok(false) => {
-                return drop(conn.fail(
-                    libc::EPROTO,
-                    format!(
-                        "the server closed the connection in the middle of a {}-byte message",
-                        header.size
-                    ),
-                ));
+        drop(calls);
+        // One message, and any that came whole with it.
+        loop {
+            let Ok((message, more)) = conn.read_main() else {
+                return;
+            };
+            if conn.dispatch(message, None).is_err() {
+                return;
             }
-            Err(sys::Errno(e)) => {
-                return drop(conn.fail(e, format!("receiving from the server: {}", strerror(e))));
+            if !more {
+                break;
             }
         }
-        if header.is_reply() && twin {
-            return drop(conn.fail(
+        let mut calls = conn.calls();
+        if calls.failed.is_some() {
+            return;
+        }
+        let next = conn.hand_on(&mut calls, true);
+        drop(calls);
+        conn.handed_on(next);
+    }
+}
+
+/// The twin socket's receiver thread: serves the server's requests there until the connection
+/// ends.
+fn receive_twin(conn: &Connection) {
+    let sock = conn.twin.get().expect("set before its receiver starts").as_fd();
+    let mut inbox = Inbox::new();
+    loop {
+        let Ok(Message { header, payload, fds }) = conn.read_message(&mut inbox, sock) else {
+            return;
+        };
+        if header.is_reply() {
+            conn.fail(
                 libc::EPROTO,
                 format!("the server sent a reply (id {}) on the twin socket", header.id),
-            ));
+            );
+            return;
         }
-        if header.is_reply() {
-            let mut calls = conn.calls();
-            match calls.waiting.get_mut(&header.id) {
-                Some(slot @ None) => *slot = Some((header, Reply { payload, fds })),
-                _ => {
-                    drop(calls);
-                    return drop(conn.fail(
-                        libc::EPROTO,
-                        format!(
-                            "the server sent a reply (id {}, {}) to no outstanding request",
-                            header.id,
-                            command_name(header.command)
-                        ),
-                    ));
-                }
-            }
-            drop(calls);
-            conn.answered.notify_all();
-            continue;
-        }
-        if !fds.is_empty() {
-            return drop(conn.fail(
-                libc::EPROTO,
-                format!("the server sent {} fds with {}", fds.len(), command_name(header.command)),
-            ));
-        }
-        let answer = serve(&header, &payload, serve_dma);
-        if conn.send(sock, &answer, &[]).is_err() {
+        if conn.serve_request(sock, &header, &payload, fds).is_err() {
             return;
         }
     }

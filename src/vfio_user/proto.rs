@@ -86,6 +86,22 @@ pub fn command(id: u16, command: u16, parts: &[&[u8]]) -> Vec<u8> {
     encode(id, command, 0, 0, parts)
 }
 
+/// A command, as [`command`], written at the start of `buf` if it fits there: its length.
+pub fn command_into(buf: &mut [u8], id: u16, command: u16, parts: &[&[u8]]) -> Option<usize> {
+    let size = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
+    let out = buf.get_mut(..size)?;
+    out[0..2].copy_from_slice(&id.to_ne_bytes());
+    out[2..4].copy_from_slice(&command.to_ne_bytes());
+    out[4..8].copy_from_slice(&(size as u32).to_ne_bytes());
+    out[8..HEADER_LEN].fill(0);
+    let mut at = HEADER_LEN;
+    for p in parts {
+        out[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    Some(size)
+}
+
 /// A reply to command `id`.
 pub fn reply(id: u16, command: u16, parts: &[&[u8]]) -> Vec<u8> {
     encode(id, command, TYPE_REPLY, 0, parts)
@@ -303,6 +319,15 @@ mod tests {
         let mut bare = reply(1, DEVICE_RESET, &[]);
         bare[8] |= 1 << 5;
         assert_eq!(Header::decode(bare[..16].try_into().unwrap()).errno(), Some(libc::EIO));
+    }
+
+    #[test]
+    fn a_command_in_place_is_the_command() {
+        let parts: [&[u8]; 2] = [&region_access(2, 0x40, 4), &[1, 2, 3, 4]];
+        let mut buf = [0xffu8; 64];
+        let n = command_into(&mut buf, 9, REGION_WRITE, &parts).unwrap();
+        assert_eq!(&buf[..n], &command(9, REGION_WRITE, &parts)[..]);
+        assert_eq!(command_into(&mut buf[..35], 9, REGION_WRITE, &parts), None, "36 bytes");
     }
 
     #[test]

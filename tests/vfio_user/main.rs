@@ -2,6 +2,7 @@
 //! (model.rs, edu to a driver), libvfio-user's sample servers (libvfio_user.rs), and scripted
 //! servers that break the protocol. On the host: no root, no IOMMU.
 
+mod concurrency;
 mod heap;
 mod libvfio_user;
 mod model;

@@ -5,7 +5,6 @@
 //! socket or the twin; and it dies, stalls, or sees the device closed with calls in flight.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -41,21 +40,8 @@ fn open_one_region_device(peer: &mut Peer, twin: bool) -> Option<Peer> {
     let (h, _) = peer.expect(scripted::VERSION);
     let theirs = match twin {
         true => {
-            let (ours, theirs) = UnixStream::pair().unwrap();
             let json = r#"{"capabilities":{"max_msg_fds":8,"twin_socket":{"supported":true,"fd_index":0}}}"#;
-            let payload = [&[0u8, 0, 1, 0][..], json.as_bytes(), &[0]].concat();
-            let head = Header {
-                id: h.id,
-                command: scripted::VERSION,
-                size: 16 + payload.len() as u32,
-                flags: scripted::REPLY,
-                error: 0,
-            };
-            peer.send_with_fd(
-                &[scripted::header_bytes(head), payload].concat(),
-                std::os::fd::AsRawFd::as_raw_fd(&theirs),
-            );
-            Some(Peer { stream: ours, fds: 0 })
+            Some(peer.reply_version_with_twin(h, json))
         }
         false => {
             let payload =

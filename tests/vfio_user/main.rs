@@ -654,25 +654,11 @@ fn a_twin_socket_carries_the_servers_requests() {
     let server = scripted::serve(&path, move |peer| {
         let (h, version) = peer.expect(scripted::VERSION);
         assert!(String::from_utf8_lossy(&version).contains(r#""twin_socket":{"supported":true}"#));
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let json = r#"{"capabilities":{"twin_socket":{"supported":true,"fd_index":0}}}"#;
-        let payload = [&[0u8, 0, 1, 0][..], json.as_bytes(), &[0]].concat();
-        let head = scripted::Header {
-            id: h.id,
-            command: scripted::VERSION,
-            size: 16 + payload.len() as u32,
-            flags: scripted::REPLY,
-            error: 0,
-        };
-        peer.send_with_fd(
-            &[scripted::header_bytes(head), payload].concat(),
-            std::os::fd::AsRawFd::as_raw_fd(&theirs),
-        );
-        drop(theirs);
+        let mut twin = peer.reply_version_with_twin(h, json);
         let (h, _) = peer.expect(scripted::DMA_MAP);
         peer.reply(h, &[]);
         peer.answer_device_info();
-        let mut twin = scripted::Peer { stream: ours, fds: 0 };
         twin.send(
             7,
             scripted::DMA_READ,

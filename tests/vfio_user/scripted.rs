@@ -101,6 +101,25 @@ impl Peer {
         self.send(to.id, to.command, REPLY, 0, payload);
     }
 
+    /// Answers the VERSION request `to` with `capabilities` (JSON, which names the twin socket
+    /// at fd index 0), the twin's client end attached; returns the twin's server end.
+    pub fn reply_version_with_twin(&mut self, to: Header, capabilities: &str) -> Peer {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let payload = [&[0u8, 0, 1, 0][..], capabilities.as_bytes(), &[0]].concat();
+        let head = Header {
+            id: to.id,
+            command: VERSION,
+            size: 16 + payload.len() as u32,
+            flags: REPLY,
+            error: 0,
+        };
+        self.send_with_fd(
+            &[header_bytes(head), payload].concat(),
+            std::os::fd::AsRawFd::as_raw_fd(&theirs),
+        );
+        Peer { stream: ours, fds: 0 }
+    }
+
     /// Sends `bytes` with `fd` attached (the receiver gets its own copy).
     pub fn send_with_fd(&mut self, bytes: &[u8], fd: i32) {
         let mut control = [0u64; 4];

@@ -44,7 +44,7 @@ check:
 # The long soak, which CI does not run: 10,000 open/map/alloc cycles in each guest run (about
 # 100 ms a cycle on the iommufd kernel under TCG), the close-under-running-calls matrix at 50
 # rounds a kind and under valgrind, every C example under valgrind (and nvme-io's plain runs at
-# 200,000 commands, about 25 s each under TCG), the Python guest tests on
+# 200,000 commands, about 15 s each under TCG), the Python guest tests on
 # both kernels, the guest suite on 6.12 with type1 as the default, the test bed's guest checks on
 # both kernels.
 soak:

@@ -43,14 +43,16 @@ check:
 
 # The long soak, which CI does not run: 10,000 open/map/alloc cycles in each guest run (about
 # 100 ms a cycle on the iommufd kernel under TCG), the close-under-running-calls matrix at 50
-# rounds a kind and under valgrind, every C example under valgrind, the Python guest tests on
+# rounds a kind and under valgrind, every C example under valgrind (and nvme-io's plain runs at
+# 200,000 commands, about 15 s each under TCG), the Python guest tests on
 # both kernels, the guest suite on 6.12 with type1 as the default, the test bed's guest checks on
 # both kernels.
 soak:
 	VFIOKIT_CYCLES=10000 VFIOKIT_CASE_TIMEOUT=7200 VFIOKIT_GUEST_TIMEOUT=7800 \
 		cargo test --test guest -- cycles_leak_nothing
 	VFIOKIT_THREAD_ROUNDS=50 VFIOKIT_VALGRIND_THREAD_ROUNDS=10 tests/c/run
-	VFIOKIT_VALGRIND_EXAMPLES="lsvfio edu nvme-identify edu-threads" c-examples/test
+	VFIOKIT_VALGRIND_EXAMPLES="lsvfio edu nvme-identify edu-threads nvme-io" VFIOKIT_NVME_IO_COMMANDS=200000 \
+		c-examples/test
 	python/run-tests legacy iommufd
 	VFIOKIT_VM_KERNELS=iommufd:type1 cargo test --test guest
 	tests/vm/selftest

@@ -140,8 +140,8 @@ impl PciDevice {
             return Err(Error::new(
                 libc::ENODEV,
                 format!(
-                    "{} has no IOMMU ({node}, VFIO's unsafe no-IOMMU mode) and so no VFIO cdev: open it in a \
-                     no-IOMMU context (VFIOKIT_IOMMU=noiommu)",
+                    "{} has no IOMMU ({node}, VFIO's unsafe no-IOMMU mode): its DMA sees physical addresses, \
+                     not an iommufd context's IOVAs; open it in a no-IOMMU context (VFIOKIT_IOMMU=noiommu)",
                     self.address
                 ),
             ));

@@ -264,7 +264,7 @@ def test_translate_and_readonly(edu):
 
 
 def test_explicit_iommu_map_unmap(edu):
-    expected = vfiokit.IOMMU_IOMMUFD if os.environ.get("VFIOKIT_VM_KERNEL") == "iommufd" else vfiokit.IOMMU_TYPE1
+    expected = vfiokit.IOMMU_TYPE1 if os.environ.get("VFIOKIT_VM_KERNEL") == "legacy" else vfiokit.IOMMU_IOMMUFD
     if os.environ.get("VFIOKIT_IOMMU") == "type1":
         expected = vfiokit.IOMMU_TYPE1
     with vfiokit.Iommu() as iommu, vfiokit.open(edu, iommu) as dev:

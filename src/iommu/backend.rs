@@ -49,6 +49,11 @@ pub(crate) trait Backend: Send + Sync {
         sys::page_size() as u64
     }
 
+    /// The kernel's errno for a DMA range that wraps past 2^64 (vfiokit refuses it first).
+    fn wraps_errno(&self) -> i32 {
+        self.kind().wraps_errno()
+    }
+
     /// Whether DMA buffers must be memfd-backed (a device server maps them by fd).
     fn buffers_by_fd(&self) -> bool {
         false

@@ -271,6 +271,18 @@ impl Backend for Type1 {
         Ok(self.container.fd())
     }
 
+    /// Type1 said EINVAL up to Linux 6.12 and says EOVERFLOW on 7.3: ask the kernel, with an
+    /// unmap of two pages across 2^64, which changes nothing (only on this error path).
+    fn wraps_errno(&self) -> i32 {
+        let page = sys::page_size() as u64;
+        match self.attached.load(Ordering::Acquire) {
+            true => vfio::dma_unmap(self.container.fd(), 0u64.wrapping_sub(page), 2 * page, false)
+                .err()
+                .map_or(self.kind().wraps_errno(), |sys::Errno(e)| e),
+            false => self.kind().wraps_errno(),
+        }
+    }
+
     fn ranges(&self) -> Result<Option<Vec<IovaRange>>> {
         // A type1 container reports its ranges once a group is in it.
         match self.attached.load(Ordering::Acquire) {

@@ -87,8 +87,13 @@ impl Backend for Iommufd {
         let (device, cdev) = match adopted {
             Some(fd) => (fd, format!("the cdev handed over for {}", dev.address)),
             None => {
-                // Whether the node is there is checked only if it cannot be opened.
-                let cdev = dev.cdev_unchecked().map_or_else(|| dev.cdev(), Ok)?;
+                // Whether the node is there is checked only if it cannot be opened. Linux 7.3
+                // gives no-IOMMU devices a cdev too ("noiommu-vfio0"), which binds, but their
+                // DMA sees physical addresses, not this context's IOVAs: cdev() refuses them.
+                let cdev = match dev.cdev_unchecked() {
+                    Some(cdev) if !cdev.contains("/noiommu-") => cdev,
+                    _ => dev.cdev()?,
+                };
                 let fd = open_node(&cdev, "").map_err(|e| dev.cdev().err().unwrap_or(e))?;
                 (fd, cdev)
             }

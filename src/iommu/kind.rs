@@ -67,8 +67,8 @@ impl IommuKind {
         matches!(self, IommuKind::Iommufd | IommuKind::IommufdCompat | IommuKind::IommufdCompatV1)
     }
 
-    /// The kernel's errno for a DMA range past 2^64: no valid range to type1, an overflow to
-    /// iommufd.
+    /// The kernel's errno for a DMA range past 2^64: no valid range to type1 (up to Linux
+    /// 6.12; a type1 context with a group asks its kernel), an overflow to iommufd.
     pub(crate) fn wraps_errno(self) -> i32 {
         if self.is_iommufd() { libc::EOVERFLOW } else { libc::EINVAL }
     }

@@ -300,7 +300,7 @@ impl Iommu {
         // The kernel's errnos for the same mistakes (an overlap is EEXIST to both).
         if iova.checked_add(len as u64 - 1).is_none() {
             return Err(Error::new(
-                self.kind().wraps_errno(),
+                self.0.backend.wraps_errno(),
                 format!("DMA map of {len:#x} bytes at IOVA {iova:#x}: the range wraps past 2^64"),
             ));
         }
@@ -399,7 +399,7 @@ impl Iommu {
         let Some(last) = iova.checked_add((len as u64).wrapping_sub(1)).filter(|_| len > 0) else {
             return match len {
                 0 => refuse(libc::EINVAL, "the length is zero".into()),
-                _ => refuse(kind.wraps_errno(), "the range wraps past 2^64".into()),
+                _ => refuse(self.0.backend.wraps_errno(), "the range wraps past 2^64".into()),
             };
         };
         // iommufd takes any byte range and answers from the mappings in it; type1 wants pages.

@@ -10,9 +10,9 @@ use crate::common::*;
 pub fn backend_choice() {
     let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap();
     assert_eq!(
-        kernel == "iommufd",
+        kernel != "legacy",
         std::path::Path::new("/dev/iommu").exists(),
-        "only the iommufd kernel has /dev/iommu"
+        "the kernels built from source have /dev/iommu, Debian's 6.1 has not"
     );
     assert_eq!(Iommu::open_auto().unwrap().kind(), expected_kind());
     assert_eq!(open("EDU").iommu().kind(), expected_kind(), "the shared context");
@@ -22,7 +22,7 @@ pub fn backend_choice() {
         "type1 is there on both kernels"
     );
     fails(IommuKind::from_code(8), libc::EINVAL, &["unknown IOMMU kind 8", "7 no-IOMMU"]);
-    if kernel == "iommufd" {
+    if kernel != "legacy" {
         assert_eq!(Iommu::open(IommuKind::Iommufd).unwrap().kind(), IommuKind::Iommufd);
         // One device bound through iommufd cannot be opened again through its group.
         let fd_ctx = Iommu::open(IommuKind::Iommufd).unwrap();

@@ -144,6 +144,12 @@ pub fn rc<T>(r: vfiokit::Result<T>) -> i32 {
 }
 
 /// What AUTO must pick here: iommufd where the kernel has it, unless VFIOKIT_IOMMU says type1.
+/// The ERR irqs of a device that is not PCI Express (edu): Linux 7.3 offers one on every
+/// device, 6.1 and 6.12 on PCIe devices only.
+pub fn err_irqs_off_pcie() -> u32 {
+    (std::env::var("VFIOKIT_VM_KERNEL").unwrap() == "latest") as u32
+}
+
 pub fn expected_kind() -> IommuKind {
     let kernel_has_iommufd = std::path::Path::new("/dev/iommu").exists();
     match std::env::var("VFIOKIT_IOMMU").as_deref() {

@@ -57,7 +57,7 @@ fn differences() -> Vec<(&'static str, &'static str, &'static [i32])> {
 pub fn backends_agree() {
     let backends = backends();
     let kernel = std::env::var("VFIOKIT_VM_KERNEL").unwrap_or_default();
-    assert_eq!(backends.len(), if kernel == "iommufd" { 2 } else { 1 }, "backends on {kernel}");
+    assert_eq!(backends.len(), if kernel == "legacy" { 1 } else { 2 }, "backends on {kernel}");
     let differences = differences();
     let mut wrong = Vec::new();
     // Mappings are compared over the whole run after the first backend's pass (which may grow

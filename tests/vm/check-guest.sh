@@ -3,7 +3,7 @@
 # every test device bound to vfio-pci and reachable through VFIO, the exported variables right,
 # the IOMMU active, the shares and TMPDIR writable.
 #
-#   tests/vm/run [--kernel legacy|iommufd] -- tests/vm/check-guest.sh
+#   tests/vm/run [--kernel legacy|iommufd|latest] -- tests/vm/check-guest.sh
 set -u
 
 pass=0 fail=0
@@ -22,13 +22,20 @@ check() { # check DESCRIPTION COMMAND...
 }
 
 kernel=${VFIOKIT_VM_KERNEL:-}
-check "VFIOKIT_VM_KERNEL is legacy or iommufd ('$kernel')" test "$kernel" = legacy -o "$kernel" = iommufd
+check "VFIOKIT_VM_KERNEL is legacy, iommufd or latest ('$kernel')" test "$kernel" = legacy -o "$kernel" = iommufd -o "$kernel" = latest
+# The kernels built from source have iommufd and the device cdev; the Debian 6.1 one has not.
+cdev_kernel=false
+[[ $kernel == legacy ]] || cdev_kernel=true
 check "the IOMMU is active (/sys/class/iommu non-empty)" test -n "$(ls -A /sys/class/iommu 2>/dev/null)"
 ir_on() { grep -q ' IR-' /proc/interrupts || dmesg | grep -q 'Enabled IRQ remapping'; }
 check "interrupt remapping is on" ir_on
 check "/dev/vfio/vfio (the legacy container) exists" test -c /dev/vfio/vfio
-if [[ $kernel == iommufd ]]; then
+if $cdev_kernel; then
 	check "/dev/iommu exists" test -c /dev/iommu
+fi
+if [[ $kernel == latest ]]; then
+	check "2 MiB hugepages are reserved" test "$(cat /proc/sys/vm/nr_hugepages)" -gt 0
+	check "the Intel IOMMU's debugfs is mounted" test -d /sys/kernel/debug/iommu/intel
 fi
 
 # bar_size DEVICE INDEX: size of BAR INDEX in bytes, from the sysfs resource file.
@@ -57,7 +64,7 @@ check_device() {
 	check "$role: bound to vfio-pci" test "$(basename "$(readlink "$dev/driver")")" = vfio-pci
 	group=$(basename "$(readlink "$dev/iommu_group")")
 	check "$role: in IOMMU group ${group:-?} with /dev/vfio/${group:-?}" test -n "$group" -a -c "/dev/vfio/$group"
-	if [[ $kernel == iommufd ]]; then
+	if $cdev_kernel; then
 		cdev=$(find "$dev/vfio-dev" -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | head -n1)
 		check "$role: device cdev /dev/vfio/devices/${cdev:-?}" test -n "$cdev" -a -c "/dev/vfio/devices/$cdev"
 	fi

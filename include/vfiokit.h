@@ -781,6 +781,24 @@ int vfiokit_dma_alloc_flags(struct vfiokit_iommu *iommu,
                             void **vaddr,
                             uint64_t *iova);
 
+// Maps `len` bytes of the file `fd` from `offset` (both whole pages; a memfd, a file on
+// hugetlbfs) into this process, shared, and for DMA; `*vaddr` and `*iova` say where.
+// `vfiokit_dma_free(iommu, *vaddr)` releases both; the file stays the caller's (the context
+// keeps its own duplicate of `fd`) and is never poisoned. On iommufd the kernel maps the
+// file's pages (IOMMU_IOAS_MAP_FILE), not the process's address range; a kernel without it
+// (before 6.13) is `-EOPNOTSUPP`. `flags`: `VFIOKIT_DMA_READONLY` (the device only reads; the
+// file may be open read-only). A negative `fd` is `-EBADF`.
+//
+// # Safety
+// `vaddr` and `iova` must be valid for writes; `fd`, when not negative, an open fd.
+int vfiokit_dma_map_file(struct vfiokit_iommu *iommu,
+                         int fd,
+                         uint64_t offset,
+                         size_t len,
+                         uint32_t flags,
+                         void **vaddr,
+                         uint64_t *iova);
+
 // Guard mode on (`on` non-zero) or off for later allocations: each IOVA range that
 // `vfiokit_dma_alloc*` and `vfiokit_dma_map_any*` hand out is followed by an unmapped page, so
 // a device DMA running past the end of a buffer is stopped by the IOMMU, and freed buffers

@@ -169,6 +169,37 @@ def test_edu_dma_round_trip(edu):
         assert buf.address == 0 and "freed" in repr(buf)
 
 
+def test_file_mapping(edu):
+    """map_file: a memfd's pages from an offset, through the device and back into the file; on
+    an iommufd without IOMMU_IOAS_MAP_FILE (6.12) an OSError naming the version it needs."""
+    fd = os.memfd_create("vfiokit-test-file")
+    try:
+        os.ftruncate(fd, 3 * 4096)
+        pattern = bytes((i * 13 + 1) & 0xFF for i in range(1024))
+        os.pwrite(fd, pattern, 4096)
+        with vfiokit.open(edu) as dev:
+            bus_master(dev)
+            bar0 = registers(dev)
+            iommu = dev.iommu
+            if iommu.kind == vfiokit.IOMMU_IOMMUFD and os.environ.get("VFIOKIT_VM_KERNEL") != "latest":
+                with pytest.raises(OSError) as e:
+                    iommu.map_file(fd, 0, 4096)
+                assert e.value.errno == errno.EOPNOTSUPP and "Linux 6.13" in str(e.value)
+                return
+            with iommu.map_file(fd, 4096, 2 * 4096) as m:
+                assert m.mem[:1024] == pattern
+                edu_dma(bar0, m.iova, EDU_BUFFER, len(pattern), to_ram=False)
+                edu_dma(bar0, EDU_BUFFER, m.iova + 4096, len(pattern), to_ram=True)
+                assert os.pread(fd, 1024, 2 * 4096) == pattern
+            with iommu.map_file(fd, 0, 4096, vfiokit.DMA_READONLY) as ro:
+                assert ro.mem.readonly
+            with pytest.raises(OSError) as e:
+                iommu.map_file(fd, 1, 4096)
+            assert e.value.errno == errno.EINVAL and "whole pages" in str(e.value)
+    finally:
+        os.close(fd)
+
+
 def test_handoff_to_an_unprivileged_process(edu):
     """Root hands a context with edu to a child running as nobody, which cannot open edu itself
     and raises an MSI and allocates DMA memory through the adopted context."""

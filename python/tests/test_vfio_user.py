@@ -171,12 +171,13 @@ EDU_TESTS: list[Callable[[str], None]] = [
     lambda edu: test_guest.test_close_from_another_thread_ends_a_wait(edu, "irq"),
     lambda edu: test_guest.test_close_from_another_thread_ends_a_wait(edu, "device"),
     test_guest.test_edu_dma_round_trip,
+    test_guest.test_file_mapping,
     test_guest.test_translate_and_readonly,
 ]
 
 
 @pytest.mark.parametrize("test", EDU_TESTS, ids=["caller_eventfds", "edu_msi", "close_irq_ends_a_wait",
                                                  "close_device_ends_a_wait", "edu_dma_round_trip",
-                                                 "translate_and_readonly"])
+                                                 "file_mapping", "translate_and_readonly"])
 def test_guest_edu_tests_on_the_model(model: str, test: Callable[[str], None]) -> None:
     test(model)

@@ -482,6 +482,31 @@ class DmaBuffer(_Closing):
         return f"<vfiokit.{type(self).__name__} {self.size:#x} ({human_size(self.size)}), {state}>"
 
 
+class FileMapping(DmaBuffer):
+    """`size` bytes of the file `fd` from `offset` (whole pages), mapped shared into this
+    process and for DMA (docs/dma.md, "Files"): `.iova`, `.mem`, `.address`; unmapped by close().
+    The file stays the caller's. On iommufd the kernel maps the file's pages (Linux 6.13+;
+    older kernels raise EOPNOTSUPP). `flags`: DMA_READONLY (then `.mem` is read-only)."""
+
+    def __init__(self, iommu: Iommu, fd: int, offset: int, size: int, flags: int = 0):
+        self._file = (fd, offset)
+        self._readonly = bool(flags & DMA_READONLY)
+        super().__init__(iommu, size, flags)
+
+    def _allocate(self, iommu: Iommu, size: int, flags: int, address: c_void_p, iova: c_uint64) -> None:  # type: ignore[override]
+        fd, offset = self._file
+        _lib.vfiokit_dma_map_file(iommu._handle(), fd, offset, size, flags, byref(address), byref(iova))
+
+    def _name(self) -> str:
+        return f"file mapping at IOVA {self.iova:#x}"
+
+    @property
+    def mem(self) -> memoryview:
+        """A memoryview of the mapping (read-only with DMA_READONLY; released by close())."""
+        view = super().mem
+        return view.toreadonly() if self._readonly else view
+
+
 class HeapObject(DmaBuffer):
     """A zeroed object of `size` bytes (1 byte to 2 MiB) aligned to `align`, from the context's
     DMA heap (docs/dma.md, "The DMA heap"): `.iova`, `.mem` (a memoryview), `.address`; freed
@@ -630,6 +655,11 @@ class Iommu(_Closing):
         """Allocates zeroed memory mapped for DMA: `.iova`, `.mem`; free it with close().
         `flags`: DMA_READONLY, DMA_HUGE_2M or DMA_HUGE_1G."""
         return DmaBuffer(self, size, flags)
+
+    def map_file(self, fd: int, offset: int, size: int, flags: int = 0) -> FileMapping:
+        """Maps `size` bytes of the file `fd` from `offset` for DMA: `.iova`, `.mem`; unmap it
+        with close(). `flags`: DMA_READONLY."""
+        return FileMapping(self, fd, offset, size, flags)
 
     def heap_alloc(self, size: int, align: int = 1) -> HeapObject:
         """A zeroed object from the context's DMA heap: `.iova`, `.mem`; free it with close()."""
@@ -855,6 +885,6 @@ def unbind(address: str) -> None:
 
 
 __all__ = [
-    "open", "bind", "unbind", "doctor", "Finding", "HotResetDep", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "HeapObject", "RegionInfo",
+    "open", "bind", "unbind", "doctor", "Finding", "HotResetDep", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "FileMapping", "HeapObject", "RegionInfo",
     "AreaInfo", "IrqInfo", "IovaRange", "human_size", "LIBRARY_VERSION", "ABI_VERSION",
 ] + [n for n in dir(_capi) if n.isupper() and n.split("_")[0] in ("IOMMU", "IRQ", "PCI", "REGION", "SEVERITY", "FINDING")]

@@ -182,6 +182,7 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_dma_map_flags": (c_int, [_iommu, c_void_p, c_size_t, c_uint64, c_uint32], _check_int),
     "vfiokit_dma_map_any_flags": (c_int, [_iommu, c_void_p, c_size_t, c_uint32, POINTER(c_uint64)], _check_int),
     "vfiokit_dma_alloc_flags": (c_int, [_iommu, c_size_t, c_uint32, POINTER(c_void_p), POINTER(c_uint64)], _check_int),
+    "vfiokit_dma_map_file": (c_int, [_iommu, c_int, c_uint64, c_size_t, c_uint32, POINTER(c_void_p), POINTER(c_uint64)], _check_int),
     "vfiokit_dma_translate": (c_int, [_iommu, c_void_p, c_size_t, POINTER(c_uint64)], _check_int),
     "vfiokit_dma_to_vaddr": (c_int, [_iommu, c_uint64, c_size_t, POINTER(c_void_p)], _check_int),
     "vfiokit_dma_heap_alloc": (c_int, [_iommu, c_size_t, c_size_t, POINTER(c_void_p), POINTER(c_uint64)], _check_int),

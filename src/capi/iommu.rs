@@ -393,6 +393,37 @@ pub unsafe extern "C" fn vfiokit_dma_alloc_flags(
     call(|| unsafe { allocated(vaddr, iova, || self::iommu(iommu)?.alloc_flags(len, flags)) })
 }
 
+/// Maps `len` bytes of the file `fd` from `offset` (both whole pages; a memfd, a file on
+/// hugetlbfs) into this process, shared, and for DMA; `*vaddr` and `*iova` say where.
+/// `vfiokit_dma_free(iommu, *vaddr)` releases both; the file stays the caller's (the context
+/// keeps its own duplicate of `fd`) and is never poisoned. On iommufd the kernel maps the
+/// file's pages (IOMMU_IOAS_MAP_FILE), not the process's address range; a kernel without it
+/// (before 6.13) is `-EOPNOTSUPP`. `flags`: `VFIOKIT_DMA_READONLY` (the device only reads; the
+/// file may be open read-only). A negative `fd` is `-EBADF`.
+///
+/// # Safety
+/// `vaddr` and `iova` must be valid for writes; `fd`, when not negative, an open fd.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_dma_map_file(
+    iommu: *mut vfiokit_iommu,
+    fd: c_int,
+    offset: u64,
+    len: usize,
+    flags: u32,
+    vaddr: *mut *mut c_void,
+    iova: *mut u64,
+) -> c_int {
+    call(|| {
+        if fd < 0 {
+            return Err(Error::new(libc::EBADF, format!("fd {fd} is not a file to map")));
+        }
+        // SAFETY: the caller's open fd, borrowed for the call (the context dups it).
+        let file = unsafe { BorrowedFd::borrow_raw(fd) };
+        // SAFETY: forwarded from the caller.
+        unsafe { allocated(vaddr, iova, || self::iommu(iommu)?.map_file(file, offset, len, flags)) }
+    })
+}
+
 /// Guard mode on (`on` non-zero) or off for later allocations: each IOVA range that
 /// `vfiokit_dma_alloc*` and `vfiokit_dma_map_any*` hand out is followed by an unmapped page, so
 /// a device DMA running past the end of a buffer is stopped by the IOMMU, and freed buffers

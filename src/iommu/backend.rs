@@ -54,9 +54,16 @@ pub(crate) trait Backend: Send + Sync {
         self.kind().wraps_errno()
     }
 
-    /// Whether DMA buffers must be memfd-backed (a device server maps them by fd).
+    /// Whether DMA buffers are memfd-backed: a device server maps them by fd; iommufd maps them
+    /// by file where it can, so that the mapping holds the file's pages, not this process's.
     fn buffers_by_fd(&self) -> bool {
         false
+    }
+
+    /// Refuses `map_file` where the mapping would not be of the file itself (an iommufd
+    /// without IOMMU_IOAS_MAP_FILE); elsewhere the file is mapped by its pages or its address.
+    fn check_map_file(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Refuses a map at an IOVA the caller chose, where this backend cannot honour one.

@@ -461,7 +461,7 @@ impl Heap {
                 false,
             ),
         };
-        let facts = Facts { writable: true, owner: Owner::Heap, fd };
+        let facts = Facts { writable: true, owner: Owner::Heap, fd, offset: 0 };
         let mapped = match huge || !iommu.0.backend.places_physically() {
             // SAFETY: the arena's memory lives until the heap drops, after the context's
             // mappings are gone; it is never behind a Rust reference.

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use super::backend::{Backend, Export, Hook, map_error, open_node, unmap_what};
 use super::ledger::Record;
@@ -19,19 +19,30 @@ pub(crate) struct Iommufd {
     /// An adopted context: the device cdevs handed over with it, by PCI address, each taken by
     /// the device's first open.
     adopted: Mutex<HashMap<String, OwnedFd>>,
+    /// Whether the kernel has IOMMU_IOAS_MAP_FILE (Linux 6.13+), asked once.
+    map_file: OnceLock<bool>,
 }
 
 impl Iommufd {
     pub fn open() -> Result<Iommufd> {
         let fd = open_node(IOMMUFD, "is the kernel built with CONFIG_IOMMUFD?")?;
         let ioas = iommufd::ioas_alloc(fd.as_fd()).context(|| "allocating an IOAS")?;
-        Ok(Iommufd { fd, ioas, adopted: Mutex::new(HashMap::new()) })
+        Ok(Iommufd::adopted(fd, ioas, HashMap::new()))
     }
 
     /// A context handed over: its fd, IOAS and device cdevs (see [`Iommufd::ranges`] for the
     /// check that the fd holds that IOAS).
     pub fn adopted(fd: OwnedFd, ioas: u32, cdevs: HashMap<String, OwnedFd>) -> Iommufd {
-        Iommufd { fd, ioas, adopted: Mutex::new(cdevs) }
+        Iommufd { fd, ioas, adopted: Mutex::new(cdevs), map_file: OnceLock::new() }
+    }
+
+    /// Whether the kernel maps files (IOMMU_IOAS_MAP_FILE): one with the ioctl refuses a bad
+    /// fd, one without it the command.
+    fn has_map_file(&self) -> bool {
+        *self.map_file.get_or_init(|| {
+            iommufd::ioas_map_file(self.fd.as_fd(), self.ioas, -1, 0, 0, 0, false)
+                != Err(sys::Errno(libc::ENOTTY))
+        })
     }
 
     pub fn valid_ranges(&self) -> Result<Vec<IovaRange>> {
@@ -58,19 +69,43 @@ impl Backend for Iommufd {
         self.valid_ranges().map(Some)
     }
 
+    fn buffers_by_fd(&self) -> bool {
+        self.has_map_file()
+    }
+
+    fn check_map_file(&self) -> Result<()> {
+        match self.has_map_file() {
+            true => Ok(()),
+            false => Err(Error::new(
+                libc::EOPNOTSUPP,
+                format!(
+                    "mapping a file for DMA on iommufd needs IOMMU_IOAS_MAP_FILE (Linux 6.13+; this kernel is {}); \
+                     a type1 context maps the file by its address",
+                    sys::kernel_release()
+                ),
+            )),
+        }
+    }
+
     unsafe fn map(&self, m: &Record, commit: Hook) -> Result<()> {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            iommufd::ioas_map(
-                self.fd.as_fd(),
+        let (fd, len) = (self.fd.as_fd(), m.len as u64);
+        let mapped = match &m.facts.fd {
+            // Memory with a file behind it is mapped by the file where the kernel can.
+            Some(file) if self.has_map_file() => iommufd::ioas_map_file(
+                fd,
                 self.ioas,
-                m.vaddr as u64,
-                m.len as u64,
+                file.as_raw_fd(),
+                m.facts.offset,
+                len,
                 m.iova,
                 m.facts.writable,
-            )
-        }
-        .map_err(|sys::Errno(e)| map_error(e, m.len, m.iova, map_hint(e)))?;
+            ),
+            // SAFETY: forwarded from the caller.
+            _ => unsafe {
+                iommufd::ioas_map(fd, self.ioas, m.vaddr as u64, len, m.iova, m.facts.writable)
+            },
+        };
+        mapped.map_err(|sys::Errno(e)| map_error(e, m.len, m.iova, map_hint(e)))?;
         commit()
     }
 

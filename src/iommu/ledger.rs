@@ -28,6 +28,16 @@ pub(crate) enum Owner {
     Buffer,
     /// An arena of the DMA heap, mapped until the context closes.
     Heap,
+    /// A mapping of the caller's file from `map_file`: the context owns the mapping, the
+    /// caller the file's pages (never poisoned).
+    File,
+}
+
+impl Owner {
+    /// Memory the context mapped itself and unmaps when the mapping goes (free, close).
+    pub fn mapped_by_context(self) -> bool {
+        matches!(self, Owner::Buffer | Owner::File)
+    }
 }
 
 /// What a mapping is, beyond where it is.
@@ -36,8 +46,11 @@ pub(crate) struct Facts {
     /// The device may write the memory.
     pub writable: bool,
     pub owner: Owner,
-    /// The memfd behind the memory (a DMA buffer's), for backends that map memory by fd.
+    /// The file behind the memory (a DMA buffer's memfd, or the caller's file), for backends
+    /// that map memory by fd.
     pub fd: Option<Arc<OwnedFd>>,
+    /// Where in `fd` the memory starts.
+    pub offset: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +311,7 @@ impl Ledger {
     /// The Live DMA buffer whose memory starts at `vaddr`.
     pub fn buffer_at(&self, vaddr: usize) -> Option<&Record> {
         let iova = self.index.translate(vaddr, 1)?;
-        self.records.get(&iova).filter(|r| r.facts.owner == Owner::Buffer && r.vaddr == vaddr)
+        self.records.get(&iova).filter(|r| r.facts.owner.mapped_by_context() && r.vaddr == vaddr)
     }
 
     /// Every record a backend holds (Reserved, Live or Retiring), for closing the context.
@@ -397,7 +410,7 @@ mod tests {
     #[test]
     fn buffers_are_found_by_their_first_byte_only() {
         let mut l = ledger();
-        let facts = Facts { writable: true, owner: Owner::Buffer, fd: None };
+        let facts = Facts { writable: true, owner: Owner::Buffer, ..Facts::default() };
         let iova = l.reserve_any(0x10_0000, 2 * PAGE, PAGE as u64, false, facts).unwrap();
         assert!(l.buffer_at(0x10_0000).is_none(), "not Live yet");
         l.commit(iova);

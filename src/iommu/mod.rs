@@ -10,6 +10,7 @@
 
 mod backend;
 mod container;
+mod file;
 mod handoff;
 mod heap;
 mod iommufd;
@@ -87,9 +88,9 @@ impl Drop for DmaContext {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for r in state.ledger.all() {
             self.backend.forget(r);
-            if r.facts.owner == Owner::Buffer {
-                // SAFETY: alloc mapped this memory; the context is going away, so no one can
-                // free it.
+            if r.facts.owner.mapped_by_context() {
+                // SAFETY: alloc or map_file mapped this memory; the context is going away, so
+                // no one can free it.
                 unsafe { mem::unmap(NonNull::new(r.vaddr as *mut u8).expect("non-null"), r.len) };
             }
         }
@@ -434,11 +435,11 @@ impl Iommu {
                 }
                 match m.facts.owner {
                     Owner::Caller => {}
-                    Owner::Buffer => {
+                    Owner::Buffer | Owner::File => {
                         return refuse(
                             libc::EBUSY,
                             format!(
-                                "IOVA {:#x} is the mapping of a DMA buffer from alloc: free the buffer instead",
+                                "IOVA {:#x} is the mapping of a DMA buffer from alloc or map_file: free the buffer instead",
                                 m.iova
                             ),
                         );
@@ -542,7 +543,8 @@ impl Iommu {
         }
         .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
         let align = dma_alignment(len).max(page as u64);
-        let facts = Facts { writable: flags & DMA_READONLY == 0, owner: Owner::Buffer, fd };
+        let facts =
+            Facts { writable: flags & DMA_READONLY == 0, owner: Owner::Buffer, fd, offset: 0 };
         // SAFETY: fresh private memory that only the ledger (and the caller) reach.
         match unsafe { self.map_at(addr.as_ptr(), len, At::Any(align), facts) } {
             Ok(iova) => Ok((addr, iova)),
@@ -554,8 +556,9 @@ impl Iommu {
         }
     }
 
-    /// Unmaps and frees a buffer from [`Iommu::alloc`]. In guard mode its memory is poisoned
-    /// (0x6b) first, so a device still reading it sees garbage rather than stale data.
+    /// Unmaps and frees a buffer from [`Iommu::alloc`] or [`Iommu::map_file`]. In guard mode an
+    /// allocated buffer is poisoned (0x6b) first, so a device still reading it sees garbage
+    /// rather than stale data.
     pub fn free(&self, vaddr: *mut u8) -> Result<()> {
         let (buffer, poison) = {
             let state = self.state();
@@ -566,7 +569,8 @@ impl Iommu {
             return Err(Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context")));
         };
         let addr = NonNull::new(vaddr).expect("buffers are non-null");
-        if poison || buffer.guard {
+        // A file's pages are the caller's data: only alloc's are poisoned.
+        if (poison || buffer.guard) && buffer.facts.owner == Owner::Buffer {
             // SAFETY: our buffer, which the caller gives up by freeing it.
             unsafe { std::ptr::write_bytes(addr.as_ptr(), 0x6b, buffer.len) };
         }

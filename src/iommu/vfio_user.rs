@@ -30,9 +30,10 @@ impl VfioUser {
     }
 }
 
-/// How a server may reach a mapping's memory: through its memfd (a DMA buffer's), at offset 0.
+/// How a server may reach a mapping's memory: through its file (a DMA buffer's memfd, a
+/// mapped file), at the memory's offset in it.
 fn shared_fd(m: &Record) -> Option<(i32, u64)> {
-    m.facts.fd.as_ref().map(|f| (f.as_raw_fd(), 0))
+    m.facts.fd.as_ref().map(|f| (f.as_raw_fd(), m.facts.offset))
 }
 
 impl Backend for VfioUser {

@@ -16,6 +16,7 @@ const IOAS_ALLOC: u64 = io(k::IOMMUFD_CMD_IOAS_ALLOC);
 const IOAS_IOVA_RANGES: u64 = io(k::IOMMUFD_CMD_IOAS_IOVA_RANGES);
 const IOAS_MAP: u64 = io(k::IOMMUFD_CMD_IOAS_MAP);
 const IOAS_UNMAP: u64 = io(k::IOMMUFD_CMD_IOAS_UNMAP);
+const IOAS_MAP_FILE: u64 = io(k::IOMMUFD_CMD_IOAS_MAP_FILE);
 const DEVICE_BIND_IOMMUFD: u64 = ((v::VFIO_TYPE as u64) << 8) | (v::VFIO_BASE + 18) as u64;
 const DEVICE_ATTACH_IOMMUFD_PT: u64 = ((v::VFIO_TYPE as u64) << 8) | (v::VFIO_BASE + 19) as u64;
 
@@ -86,6 +87,34 @@ pub(crate) unsafe fn ioas_map(
     };
     // SAFETY: IOAS_MAP reads one iommu_ioas_map; the memory contract is the caller's.
     unsafe { ioctl_ptr(iommufd, IOAS_MAP, &mut arg) }.map(drop)
+}
+
+/// IOAS_MAP_FILE (Linux 6.13+): maps `length` bytes of the file `fd` from `start` at `iova`.
+/// The pages are the file's, pinned through it, whatever this process maps; a kernel without
+/// the ioctl says ENOTTY.
+pub(crate) fn ioas_map_file(
+    iommufd: BorrowedFd,
+    ioas: u32,
+    fd: i32,
+    start: u64,
+    length: u64,
+    iova: u64,
+    writable: bool,
+) -> SysResult<()> {
+    let write = if writable { k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE } else { 0 };
+    let mut arg = k::iommu_ioas_map_file {
+        size: size::<k::iommu_ioas_map_file>(),
+        flags: k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA
+            | k::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE
+            | write,
+        ioas_id: ioas,
+        fd,
+        start,
+        length,
+        iova,
+    };
+    // SAFETY: IOAS_MAP_FILE reads one iommu_ioas_map_file; no memory of ours is mapped.
+    unsafe { ioctl_ptr(iommufd, IOAS_MAP_FILE, &mut arg) }.map(drop)
 }
 
 /// Returns the number of bytes unmapped; iova 0 with length `u64::MAX` unmaps everything.

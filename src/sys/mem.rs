@@ -153,6 +153,31 @@ pub(crate) unsafe fn memfd_at(
     Ok((fd, addr))
 }
 
+/// A shared mapping of `len` bytes of the file `fd` from `offset` (read-only unless `writable`),
+/// and a duplicate of `fd` that the mapping's owner keeps (the caller may close its own).
+pub(crate) fn map_file(
+    fd: BorrowedFd,
+    offset: u64,
+    len: usize,
+    writable: bool,
+) -> SysResult<(OwnedFd, NonNull<u8>)> {
+    let own =
+        fd.try_clone_to_owned().map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+    // SAFETY: a new shared mapping of the caller's file, where the kernel picks the address.
+    let addr = check_map(unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            own.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    })?;
+    Ok((own, addr))
+}
+
 /// Unmaps a range this process mapped.
 ///
 /// # Safety

@@ -48,6 +48,7 @@ const CASES: &[harness::Case] = &[
     ("iova_ranges_and_mapping_rules", dma::iova_ranges_and_mapping_rules),
     ("edu_dma_round_trip", dma::edu_dma_round_trip),
     ("heap_objects_reach_the_device", dma::heap_objects_reach_the_device),
+    ("file_mappings_reach_the_device", dma::file_mappings_reach_the_device),
     ("type1_v1_and_iommufd_compat_kinds", backends::type1_v1_and_iommufd_compat_kinds),
     ("dma_errors_are_the_kernels", fidelity::dma_errors_are_the_kernels),
     ("region_and_irq_errors_are_the_kernels", fidelity::region_and_irq_errors_are_the_kernels),

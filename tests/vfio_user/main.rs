@@ -301,6 +301,42 @@ fn dma_buffers_reach_the_server_by_fd() {
     server.join().unwrap();
 }
 
+/// map_file: the server is given the caller's file and the offset of the mapping in it, and
+/// its DMA reads and writes the file's pages there.
+#[test]
+fn file_mappings_reach_the_server_at_their_offset() {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    let _serial = setup();
+    let (dev, server) = open_model("dma-file", None);
+    dev.irq_enable(irq::IRQ_MSIX, 0, 1).unwrap();
+    let iommu = dev.iommu();
+    // SAFETY: plain syscalls; the fd is checked before it is owned.
+    let file = unsafe {
+        let fd = libc::memfd_create(c"vfiokit-test-file".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0 && libc::ftruncate(fd, 4 * 4096) == 0);
+        OwnedFd::from_raw_fd(fd)
+    };
+    let marks = [b'a', b'b', b'c', b'd'].map(|m| [m; 4096]);
+    for (page, mark) in marks.iter().enumerate() {
+        // SAFETY: writes 4096 bytes from mark.
+        let n = unsafe {
+            libc::pwrite(file.as_raw_fd(), mark.as_ptr().cast(), 4096, page as i64 * 4096)
+        };
+        assert_eq!(n, 4096);
+    }
+    let (m, iova) = iommu.map_file(file.as_fd(), 2 * 4096, 2 * 4096, 0).unwrap();
+    // The server copies the mapping's first page (the file's third) over its second.
+    assert_eq!(dma(&dev, iova, iova + 4096, 4096), 0);
+    let mut back = [0u8; 4096];
+    // SAFETY: reads 4096 bytes into back.
+    let n = unsafe { libc::pread(file.as_raw_fd(), back.as_mut_ptr().cast(), 4096, 3 * 4096) };
+    assert_eq!((n, back), (4096, marks[2]), "the file's fourth page holds its third");
+    iommu.free(m.as_ptr()).unwrap();
+    assert_eq!(dma(&dev, iova, iova + 4096, 16), libc::EFAULT as u64, "unmapped at the server");
+    drop(dev);
+    server.join().unwrap();
+}
+
 /// The leak cycles, as the guest suite runs them on kernel devices: open, map a BAR, enable
 /// IRQs, allocate and map DMA memory, close; fds and mappings come back to where they were.
 #[test]

@@ -1,8 +1,11 @@
 //! Mapping regions and the accessors over them: the checked register accessors with their
 //! one-comparison fast path, register handles, and reads and writes through the device.
 
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::Device;
@@ -21,6 +24,31 @@ pub(super) struct Mapping {
     whole: u64,
     /// The region's REGION_READ / REGION_WRITE flags.
     access: u32,
+    /// Listed in [`KERNEL_MAPPINGS`] (a kernel device's), until dropped.
+    listed: bool,
+}
+
+/// A kernel device's region mapping: what an iommufd context is given when a driver DMA-maps
+/// another device's BAR (peer-to-peer), which it maps by the region's dma-buf instead.
+struct KernelMapping {
+    len: usize,
+    device: RawFd,
+    region: u32,
+}
+
+/// The region mappings of kernel devices, by address. An entry lives while its mapping does,
+/// and the mapping goes before the device's fd closes.
+static KERNEL_MAPPINGS: Mutex<BTreeMap<usize, KernelMapping>> = Mutex::new(BTreeMap::new());
+
+/// The region behind `[vaddr, vaddr+len)` when it lies inside one kernel device's region
+/// mapping: a duplicate of the device's fd, the region's index and the offset in it.
+pub(crate) fn region_at(vaddr: usize, len: usize) -> Option<(OwnedFd, u32, u64)> {
+    let maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+    let (&base, m) = maps.range(..=vaddr).next_back()?;
+    (vaddr + len <= base + m.len).then_some(())?;
+    // SAFETY: listed, so the device's fd is open until the lock is released.
+    let fd = sys::dup(unsafe { BorrowedFd::borrow_raw(m.device) }).ok()?;
+    Some((fd, m.region, (vaddr - base) as u64))
 }
 
 /// Regions below this index (the PCI BARs, ROM, config space and VGA) have a [`FastPath`].
@@ -118,6 +146,10 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if self.listed {
+            let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+            maps.remove(&self.base.as_ptr().addr());
+        }
         // SAFETY: we reserved base..base+len and nothing else refers to it once we drop.
         unsafe { mem::unmap(self.base, self.len) };
     }
@@ -283,8 +315,8 @@ impl Device {
                 _ => 0,
             };
             // Built first, so an area failing below releases the reservation.
-            let mapping =
-                Mapping { base, len, whole, access: r.flags & (REGION_READ | REGION_WRITE) };
+            let access = r.flags & (REGION_READ | REGION_WRITE);
+            let mut mapping = Mapping { base, len, whole, access, listed: false };
             let prot = [(REGION_READ, libc::PROT_READ), (REGION_WRITE, libc::PROT_WRITE)]
                 .iter()
                 .filter(|(f, _)| r.flags & f != 0)
@@ -303,6 +335,12 @@ impl Device {
                     )
                 }
                 .context(what)?;
+            }
+            if let Ok(device) = self.io.kernel_fd(&self.address) {
+                let entry = KernelMapping { len, device: device.as_raw_fd(), region: r.index };
+                let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+                maps.insert(base.as_ptr().addr(), entry);
+                mapping.listed = true;
             }
             if let Some(fast) = self.fast.get(r.index as usize) {
                 fast.set(&mapping);
@@ -494,7 +532,7 @@ mod tests {
     /// A mapping of `len` reserved bytes (no access: the fast path only computes addresses).
     fn mapping(len: usize, whole: u64, access: u32) -> Mapping {
         let base = mem::reserve(len).expect("reserve address space");
-        Mapping { base, len, whole, access }
+        Mapping { base, len, whole, access, listed: false }
     }
 
     fn fast(m: &Mapping) -> FastPath {

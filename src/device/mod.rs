@@ -26,6 +26,7 @@ use crate::sys::{self, Context, vfio};
 use crate::text::{fill, text};
 use crate::vfio_user::Client;
 
+pub(crate) use self::access::region_at;
 use self::access::{FAST_REGIONS, FastPath, Mapping};
 pub use self::access::{MapInfo, Register, Width};
 use self::interrupts::{IrqState, VectorSlot};

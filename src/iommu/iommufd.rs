@@ -45,6 +45,42 @@ impl Iommufd {
         })
     }
 
+    /// Peer-to-peer: maps the part of another device's region that `m` is a mapping of, by
+    /// the dma-buf vfio-pci exports of it, through IOMMU_IOAS_MAP_FILE. EFAULT when `m` is no
+    /// kernel device's region; the kernel's refusal, explained, when it exports no dma-buf.
+    fn map_peer_region(&self, m: &Record) -> Result<sys::SysResult<()>> {
+        let Some((device, region, offset)) = crate::device::region_at(m.vaddr, m.len) else {
+            return Ok(Err(sys::Errno(libc::EFAULT)));
+        };
+        let buf = vfio::region_dma_buf(device.as_fd(), region, offset, m.len as u64).map_err(
+            |sys::Errno(e)| {
+                Error::new(
+                    libc::EFAULT,
+                    format!(
+                        "DMA map of {:#x} bytes at IOVA {:#x}: peer-to-peer DMA to region {region} of another device \
+                         needs, on iommufd, a kernel whose vfio-pci exports it as a dma-buf \
+                         (VFIO_DEVICE_FEATURE_DMA_BUF, built with CONFIG_PCI_P2PDMA; this kernel, {}, says: {}); \
+                         a type1 context maps BARs by address",
+                        m.len,
+                        m.iova,
+                        sys::kernel_release(),
+                        std::io::Error::from_raw_os_error(e)
+                    ),
+                )
+            },
+        )?;
+        let file = buf.as_raw_fd();
+        Ok(iommufd::ioas_map_file(
+            self.fd.as_fd(),
+            self.ioas,
+            file,
+            0,
+            m.len as u64,
+            m.iova,
+            m.facts.writable,
+        ))
+    }
+
     pub fn valid_ranges(&self) -> Result<Vec<IovaRange>> {
         let ranges = iommufd::ioas_iova_ranges(self.fd.as_fd(), self.ioas)
             .context(|| format!("IOVA ranges of IOAS {}", self.ioas))?;
@@ -101,8 +137,12 @@ impl Backend for Iommufd {
                 m.facts.writable,
             ),
             // SAFETY: forwarded from the caller.
-            _ => unsafe {
+            _ => match unsafe {
                 iommufd::ioas_map(fd, self.ioas, m.vaddr as u64, len, m.iova, m.facts.writable)
+            } {
+                // Not memory with struct pages: another device's BAR, if one is mapped there.
+                Err(sys::Errno(libc::EFAULT)) => self.map_peer_region(m)?,
+                other => other,
             },
         };
         mapped.map_err(|sys::Errno(e)| map_error(e, m.len, m.iova, map_hint(e)))?;
@@ -187,9 +227,8 @@ impl Backend for Iommufd {
 pub(crate) fn map_hint(e: i32) -> &'static str {
     match e {
         libc::EFAULT => {
-            " (iommufd maps only ordinary process memory: not an unmapped address, and not another \
-             device's BAR for peer-to-peer DMA, which needs dma-buf support that this kernel's iommufd \
-             lacks; a type1 context maps BARs)"
+            " (iommufd maps ordinary process memory, and another device's BAR mapped through \
+             vfiokit by its dma-buf: not an unmapped address)"
         }
         _ => "",
     }

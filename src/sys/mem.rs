@@ -161,8 +161,7 @@ pub(crate) fn map_file(
     len: usize,
     writable: bool,
 ) -> SysResult<(OwnedFd, NonNull<u8>)> {
-    let own =
-        fd.try_clone_to_owned().map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    let own = super::dup(fd)?;
     let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
     // SAFETY: a new shared mapping of the caller's file, where the kernel picks the address.
     let addr = check_map(unsafe {

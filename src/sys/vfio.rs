@@ -211,6 +211,28 @@ pub(crate) fn dma_unmap(container: BorrowedFd, iova: u64, size: u64, all: bool) 
     Ok(unmap.size)
 }
 
+/// VFIO_DEVICE_FEATURE_DMA_BUF (GET): a dma-buf of `len` bytes of region `region` from
+/// `offset`, for another device's DMA (peer-to-peer), where vfio-pci exports BARs so.
+pub(crate) fn region_dma_buf(
+    device: BorrowedFd,
+    region: u32,
+    offset: u64,
+    len: u64,
+) -> SysResult<OwnedFd> {
+    const DMA_BUF: u32 = 11;
+    // struct vfio_device_feature_dma_buf with one struct vfio_region_dma_range.
+    let mut payload = [0u8; 32];
+    let open_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
+    for (at, word) in [(0, region), (4, open_flags), (8, 0), (12, 1)] {
+        payload[at..at + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    payload[16..24].copy_from_slice(&offset.to_ne_bytes());
+    payload[24..32].copy_from_slice(&len.to_ne_bytes());
+    let fd = device_feature(device, VFIO_DEVICE_FEATURE_GET | DMA_BUF, &mut payload)?;
+    // SAFETY: the feature returned a new fd, now ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// VFIO_DEVICE_FEATURE: `flags` is the feature index with its GET/SET/PROBE bits; `data`, the
 /// payload after the 8-byte header, goes in and (for GET) comes back. Returns the ioctl's value.
 pub(crate) fn device_feature(device: BorrowedFd, flags: u32, data: &mut [u8]) -> SysResult<i32> {

@@ -245,6 +245,49 @@ impl Device {
         Ok(raw)
     }
 
+    /// Every routed vector (index, vector) with the eventfd the kernel signals for it: what a
+    /// live handover gives the next process.
+    pub(crate) fn routed_eventfds(&self) -> Vec<(u32, u32, RawFd)> {
+        let state = self.irq_state();
+        let routed = state.routes.iter().enumerate().flat_map(|(index, route)| {
+            route.vectors.iter().enumerate().filter_map(move |(vector, v)| {
+                v.as_ref().map(|v| (index as u32, vector as u32, v._fd.as_raw_fd()))
+            })
+        });
+        routed.collect()
+    }
+
+    /// Routes handed-over vectors (index, vector, the eventfd the kernel already signals) as
+    /// [`Device::irq_enable`] would have, asking nothing of the kernel: each eventfd becomes
+    /// the vector's own, for [`Device::irq_wait`]. A vector the device lacks is EPROTO.
+    pub(crate) fn adopt_routes(&self, vectors: Vec<(u32, u32, OwnedFd)>) -> Result<()> {
+        let mut state = self.irq_state();
+        state.routings += 1;
+        let routing = state.routings;
+        for (index, vector, fd) in vectors {
+            let slot = self.check_eventfd_vectors(index, vector, 1).ok().and_then(|()| {
+                let slot = &self.irq_slots[index as usize][vector as usize];
+                slot.own.get().is_none().then_some(slot)
+            });
+            let Some(slot) = slot else {
+                return Err(Error::new(
+                    libc::EPROTO,
+                    format!("{}: a handed-over IRQ {index} vector {vector} it lacks", self.address),
+                ));
+            };
+            let dup = sys::dup(fd.as_fd()).context(|| "duplicating a handed-over eventfd")?;
+            let route = &mut state.routes[index as usize];
+            if route.cancel.is_none() {
+                route.cancel = Some(Arc::new(sys::eventfd().context(|| "creating an eventfd")?));
+            }
+            route.vectors.resize_with(self.irqs[index as usize].count as usize, || None);
+            route.vectors[vector as usize] = Some(Vector { _fd: dup, waitable: true, routing });
+            let _ = slot.own.set(fd);
+            slot.state.store(SLOT_OWN, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Disables an IRQ index and closes its eventfds; threads waiting on it end their wait
     /// with ECANCELED.
     pub fn irq_disable(&self, index: u32) -> Result<()> {

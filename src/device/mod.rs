@@ -138,6 +138,21 @@ impl Device {
         Device::from_io(pci.address, iommu, Io::Kernel(fd), place)
     }
 
+    /// A device another process handed over live (crate::Iommu::take_over): its open VFIO
+    /// device fd, never reopened (vfio-pci resets a device at its first open), with its routed
+    /// vectors; its records are read again from the fd, as at open.
+    pub(crate) fn adopt(
+        address: String,
+        iommu: &Iommu,
+        fd: std::os::fd::OwnedFd,
+        vectors: Vec<(u32, u32, std::os::fd::OwnedFd)>,
+    ) -> Result<Device> {
+        let place = iommu.take_place(&address)?;
+        let device = Device::from_io(address, iommu.clone(), Io::Kernel(fd), place)?;
+        device.adopt_routes(vectors)?;
+        Ok(device)
+    }
+
     fn from_io(address: String, iommu: Iommu, mut io: Io, place: OpenDevice) -> Result<Device> {
         let (flags, num_regions, num_irqs) = io.device_info(&address)?;
         if flags & k::VFIO_DEVICE_FLAGS_PCI == 0 {

@@ -66,6 +66,40 @@ pub(crate) trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Whether DMA buffers go in memory another process can map (pool.rs): where the
+    /// context can be handed over live.
+    fn buffers_shareable(&self) -> bool {
+        false
+    }
+
+    /// Whether the context can be handed over live (see handover.rs): refused, saying why,
+    /// where it cannot.
+    fn check_hand_over(&self) -> Result<()> {
+        Err(Error::new(
+            libc::ENOTSUP,
+            format!(
+                "a {:?} context cannot be handed over live: that needs the type1 IOMMU's VFIO_UPDATE_VADDR \
+                 (a type1 context, VFIOKIT_IOMMU_TYPE1)",
+                self.kind()
+            ),
+        ))
+    }
+
+    /// Live handover, in the process giving the context up: lets go of the memory of the Live
+    /// mappings `maps` while the IOMMU keeps mapping their IOVAs to the same pages (devices see
+    /// no change), so that another process can give its own addresses of that memory with
+    /// [`claim_maps`](Self::claim_maps). All or none: on failure those let go are claimed back.
+    fn release_maps(&self, _maps: &[Record]) -> Result<()> {
+        self.check_hand_over()
+    }
+
+    /// Live handover: this process takes the mappings `maps` that another released, at the
+    /// records' addresses (of the same memory); also how a handover that failed gives them
+    /// back. All or none.
+    fn claim_maps(&self, _maps: &[Record]) -> Result<()> {
+        self.check_hand_over()
+    }
+
     /// Refuses a map at an IOVA the caller chose, where this backend cannot honour one.
     fn check_fixed_iova(&self, _iova: u64) -> Result<()> {
         Ok(())
@@ -180,6 +214,28 @@ pub(crate) fn map_error(e: i32, len: usize, iova: u64, hint: &str) -> Error {
 /// The message of an unmap that failed.
 pub(crate) fn unmap_what(m: &Record) -> String {
     format!("DMA unmap of {:#x} bytes at IOVA {:#x}", m.len, m.iova)
+}
+
+/// `step` on each of `maps`, all or none: after a failure, `undo` on those done (its own
+/// failures then change nothing more). `what` names the step for the error.
+pub(crate) fn all_or_none(
+    maps: &[Record],
+    step: impl Fn(&Record) -> sys::SysResult<()>,
+    undo: impl Fn(&Record) -> sys::SysResult<()>,
+    what: &str,
+) -> Result<()> {
+    for (i, m) in maps.iter().enumerate() {
+        if let Err(sys::Errno(e)) = step(m) {
+            for done in &maps[..i] {
+                let _ = undo(done);
+            }
+            return Err(Error::os(
+                e,
+                format!("{what} the DMA mapping of {:#x} bytes at IOVA {:#x}", m.len, m.iova),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A handover refused: EPROTO, with what was wrong.

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::backend::{Backend, Export, Hook, map_error, open_container, open_node, unmap_what};
+use super::backend::{
+    Backend, Export, Hook, all_or_none, map_error, open_container, open_node, unmap_what,
+};
 use super::ledger::Record;
 use super::{IOMMUFD, IommuKind, lock};
 use crate::error::{Error, Result};
@@ -262,6 +264,19 @@ impl Type1 {
     }
 }
 
+/// The two halves of a live handover's request for one mapping.
+impl Type1 {
+    fn unmap_vaddr(&self, m: &Record) -> sys::SysResult<()> {
+        vfio::dma_unmap_vaddr(self.container.fd(), m.iova, m.len as u64)
+    }
+
+    fn map_vaddr(&self, m: &Record) -> sys::SysResult<()> {
+        // SAFETY: a handover's records are of its pooled buffers, whose mappings in this
+        // process are of the very pages the IOMMU mapping pinned, kept until they are freed.
+        unsafe { vfio::dma_map_vaddr(self.container.fd(), m.vaddr as u64, m.len as u64, m.iova) }
+    }
+}
+
 impl Backend for Type1 {
     fn kind(&self) -> IommuKind {
         self.container.kind
@@ -318,6 +333,40 @@ impl Backend for Type1 {
                 .context(|| unmap_what(m))?;
         }
         retire()
+    }
+
+    fn buffers_shareable(&self) -> bool {
+        matches!(self.kind(), IommuKind::Type1 | IommuKind::Type1V1)
+    }
+
+    fn check_hand_over(&self) -> Result<()> {
+        if !self.attached.load(Ordering::Acquire) {
+            return Err(Error::invalid(
+                "no device is open in this context: a live handover hands over devices and their DMA",
+            ));
+        }
+        const UPDATE_VADDR: u32 = vfio_bindings::bindings::vfio::VFIO_UPDATE_VADDR;
+        if vfio::check_extension(self.container.fd(), UPDATE_VADDR).unwrap_or(false) {
+            return Ok(());
+        }
+        let why = match self.kind().is_iommufd() {
+            true => "iommufd's compatibility container lacks it: hand over a type1 container's",
+            false => "this kernel's type1 IOMMU lacks it (Linux 5.12 added it)",
+        };
+        Err(Error::new(
+            libc::ENOTSUP,
+            format!("a live handover needs VFIO_UPDATE_VADDR to keep the DMA mappings: {why}"),
+        ))
+    }
+
+    fn release_maps(&self, maps: &[Record]) -> Result<()> {
+        let what = "letting go of the address (VFIO_DMA_UNMAP_FLAG_VADDR) of";
+        all_or_none(maps, |m| self.unmap_vaddr(m), |m| self.map_vaddr(m), what)
+    }
+
+    fn claim_maps(&self, maps: &[Record]) -> Result<()> {
+        let what = "giving this process's address (VFIO_DMA_MAP_FLAG_VADDR) to";
+        all_or_none(maps, |m| self.map_vaddr(m), |m| self.unmap_vaddr(m), what)
     }
 
     fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {

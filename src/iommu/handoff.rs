@@ -95,16 +95,7 @@ impl Iommu {
                 return Err(protocol("device cdevs came with a type1 context".into()));
             }
             let groups: BTreeMap<u32, OwnedFd> = message.groups.iter().copied().zip(fds).collect();
-            const CONTAINER_SET: u32 =
-                vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_CONTAINER_SET;
-            for (group, fd) in &groups {
-                if vfio::group_flags(fd.as_fd()).map_or(true, |f| f & CONTAINER_SET == 0) {
-                    return Err(protocol(format!(
-                        "the fd of group {group} is not a group in a container"
-                    )));
-                }
-            }
-            let backend = Type1::new(Container::adopted(context, kind, groups));
+            let backend = Type1::new(adopted_container(context, kind, groups)?);
             return Ok(Iommu::with(Box::new(backend), None));
         }
         if !message.groups.is_empty() {
@@ -116,4 +107,19 @@ impl Iommu {
         let valid = backend.valid_ranges().map_err(|e| protocol(e.message().to_string()))?;
         Ok(Iommu::with(Box::new(backend), Some(valid)))
     }
+}
+
+/// A container handed over with its groups, each checked to be a group in a container.
+pub(super) fn adopted_container(
+    context: OwnedFd,
+    kind: IommuKind,
+    groups: BTreeMap<u32, OwnedFd>,
+) -> Result<Container> {
+    const CONTAINER_SET: u32 = vfio_bindings::bindings::vfio::VFIO_GROUP_FLAGS_CONTAINER_SET;
+    for (group, fd) in &groups {
+        if vfio::group_flags(fd.as_fd()).map_or(true, |f| f & CONTAINER_SET == 0) {
+            return Err(protocol(format!("the fd of group {group} is not a group in a container")));
+        }
+    }
+    Ok(Container::adopted(context, kind, groups))
 }

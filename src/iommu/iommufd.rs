@@ -93,6 +93,18 @@ impl Backend for Iommufd {
         IommuKind::Iommufd
     }
 
+    /// Live handover on iommufd: each mapping made with IOMMU_IOAS_MAP_FILE (by fd, not
+    /// address), then IOMMU_IOAS_CHANGE_PROCESS in the new process, where `claim_maps` would
+    /// go. Linux 6.13 added the latter.
+    fn check_hand_over(&self) -> Result<()> {
+        Err(Error::new(
+            libc::EOPNOTSUPP,
+            "an iommufd context cannot be handed over live yet: that needs IOMMU_IOAS_MAP_FILE and \
+             IOMMU_IOAS_CHANGE_PROCESS (Linux 6.13 or later), which vfiokit does not use yet; hand over a type1 \
+             context (VFIOKIT_IOMMU_TYPE1)",
+        ))
+    }
+
     fn fd(&self) -> Result<BorrowedFd<'_>> {
         Ok(self.fd.as_fd())
     }

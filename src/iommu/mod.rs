@@ -12,11 +12,13 @@ mod backend;
 mod container;
 mod file;
 mod handoff;
+mod handover;
 mod heap;
 mod iommufd;
 mod kind;
 mod ledger;
 mod noiommu;
+mod pool;
 mod vfio_user;
 
 use std::cell::Cell;
@@ -58,6 +60,9 @@ struct State {
     /// PCI addresses of the devices open in this context (see [`OpenDevice`]). Ordered: few
     /// entries, and a short tree walk costs an open less than hashing.
     devices: BTreeSet<String>,
+    /// After a live handover (handover.rs): the mappings given away, whose memory this process
+    /// still has mapped until the context closes; no DMA call may change the context then.
+    handed: Option<Vec<Record>>,
 }
 
 /// A device's place in its context. While it lives the device cannot be opened again in the
@@ -81,6 +86,8 @@ pub(crate) struct DmaContext {
     state: Mutex<State>,
     /// Made at the first heap allocation; dropped after the backend, which unmaps its arenas.
     heap: OnceLock<Arc<Heap>>,
+    /// The memory of DMA buffers where the backend can hand them over (pool.rs).
+    pools: pool::Pools,
 }
 
 impl Drop for DmaContext {
@@ -88,6 +95,8 @@ impl Drop for DmaContext {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for r in state.ledger.all() {
             self.backend.forget(r);
+        }
+        for r in state.ledger.all().chain(state.handed.iter().flatten()) {
             if r.facts.owner.mapped_by_context() {
                 // SAFETY: alloc or map_file mapped this memory; the context is going away, so
                 // no one can free it.
@@ -152,9 +161,10 @@ impl Iommu {
         if let Some(valid) = valid {
             ledger.set_valid(valid);
         }
-        let state = State { ledger, stale, guard, devices: BTreeSet::new() };
+        let state = State { ledger, stale, guard, devices: BTreeSet::new(), handed: None };
         let state = Mutex::new(state);
-        Iommu(Arc::new(DmaContext { backend, state, heap: OnceLock::new() }))
+        let pools = pool::Pools::default();
+        Iommu(Arc::new(DmaContext { backend, state, heap: OnceLock::new(), pools }))
     }
 
     /// Opens a new context of the kind [`IommuKind::auto`] picks: iommufd where the kernel
@@ -262,8 +272,10 @@ impl Iommu {
     }
 
     /// Finds the valid ranges when first needed, and reads the kernel's again if they changed
-    /// since: an open does not pay for what it may never use.
+    /// since: an open does not pay for what it may never use. Every new mapping comes here:
+    /// refused once the context was handed over.
     fn refresh_ranges(&self, state: &mut State) -> Result<()> {
+        handover::check_not_handed(state)?;
         if state.stale {
             // Unknown yet (a type1 container before its first group): every IOVA; the early
             // maps are checked against the kernel's ranges at attach.
@@ -536,10 +548,13 @@ impl Iommu {
         let len = len.checked_next_multiple_of(page).ok_or_else(|| {
             Error::invalid(format!("DMA buffer length {len:#x} overflows when rounded to pages"))
         })?;
-        // A vfio-user server maps the buffer through its memfd; the kernel pins any memory.
-        let (addr, fd) = match self.0.backend.buffers_by_fd() {
-            true => mem::memfd(len, huge_shift).map(|(fd, a)| (a, Some(Arc::new(fd)))),
-            false => mem::anonymous(len, huge_shift).map(|a| (a, None)),
+        // A vfio-user server maps the buffer through its memfd; the kernel pins any memory,
+        // and a type1 context's is shareable, for a live handover.
+        let backend = &self.0.backend;
+        let (addr, fd) = match (backend.buffers_by_fd(), backend.buffers_shareable()) {
+            (true, _) => mem::memfd(len, huge_shift).map(|(fd, a)| (a, Some(Arc::new(fd)))),
+            (false, true) => self.0.pools.alloc(len, huge_shift).map(|a| (a, None)),
+            (false, false) => mem::anonymous(len, huge_shift).map(|a| (a, None)),
         }
         .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
         let align = dma_alignment(len).max(page as u64);
@@ -550,7 +565,7 @@ impl Iommu {
             Ok(iova) => Ok((addr, iova)),
             Err(e) => {
                 // SAFETY: just mapped above, never handed out.
-                unsafe { mem::unmap(addr, len) };
+                unsafe { self.0.pools.free(addr, len) };
                 Err(e)
             }
         }
@@ -576,7 +591,7 @@ impl Iommu {
         }
         self.unmap_mapping(buffer.iova, buffer.len)?;
         // SAFETY: the buffer came from alloc and is no longer recorded or DMA-mapped.
-        unsafe { mem::unmap(addr, buffer.len) };
+        unsafe { self.0.pools.free(addr, buffer.len) };
         Ok(())
     }
 

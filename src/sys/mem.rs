@@ -126,6 +126,15 @@ pub(crate) unsafe fn memfd_at(
     len: usize,
     huge_shift: u32,
 ) -> SysResult<(OwnedFd, NonNull<u8>)> {
+    let fd = memfd_create(huge_shift)?;
+    set_len(fd.as_fd(), len as u64)?;
+    // SAFETY: forwarded from the caller.
+    let addr = unsafe { map_shared_at(at, len, fd.as_fd(), 0) }?;
+    Ok((fd, addr))
+}
+
+/// An empty memfd, close-on-exec, of hugetlb pages when `huge_shift` is not 0.
+pub(crate) fn memfd_create(huge_shift: u32) -> SysResult<OwnedFd> {
     let huge = match huge_shift {
         0 => 0,
         shift => libc::MFD_HUGETLB | shift << libc::MFD_HUGE_SHIFT,
@@ -134,23 +143,51 @@ pub(crate) unsafe fn memfd_at(
     let fd =
         check(unsafe { libc::memfd_create(c"vfiokit-dma".as_ptr(), libc::MFD_CLOEXEC | huge) })?;
     // SAFETY: memfd_create just returned this fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: plain syscall on our fd.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the size of the file `fd` (ftruncate).
+pub(crate) fn set_len(fd: BorrowedFd, len: u64) -> SysResult<()> {
+    // SAFETY: plain syscall on the caller's fd.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)
+}
+
+/// Frees the pages of `[offset, offset+len)` of the file `fd`, which then reads as zeros
+/// (fallocate PUNCH_HOLE, the size unchanged).
+pub(crate) fn punch_hole(fd: BorrowedFd, offset: u64, len: usize) -> SysResult<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: plain syscall on the caller's fd.
+    check(unsafe {
+        libc::fallocate(fd.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+    })
+    .map(drop)
+}
+
+/// Maps `len` bytes of `fd` from `offset`, shared, read/write and faulted in, at `at` when
+/// given (else where the kernel picks).
+///
+/// # Safety
+/// `at`, when given, as for [`anonymous_at`].
+pub(crate) unsafe fn map_shared_at(
+    at: Option<NonNull<u8>>,
+    len: usize,
+    fd: BorrowedFd,
+    offset: u64,
+) -> SysResult<NonNull<u8>> {
     let (addr, fixed) =
         at.map_or((std::ptr::null_mut(), 0), |a| (a.as_ptr().cast(), libc::MAP_FIXED));
-    // SAFETY: a shared mapping of our own memfd, at a range that is ours to replace when fixed.
-    let addr = check_map(unsafe {
+    // SAFETY: a shared mapping of the caller's fd, at a range that is ours to replace when
+    // fixed (the caller's word).
+    check_map(unsafe {
         libc::mmap(
             addr,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | libc::MAP_POPULATE | fixed,
             fd.as_raw_fd(),
-            0,
+            offset as libc::off_t,
         )
-    })?;
-    Ok((fd, addr))
+    })
 }
 
 /// A shared mapping of `len` bytes of the file `fd` from `offset` (read-only unless `writable`),

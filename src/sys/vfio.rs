@@ -233,6 +233,44 @@ pub(crate) fn region_dma_buf(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// VFIO_IOMMU_UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_VADDR: the kernel forgets the process
+/// address of the mapping at exactly `[iova, iova+size)` and keeps the IOMMU mapping and its
+/// pinned pages (live handover: the next owner gives its address with [`dma_map_vaddr`]).
+pub(crate) fn dma_unmap_vaddr(container: BorrowedFd, iova: u64, size: u64) -> SysResult<()> {
+    let mut unmap = vfio_iommu_type1_dma_unmap {
+        argsz: argsz::<vfio_iommu_type1_dma_unmap>(),
+        flags: VFIO_DMA_UNMAP_FLAG_VADDR,
+        iova,
+        size,
+        ..Default::default()
+    };
+    // SAFETY: UNMAP_DMA reads and writes back one vfio_iommu_type1_dma_unmap (no bitmap flag).
+    unsafe { ioctl_ptr(container, IOMMU_UNMAP_DMA, &mut unmap) }.map(drop)
+}
+
+/// VFIO_IOMMU_MAP_DMA with VFIO_DMA_MAP_FLAG_VADDR: `vaddr` is the new process address of the
+/// mapping at exactly `[iova, iova+size)`, whose address [`dma_unmap_vaddr`] took away.
+///
+/// # Safety
+/// `vaddr..vaddr+size` must map the very pages the mapping pinned, and stay mapped as for
+/// [`dma_map`].
+pub(crate) unsafe fn dma_map_vaddr(
+    container: BorrowedFd,
+    vaddr: u64,
+    size: u64,
+    iova: u64,
+) -> SysResult<()> {
+    let mut map = vfio_iommu_type1_dma_map {
+        argsz: argsz::<vfio_iommu_type1_dma_map>(),
+        flags: VFIO_DMA_MAP_FLAG_VADDR,
+        vaddr,
+        iova,
+        size,
+    };
+    // SAFETY: MAP_DMA reads one vfio_iommu_type1_dma_map; the memory contract is the caller's.
+    unsafe { ioctl_ptr(container, IOMMU_MAP_DMA, &mut map) }.map(drop)
+}
+
 /// VFIO_DEVICE_FEATURE: `flags` is the feature index with its GET/SET/PROBE bits; `data`, the
 /// payload after the 8-byte header, goes in and (for GET) comes back. Returns the ioctl's value.
 pub(crate) fn device_feature(device: BorrowedFd, flags: u32, data: &mut [u8]) -> SysResult<i32> {

@@ -105,6 +105,12 @@ pub fn fds_and_maps() -> (usize, usize) {
 
 /// Runs `f` in a forked child and asserts it exited 0 (a panic in the child exits 101).
 pub fn in_child(f: impl FnOnce()) {
+    wait_child(fork_child(f));
+}
+
+/// Runs `f` in a forked child, which exits 0 when it returns (101 when it panics), and returns
+/// its pid at once, for [`wait_child`].
+pub fn fork_child(f: impl FnOnce()) -> i32 {
     // SAFETY: the runner's only other thread (the watchdog) sleeps holding no lock, so the
     // child is a consistent copy.
     let pid = unsafe { libc::fork() };
@@ -114,6 +120,11 @@ pub fn in_child(f: impl FnOnce()) {
         // SAFETY: leave the child without running the parent's atexit handlers twice.
         unsafe { libc::_exit(if ok { 0 } else { 101 }) };
     }
+    pid
+}
+
+/// Waits for the child `pid` and asserts it exited 0.
+pub fn wait_child(pid: i32) {
     let mut status = 0;
     // SAFETY: waiting for our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);

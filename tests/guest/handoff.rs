@@ -9,7 +9,7 @@ use vfiokit::{Device, Iommu};
 
 use crate::common::*;
 
-fn socketpair() -> (OwnedFd, OwnedFd) {
+pub fn socketpair() -> (OwnedFd, OwnedFd) {
     let mut sv = [0; 2];
     // SAFETY: sv has room for the two fds.
     let rc = unsafe {

@@ -9,6 +9,7 @@ mod doctor;
 mod equivalence;
 mod fidelity;
 mod handoff;
+mod handover;
 mod harness;
 mod irq;
 mod lifecycle;
@@ -75,6 +76,8 @@ const CASES: &[harness::Case] = &[
     ("second_process_gets_ebusy", lifecycle::second_process_gets_ebusy),
     ("handoff_to_an_unprivileged_process", handoff::handoff_to_an_unprivileged_process),
     ("malformed_handoffs_are_refused", handoff::malformed_handoffs_are_refused),
+    ("live_handover_keeps_nvme_running", handover::live_handover_keeps_nvme_running),
+    ("live_handover_edu_dma_and_refusals", handover::live_handover_edu_dma_and_refusals),
     ("doctor_finds_each_problem_with_its_fix", doctor::doctor_finds_each_problem_with_its_fix),
     ("hot_reset_resets_every_dependent", reset::hot_reset_resets_every_dependent),
     ("backends_agree", equivalence::backends_agree),

@@ -42,7 +42,7 @@ pub use doctor::{
 pub use error::{Error, Result};
 pub use host::{bind, unbind};
 pub use iommu::{
-    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, HeapInfo, IOMMU_AUTO, IOMMU_IOMMUFD,
+    DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, DMA_SHAREABLE, HeapInfo, IOMMU_AUTO, IOMMU_IOMMUFD,
     IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_NOIOMMU, IOMMU_TYPE1, IOMMU_TYPE1V1,
     IOMMU_VFIO_USER, Iommu, IommuKind,
 };

@@ -66,12 +66,6 @@ pub(crate) trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Whether DMA buffers go in memory another process can map (pool.rs): where the
-    /// context can be handed over live.
-    fn buffers_shareable(&self) -> bool {
-        false
-    }
-
     /// Whether the context can be handed over live (see handover.rs): refused, saying why,
     /// where it cannot.
     fn check_hand_over(&self) -> Result<()> {

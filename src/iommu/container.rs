@@ -335,10 +335,6 @@ impl Backend for Type1 {
         retire()
     }
 
-    fn buffers_shareable(&self) -> bool {
-        matches!(self.kind(), IommuKind::Type1 | IommuKind::Type1V1)
-    }
-
     fn check_hand_over(&self) -> Result<()> {
         if !self.attached.load(Ordering::Acquire) {
             return Err(Error::invalid(

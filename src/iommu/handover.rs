@@ -146,12 +146,17 @@ impl Iommu {
                 pool: placed.pool as u16,
                 writable: m.facts.writable,
             }),
-            _ => Err(Error::new(
+            (owner, _) => Err(Error::new(
                 libc::EBUSY,
                 format!(
-                    "the DMA mapping of {:#x} bytes at IOVA {:#x} is of the caller's memory (map, map_any), which \
-                     another process cannot map: unmap it before a live handover (alloc's buffers are handed over)",
-                    m.len, m.iova
+                    "the DMA mapping of {:#x} bytes at IOVA {:#x} is {}, which another process cannot map: unmap \
+                     or free it before a live handover (buffers allocated with DMA_SHAREABLE are handed over)",
+                    m.len,
+                    m.iova,
+                    match owner {
+                        Owner::Buffer => "a buffer allocated without DMA_SHAREABLE",
+                        _ => "of the caller's memory (map, map_any)",
+                    }
                 ),
             )),
         }

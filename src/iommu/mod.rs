@@ -48,7 +48,10 @@ pub const DMA_READONLY: u32 = 1 << 0;
 pub const DMA_HUGE_2M: u32 = 1 << 1;
 /// `alloc` only: back the buffer with 1 GiB hugetlb pages (length rounded, IOVA aligned).
 pub const DMA_HUGE_1G: u32 = 1 << 2;
-const DMA_FLAGS: u32 = DMA_READONLY | DMA_HUGE_2M | DMA_HUGE_1G;
+/// `alloc` only: the buffer's memory is in a memfd of the context's (one per page size), so that
+/// a live handover can give it to another process ([`Iommu::hand_over`]).
+pub const DMA_SHAREABLE: u32 = 1 << 3;
+const DMA_FLAGS: u32 = DMA_READONLY | DMA_HUGE_2M | DMA_HUGE_1G | DMA_SHAREABLE;
 
 struct State {
     ledger: Ledger,
@@ -549,9 +552,9 @@ impl Iommu {
             Error::invalid(format!("DMA buffer length {len:#x} overflows when rounded to pages"))
         })?;
         // A vfio-user server maps the buffer through its memfd; the kernel pins any memory,
-        // and a type1 context's is shareable, for a live handover.
-        let backend = &self.0.backend;
-        let (addr, fd) = match (backend.buffers_by_fd(), backend.buffers_shareable()) {
+        // and shareable memory is in the context's pools, for a live handover.
+        let shareable = flags & DMA_SHAREABLE != 0;
+        let (addr, fd) = match (self.0.backend.buffers_by_fd(), shareable) {
             (true, _) => mem::memfd(len, huge_shift).map(|(fd, a)| (a, Some(Arc::new(fd)))),
             (false, true) => self.0.pools.alloc(len, huge_shift).map(|a| (a, None)),
             (false, false) => mem::anonymous(len, huge_shift).map(|a| (a, None)),
@@ -763,9 +766,9 @@ fn check_flags(flags: u32) -> Result<()> {
 /// Whether a map with `flags` is writable by the device; hugepage flags are for `alloc` only.
 fn map_permission(flags: u32) -> Result<bool> {
     check_flags(flags)?;
-    if flags & (DMA_HUGE_2M | DMA_HUGE_1G) != 0 {
+    if flags & (DMA_HUGE_2M | DMA_HUGE_1G | DMA_SHAREABLE) != 0 {
         return Err(Error::invalid(
-            "DMA_HUGE_2M/DMA_HUGE_1G apply to allocations: a map uses the memory it is given",
+            "DMA_HUGE_2M/DMA_HUGE_1G/DMA_SHAREABLE apply to allocations: a map uses the memory it is given",
         ));
     }
     Ok(flags & DMA_READONLY == 0)

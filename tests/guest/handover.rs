@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use vfiokit::irq::{IRQ_MSI, IRQ_MSIX};
-use vfiokit::{Device, Iommu, IommuKind};
+use vfiokit::{DMA_SHAREABLE, Device, Iommu, IommuKind};
 
 use crate::common::*;
 use crate::handoff::socketpair;
@@ -145,7 +145,7 @@ fn bring_up_and_hand_over(sock: &OwnedFd) {
     enable_bus_master(&d);
     wr(&d, 0, CC, 0u32);
     wait_csts(&d, false);
-    let ring = |len| iommu.alloc(len).unwrap().1;
+    let ring = |len| iommu.alloc_flags(len, DMA_SHAREABLE).unwrap().1;
     let mut admin = Queue { qid: 0, sq: ring(4096), cq: ring(4096), tail: 0, head: 0, phase: 1 };
     wr(&d, 0, 0x24, u32::from(DEPTH - 1) << 16 | u32::from(DEPTH - 1));
     wr(&d, 0, 0x28, admin.sq);
@@ -182,7 +182,7 @@ pub fn live_handover_keeps_nvme_running() {
     if expected_kind() == IommuKind::Iommufd {
         let iommu = Iommu::open(IommuKind::Iommufd).unwrap();
         let d = open_in("NVME", &iommu);
-        let (buf, _) = iommu.alloc(4096).unwrap();
+        let (buf, _) = iommu.alloc_flags(4096, DMA_SHAREABLE).unwrap();
         let (old_end, _new_end) = socketpair();
         let words = ["IOMMU_IOAS_CHANGE_PROCESS", "Linux 6.13"];
         fails(iommu.hand_over(&[&d], old_end.as_fd()), libc::EOPNOTSUPP, &words);
@@ -244,8 +244,8 @@ pub fn live_handover_edu_dma_and_refusals() {
         let iommu = Iommu::open(IommuKind::Type1).unwrap();
         let d = open_in("EDU", &iommu);
         enable_bus_master(&d);
-        let (src, src_iova) = iommu.alloc(4096).unwrap();
-        let (_dst, dst_iova) = iommu.alloc(8192).unwrap();
+        let (src, src_iova) = iommu.alloc_flags(4096, DMA_SHAREABLE).unwrap();
+        let (_dst, dst_iova) = iommu.alloc_flags(8192, DMA_SHAREABLE).unwrap();
         // SAFETY: our buffer, idle.
         unsafe { std::ptr::copy_nonoverlapping(pattern.as_ptr(), src.as_ptr(), pattern.len()) };
         d.irq_enable(IRQ_MSI, 0, 1).unwrap();
@@ -262,6 +262,10 @@ pub fn live_handover_edu_dma_and_refusals() {
         let iova = unsafe { iommu.map_any(page, 4096) }.unwrap();
         fails(iommu.hand_over(&[&d], old_end.as_fd()), libc::EBUSY, &["caller's memory"]);
         iommu.unmap(iova, 4096).unwrap();
+        // Nor a buffer's private memory.
+        let (private, _) = iommu.alloc(4096).unwrap();
+        fails(iommu.hand_over(&[&d], old_end.as_fd()), libc::EBUSY, &["without DMA_SHAREABLE"]);
+        iommu.free(private.as_ptr()).unwrap();
         // Every device of the context goes, or none.
         fails(iommu.hand_over(&[], old_end.as_fd()), libc::EBUSY, &[&addr("EDU")]);
         // A receiver gone: the addresses were let go and are taken back.

@@ -102,6 +102,10 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // `alloc` only: back the buffer with 1 GiB hugetlb pages (length rounded, IOVA aligned).
 #define VFIOKIT_DMA_HUGE_1G (1 << 2)
 
+// `alloc` only: the buffer's memory is in a memfd of the context's (one per page size), so that
+// a live handover can give it to another process ([`Iommu::hand_over`]).
+#define VFIOKIT_DMA_SHAREABLE (1 << 3)
+
 // Pick the best interface the kernel offers (or what `VFIOKIT_IOMMU` in the environment says).
 #define VFIOKIT_IOMMU_AUTO 0
 
@@ -683,6 +687,43 @@ int vfiokit_iommu_export(struct vfiokit_iommu *iommu,
 // # Safety
 // `out` must be NULL or valid for writing a pointer.
 int vfiokit_iommu_adopt(int sock, struct vfiokit_iommu **out);
+
+// Hands `iommu` and its `n` `devices` (every device open in it) to the process at the other
+// end of the UNIX socket `sock`, which takes them with `vfiokit_iommu_take_over`, while the
+// devices keep running: their open fds (never reopened: vfio-pci resets a device at its first
+// open), their routed IRQ eventfds, and every DMA buffer, allocated with
+// `VFIOKIT_DMA_SHAREABLE`, at the same IOVAs over the same memory, which the IOMMU never stops
+// mapping (type1's VFIO_UPDATE_VADDR). Waits for the receiver's answer. On success close these
+// handles (the devices go on running: the receiver holds their fds); the context refuses DMA
+// calls with `-EBADF` meanwhile. On failure this process still owns everything, as before.
+// Refused, changing nothing: a context other than type1 (`-ENOTSUP`; `-EOPNOTSUPP` on
+// iommufd, which needs Linux 6.13's IOMMU_IOAS_CHANGE_PROCESS); a DMA heap in use, a mapping
+// of the caller's memory, a buffer allocated without `VFIOKIT_DMA_SHAREABLE`, a device of the
+// context not listed (`-EBUSY`); at most 253 fds in all (`-EINVAL`).
+//
+// # Safety
+// `iommu` NULL or live; `devices` valid for reading `n` device handles.
+int vfiokit_iommu_hand_over(struct vfiokit_iommu *iommu,
+                            struct vfiokit_device *const *devices,
+                            size_t n,
+                            int sock);
+
+// Takes over the context and devices another process handed over with
+// `vfiokit_iommu_hand_over` on the UNIX socket `sock`: `*iommu` is the context, `devices[0..*n)`
+// its devices in the order they were listed, each a handle to close as usual. Their records,
+// IRQ routes (each vector's eventfd the device's own, for `vfiokit_irq_wait`) and DMA buffers
+// are as the sender had them, the buffers at the same IOVAs and at new addresses
+// (`vfiokit_dma_to_vaddr`). More devices than `cap` is `-ENOSPC`; a malformed message
+// `-EPROTO`; on any failure the sender is told and keeps everything, and every fd received
+// is closed.
+//
+// # Safety
+// `iommu` and `n` valid for a write; `devices` for `cap` handles.
+int vfiokit_iommu_take_over(int sock,
+                            struct vfiokit_iommu **iommu,
+                            struct vfiokit_device **devices,
+                            size_t cap,
+                            size_t *n);
 
 // Copies up to `cap` valid IOVA ranges to `out` and sets `*n` to how many there are (which
 // may exceed `cap`; `out` may be NULL when `cap` is 0).

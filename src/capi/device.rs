@@ -53,9 +53,14 @@ impl Handle for vfiokit_device {
 ///
 /// # Safety
 /// As for [`Handle::enter`].
-unsafe fn dev(dev: *const vfiokit_device) -> Result<Call<vfiokit_device>> {
+pub(super) unsafe fn dev(dev: *const vfiokit_device) -> Result<Call<vfiokit_device>> {
     // SAFETY: forwarded from the caller.
     unsafe { vfiokit_device::enter(dev) }
+}
+
+/// A new handle for `device`, which is in the context `context` holds.
+pub(super) fn handle(device: Device, context: Hold<vfiokit_iommu>) -> *mut vfiokit_device {
+    vfiokit_device::into_c(Opened { device, context })
 }
 
 /// Opens a device by PCI address ("0000:00:02.0", "00:02.0") or sysfs path, in `iommu`

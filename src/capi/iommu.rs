@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 
 use super::boundary::{call, call_or, need, need_records, put, put_records, str_arg};
+use super::device::vfiokit_device;
 use super::handle::{Call, FreeSlots, Handle, Hold, Slot, lock};
 use crate::error::{Error, Result};
 use crate::iommu::{IOMMU_AUTO, Iommu, IommuKind};
@@ -173,6 +174,88 @@ pub unsafe extern "C" fn vfiokit_iommu_adopt(sock: c_int, out: *mut *mut vfiokit
         let h = vfiokit_iommu::into_c(Iommu::adopt(socket_arg(sock)?)?);
         // SAFETY: checked non-null; the caller provides a writable slot.
         unsafe { put(out, "out", h) }
+    })
+}
+
+/// Hands `iommu` and its `n` `devices` (every device open in it) to the process at the other
+/// end of the UNIX socket `sock`, which takes them with `vfiokit_iommu_take_over`, while the
+/// devices keep running: their open fds (never reopened: vfio-pci resets a device at its first
+/// open), their routed IRQ eventfds, and every DMA buffer, allocated with
+/// `VFIOKIT_DMA_SHAREABLE`, at the same IOVAs over the same memory, which the IOMMU never stops
+/// mapping (type1's VFIO_UPDATE_VADDR). Waits for the receiver's answer. On success close these
+/// handles (the devices go on running: the receiver holds their fds); the context refuses DMA
+/// calls with `-EBADF` meanwhile. On failure this process still owns everything, as before.
+/// Refused, changing nothing: a context other than type1 (`-ENOTSUP`; `-EOPNOTSUPP` on
+/// iommufd, which needs Linux 6.13's IOMMU_IOAS_CHANGE_PROCESS); a DMA heap in use, a mapping
+/// of the caller's memory, a buffer allocated without `VFIOKIT_DMA_SHAREABLE`, a device of the
+/// context not listed (`-EBUSY`); at most 253 fds in all (`-EINVAL`).
+///
+/// # Safety
+/// `iommu` NULL or live; `devices` valid for reading `n` device handles.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_hand_over(
+    iommu: *mut vfiokit_iommu,
+    devices: *const *mut vfiokit_device,
+    n: usize,
+    sock: c_int,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        let iommu = unsafe { self::iommu(iommu) }?;
+        if n > 0 {
+            need(devices.cast_mut(), "devices")?;
+        }
+        let held = (0..n)
+            // SAFETY: the caller provides n device handles.
+            .map(|i| unsafe { super::device::dev(*devices.add(i)) })
+            .collect::<Result<Vec<_>>>()?;
+        let devices: Vec<&crate::Device> = held.iter().map(|d| &***d).collect();
+        iommu.hand_over(&devices, socket_arg(sock)?)
+    })
+}
+
+/// Takes over the context and devices another process handed over with
+/// `vfiokit_iommu_hand_over` on the UNIX socket `sock`: `*iommu` is the context, `devices[0..*n)`
+/// its devices in the order they were listed, each a handle to close as usual. Their records,
+/// IRQ routes (each vector's eventfd the device's own, for `vfiokit_irq_wait`) and DMA buffers
+/// are as the sender had them, the buffers at the same IOVAs and at new addresses
+/// (`vfiokit_dma_to_vaddr`). More devices than `cap` is `-ENOSPC`; a malformed message
+/// `-EPROTO`; on any failure the sender is told and keeps everything, and every fd received
+/// is closed.
+///
+/// # Safety
+/// `iommu` and `n` valid for a write; `devices` for `cap` handles.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_iommu_take_over(
+    sock: c_int,
+    iommu: *mut *mut vfiokit_iommu,
+    devices: *mut *mut vfiokit_device,
+    cap: usize,
+    n: *mut usize,
+) -> c_int {
+    call(|| {
+        need(iommu, "iommu")?;
+        need(n, "n")?;
+        if cap > 0 {
+            need(devices, "devices")?;
+        }
+        let (context, taken) = Iommu::take_over_at_most(socket_arg(sock)?, cap)?;
+        let h = vfiokit_iommu::into_c(context);
+        // SAFETY: the handle just made, live.
+        let held = unsafe { self::iommu(h) }?;
+        let handles = taken
+            .into_iter()
+            .map(|device| Ok(super::device::handle(device, held.hold()?)))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, handle) in handles.iter().enumerate() {
+            // SAFETY: checked non-null; the caller provides cap slots, and take-over refused
+            // more devices than cap.
+            unsafe { *devices.add(i) = *handle };
+        }
+        // SAFETY: checked non-null.
+        unsafe { put(n, "n", handles.len()) }?;
+        // SAFETY: checked non-null.
+        unsafe { put(iommu, "iommu", h) }
     })
 }
 

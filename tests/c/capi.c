@@ -144,6 +144,11 @@ static void null_arguments(void)
 	FAILS(vfiokit_iommu_export(NULL, NULL, 0, 0), EINVAL);
 	FAILS(vfiokit_iommu_adopt(0, NULL), EINVAL);
 	FAILS(vfiokit_iommu_adopt(-1, &io), EBADF);
+	FAILS(vfiokit_iommu_hand_over(NULL, NULL, 0, 0), EINVAL);
+	FAILS(vfiokit_iommu_take_over(0, NULL, NULL, 0, &n), EINVAL);
+	FAILS(vfiokit_iommu_take_over(0, &io, NULL, 0, NULL), EINVAL);
+	FAILS(vfiokit_iommu_take_over(0, &io, NULL, 1, &n), EINVAL);
+	FAILS(vfiokit_iommu_take_over(-1, &io, NULL, 0, &n), EBADF);
 	FAILS(vfiokit_device_feature(NULL, 3, VFIOKIT_FEATURE_PROBE, NULL, 0), EINVAL);
 	FAILS_AS(vfiokit_device_regions(NULL, &n), NULL);
 	FAILS_AS(vfiokit_device_areas(NULL, &n), NULL);
@@ -561,6 +566,65 @@ static void handoff(void)
 	close(sv[1]);
 }
 
+/* Live handover of edu with a DMA buffer to a forked child: bad arguments and a receiver
+ * without room (-ENOSPC) leave it ours; then the child takes it and finds the buffer at its
+ * IOVA. On iommufd: -EOPNOTSUPP. */
+static void live_handover(void)
+{
+	vfiokit_iommu *io = NULL;
+	vfiokit_device *dev = NULL;
+	void *buf = NULL;
+	uint64_t iova = 0;
+	int sv[2], status = 0;
+	pid_t pid;
+
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+	CHECK(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, &io) == 0);
+	CHECK(vfiokit_device_open(env("VFIOKIT_TEST_EDU"), io, &dev) == 0);
+	CHECK(vfiokit_dma_alloc_flags(io, 4096, VFIOKIT_DMA_SHAREABLE, &buf, &iova) == 0);
+	memset(buf, 0x5a, 4096);
+	if (vfiokit_iommu_kind(io) == VFIOKIT_IOMMU_IOMMUFD) {
+		FAILS(vfiokit_iommu_hand_over(io, &dev, 1, sv[0]), EOPNOTSUPP);
+		CHECK(strstr(vfiokit_last_error(), "Linux 6.13") != NULL);
+		goto out;
+	}
+	FAILS(vfiokit_iommu_hand_over(io, NULL, 1, sv[0]), EINVAL);
+	FAILS(vfiokit_iommu_hand_over(io, &dev, 1, -1), EBADF);
+	FAILS(vfiokit_iommu_hand_over(io, NULL, 0, sv[0]), EBUSY); /* edu left out */
+	pid = fork();
+	if (pid == 0) {
+		vfiokit_iommu *taken = NULL;
+		vfiokit_device *devs[1] = {NULL};
+		void *at = NULL;
+		size_t n = 0;
+		uint32_t id = 0;
+		int ok = vfiokit_iommu_take_over(sv[1], &taken, devs, 0, &n) == -ENOSPC && taken == NULL;
+		ok = ok && vfiokit_iommu_take_over(sv[1], &taken, devs, 1, &n) == 0 && n == 1;
+		ok = ok && vfiokit_read32(devs[0], VFIOKIT_PCI_BAR0, 0, &id) == 0 && id == 0x010000ed;
+		ok = ok && vfiokit_dma_to_vaddr(taken, iova, 4096, &at) == 0;
+		ok = ok && ((unsigned char *)at)[4095] == 0x5a;
+		if (!ok)
+			fprintf(stderr, "live handover child: %s\n", vfiokit_last_error());
+		vfiokit_device_close(devs[0]);
+		vfiokit_iommu_close(taken);
+		_exit(ok ? 0 : 1);
+	}
+	CHECK(pid > 0);
+	FAILS(vfiokit_iommu_hand_over(io, &dev, 1, sv[0]), ENOSPC);
+	CHECK(strstr(vfiokit_last_error(), "still owns") != NULL);
+	CHECK(vfiokit_iommu_hand_over(io, &dev, 1, sv[0]) == 0);
+	FAILS(vfiokit_dma_alloc(io, 4096, &buf, &iova), EBADF);
+	CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	buf = NULL;
+out:
+	if (buf)
+		CHECK(vfiokit_dma_free(io, buf) == 0);
+	vfiokit_device_close(dev);
+	vfiokit_iommu_close(io);
+	close(sv[0]);
+	close(sv[1]);
+}
+
 int main(void)
 {
 	CHECK(vfiokit_last_error()[0] == '\0');
@@ -569,6 +633,7 @@ int main(void)
 	noiommu_refused();
 	with_edu();
 	handoff();
+	live_handover();
 	doctor();
 	hot_reset();
 	no_leaks();

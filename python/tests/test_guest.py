@@ -3,6 +3,7 @@ nvme, ivshmem-plain and pci-testdev devices. Marked `guest`: the host run desele
 they fail (not skip) where VFIOKIT_TEST_* are missing."""
 
 import contextlib
+import ctypes
 import errno
 import gc
 import importlib.util
@@ -235,6 +236,45 @@ def test_handoff_to_an_unprivileged_process(edu):
     with pytest.raises(OSError) as e:
         vfiokit.Iommu.adopt(-1)
     assert e.value.errno == errno.EBADF
+
+
+def test_live_handover(edu):
+    """A type1 context with edu and a DMA_SHAREABLE buffer goes to a forked child while edu
+    runs: the child finds the buffer's data at its IOVA and has edu's DMA engine copy it; on
+    iommufd the handover is refused, naming the kernel it needs."""
+    old_end, new_end = socket.socketpair()
+    if os.path.exists("/dev/iommu"):
+        with vfiokit.Iommu(vfiokit.IOMMU_IOMMUFD) as iommu, vfiokit.Device(edu, iommu) as dev:
+            with pytest.raises(OSError) as e:
+                iommu.hand_over([dev], old_end)
+            assert e.value.errno == errno.EOPNOTSUPP and "Linux 6.13" in str(e.value)
+    pattern = bytes((i * 5 + 1) & 0xFF for i in range(1024))
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            iova = struct.unpack("Q", new_end.recv(8, socket.MSG_WAITALL))[0]
+            iommu, (dev,) = vfiokit.Iommu.take_over(new_end)
+            with iommu, dev:
+                data = (ctypes.c_char * 2048).from_address(iommu.to_vaddr(iova, 2048))
+                assert data.raw[:1024] == pattern, "the old process's data"
+                edu_dma(registers(dev), iova, EDU_BUFFER, 1024, to_ram=False)
+                edu_dma(registers(dev), EDU_BUFFER, iova + 1024, 1024, to_ram=True)
+                assert data.raw[1024:] == pattern, "edu DMA after the handover"
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    with vfiokit.Iommu(vfiokit.IOMMU_TYPE1) as iommu, vfiokit.Device(edu, iommu) as dev:
+        bus_master(dev)
+        buf = iommu.alloc(4096, vfiokit.DMA_SHAREABLE)
+        buf.mem[:1024] = pattern
+        old_end.sendall(struct.pack("Q", buf.iova))
+        iommu.hand_over([dev], old_end)
+        assert buf.closed and buf.address == 0, "given away, not freed"
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child that took over failed"
 
 
 def test_doctor(edu, testdev):

@@ -34,7 +34,7 @@ except ImportError as e:
         sys.exit(str(e))
     raise
 from ._capi import (  # noqa: F401  (re-exported: the header's constants)
-    DEVICE_PCI, DEVICE_RESET, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_NOIOMMU, IOMMU_TYPE1, IOMMU_TYPE1V1, IOMMU_VFIO_USER, IRQ_AUTOMASKED, IRQ_ERR, IRQ_EVENTFD, IRQ_INTX,
+    DEVICE_PCI, DEVICE_RESET, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, DMA_SHAREABLE, IOMMU_AUTO, IOMMU_IOMMUFD, IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_NOIOMMU, IOMMU_TYPE1, IOMMU_TYPE1V1, IOMMU_VFIO_USER, IRQ_AUTOMASKED, IRQ_ERR, IRQ_EVENTFD, IRQ_INTX,
     IRQ_MASKABLE, IRQ_MSI, IRQ_MSIX, IRQ_NORESIZE, IRQ_REQ, PCI_BAR0, PCI_BAR1, PCI_BAR2, PCI_BAR3,
     PCI_BAR4, PCI_BAR5, PCI_CAP_EXTENDED, PCI_CONFIG, PCI_ROM, PCI_VGA, REGION_IO_PORT,
     REGION_MEM64, REGION_MMAP, REGION_MSIX_MAPPABLE, REGION_PREFETCH, REGION_PRESENT,
@@ -469,13 +469,19 @@ class DmaBuffer(_Closing):
 
     def _close(self) -> None:
         """Unmaps and frees the buffer."""
+        address = self._forget()
+        if not self._iommu.closed:
+            self._free(self._iommu._h, address)
+
+    def _forget(self) -> int:
+        """Lets go of the buffer without freeing it (a live handover gave it away): its address."""
+        self._closed = True
         if self._mem is not None:
             self._mem.release()
             self._mem = None
         address, self.address = self.address, 0
         self._iommu._buffers.discard(self)
-        if not self._iommu.closed:
-            self._free(self._iommu._h, address)
+        return address
 
     def __repr__(self) -> str:
         state = "freed" if self._closed else f"iova {self.iova:#x}"
@@ -595,6 +601,30 @@ class Iommu(_Closing):
         handle = c_void_p()
         _lib.vfiokit_iommu_adopt(_fileno(sock), byref(handle))
         return cls._wrap(handle.value, None)
+
+    def hand_over(self, devices: list[Device], sock: Union[int, Any]) -> None:
+        """Hands this context and `devices` (every device open in it) to the process at the
+        other end of the UNIX socket `sock`, which takes them with Iommu.take_over, while the
+        devices keep running: their open fds, IRQ eventfds and the DMA buffers allocated with
+        DMA_SHAREABLE, at the same IOVAs (docs/handoff.md, "Live handover"). Waits for the
+        receiver's answer; on failure (OSError) everything is still ours. Afterwards this
+        object's buffers are closed without being freed (the memory is the receiver's): close
+        the devices and the context, which leaves the devices running."""
+        handles = (c_void_p * len(devices))(*(d._handle() for d in devices))
+        _lib.vfiokit_iommu_hand_over(self._handle(), handles, len(devices), _fileno(sock))
+        for buffer in list(self._buffers):
+            buffer._forget()
+
+    @classmethod
+    def take_over(cls, sock: Union[int, Any], max_devices: int = 64) -> tuple[Iommu, list[Device]]:
+        """The context and devices another process handed over with hand_over() on the UNIX
+        socket `sock`: the devices in the order it listed them, their buffers at the same IOVAs
+        (to_vaddr gives their new addresses). OSError on failure, when the sender keeps all."""
+        handle, n = c_void_p(), c_size_t()
+        devices = (c_void_p * max_devices)()
+        _lib.vfiokit_iommu_take_over(_fileno(sock), byref(handle), devices, max_devices, byref(n))
+        iommu = cls._wrap(handle.value, None)
+        return iommu, [Device._wrap(devices[i], f"handed-over device {i}", iommu) for i in range(n.value)]
 
     def iova_ranges(self) -> list[IovaRange]:
         """The valid IOVA ranges (a type1 context has them once a device is in it)."""
@@ -726,7 +756,17 @@ class Device(_Closing):
     def __init__(self, name: str, iommu: Optional[Iommu] = None):
         handle = c_void_p()
         _lib.vfiokit_device_open(os.fsencode(name), iommu._handle() if iommu else None, byref(handle))
-        self._h: int = handle.value
+        self._setup(handle.value, name, iommu)
+
+    @classmethod
+    def _wrap(cls, handle: int, name: str, iommu: Iommu) -> Device:
+        """A device from a handle of ours (a take-over's), in `iommu`."""
+        self = cls.__new__(cls)
+        self._setup(handle, name, iommu)
+        return self
+
+    def _setup(self, handle: int, name: str, iommu: Optional[Iommu]) -> None:
+        self._h: int = handle
         self._closed = False
         self.name = name
         self._iommu = iommu  # the caller's context object, kept alive with us

@@ -21,7 +21,7 @@ SONAME = "libvfiokit.so.0"
 # Constants, as in the header.
 IOMMU_AUTO, IOMMU_TYPE1, IOMMU_IOMMUFD, IOMMU_VFIO_USER = 0, 1, 2, 3
 IOMMU_TYPE1V1, IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_NOIOMMU = 4, 5, 6, 7
-DMA_READONLY, DMA_HUGE_2M, DMA_HUGE_1G = 1, 2, 4
+DMA_READONLY, DMA_HUGE_2M, DMA_HUGE_1G, DMA_SHAREABLE = 1, 2, 4, 8
 IRQ_INTX, IRQ_MSI, IRQ_MSIX, IRQ_ERR, IRQ_REQ = 0, 1, 2, 3, 4
 IRQ_EVENTFD, IRQ_MASKABLE, IRQ_AUTOMASKED, IRQ_NORESIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 PCI_BAR0, PCI_BAR1, PCI_BAR2, PCI_BAR3, PCI_BAR4, PCI_BAR5 = 0, 1, 2, 3, 4, 5
@@ -171,6 +171,9 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_iommu_fd": (c_int, [_iommu], _check_int),
     "vfiokit_iommu_export": (c_int, [_iommu, POINTER(c_char_p), c_size_t, c_int], _check_int),
     "vfiokit_iommu_adopt": (c_int, [c_int, POINTER(_iommu)], _check_int),
+    "vfiokit_iommu_hand_over": (c_int, [_iommu, POINTER(_dev), c_size_t, c_int], _check_int),
+    "vfiokit_iommu_take_over": (c_int, [c_int, POINTER(_iommu), POINTER(_dev), c_size_t, POINTER(c_size_t)],
+                                _check_int),
     "vfiokit_iommu_iova_ranges": (c_int, [_iommu, POINTER(vfiokit_iova_range), c_size_t, POINTER(c_size_t)], _check_int),
     "vfiokit_dma_map": (c_int, [_iommu, c_void_p, c_size_t, c_uint64], _check_int),
     "vfiokit_dma_map_any": (c_int, [_iommu, c_void_p, c_size_t, POINTER(c_uint64)], _check_int),

@@ -59,16 +59,7 @@ impl Handoff {
     /// The whole message's length, from its first [`HEADER_LEN`] bytes.
     pub fn len_from_header(header: &[u8]) -> Result<usize, DecodeError> {
         let what = "handoff header";
-        if header.len() < HEADER_LEN {
-            return Err(DecodeError::Truncated { what, need: HEADER_LEN, have: header.len() });
-        }
-        if header[..8] != MAGIC {
-            return Err(malformed(what, "not a vfiokit handoff (bad magic)"));
-        }
-        let version = caps::u32_at(header, 8, what)?;
-        if version != VERSION {
-            return Err(malformed(what, format!("version {version}, expected {VERSION}")));
-        }
+        check_header(header, (HEADER_LEN, MAGIC, VERSION), what, "handoff")?;
         let count = |at: usize| caps::u16_at(header, at, what).map(usize::from);
         let (groups, devices) = (count(20)?, count(22)?);
         if groups > MAX_ITEMS || devices > MAX_ITEMS {
@@ -102,6 +93,26 @@ impl Handoff {
         }
         Ok(Handoff { kind: word(12)?, ioas: word(16)?, groups, devices })
     }
+}
+
+/// Checks a header's length, magic and version (`expected`); `name` says what it should be.
+fn check_header(
+    header: &[u8],
+    (len, magic, version): (usize, [u8; 8], u32),
+    what: &'static str,
+    name: &str,
+) -> Result<(), DecodeError> {
+    if header.len() < len {
+        return Err(DecodeError::Truncated { what, need: len, have: header.len() });
+    }
+    if header[..8] != magic {
+        return Err(malformed(what, format!("not a vfiokit {name} (bad magic)")));
+    }
+    let found = caps::u32_at(header, 8, what)?;
+    if found != version {
+        return Err(malformed(what, format!("version {found}, expected {version}")));
+    }
+    Ok(())
 }
 
 /// A device's canonical PCI address as a message carries it (12 bytes).
@@ -154,6 +165,7 @@ pub(crate) struct Handover {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) struct HandedVector {
     pub device: u16,
     pub index: u16,
@@ -161,6 +173,7 @@ pub(crate) struct HandedVector {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) struct HandedBuffer {
     pub iova: u64,
     pub len: u64,
@@ -343,16 +356,7 @@ impl Handover {
 /// The counts a live handover's header gives, checked.
 fn header_counts(header: &[u8]) -> Result<Counts, DecodeError> {
     let what = "live handover header";
-    if header.len() < LIVE_HEADER_LEN {
-        return Err(DecodeError::Truncated { what, need: LIVE_HEADER_LEN, have: header.len() });
-    }
-    if header[..8] != LIVE_MAGIC {
-        return Err(malformed(what, "not a vfiokit live handover (bad magic)"));
-    }
-    let version = caps::u32_at(header, 8, what)?;
-    if version != LIVE_VERSION {
-        return Err(malformed(what, format!("version {version}, expected {LIVE_VERSION}")));
-    }
+    check_header(header, (LIVE_HEADER_LEN, LIVE_MAGIC, LIVE_VERSION), what, "live handover")?;
     let short = |at: usize| caps::u16_at(header, at, what).map(usize::from);
     let word = |at: usize| caps::u32_at(header, at, what).map(|n| n as usize);
     if short(22)? != 0 {

@@ -96,6 +96,25 @@ pub(super) fn need<T>(out: *mut T, what: &str) -> Result<()> {
     if out.is_null() { Err(null(what)) } else { Ok(()) }
 }
 
+/// The caller's array of `n` values at `items` (NULL is fine when `n` is 0), each turned into
+/// what the call needs by `f`: the first failure, or all of them.
+///
+/// # Safety
+/// `items` must be NULL or valid for reading `n` values.
+pub(super) unsafe fn array_arg<P: Copy, T>(
+    items: *const P,
+    n: usize,
+    what: &str,
+    f: impl FnMut(P) -> Result<T>,
+) -> Result<Vec<T>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    need(items.cast_mut(), what)?;
+    // SAFETY: checked non-null; the caller provides n values.
+    unsafe { std::slice::from_raw_parts(items, n) }.iter().copied().map(f).collect()
+}
+
 /// A borrowed C string as UTF-8.
 ///
 /// # Safety

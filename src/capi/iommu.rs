@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 
-use super::boundary::{call, call_or, need, need_records, put, put_records, str_arg};
+use super::boundary::{array_arg, call, call_or, need, need_records, put, put_records, str_arg};
 use super::device::vfiokit_device;
 use super::handle::{Call, FreeSlots, Handle, Hold, Slot, lock};
 use crate::error::{Error, Result};
@@ -150,13 +150,8 @@ pub unsafe extern "C" fn vfiokit_iommu_export(
     call(|| {
         // SAFETY: forwarded from the caller.
         let iommu = unsafe { self::iommu(iommu) }?;
-        if n > 0 {
-            need(devices.cast_mut(), "devices")?;
-        }
-        let names = (0..n)
-            // SAFETY: the caller provides n string pointers.
-            .map(|i| unsafe { str_arg(*devices.add(i), "a device name") })
-            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: the caller provides n string pointers, each NULL or a string.
+        let names = unsafe { array_arg(devices, n, "devices", |p| str_arg(p, "a device name")) }?;
         iommu.export(&names, socket_arg(sock)?)
     })
 }
@@ -202,13 +197,8 @@ pub unsafe extern "C" fn vfiokit_iommu_hand_over(
     call(|| {
         // SAFETY: forwarded from the caller.
         let iommu = unsafe { self::iommu(iommu) }?;
-        if n > 0 {
-            need(devices.cast_mut(), "devices")?;
-        }
-        let held = (0..n)
-            // SAFETY: the caller provides n device handles.
-            .map(|i| unsafe { super::device::dev(*devices.add(i)) })
-            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: the caller provides n handles, each NULL or live.
+        let held = unsafe { array_arg(devices, n, "devices", |d| super::device::dev(d)) }?;
         let devices: Vec<&crate::Device> = held.iter().map(|d| &***d).collect();
         iommu.hand_over(&devices, socket_arg(sock)?)
     })

@@ -62,10 +62,10 @@ pub mod vfio_user_proto {
     };
 }
 
-/// The handoff message decoder, for the fuzz targets: not API.
+/// The handoff and live handover message decoders, for the fuzz targets: not API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
-pub use handoff::Handoff;
+pub use handoff::{Handoff, Handover};
 
 /// The C ABI's version: bumped (with the soname) on any incompatible change.
 pub const ABI_VERSION: u32 = 1;

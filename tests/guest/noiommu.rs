@@ -131,6 +131,10 @@ pub fn noiommu_dma_and_msi() {
     assert_eq!(iommu.iova_ranges().unwrap(), vec![IovaRange { start: 0, last: u64::MAX }]);
     let d = open_in("EDU", &iommu);
     assert!(iommu.fd().is_ok() && d.fd().is_ok());
+    // No IOMMU keeps a mapping while its memory changes hands: no live handover.
+    let (sock, _peer) = crate::handoff::socketpair();
+    let refused = iommu.hand_over(&[&d], std::os::fd::AsFd::as_fd(&sock));
+    fails(refused, libc::ENOTSUP, &["cannot be handed over live"]);
     enable_bus_master(&d);
 
     // Small buffers: the IOVA is the physical address, and the device reaches the memory.

@@ -392,7 +392,8 @@ fn kernel_and_user_contexts_do_not_mix() {
     assert!(e.message().contains("server running"), "{e}");
 }
 
-/// The calls that take kernel fds are refused on a vfio-user context, with why.
+/// The calls that take kernel fds are refused on a vfio-user context, with why; so is a live
+/// handover.
 #[test]
 fn fd_calls_are_refused_on_a_vfio_user_context() {
     let _serial = setup();
@@ -410,6 +411,9 @@ fn fd_calls_are_refused_on_a_vfio_user_context() {
     let e = dev.iommu().export(&[], sock.as_fd()).unwrap_err();
     assert_eq!(e.errno(), libc::ENOTSUP, "{e}");
     assert!(e.message().contains("connects to the device servers"), "{e}");
+    let e = dev.iommu().hand_over(&[&dev], sock.as_fd()).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOTSUP, "{e}");
+    assert!(e.message().contains("cannot be handed over live"), "{e}");
     drop(dev);
     server.join().unwrap();
 }

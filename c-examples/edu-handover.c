@@ -122,7 +122,8 @@ int main(int argc, char **argv)
 	if ((child = fork()) == 0) {
 		close(sv[0]);
 		snprintf(fd_arg, sizeof fd_arg, "%d", sv[1]);
-		execl("/proc/self/exe", argv[0], "--take-over", fd_arg, (char *)NULL);
+		/* argv[0], not /proc/self/exe: under valgrind that is valgrind's tool. */
+		execvp(argv[0], (char *[]){argv[0], "--take-over", fd_arg, NULL});
 		perror(EXAMPLE ": exec");
 		_exit(1);
 	}

@@ -36,15 +36,19 @@ impl Iommu {
     /// Hands this context and `devices` (every device open in it) to the process at the other
     /// end of the UNIX socket `sock`, which gets them with [`take_over`](Self::take_over),
     /// while the devices keep running: their open fds, routed IRQ eventfds, and every DMA
-    /// buffer from [`alloc`](Self::alloc), at the same IOVAs over the same memory, which the
-    /// IOMMU never stops mapping. Waits for the receiver's answer; on any failure, a refusal
-    /// or a receiver gone, this process still owns everything, as before the call.
+    /// buffer (each allocated with [`DMA_SHAREABLE`](super::DMA_SHAREABLE)), at the same IOVAs
+    /// over the same memory, which the IOMMU never stops mapping. Waits for the receiver's
+    /// answer; on any failure, a refusal or a receiver gone, this process still owns
+    /// everything, as before the call. (A thread of this process waiting on a vector meanwhile
+    /// may take an interrupt the receiver would have seen: stop waiting first.)
     ///
     /// Refused, changing nothing: on a context other than type1 (ENOTSUP, or EOPNOTSUPP on
-    /// iommufd, naming what it lacks); with a DMA heap in use, a mapping of the caller's memory
-    /// (map, map_any: another process cannot map it) or a map in flight (EBUSY); with a
-    /// device of the context missing from `devices` (EBUSY). Afterwards the context refuses
-    /// every DMA call (EBADF): close it and the devices, which leaves them running.
+    /// iommufd, naming what it lacks); with a DMA heap in use, a mapping of the caller's
+    /// memory (map, map_any: another process cannot map it), a buffer that is not shareable or
+    /// a map in flight (EBUSY); with a device of the context missing from `devices` (EBUSY).
+    /// Afterwards the context refuses the DMA calls that would change it (EBADF), and the
+    /// devices' IRQ waits end (ECANCELED): drop them and the context, which leaves the devices
+    /// running.
     pub fn hand_over(&self, devices: &[&Device], sock: BorrowedFd) -> Result<()> {
         let backend = &self.0.backend;
         backend.check_hand_over()?;
@@ -133,6 +137,8 @@ impl Iommu {
         }
         let ledger = std::mem::replace(&mut state.ledger, Ledger::new(sys::page_size() as u64));
         state.handed = Some(ledger.all().cloned().collect());
+        // Their interrupts are the receiver's now: no wait here may take one.
+        devices.iter().for_each(|d| d.cancel_waits());
         Ok(())
     }
 

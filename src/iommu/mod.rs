@@ -580,6 +580,7 @@ impl Iommu {
     pub fn free(&self, vaddr: *mut u8) -> Result<()> {
         let (buffer, poison) = {
             let state = self.state();
+            handover::check_not_handed(&state)?;
             let buffer = state.ledger.buffer_at(vaddr as usize).cloned();
             (buffer, state.guard)
         };

@@ -296,6 +296,8 @@ pub fn live_handover_edu_dma_and_refusals() {
         iommu.hand_over(&[&d], old_end.as_fd()).unwrap();
         send_words(&old_end, &[src_iova, dst_iova]);
         fails(iommu.unmap(dst_iova, 8192), libc::ENOENT, &[]);
+        fails(iommu.free(src.as_ptr()), libc::EBADF, &["handed over"]);
+        fails(d.irq_wait(IRQ_MSI, 0, 0), libc::ECANCELED, &["being closed"]);
     });
     drop(old_end);
     let (iommu, devices) = Iommu::take_over(new_end.as_fd()).unwrap();

@@ -155,13 +155,18 @@ impl Iommu {
             (owner, _) => Err(Error::new(
                 libc::EBUSY,
                 format!(
-                    "the DMA mapping of {:#x} bytes at IOVA {:#x} is {}, which another process cannot map: unmap \
-                     or free it before a live handover (buffers allocated with DMA_SHAREABLE are handed over)",
+                    "the DMA mapping of {:#x} bytes at IOVA {:#x} is {}: unmap or free it before a live handover \
+                     (buffers allocated with DMA_SHAREABLE are handed over)",
                     m.len,
                     m.iova,
                     match owner {
-                        Owner::Buffer => "a buffer allocated without DMA_SHAREABLE",
-                        _ => "of the caller's memory (map, map_any)",
+                        Owner::Buffer => {
+                            "a buffer allocated without DMA_SHAREABLE, whose memory another process cannot map"
+                        }
+                        Owner::File =>
+                            "of the caller's file (map_file), which a live handover does not carry yet",
+                        _ =>
+                            "of the caller's memory (map, map_any), which another process cannot map",
                     }
                 ),
             )),

@@ -693,13 +693,14 @@ int vfiokit_iommu_adopt(int sock, struct vfiokit_iommu **out);
 // devices keep running: their open fds (never reopened: vfio-pci resets a device at its first
 // open), their routed IRQ eventfds, and every DMA buffer, allocated with
 // `VFIOKIT_DMA_SHAREABLE`, at the same IOVAs over the same memory, which the IOMMU never stops
-// mapping (type1's VFIO_UPDATE_VADDR). Waits for the receiver's answer (stop waiting on the
+// mapping (type1's VFIO_UPDATE_VADDR; on iommufd, mappings of the buffers' memfds and
+// IOMMU_IOAS_CHANGE_PROCESS, Linux 6.13+). Waits for the receiver's answer (stop waiting on the
 // devices' vectors first: a wait here could take the receiver's interrupt). On success close
 // these handles (the devices go on running: the receiver holds their fds); meanwhile the
 // context refuses the DMA calls that would change it with `-EBADF` and IRQ waits on the
 // devices return `-ECANCELED`. On failure this process still owns everything, as before.
-// Refused, changing nothing: a context other than type1 (`-ENOTSUP`; `-EOPNOTSUPP` on
-// iommufd, which needs Linux 6.13's IOMMU_IOAS_CHANGE_PROCESS); a DMA heap in use, a mapping
+// Refused, changing nothing: a context other than type1 or iommufd (`-ENOTSUP`;
+// `-EOPNOTSUPP` on an iommufd before Linux 6.13); a DMA heap in use, a mapping
 // of the caller's memory, a buffer allocated without `VFIOKIT_DMA_SHAREABLE`, a device of the
 // context not listed (`-EBUSY`); at most 253 fds in all (`-EINVAL`).
 //

@@ -142,11 +142,12 @@ fn len(groups: usize, devices: usize) -> usize {
 /// The live handover's message ([`Iommu::hand_over`](crate::Iommu::hand_over) and
 /// [`Iommu::take_over`](crate::Iommu::take_over)): the context with its devices, their routed
 /// IRQ vectors and DMA buffers, whose IOMMU mappings stay in place. The fds go beside it, in
-/// this order: the container, each group's, each device's (the open VFIO device fd), each
+/// this order: the container (or /dev/iommu), each group's, each device's (the open VFIO device fd), each
 /// pool's (the memfd its buffers are in), each vector's eventfd.
 ///
 /// Layout, native-endian: magic `vfkHOVER`, version (u32), kind (u32), the numbers of groups,
-/// devices and pools (u16 each) and a reserved u16, of vectors and of buffers (u32 each); then
+/// devices and pools (u16 each) and a reserved u16, of vectors and of buffers (u32 each), the
+/// IOAS (u32: an iommufd context's, else 0) and a reserved u32; then
 /// the records: each group's number (u32); each device's canonical address (12 bytes) and a
 /// reserved u32; each pool's page shift (u32: 0, 21 or 30) and a reserved u32; each vector
 /// (the device's place in the list, u16; the IRQ index, u16; the vector, u32); each buffer
@@ -156,6 +157,8 @@ fn len(groups: usize, devices: usize) -> usize {
 #[cfg_attr(feature = "fuzzing", visibility::make(pub))]
 pub(crate) struct Handover {
     pub kind: u32,
+    /// An iommufd context's IOAS.
+    pub ioas: u32,
     pub groups: Vec<u32>,
     pub devices: Vec<String>,
     /// Each pool's page shift.
@@ -185,7 +188,7 @@ pub(crate) struct HandedBuffer {
 const LIVE_MAGIC: [u8; 8] = *b"vfkHOVER";
 const LIVE_VERSION: u32 = 1;
 /// The fixed part of a live handover's message.
-pub(crate) const LIVE_HEADER_LEN: usize = 32;
+pub(crate) const LIVE_HEADER_LEN: usize = 40;
 /// The most fds one sendmsg carries (the kernel's SCM_MAX_FD): a live handover's limit.
 pub(crate) const LIVE_MAX_FDS: usize = 253;
 /// The most pools: one a page size (4 KiB, 2 MiB, 1 GiB).
@@ -223,6 +226,8 @@ impl Handover {
         }
         out.extend((self.vectors.len() as u32).to_ne_bytes());
         out.extend((self.buffers.len() as u32).to_ne_bytes());
+        out.extend(self.ioas.to_ne_bytes());
+        out.extend(0u32.to_ne_bytes());
         out.extend(self.groups.iter().flat_map(|g| g.to_ne_bytes()));
         for d in &self.devices {
             assert_eq!(d.len(), ADDRESS_LEN, "canonical PCI address");
@@ -344,6 +349,7 @@ impl Handover {
         }
         Ok(Handover {
             kind: caps::u32_at(bytes, 12, what)?,
+            ioas: caps::u32_at(bytes, 32, what)?,
             groups,
             devices,
             pools,
@@ -359,7 +365,7 @@ fn header_counts(header: &[u8]) -> Result<Counts, DecodeError> {
     check_header(header, (LIVE_HEADER_LEN, LIVE_MAGIC, LIVE_VERSION), what, "live handover")?;
     let short = |at: usize| caps::u16_at(header, at, what).map(usize::from);
     let word = |at: usize| caps::u32_at(header, at, what).map(|n| n as usize);
-    if short(22)? != 0 {
+    if short(22)? != 0 || word(36)? != 0 {
         return Err(malformed(what, "a reserved field is not zero"));
     }
     let counts = Counts([short(16)?, short(18)?, short(20)?, word(24)?, word(28)?]);
@@ -456,6 +462,7 @@ mod tests {
     fn live_sample() -> Handover {
         Handover {
             kind: 1,
+            ioas: 2,
             groups: vec![3, 7],
             devices: vec!["0000:00:04.0".into()],
             pools: vec![0, 21],
@@ -477,7 +484,7 @@ mod tests {
     fn live_round_trip() {
         let h = live_sample();
         let bytes = h.encode();
-        assert_eq!(bytes.len(), 32 + 8 + 16 + 16 + 8 + 64);
+        assert_eq!(bytes.len(), 40 + 8 + 16 + 16 + 8 + 64);
         assert_eq!(Handover::len_from_header(&bytes[..LIVE_HEADER_LEN]).unwrap(), bytes.len());
         assert_eq!(Handover::decode(&bytes).unwrap(), h);
         assert_eq!(h.fds(), 7);
@@ -502,6 +509,7 @@ mod tests {
         refused(&with(0, b"x"), "bad magic");
         refused(&with(8, &[2]), "version 2");
         refused(&with(22, &[1]), "reserved");
+        refused(&with(36, &[1]), "reserved");
         refused(&with(24, &253u32.to_ne_bytes()), "fds in all at most");
         refused(&with(20, &4u16.to_ne_bytes()), "3 pools");
         let records = LIVE_HEADER_LEN + 8;

@@ -9,11 +9,12 @@
 //! giver has that answer nothing is given away: any failure on either side, or a receiver
 //! gone, and the giver takes its addresses back and still owns everything.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use super::backend::protocol;
+use super::backend::{Backend, protocol};
 use super::container::Type1;
+use super::iommufd::Iommufd;
 use super::ledger::{Facts, Ledger, Owner, Record};
 use super::{Iommu, IommuKind, State};
 use crate::device::Device;
@@ -42,8 +43,8 @@ impl Iommu {
     /// everything, as before the call. (A thread of this process waiting on a vector meanwhile
     /// may take an interrupt the receiver would have seen: stop waiting first.)
     ///
-    /// Refused, changing nothing: on a context other than type1 (ENOTSUP, or EOPNOTSUPP on
-    /// iommufd, naming what it lacks); with a DMA heap in use, a mapping of the caller's
+    /// Refused, changing nothing: on a context other than type1 or iommufd with MAP_FILE
+    /// (ENOTSUP, or EOPNOTSUPP on an iommufd before Linux 6.13, naming what it lacks); with a DMA heap in use, a mapping of the caller's
     /// memory (map, map_any: another process cannot map it), a buffer that is not shareable or
     /// a map in flight (EBUSY); with a device of the context missing from `devices` (EBUSY).
     /// Afterwards the context refuses the DMA calls that would change it (EBADF), and the
@@ -99,6 +100,7 @@ impl Iommu {
         let mut fds: Vec<RawFd> = export.fds.clone();
         let mut message = Handover {
             kind: export.message.kind,
+            ioas: export.message.ioas,
             groups: export.message.groups.clone(),
             devices: devices.iter().map(|d| d.address().to_string()).collect(),
             buffers,
@@ -252,18 +254,24 @@ fn receive(sock: BorrowedFd, max_devices: usize) -> Result<(Iommu, Vec<Device>)>
             ),
         ));
     }
-    let kind = match IommuKind::from_code(message.kind) {
-        Ok(kind @ (IommuKind::Type1 | IommuKind::Type1V1)) => kind,
+    let mut fds = fds.into_iter();
+    let context = fds.next().expect("counted above");
+    let groups: BTreeMap<u32, OwnedFd> = message.groups.iter().copied().zip(fds.by_ref()).collect();
+    let backend: Box<dyn Backend> = match IommuKind::from_code(message.kind) {
+        Ok(kind @ (IommuKind::Type1 | IommuKind::Type1V1)) => {
+            Box::new(Type1::new(super::handoff::adopted_container(context, kind, groups)?))
+        }
+        Ok(IommuKind::Iommufd) if groups.is_empty() => {
+            Box::new(Iommufd::adopted(context, message.ioas, HashMap::new()))
+        }
         _ => {
             return Err(protocol(format!("context kind {} is not handed over live", message.kind)));
         }
     };
-    let mut fds = fds.into_iter();
-    let context = fds.next().expect("counted above");
-    let groups: BTreeMap<u32, OwnedFd> = message.groups.iter().copied().zip(fds.by_ref()).collect();
-    let backend = Type1::new(super::handoff::adopted_container(context, kind, groups)?);
-    let valid = backend_ranges(&backend)?;
-    let iommu = Iommu::with(Box::new(backend), Some(valid));
+    // Read now, to check that the context is one with its devices' address space.
+    let valid =
+        backend.ranges()?.ok_or_else(|| protocol("a handed-over context with no device".into()))?;
+    let iommu = Iommu::with(backend, Some(valid));
     let device_fds: Vec<OwnedFd> = fds.by_ref().take(message.devices.len()).collect();
     for (shift, fd) in message.pools.iter().zip(fds.by_ref()) {
         iommu.0.pools.adopt(*shift, fd);
@@ -285,12 +293,6 @@ fn receive(sock: BorrowedFd, max_devices: usize) -> Result<(Iommu, Vec<Device>)>
     Ok((iommu, devices))
 }
 
-/// The valid ranges of a handed-over container, which has its groups.
-fn backend_ranges(backend: &Type1) -> Result<Vec<crate::iova::IovaRange>> {
-    use super::backend::Backend;
-    backend.ranges()?.ok_or_else(|| protocol("a type1 container with no group".into()))
-}
-
 impl Iommu {
     /// Maps a handed-over buffer's memory here and records it Live at its IOVA (its address
     /// is given to the kernel with the others, by claim_maps); its record.
@@ -298,12 +300,14 @@ impl Iommu {
         let bad =
             || format!("the handed-over DMA buffer of {:#x} bytes at IOVA {:#x}", b.len, b.iova);
         let len = usize::try_from(b.len).map_err(|_| protocol(bad()))?;
-        let vaddr = self
+        let (vaddr, file) = self
             .0
             .pools
             .map_adopted(usize::from(b.pool), b.offset, len)
             .map_err(|sys::Errno(e)| Error::os(e, format!("mapping {}", bad())))?;
-        let facts = Facts { writable: b.writable, owner: Owner::Buffer, ..Facts::default() };
+        // As alloc records a pooled buffer: with its file where the backend maps by file.
+        let fd = self.0.backend.buffers_by_fd().then_some(file);
+        let facts = Facts { writable: b.writable, owner: Owner::Buffer, fd, offset: b.offset };
         let mut state = self.state();
         if let Err(why) =
             state.ledger.reserve_at(vaddr.as_ptr() as usize, len, b.iova, facts.clone())

@@ -93,16 +93,43 @@ impl Backend for Iommufd {
         IommuKind::Iommufd
     }
 
-    /// Live handover on iommufd: each mapping made with IOMMU_IOAS_MAP_FILE (by fd, not
-    /// address), then IOMMU_IOAS_CHANGE_PROCESS in the new process, where `claim_maps` would
-    /// go. Linux 6.13 added the latter.
+    /// Live handover on iommufd: the handed-over buffers are mapped by their file
+    /// (IOMMU_IOAS_MAP_FILE), so the IOAS keeps them whatever address space maps them, and the
+    /// receiver takes the pinned pages' accounting with IOMMU_IOAS_CHANGE_PROCESS (both Linux
+    /// 6.13).
     fn check_hand_over(&self) -> Result<()> {
+        if self.has_map_file() {
+            return Ok(());
+        }
         Err(Error::new(
             libc::EOPNOTSUPP,
-            "an iommufd context cannot be handed over live yet: that needs IOMMU_IOAS_MAP_FILE and \
-             IOMMU_IOAS_CHANGE_PROCESS (Linux 6.13 or later), which vfiokit does not use yet; hand over a type1 \
-             context (VFIOKIT_IOMMU_TYPE1)",
+            format!(
+                "an iommufd context is handed over live by IOMMU_IOAS_MAP_FILE and IOMMU_IOAS_CHANGE_PROCESS \
+                 (Linux 6.13 or later; this kernel is {}): hand over a type1 context here (VFIOKIT_IOMMU_TYPE1)",
+                sys::kernel_release()
+            ),
         ))
+    }
+
+    /// Nothing to let go: the IOAS maps the buffers' files, not this process's addresses.
+    fn release_maps(&self, maps: &[Record]) -> Result<()> {
+        self.check_hand_over()?;
+        match maps.iter().find(|m| m.facts.fd.is_none()) {
+            None => Ok(()),
+            Some(m) => Err(Error::new(
+                libc::EBUSY,
+                format!(
+                    "the DMA mapping at IOVA {:#x} is not of a file: it cannot be handed over live",
+                    m.iova
+                ),
+            )),
+        }
+    }
+
+    /// The mappings are this process's once their pinned pages are charged to it.
+    fn claim_maps(&self, _maps: &[Record]) -> Result<()> {
+        iommufd::ioas_change_process(self.fd.as_fd())
+            .context(|| "taking over the iommufd's pinned DMA memory (IOMMU_IOAS_CHANGE_PROCESS)")
     }
 
     fn fd(&self) -> Result<BorrowedFd<'_>> {

@@ -551,18 +551,20 @@ impl Iommu {
         let len = len.checked_next_multiple_of(page).ok_or_else(|| {
             Error::invalid(format!("DMA buffer length {len:#x} overflows when rounded to pages"))
         })?;
-        // A vfio-user server maps the buffer through its memfd; the kernel pins any memory,
-        // and shareable memory is in the context's pools, for a live handover.
-        let shareable = flags & DMA_SHAREABLE != 0;
-        let (addr, fd) = match (self.0.backend.buffers_by_fd(), shareable) {
-            (true, _) => mem::memfd(len, huge_shift).map(|(fd, a)| (a, Some(Arc::new(fd)))),
-            (false, true) => self.0.pools.alloc(len, huge_shift).map(|a| (a, None)),
-            (false, false) => mem::anonymous(len, huge_shift).map(|a| (a, None)),
+        // Shareable memory is in the context's pools, for a live handover; a backend that
+        // maps buffers by their file (iommufd with MAP_FILE, a vfio-user server) is given it;
+        // otherwise the kernel pins any memory.
+        let by_fd = self.0.backend.buffers_by_fd();
+        let (addr, fd, offset) = match (by_fd, flags & DMA_SHAREABLE != 0) {
+            (_, true) => {
+                self.0.pools.alloc(len, huge_shift).map(|(a, fd, at)| (a, by_fd.then_some(fd), at))
+            }
+            (true, false) => mem::memfd(len, huge_shift).map(|(fd, a)| (a, Some(Arc::new(fd)), 0)),
+            (false, false) => mem::anonymous(len, huge_shift).map(|a| (a, None, 0)),
         }
         .map_err(|sys::Errno(e)| alloc_error(e, len, huge_shift))?;
         let align = dma_alignment(len).max(page as u64);
-        let facts =
-            Facts { writable: flags & DMA_READONLY == 0, owner: Owner::Buffer, fd, offset: 0 };
+        let facts = Facts { writable: flags & DMA_READONLY == 0, owner: Owner::Buffer, fd, offset };
         // SAFETY: fresh private memory that only the ledger (and the caller) reach.
         match unsafe { self.map_at(addr.as_ptr(), len, At::Any(align), facts) } {
             Ok(iova) => Ok((addr, iova)),

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::lock;
 use crate::sys::{SysResult, mem};
@@ -16,7 +16,8 @@ use crate::sys::{SysResult, mem};
 pub(crate) struct Pool {
     /// 0 for normal pages, else the log2 of the hugetlb page size.
     pub huge_shift: u32,
-    pub fd: OwnedFd,
+    /// Shared with the records of its buffers, which an iommufd maps by it.
+    pub fd: Arc<OwnedFd>,
     /// The file's size: the next buffer's offset.
     end: u64,
     /// Each live buffer's offset in the file, by its address.
@@ -33,13 +34,18 @@ pub(crate) struct Placed {
 pub(crate) struct Pools(Mutex<Vec<Pool>>);
 
 impl Pools {
-    /// `len` bytes (a multiple of the page `huge_shift` says), zeroed and faulted in.
-    pub fn alloc(&self, len: usize, huge_shift: u32) -> SysResult<NonNull<u8>> {
+    /// `len` bytes (a multiple of the page `huge_shift` says), zeroed and faulted in; also
+    /// the pool's file and the offset in it.
+    pub fn alloc(
+        &self,
+        len: usize,
+        huge_shift: u32,
+    ) -> SysResult<(NonNull<u8>, Arc<OwnedFd>, u64)> {
         let mut pools = lock(&self.0);
         let at = match pools.iter().position(|p| p.huge_shift == huge_shift) {
             Some(at) => at,
             None => {
-                let fd = mem::memfd_create(huge_shift)?;
+                let fd = Arc::new(mem::memfd_create(huge_shift)?);
                 pools.push(Pool { huge_shift, fd, end: 0, live: BTreeMap::new() });
                 pools.len() - 1
             }
@@ -51,7 +57,7 @@ impl Pools {
         let addr = unsafe { mem::map_shared_at(None, len, pool.fd.as_fd(), offset) }?;
         pool.end = offset + len as u64;
         pool.live.insert(addr.as_ptr() as usize, offset);
-        Ok(addr)
+        Ok((addr, pool.fd.clone(), offset))
     }
 
     /// Unmaps a buffer and frees its memory: pooled memory is punched out of its file, other
@@ -92,18 +98,23 @@ impl Pools {
 
     /// Takes over a pool handed over by another process, with no buffer yet.
     pub fn adopt(&self, huge_shift: u32, fd: OwnedFd) {
-        lock(&self.0).push(Pool { huge_shift, fd, end: 0, live: BTreeMap::new() });
+        lock(&self.0).push(Pool { huge_shift, fd: Arc::new(fd), end: 0, live: BTreeMap::new() });
     }
 
     /// Maps the buffer of `len` bytes at `offset` of pool `pool` (from [`adopt`](Self::adopt))
-    /// into this process: where it now is.
-    pub fn map_adopted(&self, pool: usize, offset: u64, len: usize) -> SysResult<NonNull<u8>> {
+    /// into this process: where it now is, and the pool's file.
+    pub fn map_adopted(
+        &self,
+        pool: usize,
+        offset: u64,
+        len: usize,
+    ) -> SysResult<(NonNull<u8>, Arc<OwnedFd>)> {
         let mut pools = lock(&self.0);
         let p = &mut pools[pool];
         // SAFETY: no fixed address; the file's range is the handed-over buffer's.
         let addr = unsafe { mem::map_shared_at(None, len, p.fd.as_fd(), offset) }?;
         p.end = p.end.max(offset + len as u64);
         p.live.insert(addr.as_ptr() as usize, offset);
-        Ok(addr)
+        Ok((addr, p.fd.clone()))
     }
 }

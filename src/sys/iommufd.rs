@@ -17,6 +17,7 @@ const IOAS_IOVA_RANGES: u64 = io(k::IOMMUFD_CMD_IOAS_IOVA_RANGES);
 const IOAS_MAP: u64 = io(k::IOMMUFD_CMD_IOAS_MAP);
 const IOAS_UNMAP: u64 = io(k::IOMMUFD_CMD_IOAS_UNMAP);
 const IOAS_MAP_FILE: u64 = io(k::IOMMUFD_CMD_IOAS_MAP_FILE);
+const IOAS_CHANGE_PROCESS: u64 = io(k::IOMMUFD_CMD_IOAS_CHANGE_PROCESS);
 const DEVICE_BIND_IOMMUFD: u64 = ((v::VFIO_TYPE as u64) << 8) | (v::VFIO_BASE + 18) as u64;
 const DEVICE_ATTACH_IOMMUFD_PT: u64 = ((v::VFIO_TYPE as u64) << 8) | (v::VFIO_BASE + 19) as u64;
 
@@ -115,6 +116,18 @@ pub(crate) fn ioas_map_file(
     };
     // SAFETY: IOAS_MAP_FILE reads one iommu_ioas_map_file; no memory of ours is mapped.
     unsafe { ioctl_ptr(iommufd, IOAS_MAP_FILE, &mut arg) }.map(drop)
+}
+
+/// IOAS_CHANGE_PROCESS (Linux 6.13+): the pages pinned for every mapping of every IOAS of the
+/// iommufd are charged to this process from now on (a live handover's receiver). All or
+/// nothing; EINVAL while a mapping is not of a file (IOAS_MAP_FILE).
+pub(crate) fn ioas_change_process(iommufd: BorrowedFd) -> SysResult<()> {
+    let mut arg = k::iommu_ioas_change_process {
+        size: size::<k::iommu_ioas_change_process>(),
+        __reserved: 0,
+    };
+    // SAFETY: IOAS_CHANGE_PROCESS reads one iommu_ioas_change_process.
+    unsafe { ioctl_ptr(iommufd, IOAS_CHANGE_PROCESS, &mut arg) }.map(drop)
 }
 
 /// Returns the number of bytes unmapped; iova 0 with length `u64::MAX` unmaps everything.

@@ -24,8 +24,6 @@ pub(super) struct Mapping {
     whole: u64,
     /// The region's REGION_READ / REGION_WRITE flags.
     access: u32,
-    /// Listed in [`KERNEL_MAPPINGS`] (a kernel device's), until dropped.
-    listed: bool,
 }
 
 /// A kernel device's region mapping: what an iommufd context is given when a driver DMA-maps
@@ -146,10 +144,10 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        if self.listed {
-            let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
-            maps.remove(&self.base.as_ptr().addr());
-        }
+        // A kernel device's is listed; no other live mapping has its address.
+        let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+        maps.remove(&self.base.as_ptr().addr());
+        drop(maps);
         // SAFETY: we reserved base..base+len and nothing else refers to it once we drop.
         unsafe { mem::unmap(self.base, self.len) };
     }
@@ -316,7 +314,7 @@ impl Device {
             };
             // Built first, so an area failing below releases the reservation.
             let access = r.flags & (REGION_READ | REGION_WRITE);
-            let mut mapping = Mapping { base, len, whole, access, listed: false };
+            let mapping = Mapping { base, len, whole, access };
             let prot = [(REGION_READ, libc::PROT_READ), (REGION_WRITE, libc::PROT_WRITE)]
                 .iter()
                 .filter(|(f, _)| r.flags & f != 0)
@@ -340,7 +338,6 @@ impl Device {
                 let entry = KernelMapping { len, device: device.as_raw_fd(), region: r.index };
                 let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
                 maps.insert(base.as_ptr().addr(), entry);
-                mapping.listed = true;
             }
             if let Some(fast) = self.fast.get(r.index as usize) {
                 fast.set(&mapping);
@@ -532,7 +529,7 @@ mod tests {
     /// A mapping of `len` reserved bytes (no access: the fast path only computes addresses).
     fn mapping(len: usize, whole: u64, access: u32) -> Mapping {
         let base = mem::reserve(len).expect("reserve address space");
-        Mapping { base, len, whole, access, listed: false }
+        Mapping { base, len, whole, access }
     }
 
     fn fast(m: &Mapping) -> FastPath {

@@ -160,6 +160,77 @@ impl PciDevice {
     }
 }
 
+impl PciDevice {
+    /// How many VFs the device can have (sysfs `sriov_totalvfs`); ENOTSUP naming the device
+    /// when it is no SR-IOV PF.
+    pub fn sriov_total_vfs(&self) -> Result<u32> {
+        let path = self.attr("sriov_totalvfs");
+        match sysfs::read_u64(&path.to_string_lossy()) {
+            Ok(n) => Ok(n as u32),
+            Err(crate::sys::Errno(libc::ENOENT)) => Err(Error::new(
+                libc::ENOTSUP,
+                format!("{} is not an SR-IOV PF (it has no {})", self.address, path.display()),
+            )),
+            Err(crate::sys::Errno(e)) => Err(Error::os(e, format!("reading {}", path.display()))),
+        }
+    }
+
+    /// The addresses of its enabled VFs, in VF order (its `virtfnN` links).
+    pub fn vfs(&self) -> Vec<String> {
+        let mut vfs: Vec<(u32, String)> = sysfs::list(&self.sysfs())
+            .into_iter()
+            .filter_map(|name| {
+                let n = name.strip_prefix("virtfn")?.parse().ok()?;
+                Some((n, sysfs::link_name(&self.attr(&name))?))
+            })
+            .collect();
+        vfs.sort();
+        vfs.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// The PF of a VF (its `physfn` link); None for any other device.
+    pub fn physfn(&self) -> Option<String> {
+        sysfs::link_name(&self.attr("physfn"))
+    }
+}
+
+/// Enables `n` VFs of the SR-IOV PF `pf` (0 disables them) through its `sriov_numvfs` (root
+/// only). A PF with VFs enabled goes through 0 first, as the kernel asks. Returns the VFs'
+/// addresses.
+pub fn sriov_set_numvfs(pf: &str, n: u32) -> Result<Vec<String>> {
+    let dev = PciDevice::find(pf)?;
+    let total = dev.sriov_total_vfs()?;
+    if n > total {
+        return Err(Error::invalid(format!("{} has at most {total} VFs, not {n}", dev.address)));
+    }
+    let numvfs = dev.attr("sriov_numvfs");
+    let write = |count: u32| {
+        sysfs::write(&numvfs, &count.to_string()).map_err(|crate::sys::Errno(e)| {
+            let hint = match (e, dev.driver()) {
+                (libc::ENOENT, Some(d)) if d == VFIO_DRIVER => {
+                    " (vfio-pci enables VFs only when loaded with enable_sriov=1: \
+                     modprobe vfio-pci enable_sriov=1, or vfio_pci.enable_sriov=1 on the kernel \
+                     command line)"
+                        .to_owned()
+                }
+                (libc::ENOENT | libc::EOPNOTSUPP, None) => {
+                    " (the PF has no driver: bind it to vfio-pci first)".to_owned()
+                }
+                _ => String::new(),
+            };
+            Error::os(e, format!("writing {count} to {}{hint}", numvfs.display()))
+        })
+    };
+    let now = sysfs::read_u64(&numvfs.to_string_lossy()).unwrap_or(0) as u32;
+    if now != n {
+        if now != 0 && n != 0 {
+            write(0)?;
+        }
+        write(n)?;
+    }
+    Ok(dev.vfs())
+}
+
 /// The node of VFIO group `group`: "/dev/vfio/N", or for a no-IOMMU group "/dev/vfio/noiommu-N".
 pub(crate) fn group_node(group: u32, noiommu: bool) -> String {
     match noiommu {

@@ -23,6 +23,7 @@ pub mod irq;
 mod pagemap;
 pub mod pci;
 pub mod region;
+pub mod sriov;
 mod sys;
 mod text;
 mod vfio_user;
@@ -40,7 +41,7 @@ pub use doctor::{
     SEVERITY_INFO, SEVERITY_WARNING, doctor,
 };
 pub use error::{Error, Result};
-pub use host::{bind, unbind};
+pub use host::{bind, sriov_set_numvfs, unbind};
 pub use iommu::{
     DMA_HUGE_1G, DMA_HUGE_2M, DMA_READONLY, DMA_SHAREABLE, HeapInfo, IOMMU_AUTO, IOMMU_IOMMUFD,
     IOMMU_IOMMUFD_COMPAT, IOMMU_IOMMUFD_COMPAT_V1, IOMMU_NOIOMMU, IOMMU_TYPE1, IOMMU_TYPE1V1,

@@ -126,6 +126,25 @@ impl Device {
             let io = Io::User { client, region_fds: Vec::new() };
             return Device::from_io(name.to_string(), iommu, io, place);
         }
+        Device::open_kernel(name, iommu, None)
+    }
+
+    /// Opens an SR-IOV VF whose PF is bound to vfio-pci (or such a PF while its VFs are in
+    /// use) with the VF token its PF's user set ([`Device::set_vf_token`]): in the type1
+    /// group's device name, or with VFIO_DEVICE_BIND_FLAG_TOKEN on the cdev (Linux 6.17+).
+    pub fn open_vf(
+        name: &str,
+        iommu: Option<&Iommu>,
+        token: &crate::sriov::VfToken,
+    ) -> Result<Device> {
+        Device::open_kernel(name, iommu, Some(token))
+    }
+
+    fn open_kernel(
+        name: &str,
+        iommu: Option<&Iommu>,
+        token: Option<&crate::sriov::VfToken>,
+    ) -> Result<Device> {
         let pci = PciDevice::named(name)?;
         // Whether the device is there and bound to vfio-pci is asked of sysfs only when the
         // open fails (a device fd comes only from a VFIO driver): two lookups fewer.
@@ -133,8 +152,13 @@ impl Device {
             Some(i) => Ok(i.clone()),
             None => Iommu::shared(),
         }
-        .and_then(|iommu| Ok((iommu.open_device(&pci)?, iommu)));
-        let ((fd, place), iommu) = opened.map_err(|e| pci.why_not_vfio().unwrap_or(e))?;
+        .and_then(|iommu| Ok((iommu.open_device(&pci, token)?, iommu)));
+        let ((fd, place), iommu) = opened.map_err(|e| {
+            pci.why_not_vfio().unwrap_or_else(|| match e.errno() {
+                libc::EACCES => token_refused(&pci, token, e),
+                _ => e,
+            })
+        })?;
         Device::from_io(pci.address, iommu, Io::Kernel(fd), place)
     }
 
@@ -249,6 +273,18 @@ impl Device {
         })
     }
 
+    /// Sets the VF token of this SR-IOV PF (VFIO_DEVICE_FEATURE_PCI_VF_TOKEN): the UUID its
+    /// VFs' users must then present to open them. ENOTSUP for a device that is not a PF.
+    pub fn set_vf_token(&self, token: &crate::sriov::VfToken) -> Result<()> {
+        vfio::set_vf_token(self.fd()?, &token.0).map_err(|sys::Errno(e)| match e {
+            libc::ENOTTY => Error::new(
+                libc::ENOTSUP,
+                format!("{} is not an SR-IOV PF: it has no VF token to set", self.address),
+            ),
+            e => Error::os(e, format!("setting the VF token of {}", self.address)),
+        })
+    }
+
     /// Record `i` describes region index `i`; absent regions have flags 0.
     pub fn regions(&self) -> &[Region] {
         &self.regions
@@ -338,6 +374,24 @@ impl Device {
             Error::new(e.errno(), format!("hot reset of {}: {}", self.address, e.message()))
         })
     }
+}
+
+/// The kernel's EACCES for a VF (or a PF with VFs in use) opened without its PF's VF token or
+/// with another: the errno kept, the message saying which PF owns it and how to pass the token.
+fn token_refused(pci: &PciDevice, token: Option<&crate::sriov::VfToken>, e: Error) -> Error {
+    let owner = match pci.physfn() {
+        Some(pf) => format!("{} is a VF of {pf}, whose vfio-pci user set a VF token", pci.address),
+        None => format!("{} is an SR-IOV PF whose VFs are in use under a VF token", pci.address),
+    };
+    let what = match token {
+        None => {
+            "no token was given: open it with that token (Device::open_vf, vfiokit_device_open_vf, \
+                 vfiokit.open(..., vf_token=...))"
+                .to_owned()
+        }
+        Some(t) => format!("the token given ({t}) is not that one"),
+    };
+    Error::new(e.errno(), format!("{owner}; {what} ({})", e.message()))
 }
 
 /// `f(0)`, ..., `f(n - 1)` in a vector allocated once (collecting into `Result<Vec<_>>` grows

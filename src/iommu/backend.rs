@@ -132,8 +132,13 @@ pub(crate) trait Backend: Send + Sync {
     /// or a mapping left when the context closes (what closing its fd does not undo).
     fn forget(&self, _m: &Record) {}
 
-    /// Opens the VFIO device fd of `dev` in this context.
-    fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd>;
+    /// Opens the VFIO device fd of `dev` in this context, presenting `token` (a VF's, or a
+    /// PF's whose VFs are in use) where given.
+    fn open_device(
+        &self,
+        dev: &PciDevice,
+        token: Option<&crate::sriov::VfToken>,
+    ) -> Result<OwnedFd>;
 
     /// Connects a vfio-user device server: it is given the context's mappings (what `maps`
     /// returns, asked under the lock that orders maps), and every later one.

@@ -79,12 +79,15 @@ impl Container {
     pub fn device_fd(
         &self,
         dev: &PciDevice,
+        token: Option<&crate::sriov::VfToken>,
         first: impl FnOnce() -> Result<()>,
     ) -> Result<OwnedFd> {
         let group = dev.iommu_group()?;
         self.join(group, first)?;
         let groups = lock(&self.groups);
-        vfio::group_device_fd(groups[&group].as_fd(), &dev.address)
+        // A VF's token goes in the name: "ADDR vf_token=UUID".
+        let name = crate::sriov::group_device_name(&dev.address, token);
+        vfio::group_device_fd(groups[&group].as_fd(), &name)
             .context(|| format!("getting the VFIO device fd of {} from group {group}", dev.address))
     }
 
@@ -365,8 +368,12 @@ impl Backend for Type1 {
         all_or_none(maps, |m| self.map_vaddr(m), |m| self.unmap_vaddr(m), what)
     }
 
-    fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {
-        self.container.device_fd(dev, || self.replay_early_maps())
+    fn open_device(
+        &self,
+        dev: &PciDevice,
+        token: Option<&crate::sriov::VfToken>,
+    ) -> Result<OwnedFd> {
+        self.container.device_fd(dev, token, || self.replay_early_maps())
     }
 
     fn hot_reset(&self, device: BorrowedFd, groups: &[u32]) -> Result<()> {

@@ -194,7 +194,11 @@ impl Backend for Iommufd {
         retire()
     }
 
-    fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {
+    fn open_device(
+        &self,
+        dev: &PciDevice,
+        token: Option<&crate::sriov::VfToken>,
+    ) -> Result<OwnedFd> {
         // An adopted context's devices come with their cdevs: the process that adopted it may
         // not be allowed to open the nodes.
         let adopted = lock(&self.adopted).remove(&dev.address);
@@ -212,7 +216,18 @@ impl Backend for Iommufd {
                 (fd, cdev)
             }
         };
-        iommufd::bind(device.as_fd(), self.fd.as_fd()).map_err(|sys::Errno(e)| match e {
+        iommufd::bind(device.as_fd(), self.fd.as_fd(), token.map(|t| &t.0)).map_err(|sys::Errno(e)| match e {
+            // Before Linux 6.17 the bind has no flags: the token's is refused as unknown.
+            libc::EINVAL if token.is_some() && !sys::kernel_at_least(6, 17) => Error::new(
+                libc::EOPNOTSUPP,
+                format!(
+                    "opening {cdev} ({}) with a VF token: the cdev takes one with VFIO_DEVICE_BIND_FLAG_TOKEN, \
+                     Linux 6.17+ (this kernel is {}); open it in a type1 context (VFIOKIT_IOMMU=type1), whose \
+                     group takes the token in the device's name",
+                    dev.address,
+                    sys::kernel_release()
+                ),
+            ),
             _ if dev.iommu_group().is_ok_and(|g| !host::group_blockers(g).is_empty()) => {
                 host::not_viable(dev.iommu_group().unwrap_or_default())
             }

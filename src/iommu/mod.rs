@@ -209,9 +209,13 @@ impl Iommu {
     }
 
     /// Opens the VFIO device fd of `dev` in this context, with its place there.
-    pub(crate) fn open_device(&self, dev: &PciDevice) -> Result<(OwnedFd, OpenDevice)> {
+    pub(crate) fn open_device(
+        &self,
+        dev: &PciDevice,
+        token: Option<&crate::sriov::VfToken>,
+    ) -> Result<(OwnedFd, OpenDevice)> {
         let place = self.take_place(&dev.address)?;
-        let fd = self.0.backend.open_device(dev)?;
+        let fd = self.0.backend.open_device(dev, token)?;
         // The device's reserved regions (the MSI window...) may now be cut out of the ranges.
         self.state().stale = true;
         Ok((fd, place))

@@ -83,8 +83,12 @@ impl Backend for NoIommu {
         }
     }
 
-    fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {
-        self.container.device_fd(dev, || Ok(()))
+    fn open_device(
+        &self,
+        dev: &PciDevice,
+        token: Option<&crate::sriov::VfToken>,
+    ) -> Result<OwnedFd> {
+        self.container.device_fd(dev, token, || Ok(()))
     }
 
     fn hot_reset(&self, device: BorrowedFd, groups: &[u32]) -> Result<()> {

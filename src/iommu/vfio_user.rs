@@ -96,7 +96,11 @@ impl Backend for VfioUser {
         }
     }
 
-    fn open_device(&self, dev: &PciDevice) -> Result<OwnedFd> {
+    fn open_device(
+        &self,
+        dev: &PciDevice,
+        _token: Option<&crate::sriov::VfToken>,
+    ) -> Result<OwnedFd> {
         Err(Error::invalid(format!(
             "{} is a kernel VFIO device: open it in a type1 or iommufd context, not a vfio-user one",
             dev.address

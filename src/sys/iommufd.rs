@@ -139,14 +139,33 @@ pub(crate) fn ioas_unmap(iommufd: BorrowedFd, ioas: u32, iova: u64, length: u64)
     Ok(arg.length)
 }
 
-/// Binds an opened VFIO device cdev to the iommufd (after which the device fd works).
-pub(crate) fn bind(device: BorrowedFd, iommufd: BorrowedFd) -> SysResult<()> {
+// The bind with its Linux 6.17 fields (flags' TOKEN, token_uuid_ptr), as vfio-bindings has it.
+const _: () = assert!(
+    size_of::<v::vfio_device_bind_iommufd>() == 24
+        && std::mem::offset_of!(v::vfio_device_bind_iommufd, flags) == 4
+        && std::mem::offset_of!(v::vfio_device_bind_iommufd, token_uuid_ptr) == 16
+        && v::VFIO_DEVICE_BIND_FLAG_TOKEN == 1
+);
+
+/// Binds an opened VFIO device cdev to the iommufd (after which the device fd works), with
+/// `token` (a VF's, or a PF's with VFs in use) under VFIO_DEVICE_BIND_FLAG_TOKEN: Linux 6.17+;
+/// an older kernel refuses the flag with EINVAL.
+pub(crate) fn bind(
+    device: BorrowedFd,
+    iommufd: BorrowedFd,
+    token: Option<&[u8; 16]>,
+) -> SysResult<()> {
     let mut arg = v::vfio_device_bind_iommufd {
         argsz: size::<v::vfio_device_bind_iommufd>(),
         iommufd: iommufd.as_raw_fd(),
         ..Default::default()
     };
-    // SAFETY: BIND_IOMMUFD reads and writes back one vfio_device_bind_iommufd.
+    if let Some(uuid) = token {
+        arg.flags = v::VFIO_DEVICE_BIND_FLAG_TOKEN;
+        arg.token_uuid_ptr = uuid.as_ptr() as u64;
+    }
+    // SAFETY: BIND_IOMMUFD reads and writes back one vfio_device_bind_iommufd, and reads the
+    // 16 bytes at token_uuid_ptr, which live until it returns.
     unsafe { ioctl_ptr(device, DEVICE_BIND_IOMMUFD, &mut arg) }.map(drop)
 }
 

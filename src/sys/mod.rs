@@ -200,6 +200,17 @@ pub(crate) fn page_size() -> usize {
     *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize })
 }
 
+/// Whether the running kernel's release is `major.minor` or newer (an unparsable one is not).
+pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = kernel_release();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (next(), next()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
 /// The running kernel's release ("6.12.95"), for messages that name the version a feature needs.
 pub(crate) fn kernel_release() -> String {
     // SAFETY: utsname is plain bytes; uname fills it.

@@ -285,3 +285,12 @@ pub(crate) fn device_feature(device: BorrowedFd, flags: u32, data: &mut [u8]) ->
     data.copy_from_slice(&buf[HEADER..]);
     Ok(value)
 }
+
+/// VFIO_DEVICE_FEATURE_PCI_VF_TOKEN (SET): the VF token of a PF bound to vfio-pci, which its
+/// VFs' users must present. The kernel has no GET (it would leak a previous user's token), and
+/// says ENOTTY for a device that is not an SR-IOV PF.
+pub(crate) fn set_vf_token(device: BorrowedFd, uuid: &[u8; 16]) -> SysResult<()> {
+    let mut payload = *uuid;
+    let flags = VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_PCI_VF_TOKEN;
+    device_feature(device, flags, &mut payload).map(drop)
+}

@@ -15,6 +15,7 @@ mod irq;
 mod lifecycle;
 mod noiommu;
 mod reset;
+mod sriov;
 
 const CASES: &[harness::Case] = &[
     ("backend_choice", backends::backend_choice),
@@ -82,6 +83,7 @@ const CASES: &[harness::Case] = &[
     ("hot_reset_resets_every_dependent", reset::hot_reset_resets_every_dependent),
     ("backends_agree", equivalence::backends_agree),
     ("noiommu_refused_with_its_cause", noiommu::noiommu_refused_with_its_cause),
+    ("vfs_open_with_their_pfs_token", sriov::vfs_open_with_their_pfs_token),
 ];
 
 /// The cases for a guest without an IOMMU (VFIOKIT_VM_KERNELS entries `KERNEL:noiommu`).

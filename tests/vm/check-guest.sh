@@ -76,6 +76,9 @@ check_device TESTDEV 1b36:0005
 check_device IVSHMEM 1af4:1110
 check_device IVSHMEM_BIG 1af4:1110
 check_device UNPLUG 1234:11e8
+check_device SRIOV_PF 1b36:0010
+check "SRIOV_PF has 2 VFs to enable, none enabled" test "$(cat "/sys/bus/pci/devices/${VFIOKIT_TEST_SRIOV_PF:-none}/sriov_totalvfs" 2>/dev/null):$(cat "/sys/bus/pci/devices/${VFIOKIT_TEST_SRIOV_PF:-none}/sriov_numvfs" 2>/dev/null)" = 2:0
+check "vfio-pci has enable_sriov on" test "$(cat /sys/module/vfio_pci/parameters/enable_sriov 2>/dev/null)" = Y
 check "EDU and UNPLUG are two devices" test "${VFIOKIT_TEST_EDU:-}" != "${VFIOKIT_TEST_UNPLUG:-}"
 check_device GROUP_A 1234:11e8
 check_device GROUP_B 1b36:0005
@@ -117,7 +120,7 @@ fi
 others=0
 for d in /sys/bus/pci/devices/*; do
 	[[ $(basename "$(readlink "$d/driver" 2>/dev/null)") == vfio-pci ]] || continue
-	case " ${VFIOKIT_TEST_EDU:-} ${VFIOKIT_TEST_NVME:-} ${VFIOKIT_TEST_TESTDEV:-} ${VFIOKIT_TEST_IVSHMEM:-} ${VFIOKIT_TEST_IVSHMEM_BIG:-} ${VFIOKIT_TEST_UNPLUG:-} ${VFIOKIT_TEST_GROUP_A:-} ${VFIOKIT_TEST_GROUP_B:-} ${VFIOKIT_TEST_NONVIABLE:-} ${VFIOKIT_TEST_RESET_NVME:-} ${VFIOKIT_TEST_RESET_EDU:-} " in
+	case " ${VFIOKIT_TEST_EDU:-} ${VFIOKIT_TEST_NVME:-} ${VFIOKIT_TEST_TESTDEV:-} ${VFIOKIT_TEST_IVSHMEM:-} ${VFIOKIT_TEST_IVSHMEM_BIG:-} ${VFIOKIT_TEST_UNPLUG:-} ${VFIOKIT_TEST_GROUP_A:-} ${VFIOKIT_TEST_GROUP_B:-} ${VFIOKIT_TEST_NONVIABLE:-} ${VFIOKIT_TEST_RESET_NVME:-} ${VFIOKIT_TEST_RESET_EDU:-} ${VFIOKIT_TEST_SRIOV_PF:-} " in
 	*" ${d##*/} "*) ;;
 	*) others=$((others + 1)) ;;
 	esac

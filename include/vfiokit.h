@@ -222,6 +222,17 @@ typedef struct vfiokit_finding {
   uint64_t reserved[2];
 } vfiokit_finding;
 
+// An enabled VF, as `vfiokit_pci_sriov_set_numvfs` lists it: the C API's `vfiokit_vf`, 32
+// bytes.
+typedef struct vfiokit_vf {
+  // Its canonical PCI address, NUL-terminated.
+  char address[16];
+  // Its VF number (the PF's `virtfnN`).
+  uint32_t index;
+  uint32_t reserved0;
+  uint64_t reserved[1];
+} vfiokit_vf;
+
 // What `vfiokit_device_get_info` reports of a device: VFIO's device flags and counts, and the
 // identity from its PCI config header, read once at open. 64 bytes.
 typedef struct vfiokit_device_info {
@@ -355,6 +366,20 @@ const char *vfiokit_last_error(void);
 // `name` NULL or a NUL-terminated string; `out` valid for `cap` records; `n` for a write.
 int vfiokit_doctor(const char *name, struct vfiokit_finding *out, size_t cap, size_t *n);
 
+// Enables `num_vfs` VFs of the SR-IOV PF `pf` (0 disables them) through its sysfs
+// `sriov_numvfs` (needs root; a PF bound to vfio-pci needs it loaded with `enable_sriov=1`),
+// then copies up to `cap` of the VFs' addresses (`vfiokit_vf` records, in VF order) to `out`
+// and sets `*n` to how many there are (`out` may be NULL when `cap` is 0). `-ENOTSUP` for a
+// device that is not a PF, `-EINVAL` for more VFs than it has.
+//
+// # Safety
+// `pf` NULL or a NUL-terminated string; `out` valid for `cap` records; `n` for a write.
+int vfiokit_pci_sriov_set_numvfs(const char *pf,
+                                 uint32_t num_vfs,
+                                 struct vfiokit_vf *out,
+                                 size_t cap,
+                                 size_t *n);
+
 // Binds a PCI device to vfio-pci through driver_override (needs root).
 //
 // # Safety
@@ -375,6 +400,28 @@ int vfiokit_pci_unbind(const char *pci_address);
 // # Safety
 // `name` must be NULL or a NUL-terminated string; `iommu` NULL or live; `out` writable.
 int vfiokit_device_open(const char *name, struct vfiokit_iommu *iommu, struct vfiokit_device **out);
+
+// Opens an SR-IOV VF whose PF is bound to vfio-pci (or such a PF while its VFs are in use)
+// with `vf_token`, the UUID string its PF's user set with `vfiokit_device_set_vf_token`: in
+// the group's device name on type1, with VFIO_DEVICE_BIND_FLAG_TOKEN on the cdev (Linux
+// 6.17+; `-EOPNOTSUPP` naming 6.17 before). The kernel's `-EACCES` for a wrong token, with a
+// message naming the PF; `-EINVAL` for a string that is not a UUID. Otherwise as
+// `vfiokit_device_open`.
+//
+// # Safety
+// `name` and `vf_token` NULL or NUL-terminated strings; `iommu` NULL or live; `out` writable.
+int vfiokit_device_open_vf(const char *name,
+                           const char *vf_token,
+                           struct vfiokit_iommu *iommu,
+                           struct vfiokit_device **out);
+
+// Sets the VF token of the SR-IOV PF `dev` (VFIO_DEVICE_FEATURE_PCI_VF_TOKEN) to the UUID
+// string `vf_token`: its VFs then open only with it (`vfiokit_device_open_vf`). `-ENOTSUP`
+// for a device that is not a PF, `-EINVAL` for a string that is not a UUID.
+//
+// # Safety
+// `dev` NULL or live; `vf_token` NULL or a NUL-terminated string.
+int vfiokit_device_set_vf_token(struct vfiokit_device *dev, const char *vf_token);
 
 // Closes a device: ends every `vfiokit_irq_wait` on it (they return `-ECANCELED`), waits for
 // the calls other threads are making on it to return, then disables its IRQs, unmaps its

@@ -54,6 +54,40 @@ impl fmt::Debug for VfToken {
     }
 }
 
+/// An enabled VF, as `vfiokit_pci_sriov_set_numvfs` lists it: the C API's `vfiokit_vf`, 32
+/// bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vf {
+    /// Its canonical PCI address, NUL-terminated.
+    pub address: [std::ffi::c_char; 16],
+    /// Its VF number (the PF's `virtfnN`).
+    pub index: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 1],
+}
+
+const _: () = assert!(size_of::<Vf>() == 32);
+
+impl Vf {
+    pub fn address(&self) -> &str {
+        crate::text::text(&self.address)
+    }
+}
+
+/// The records of VFs listed in VF order.
+pub(crate) fn records(addresses: &[String]) -> Vec<Vf> {
+    addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut vf = Vf { address: [0; 16], index: i as u32, reserved0: 0, reserved: [0] };
+            crate::text::fill(&mut vf.address, a);
+            vf
+        })
+        .collect()
+}
+
 /// The name VFIO_GROUP_GET_DEVICE_FD takes for a VF (or a PF with VFs in use) on type1:
 /// "ADDR vf_token=UUID".
 pub(crate) fn group_device_name(address: &str, token: Option<&VfToken>) -> String {

@@ -577,3 +577,38 @@ def test_nvme_read_script(nvme):
     assert r.returncode == 1 and "has no active namespace" in r.stderr, r
     r = nvme_read_main("--lba", "131072", nvme)
     assert r.returncode == 1 and "LBA 131072 is not in namespace 1 (0..131071)" in r.stderr, r
+
+
+def test_sriov_vf_opens_with_its_token(edu):
+    pf = os.environ["VFIOKIT_TEST_SRIOV_PF"]
+    token, wrong = "bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3", "00000000-0000-0000-0000-000000000001"
+    iommu = vfiokit.Iommu()
+    with vfiokit.open(pf, iommu) as pf_dev:
+        pf_dev.set_vf_token(token)
+        vfs = vfiokit.sriov_set_numvfs(pf, 2)
+        try:
+            assert len(vfs) == 2
+            assert all(os.path.realpath(f"/sys/bus/pci/devices/{vf}/physfn").endswith(pf) for vf in vfs)
+            cdev_without_token = iommu.kind == vfiokit.IOMMU_IOMMUFD and os.environ["VFIOKIT_VM_KERNEL"] != "latest"
+            if cdev_without_token:
+                with pytest.raises(OSError) as e:
+                    vfiokit.open(vfs[0], iommu, vf_token=token)
+                assert e.value.errno == errno.EOPNOTSUPP and "6.17" in str(e.value)
+            else:
+                with pytest.raises(OSError) as e:
+                    vfiokit.open(vfs[0], iommu)
+                assert e.value.errno == errno.EACCES and pf in str(e.value) and "vf_token" in str(e.value)
+                with pytest.raises(OSError) as e:
+                    vfiokit.open(vfs[0], iommu, vf_token=wrong)
+                assert e.value.errno == errno.EACCES and wrong in str(e.value)
+                with vfiokit.open(vfs[0], iommu, vf_token=token) as vf:
+                    assert vf.config.read16(0) == 0x1B36
+        finally:
+            assert vfiokit.sriov_set_numvfs(pf, 0) == []
+    with pytest.raises(OSError) as e:
+        vfiokit.open(vfs[0], iommu, vf_token="not-a-uuid")
+    assert e.value.errno == errno.EINVAL and "not a VF token" in str(e.value)
+    with vfiokit.open(edu, iommu) as d, pytest.raises(OSError) as e:
+        d.set_vf_token(token)
+    assert e.value.errno == errno.ENOTSUP
+    iommu.close()

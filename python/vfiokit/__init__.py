@@ -753,9 +753,13 @@ class Iommu(_Closing):
 class Device(_Closing):
     """An open VFIO device; see open()."""
 
-    def __init__(self, name: str, iommu: Optional[Iommu] = None):
+    def __init__(self, name: str, iommu: Optional[Iommu] = None, vf_token: Optional[str] = None):
         handle = c_void_p()
-        _lib.vfiokit_device_open(os.fsencode(name), iommu._handle() if iommu else None, byref(handle))
+        context = iommu._handle() if iommu else None
+        if vf_token is None:
+            _lib.vfiokit_device_open(os.fsencode(name), context, byref(handle))
+        else:
+            _lib.vfiokit_device_open_vf(os.fsencode(name), str(vf_token).encode(), context, byref(handle))
         self._setup(handle.value, name, iommu)
 
     @classmethod
@@ -829,6 +833,11 @@ class Device(_Closing):
         """Resets the device (OSError ENOTSUP if the kernel has no reset for it)."""
         _lib.vfiokit_device_reset(self._handle())
 
+    def set_vf_token(self, vf_token: str) -> None:
+        """Sets this SR-IOV PF's VF token (a UUID string, or a uuid.UUID): its VFs then open
+        only with it (open(vf, vf_token=...)). ENOTSUP for a device that is not a PF."""
+        _lib.vfiokit_device_set_vf_token(self._handle(), str(vf_token).encode())
+
     def hot_reset_info(self) -> list[HotResetDep]:
         """The devices a hot (bus or slot) reset of this one resets too, itself included
         (OSError ENOTSUP where the kernel has no bus or slot reset for it)."""
@@ -879,10 +888,21 @@ class Device(_Closing):
         return f"<vfiokit.Device {self.name}{' (closed)' if self._closed else ''}>"
 
 
-def open(name: str, iommu: Optional[Iommu] = None) -> Device:  # noqa: A001 (like io.open)
+def open(name: str, iommu: Optional[Iommu] = None, vf_token: Optional[str] = None) -> Device:  # noqa: A001
     """Opens a device by PCI address ("0000:00:03.0", "00:03.0"), sysfs path or VFIO cdev path,
-    in `iommu` (None: the process-wide shared context). A context manager."""
-    return Device(name, iommu)
+    in `iommu` (None: the process-wide shared context). A context manager. `vf_token`: an
+    SR-IOV VF's token (a UUID string), which its PF's user set with Device.set_vf_token."""
+    return Device(name, iommu, vf_token)
+
+
+def sriov_set_numvfs(pf: str, num_vfs: int) -> list[str]:
+    """Enables `num_vfs` VFs of the SR-IOV PF `pf` (0 disables them; root; vfio-pci needs
+    enable_sriov=1) and returns their addresses in VF order."""
+    n = c_size_t()
+    _lib.vfiokit_pci_sriov_set_numvfs(pf.encode(), num_vfs, None, 0, byref(n))
+    out = (_capi.vfiokit_vf * n.value)()
+    _lib.vfiokit_pci_sriov_set_numvfs(pf.encode(), num_vfs, out, n.value, byref(n))
+    return [vf.address.decode() for vf in out[: n.value]]
 
 
 class HotResetDep(NamedTuple):
@@ -925,6 +945,6 @@ def unbind(address: str) -> None:
 
 
 __all__ = [
-    "open", "bind", "unbind", "doctor", "Finding", "HotResetDep", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "FileMapping", "HeapObject", "RegionInfo",
+    "open", "bind", "unbind", "doctor", "sriov_set_numvfs", "Finding", "HotResetDep", "Device", "Region", "Irq", "Iommu", "DmaBuffer", "FileMapping", "HeapObject", "RegionInfo",
     "AreaInfo", "IrqInfo", "IovaRange", "human_size", "LIBRARY_VERSION", "ABI_VERSION",
 ] + [n for n in dir(_capi) if n.isupper() and n.split("_")[0] in ("IOMMU", "IRQ", "PCI", "REGION", "SEVERITY", "FINDING")]

@@ -83,6 +83,13 @@ class vfiokit_finding(ctypes.Structure):
     ]
 
 
+class vfiokit_vf(ctypes.Structure):
+    _fields_ = [
+        ("address", ctypes.c_char * 16), ("index", c_uint32), ("reserved0", c_uint32),
+        ("reserved", c_uint64 * 1),
+    ]
+
+
 class vfiokit_hot_reset_dep(ctypes.Structure):
     _fields_ = [
         ("address", ctypes.c_char * 16), ("group", c_uint32), ("devid", c_uint32),
@@ -104,7 +111,7 @@ class vfiokit_dma_heap_info(ctypes.Structure):
 #: Record sizes are part of the ABI (the header's comments and its C test say so).
 RECORD_SIZES = {vfiokit_region: 64, vfiokit_area: 32, vfiokit_irq: 32, vfiokit_iova_range: 16,
                 vfiokit_device_info: 64, vfiokit_map_info: 48,
-                vfiokit_finding: 512, vfiokit_hot_reset_dep: 48, vfiokit_dma_heap_info: 48}
+                vfiokit_finding: 512, vfiokit_hot_reset_dep: 48, vfiokit_vf: 32, vfiokit_dma_heap_info: 48}
 
 _dev, _iommu = c_void_p, c_void_p  # opaque handles
 
@@ -136,6 +143,10 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_doctor": (c_int, [c_char_p, POINTER(vfiokit_finding), c_size_t, POINTER(c_size_t)], _check_int),
     "vfiokit_pci_unbind": (c_int, [c_char_p], _check_int),
     "vfiokit_device_open": (c_int, [c_char_p, _iommu, POINTER(_dev)], _check_int),
+    "vfiokit_device_open_vf": (c_int, [c_char_p, c_char_p, _iommu, POINTER(_dev)], _check_int),
+    "vfiokit_device_set_vf_token": (c_int, [_dev, c_char_p], _check_int),
+    "vfiokit_pci_sriov_set_numvfs": (c_int, [c_char_p, c_uint32, POINTER(vfiokit_vf), c_size_t, POINTER(c_size_t)],
+                                     _check_int),
     "vfiokit_device_close": (None, [_dev], None),
     "vfiokit_device_iommu": (_iommu, [_dev], _check_ptr),
     "vfiokit_device_reset": (c_int, [_dev], _check_int),

@@ -9,6 +9,7 @@ use super::handle::{Call, FreeSlots, Handle, Hold};
 use super::iommu::vfiokit_iommu;
 use crate::device::{Device, HotResetDep, MapInfo, Width};
 use crate::error::{Error, Result};
+use crate::sriov::VfToken;
 
 /// An open VFIO device (opaque).
 pub struct vfiokit_device {
@@ -75,27 +76,98 @@ pub unsafe extern "C" fn vfiokit_device_open(
     iommu: *mut vfiokit_iommu,
     out: *mut *mut vfiokit_device,
 ) -> c_int {
+    // SAFETY: forwarded from the caller.
+    call(|| unsafe { open_with(name, None, iommu, out) })
+}
+
+/// [`vfiokit_device_open`], with the VF token the PF's user set, if any.
+///
+/// # Safety
+/// As for [`vfiokit_device_open`].
+unsafe fn open_with(
+    name: *const c_char,
+    token: Option<&VfToken>,
+    iommu: *mut vfiokit_iommu,
+    out: *mut *mut vfiokit_device,
+) -> Result<()> {
+    need(out, "out")?;
+    // SAFETY: forwarded from the caller.
+    let name = unsafe { str_arg(name, "name") }?;
+    let open = |iommu: Option<&crate::Iommu>| match token {
+        Some(t) => Device::open_vf(name, iommu, t),
+        None => Device::open(name, iommu),
+    };
+    // With no context, the device's name is checked before the shared context is made,
+    // so a bad name is reported as such even where VFIO is missing.
+    let opened = match iommu.is_null() {
+        true => {
+            let device = open(None)?;
+            Opened { context: super::iommu::made_for(device.iommu()), device }
+        }
+        false => {
+            // SAFETY: forwarded from the caller.
+            let iommu = unsafe { super::iommu::iommu(iommu) }?;
+            let context = iommu.hold()?;
+            Opened { device: open(Some(&iommu))?, context }
+        }
+    };
+    let h = vfiokit_device::into_c(opened);
+    // SAFETY: checked non-null.
+    unsafe { put(out, "out", h) }
+}
+
+/// A VF token argument: a UUID string ("bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3"); `-EINVAL`
+/// for NULL or anything else.
+///
+/// # Safety
+/// `token` must be NULL or a NUL-terminated string.
+unsafe fn token_arg(token: *const c_char) -> Result<VfToken> {
+    // SAFETY: forwarded from the caller.
+    let text = unsafe { str_arg(token, "vf_token") }?;
+    text.parse().map_err(Error::invalid)
+}
+
+/// Opens an SR-IOV VF whose PF is bound to vfio-pci (or such a PF while its VFs are in use)
+/// with `vf_token`, the UUID string its PF's user set with `vfiokit_device_set_vf_token`: in
+/// the group's device name on type1, with VFIO_DEVICE_BIND_FLAG_TOKEN on the cdev (Linux
+/// 6.17+; `-EOPNOTSUPP` naming 6.17 before). The kernel's `-EACCES` for a wrong token, with a
+/// message naming the PF; `-EINVAL` for a string that is not a UUID. Otherwise as
+/// `vfiokit_device_open`.
+///
+/// # Safety
+/// `name` and `vf_token` NULL or NUL-terminated strings; `iommu` NULL or live; `out` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_device_open_vf(
+    name: *const c_char,
+    vf_token: *const c_char,
+    iommu: *mut vfiokit_iommu,
+    out: *mut *mut vfiokit_device,
+) -> c_int {
     call(|| {
-        need(out, "out")?;
         // SAFETY: forwarded from the caller.
-        let name = unsafe { str_arg(name, "name") }?;
-        // With no context, the device's name is checked before the shared context is made,
-        // so a bad name is reported as such even where VFIO is missing.
-        let opened = match iommu.is_null() {
-            true => {
-                let device = Device::open(name, None)?;
-                Opened { context: super::iommu::made_for(device.iommu()), device }
-            }
-            false => {
-                // SAFETY: forwarded from the caller.
-                let iommu = unsafe { super::iommu::iommu(iommu) }?;
-                let context = iommu.hold()?;
-                Opened { device: Device::open(name, Some(&iommu))?, context }
-            }
-        };
-        let h = vfiokit_device::into_c(opened);
-        // SAFETY: checked non-null.
-        unsafe { put(out, "out", h) }
+        let token = unsafe { token_arg(vf_token) }?;
+        // SAFETY: forwarded from the caller.
+        unsafe { open_with(name, Some(&token), iommu, out) }
+    })
+}
+
+/// Sets the VF token of the SR-IOV PF `dev` (VFIO_DEVICE_FEATURE_PCI_VF_TOKEN) to the UUID
+/// string `vf_token`: its VFs then open only with it (`vfiokit_device_open_vf`). `-ENOTSUP`
+/// for a device that is not a PF, `-EINVAL` for a string that is not a UUID.
+///
+/// # Safety
+/// `dev` NULL or live; `vf_token` NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_device_set_vf_token(
+    dev: *mut vfiokit_device,
+    vf_token: *const c_char,
+) -> c_int {
+    call(|| {
+        // SAFETY: forwarded from the caller.
+        let dev = unsafe { self::dev(dev) }?;
+        // SAFETY: forwarded from the caller.
+        let token = unsafe { token_arg(vf_token) }?;
+        dev.set_vf_token(&token)
     })
 }
 

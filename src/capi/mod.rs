@@ -68,6 +68,32 @@ pub unsafe extern "C" fn vfiokit_doctor(
     })
 }
 
+/// Enables `num_vfs` VFs of the SR-IOV PF `pf` (0 disables them) through its sysfs
+/// `sriov_numvfs` (needs root; a PF bound to vfio-pci needs it loaded with `enable_sriov=1`),
+/// then copies up to `cap` of the VFs' addresses (`vfiokit_vf` records, in VF order) to `out`
+/// and sets `*n` to how many there are (`out` may be NULL when `cap` is 0). `-ENOTSUP` for a
+/// device that is not a PF, `-EINVAL` for more VFs than it has.
+///
+/// # Safety
+/// `pf` NULL or a NUL-terminated string; `out` valid for `cap` records; `n` for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfiokit_pci_sriov_set_numvfs(
+    pf: *const c_char,
+    num_vfs: u32,
+    out: *mut crate::sriov::Vf,
+    cap: usize,
+    n: *mut usize,
+) -> c_int {
+    call(|| {
+        need_records(out, cap, n)?;
+        // SAFETY: forwarded from the caller.
+        let pf = unsafe { str_arg(pf, "pf") }?;
+        let vfs = crate::sriov::records(&crate::sriov_set_numvfs(pf, num_vfs)?);
+        // SAFETY: checked; the caller provides cap records.
+        unsafe { put_records(&vfs, out, cap, n) }
+    })
+}
+
 /// Binds a PCI device to vfio-pci through driver_override (needs root).
 ///
 /// # Safety

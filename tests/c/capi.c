@@ -112,6 +112,19 @@ static void null_arguments(void)
 	FAILS(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, NULL), EINVAL);
 	FAILS(vfiokit_iommu_open(99, &io), EINVAL);
 	CHECK(io == (vfiokit_iommu *)0x1); /* untouched on failure */
+	/* SR-IOV: NULL pointers, strings that are not UUIDs, not a PF. */
+	FAILS(vfiokit_device_set_vf_token(NULL, "bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3"), EINVAL);
+	FAILS(vfiokit_device_open_vf("0000:00:02.0", NULL, NULL, &dev), EINVAL);
+	FAILS(vfiokit_device_open_vf("0000:00:02.0", "bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3", NULL, NULL), EINVAL);
+	FAILS(vfiokit_device_open_vf("0000:00:02.0", "not-a-uuid", NULL, &dev), EINVAL);
+	CHECK(strstr(vfiokit_last_error(), "not a VF token") != NULL);
+	FAILS(vfiokit_device_open_vf("0000:00:02.0", "bd8d9d2b5a5f4f5aa211f591514ba1f3", NULL, &dev), EINVAL);
+	CHECK(dev == (vfiokit_device *)0x1);
+	FAILS(vfiokit_pci_sriov_set_numvfs(NULL, 0, NULL, 0, &n), EINVAL);
+	FAILS(vfiokit_pci_sriov_set_numvfs("0000:00:02.0", 0, NULL, 1, &n), EINVAL);
+	FAILS(vfiokit_pci_sriov_set_numvfs("0000:00:02.0", 0, NULL, 0, NULL), EINVAL);
+	FAILS(vfiokit_pci_sriov_set_numvfs("not an address", 0, NULL, 0, &n), EINVAL);
+	CHECK(n == 7);
 	vfiokit_iommu_close(NULL);
 	vfiokit_device_close(NULL);
 	FAILS_AS(vfiokit_iommu_kind(NULL), VFIOKIT_IOMMU_AUTO);

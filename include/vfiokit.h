@@ -93,6 +93,13 @@ static inline void vfiokit_mmio_write64(void *base, uint64_t off, uint64_t val) 
 // VFIO's unsafe no-IOMMU mode is on: devices can DMA anywhere, and the kernel is tainted.
 #define VFIOKIT_FINDING_NOIOMMU_MODE 11
 
+// An SR-IOV PF is bound to vfio-pci, which was loaded without `enable_sriov`: its VFs cannot
+// be enabled.
+#define VFIOKIT_FINDING_SRIOV_OFF 12
+
+// The device is a VF whose PF vfio-pci drives: it opens only with that PF's VF token.
+#define VFIOKIT_FINDING_VF_TOKEN 13
+
 // The device may only read this memory: an IOMMU mapping without write permission.
 #define VFIOKIT_DMA_READONLY (1 << 0)
 

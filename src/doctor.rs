@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::text::{fill, text};
 
-use crate::host::{self, PciDevice, VFIO_DRIVER};
+use crate::host::{self, ENABLE_SRIOV_PARAM, PciDevice, VFIO_DRIVER};
 use crate::iommu::NOIOMMU_PARAM;
 use crate::sys::{self, sysfs};
 
@@ -39,6 +39,11 @@ pub const FINDING_NO_HUGEPAGES: u32 = 9;
 pub const FINDING_NO_RESET: u32 = 10;
 /// VFIO's unsafe no-IOMMU mode is on: devices can DMA anywhere, and the kernel is tainted.
 pub const FINDING_NOIOMMU_MODE: u32 = 11;
+/// An SR-IOV PF is bound to vfio-pci, which was loaded without `enable_sriov`: its VFs cannot
+/// be enabled.
+pub const FINDING_SRIOV_OFF: u32 = 12;
+/// The device is a VF whose PF vfio-pci drives: it opens only with that PF's VF token.
+pub const FINDING_VF_TOKEN: u32 = 13;
 
 /// Below this RLIMIT_MEMLOCK a driver's DMA buffers soon fail (64 MiB).
 const MEMLOCK_ENOUGH: u64 = 64 << 20;
@@ -172,11 +177,36 @@ pub fn doctor(name: Option<&str>) -> Vec<Finding> {
                 .into(),
         );
     }
+    if sysfs::read_text(ENABLE_SRIOV_PARAM).is_none_or(|on| on != "Y") {
+        sriov_off(&mut add);
+    }
     if let Some(name) = name {
         device(&mut add, name, iommufd);
     }
     out.sort_by_key(|f| std::cmp::Reverse(f.severity));
     out
+}
+
+/// The SR-IOV PFs bound to vfio-pci while its `enable_sriov` is off. (vfio-pci refuses to bind
+/// a PF whose VFs are enabled, so no VF of such a PF exists.)
+fn sriov_off(add: &mut impl FnMut(u32, u32, &str, String)) {
+    for address in sysfs::list(Path::new(host::PCI_DEVICES)) {
+        let Ok(pci) = PciDevice::find(&address) else { continue };
+        let Ok(total @ 1..) = pci.sriov_total_vfs() else { continue };
+        if pci.driver().as_deref() == Some(VFIO_DRIVER) {
+            add(
+                FINDING_SRIOV_OFF,
+                SEVERITY_WARNING,
+                &pci.address,
+                format!(
+                    "{address} is an SR-IOV PF ({total} VFs) bound to vfio-pci, which was loaded \
+                     without enable_sriov: its VFs cannot be enabled (sriov_numvfs gives ENOENT); \
+                     echo Y > {ENABLE_SRIOV_PARAM}, or load vfio-pci with enable_sriov=1 \
+                     (vfio_pci.enable_sriov=1 on the kernel command line if it is built in)"
+                ),
+            );
+        }
+    }
 }
 
 fn check_node(add: &mut impl FnMut(u32, u32, &str, String), node: &str) {
@@ -223,6 +253,19 @@ fn device(add: &mut impl FnMut(u32, u32, &str, String), name: &str, iommufd: boo
                 },
                 (None, false) => check_node(add, &host::group_node(group, false)),
             }
+        }
+    }
+    if let Some(pf) = pci.physfn() {
+        if PciDevice::find(&pf).is_ok_and(|p| p.driver().as_deref() == Some(VFIO_DRIVER)) {
+            add(
+                FINDING_VF_TOKEN,
+                SEVERITY_INFO,
+                subject,
+                format!(
+                    "{subject} is a VF of {pf}, which vfio-pci drives: it opens only with the VF \
+                     token that PF's user set (vfiokit_device_open_vf; Device::open_vf)"
+                ),
+            );
         }
     }
     let reset = sysfs::read_text(&pci.attr("reset_method").to_string_lossy());

@@ -8,7 +8,9 @@ use crate::pci;
 use crate::sys::Context;
 use crate::sys::sysfs;
 
-const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+pub(crate) const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+/// vfio-pci's parameter: off, it refuses to enable the VFs of a PF it drives.
+pub(crate) const ENABLE_SRIOV_PARAM: &str = "/sys/module/vfio_pci/parameters/enable_sriov";
 pub(crate) const VFIO_DRIVER: &str = "vfio-pci";
 const CDEV_DIR: &str = "/dev/vfio/devices/";
 

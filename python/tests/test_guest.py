@@ -499,6 +499,7 @@ def test_cli_list(edu, nvme, ivshmem, testdev):
     lines = {line.split()[0]: line for line in r.stdout.splitlines()}
     assert "1234:11e8" in lines[edu] and "group" in lines[edu]
     assert "1b36:0010" in lines[nvme] and "1af4:1110" in lines[ivshmem] and "1b36:0005" in lines[testdev]
+    assert "PF: 0/2 VFs" in lines[os.environ["VFIOKIT_TEST_SRIOV_PF"]]
 
 
 def test_cli_info(nvme):
@@ -588,6 +589,10 @@ def test_sriov_vf_opens_with_its_token(edu):
         vfs = vfiokit.sriov_set_numvfs(pf, 2)
         try:
             assert len(vfs) == 2
+            listed = {line.split()[0]: line for line in cli_main("list").stdout.splitlines()}
+            assert f"PF: 2/2 VFs ({vfs[0]}, {vfs[1]})" in listed[pf]
+            assert f"VF 0 of PF {pf}" in listed[vfs[0]] and f"VF 1 of PF {pf}" in listed[vfs[1]]
+            assert [f for f in vfiokit.doctor(vfs[0]) if f.code == vfiokit.FINDING_VF_TOKEN and pf in f.message]
             assert all(os.path.realpath(f"/sys/bus/pci/devices/{vf}/physfn").endswith(pf) for vf in vfs)
             cdev_without_token = iommu.kind == vfiokit.IOMMU_IOMMUFD and os.environ["VFIOKIT_VM_KERNEL"] != "latest"
             if cdev_without_token:

@@ -1,6 +1,6 @@
 """python -m vfiokit: lspci/setpci for VFIO devices.
 
-    list                                    devices bound to vfio-pci (from sysfs)
+    list                                    devices bound to vfio-pci (from sysfs), SR-IOV PFs and VFs
     info ADDR                               the region, area and IRQ records
     peek ADDR REGION OFFSET [WIDTH]         one read (WIDTH in bits: 8, 16, 32, 64; default 32)
     poke ADDR REGION OFFSET VALUE [WIDTH]   one write
@@ -53,6 +53,24 @@ def _link(address: str, attr: str) -> Optional[str]:
     return os.path.basename(os.readlink(path)) if os.path.islink(path) else None
 
 
+def _vfs(pf: str) -> list[str]:
+    """The addresses of a PF's enabled VFs, in VF order (its virtfnN links)."""
+    links = [n for n in os.listdir(os.path.join(SYSFS, pf)) if n.startswith("virtfn")]
+    return [_link(pf, n) or "?" for n in sorted(links, key=lambda n: int(n[len("virtfn"):]))]
+
+
+def _sriov_relation(address: str) -> str:
+    """"  VF 1 of PF ADDR" for a VF, "  PF: 2/7 VFs (ADDR, ADDR)" for a PF, else ""."""
+    pf = _link(address, "physfn")
+    if pf:
+        return f"  VF {_vfs(pf).index(address)} of PF {pf}"
+    total = _sysfs(address, "sriov_totalvfs")
+    if not total:
+        return ""
+    vfs = _vfs(address)
+    return f"  PF: {len(vfs)}/{total} VFs" + (f" ({', '.join(vfs)})" if vfs else "")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     found = sorted(a for a in os.listdir(SYSFS) if _link(a, "driver") == "vfio-pci")
     for a in found:
@@ -60,7 +78,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         group = _link(a, "iommu_group") or "-"
         cdevs = os.listdir(os.path.join(SYSFS, a, "vfio-dev")) if os.path.isdir(os.path.join(SYSFS, a, "vfio-dev")) else []
         cdev = f"  /dev/vfio/devices/{cdevs[0]}" if cdevs else ""
-        print(f"{a}  {ids}  class {(_sysfs(a, 'class') or '?')[2:]}  group {group:>3}  /dev/vfio/{group}{cdev}")
+        print(f"{a}  {ids}  class {(_sysfs(a, 'class') or '?')[2:]}  group {group:>3}  /dev/vfio/{group}{cdev}"
+              f"{_sriov_relation(a)}")
     if not found:
         print("no devices bound to vfio-pci", file=sys.stderr)
     return 0

@@ -42,6 +42,15 @@ pub fn doctor_finds_each_problem_with_its_fix() {
     reports(&edu, FINDING_NO_RESET, SEVERITY_WARNING, &["no reset method", "ENOTSUP"]);
     assert!(found(&doctor(Some(&addr("NVME"))), FINDING_NO_RESET).is_empty(), "nvme resets");
 
+    // An SR-IOV PF on vfio-pci while its enable_sriov is off (the test bed loads it on).
+    let pf = addr("SRIOV_PF");
+    let param = "/sys/module/vfio_pci/parameters/enable_sriov";
+    assert!(found(&edu, FINDING_SRIOV_OFF).is_empty(), "enable_sriov is on: {edu:?}");
+    std::fs::write(param, "N").unwrap();
+    let sriov_off = doctor(None);
+    std::fs::write(param, "Y").unwrap();
+    reports(&sriov_off, FINDING_SRIOV_OFF, SEVERITY_WARNING, &[&pf, "enable_sriov=1", "2 VFs"]);
+
     // No such device.
     let none = doctor(Some("0000:00:1e.7"));
     reports(&none, FINDING_NO_DEVICE, SEVERITY_BLOCKER, &["0000:00:1e.7"]);

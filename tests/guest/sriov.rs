@@ -42,6 +42,10 @@ pub fn vfs_open_with_their_pfs_token() {
         assert!(driver.ends_with("vfio-pci"), "{vf} is bound to {driver:?}");
     }
     let vf = &vfs[0];
+    let findings = vfiokit::doctor(Some(vf));
+    let hint: Vec<_> = findings.iter().filter(|f| f.code == vfiokit::FINDING_VF_TOKEN).collect();
+    assert!(hint.len() == 1 && hint[0].message().contains(&pf_addr), "{findings:?}");
+    assert!(vfiokit::doctor(Some(&pf_addr)).iter().all(|f| f.code != vfiokit::FINDING_VF_TOKEN));
     let cdev = iommu.kind() == IommuKind::Iommufd;
     if !cdev || token_on_cdev() {
         fails(Device::open(vf, Some(&iommu)), libc::EACCES, &[vf, &pf_addr, "no token was given"]);

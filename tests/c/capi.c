@@ -516,6 +516,39 @@ static void hot_reset(void)
 	vfiokit_iommu_close(io);
 }
 
+/* The SR-IOV PF gets a VF token, enables its 2 VFs, and a VF opens with the token only (on the
+ * cdev from Linux 6.17: the 7.3 guest; before, refused naming 6.17). */
+static void sriov(void)
+{
+	const char *pf_addr = env("VFIOKIT_TEST_SRIOV_PF");
+	const char *token = "bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3";
+	vfiokit_iommu *io = NULL;
+	vfiokit_device *pf = NULL, *vf = NULL;
+	vfiokit_vf vfs[4];
+	size_t n = 0;
+	uint16_t vendor = 0;
+
+	CHECK(vfiokit_iommu_open(VFIOKIT_IOMMU_AUTO, &io) == 0);
+	CHECK(vfiokit_device_open(pf_addr, io, &pf) == 0);
+	CHECK(vfiokit_device_set_vf_token(pf, token) == 0);
+	CHECK(vfiokit_pci_sriov_set_numvfs(pf_addr, 2, vfs, 4, &n) == 0 && n == 2);
+	CHECK(vfs[0].index == 0 && vfs[1].index == 1 && strcmp(vfs[0].address, vfs[1].address) != 0);
+	if (vfiokit_iommu_kind(io) == VFIOKIT_IOMMU_IOMMUFD && strcmp(env("VFIOKIT_VM_KERNEL"), "latest") != 0) {
+		FAILS(vfiokit_device_open_vf(vfs[0].address, token, io, &vf), EOPNOTSUPP);
+		CHECK(strstr(vfiokit_last_error(), "6.17") != NULL);
+	} else {
+		FAILS(vfiokit_device_open(vfs[0].address, io, &vf), EACCES);
+		CHECK(strstr(vfiokit_last_error(), pf_addr) != NULL);
+		FAILS(vfiokit_device_open_vf(vfs[0].address, "00000000-0000-0000-0000-000000000001", io, &vf), EACCES);
+		CHECK(vfiokit_device_open_vf(vfs[0].address, token, io, &vf) == 0);
+		CHECK(vfiokit_read16(vf, VFIOKIT_PCI_CONFIG, 0, &vendor) == 0 && vendor == 0x1b36);
+		vfiokit_device_close(vf);
+	}
+	CHECK(vfiokit_pci_sriov_set_numvfs(pf_addr, 0, NULL, 0, &n) == 0 && n == 0);
+	vfiokit_device_close(pf);
+	vfiokit_iommu_close(io);
+}
+
 /* doctor on a ready device and on a missing one: records filled, the most severe first. */
 static void doctor(void)
 {
@@ -648,6 +681,7 @@ int main(void)
 	handoff();
 	live_handover();
 	doctor();
+	sriov();
 	hot_reset();
 	no_leaks();
 	printf("capi: %d passed, %d failed\n", passed, failed);

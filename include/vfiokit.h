@@ -440,6 +440,26 @@ int vfiokit_device_set_vf_token(struct vfiokit_device *dev, const char *vf_token
 // mappings or eventfds after the calls in flight have returned.
 void vfiokit_device_close(struct vfiokit_device *dev);
 
+// 1 when the device is gone, 0 while it is not (`-EINVAL` for NULL): gone once one of its
+// mapped BARs faulted with SIGBUS (vfio-pci zapped it: the device was removed, reset, or its
+// memory decode disabled) and vfiokit's SIGBUS guard replaced its mappings with memory that
+// reads all-ones, or once `vfiokit_device_retire` was called. A gone device's calls return
+// `-ENODEV` with a message; close it to release its fds and DMA mappings.
+//
+// # Safety
+// `dev` must be NULL or live.
+int vfiokit_device_gone(const struct vfiokit_device *dev);
+
+// Gives the device up while other threads may still be accessing its mappings (after
+// `VFIOKIT_IRQ_REQ`, vfio-pci asking for it back): its mapped regions become memory that
+// reads all-ones (what PCIe returns for a vanished device) so those threads keep running,
+// `vfiokit_irq_wait`s end with `-ECANCELED`, and later calls return `-ENODEV`. Then stop
+// those threads and `vfiokit_device_close` it.
+//
+// # Safety
+// `dev` must be NULL or live.
+int vfiokit_device_retire(struct vfiokit_device *dev);
+
 // The device's DMA context (borrowed: valid while the device is open; do not close it).
 // Devices opened in the same context give the same pointer.
 //

@@ -12,7 +12,7 @@ use super::Device;
 use crate::error::{Error, Result};
 use crate::pci;
 use crate::region::{self, Area, PCI_CONFIG, REGION_READ, REGION_WRITE, Region};
-use crate::sys::{self, Context, mem};
+use crate::sys::{self, Context, fault, mem};
 
 /// One contiguous virtual range for a region: its mmappable areas mapped, the rest reserved
 /// with no access.
@@ -24,6 +24,8 @@ pub(super) struct Mapping {
     whole: u64,
     /// The region's REGION_READ / REGION_WRITE flags.
     access: u32,
+    /// Its slot in the SIGBUS guard (`sys::fault`), a kernel device's, until dropped.
+    guard: Option<usize>,
 }
 
 /// A kernel device's region mapping: what an iommufd context is given when a driver DMA-maps
@@ -137,6 +139,13 @@ pub struct MapInfo {
 
 const _: () = assert!(size_of::<MapInfo>() == 48 && std::mem::offset_of!(MapInfo, access) == 24);
 
+impl Mapping {
+    /// Replaces a guarded mapping with all-ones memory.
+    pub(super) fn retire(&self) -> sys::SysResult<()> {
+        self.guard.map_or(Ok(()), fault::retire)
+    }
+}
+
 // SAFETY: the mapping is plain memory shared with a device; access discipline is the caller's.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
@@ -148,6 +157,9 @@ impl Drop for Mapping {
         let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
         maps.remove(&self.base.as_ptr().addr());
         drop(maps);
+        if let Some(slot) = self.guard {
+            fault::unguard(slot);
+        }
         // SAFETY: we reserved base..base+len and nothing else refers to it once we drop.
         unsafe { mem::unmap(self.base, self.len) };
     }
@@ -223,7 +235,9 @@ macro_rules! width {
 width!(u8, u16, u32, u64);
 
 impl Device {
+    /// Every slow path's first check: ENODEV once the device is gone.
     pub(super) fn region(&self, index: u32) -> Result<&Region> {
+        self.present()?;
         self.regions
             .get(index as usize)
             .filter(|r| r.flags & region::REGION_PRESENT != 0)
@@ -314,7 +328,7 @@ impl Device {
             };
             // Built first, so an area failing below releases the reservation.
             let access = r.flags & (REGION_READ | REGION_WRITE);
-            let mapping = Mapping { base, len, whole, access };
+            let mut mapping = Mapping { base, len, whole, access, guard: None };
             let prot = [(REGION_READ, libc::PROT_READ), (REGION_WRITE, libc::PROT_WRITE)]
                 .iter()
                 .filter(|(f, _)| r.flags & f != 0)
@@ -338,6 +352,7 @@ impl Device {
                 let entry = KernelMapping { len, device: device.as_raw_fd(), region: r.index };
                 let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
                 maps.insert(base.as_ptr().addr(), entry);
+                mapping.guard = fault::guard(base, len, &self.gone);
             }
             if let Some(fast) = self.fast.get(r.index as usize) {
                 fast.set(&mapping);
@@ -529,7 +544,7 @@ mod tests {
     /// A mapping of `len` reserved bytes (no access: the fast path only computes addresses).
     fn mapping(len: usize, whole: u64, access: u32) -> Mapping {
         let base = mem::reserve(len).expect("reserve address space");
-        Mapping { base, len, whole, access }
+        Mapping { base, len, whole, access, guard: None }
     }
 
     fn fast(m: &Mapping) -> FastPath {

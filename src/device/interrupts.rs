@@ -105,6 +105,7 @@ impl VectorSlot {
 
 impl Device {
     pub(super) fn irq_record(&self, index: u32) -> Result<&Irq> {
+        self.present()?;
         self.irqs.get(index as usize).filter(|i| i.count > 0).ok_or_else(|| {
             Error::invalid(format!("{} has no IRQ {index} ({})", self.address, irq_name(index)))
         })

@@ -11,6 +11,7 @@ mod transport;
 
 use std::ffi::c_char;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use once_cell::sync::OnceCell;
@@ -89,6 +90,9 @@ pub struct Device {
     /// By IRQ index and vector.
     irq_slots: Box<[Box<[VectorSlot]>]>,
     io: Io,
+    /// Set when a BAR mapping faulted (the SIGBUS guard replaced it with all-ones) or by
+    /// [`Device::retire`]: every call then fails with ENODEV.
+    gone: Arc<AtomicBool>,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
     iommu: Iommu,
@@ -231,6 +235,7 @@ impl Device {
             irq_slots: VectorSlot::table(&irqs),
             irqs,
             io,
+            gone: Arc::new(AtomicBool::new(false)),
             _place: place,
             iommu,
         })
@@ -298,7 +303,46 @@ impl Device {
         &self.irqs
     }
 
+    /// True once the device is gone: a mapped BAR faulted (vfio-pci zapped it: the device
+    /// was removed, reset, or its memory decode disabled) and the SIGBUS guard replaced every
+    /// mapping with all-ones memory, or [`Device::retire`] was called.
+    pub fn gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    /// ENODEV once the device is [`gone`](Self::gone).
+    #[cold]
+    fn gone_error(&self) -> Error {
+        Error::new(
+            libc::ENODEV,
+            format!(
+                "{} is gone (a BAR access faulted, or the driver retired it after REQ): its \
+                 mappings now read all-ones; close it",
+                self.address
+            ),
+        )
+    }
+
+    #[inline]
+    pub(crate) fn present(&self) -> Result<()> {
+        if self.gone() { Err(self.gone_error()) } else { Ok(()) }
+    }
+
+    /// Gives the device up while threads may still be accessing it (after REQ, vfio-pci asking
+    /// for it back): every guarded mapping becomes all-ones memory, so those threads keep
+    /// running and read 0xff..; waits end (ECANCELED); later calls fail with ENODEV. Close it
+    /// then, once those threads have stopped, to release its fds and DMA mappings.
+    pub fn retire(&self) -> Result<()> {
+        self.gone.store(true, Ordering::Release);
+        self.cancel_waits();
+        for m in self.mappings.iter().filter_map(OnceCell::get) {
+            m.retire().context(|| format!("replacing the mappings of {}", self.address))?;
+        }
+        Ok(())
+    }
+
     pub fn reset(&self) -> Result<()> {
+        self.present()?;
         if self.info.flags & pci::DEVICE_RESET == 0 {
             return Err(Error::new(
                 libc::ENOTSUP,

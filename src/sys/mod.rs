@@ -3,6 +3,7 @@
 //! Every call returns the raw errno on failure; callers above add the context that makes a
 //! message useful. Nothing here decides policy.
 
+pub(crate) mod fault;
 pub(crate) mod iommufd;
 pub(crate) mod mem;
 pub(crate) mod socket;

@@ -75,6 +75,10 @@ const CASES: &[harness::Case] = &[
         lifecycle::exit_without_close_leaves_the_device_reusable,
     ),
     ("second_process_gets_ebusy", lifecycle::second_process_gets_ebusy),
+    (
+        "a_zapped_bar_reads_all_ones_and_the_device_is_gone",
+        lifecycle::a_zapped_bar_reads_all_ones_and_the_device_is_gone,
+    ),
     ("handoff_to_an_unprivileged_process", handoff::handoff_to_an_unprivileged_process),
     ("malformed_handoffs_are_refused", handoff::malformed_handoffs_are_refused),
     ("live_handover_keeps_nvme_running", handover::live_handover_keeps_nvme_running),

@@ -617,3 +617,42 @@ def test_sriov_vf_opens_with_its_token(edu):
         d.set_vf_token(token)
     assert e.value.errno == errno.ENOTSUP
     iommu.close()
+
+
+def test_a_zapped_bar_reads_all_ones_and_raises_enodev(edu):
+    """Memory decode disabled through the device fd's config space makes vfio-pci zap the BAR
+    (as a removal or reset does): a thread reading it survives and reads all-ones, then every
+    call raises OSError(ENODEV), and closing the device leaks no fd."""
+    import threading
+    with vfiokit.open(edu) as warm:  # process-wide state first: the guard's memfd, threads
+        warm.map(0).read32(ID)
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()
+    fds = len(os.listdir("/proc/self/fd"))
+    dev = vfiokit.open(edu)
+    bar0 = dev.map(0)
+    seen, started = [], threading.Event()
+
+    def spin():
+        started.set()
+        for _ in range(20_000_000):  # bounded: a thread that never sees all-ones fails the test
+            v = bar0.read32(ID)
+            if v == 0xFFFFFFFF:
+                break
+            assert v == 0x010000ED
+        seen.append(v)
+
+    reader = threading.Thread(target=spin)
+    reader.start()
+    started.wait()
+    dev.config.write16(PCI_COMMAND, dev.config.read16(PCI_COMMAND) & ~COMMAND_MEMORY)
+    reader.join()
+    assert seen == [0xFFFFFFFF], "the reading thread survived and read all-ones"
+    assert dev.gone
+    for call in (lambda: dev.config.read16(0), lambda: dev.config.write16(PCI_COMMAND, 0), dev.reset):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.ENODEV and "is gone" in str(e.value)
+    dev.close()
+    assert len(os.listdir("/proc/self/fd")) == fds, "no fd leaked by the gone device"

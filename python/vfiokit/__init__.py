@@ -829,6 +829,19 @@ class Device(_Closing):
         self._irqs.append(weakref.ref(irq))
         return irq
 
+    @property
+    def gone(self) -> bool:
+        """True once the device is gone: a mapped BAR faulted with SIGBUS (vfio-pci zapped it:
+        removal, reset, memory decode disabled) and vfiokit's SIGBUS guard replaced its mappings
+        with memory that reads all-ones, or after retire(). Its calls then raise OSError(ENODEV)."""
+        return _lib.vfiokit_device_gone(self._handle()) == 1
+
+    def retire(self) -> None:
+        """Gives the device up after REQ while other threads may still read its mappings: they
+        become all-ones memory, IRQ waits end (ECANCELED), later calls raise OSError(ENODEV).
+        Close it once those threads have stopped."""
+        _lib.vfiokit_device_retire(self._handle())
+
     def reset(self) -> None:
         """Resets the device (OSError ENOTSUP if the kernel has no reset for it)."""
         _lib.vfiokit_device_reset(self._handle())

@@ -151,6 +151,8 @@ SIGNATURES: Mapping[str, tuple[Any, list[Any], Optional[Callable[..., Any]]]] = 
     "vfiokit_device_close": (None, [_dev], None),
     "vfiokit_device_iommu": (_iommu, [_dev], _check_ptr),
     "vfiokit_device_reset": (c_int, [_dev], _check_int),
+    "vfiokit_device_gone": (c_int, [_dev], _check_int),
+    "vfiokit_device_retire": (c_int, [_dev], _check_int),
     "vfiokit_device_hot_reset_info": (c_int, [_dev, POINTER(vfiokit_hot_reset_dep), c_size_t, POINTER(c_size_t)], _check_int),
     "vfiokit_device_hot_reset": (c_int, [_dev], _check_int),
     "vfiokit_device_get_info": (c_int, [_dev, POINTER(vfiokit_device_info)], _check_int),

@@ -8,6 +8,12 @@
  *                                   after N requests (default 2) the parent checks the device is
  *                                   still there, kills the child: the unplug completes.
  *
+ *   hotunplug retire [TIMEOUT_S]    open the device, enable REQ, start a thread busy reading the
+ *                                   id register through a vfiokit_register pointer, print READY;
+ *                                   on REQ call vfiokit_device_retire while that thread runs: it
+ *                                   survives and reads 0xffffffff; calls return -ENODEV; close;
+ *                                   no fd leaked; the unplug completes.
+ *
  * Each line starts with the seconds since the start. Exit 0 when all went as expected; 1 on a
  * timeout or an error (with vfiokit_last_error()); 2 on bad usage. */
 #define _GNU_SOURCE
@@ -16,6 +22,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -238,6 +246,89 @@ static int ignore_case(int nreq, int timeout_s)
 	return wait_removed(30);
 }
 
+static int count_fds(void)
+{
+	int n = 0;
+	DIR *d = opendir("/proc/self/fd");
+	while (d && readdir(d))
+		n++;
+	if (d)
+		closedir(d);
+	return n;
+}
+
+static atomic_int busy_started;
+static uint64_t busy_reads;
+
+/* The thread busy in register accesses at the moment of removal: until it reads all-ones. */
+static void *busy(void *reg)
+{
+	uint32_t v = 0;
+	atomic_store(&busy_started, 1);
+	for (busy_reads = 0;; busy_reads++) {
+		v = vfiokit_mmio_read32(reg, 0);
+		if (v != EDU_ID)
+			break;
+	}
+	return (void *)(uintptr_t)v;
+}
+
+static int retire_case(int timeout_s)
+{
+	vfiokit_device *dev = NULL;
+	uint64_t count = 0;
+	uint32_t v;
+	void *reg, *seen;
+	pthread_t t;
+	int rc, fds = count_fds();
+	if (open_device(&dev))
+		return 1;
+	if ((rc = vfiokit_register(dev, VFIOKIT_PCI_BAR0, 0, 4, &reg)) != 0)
+		return fail("vfiokit_register(BAR0, 0)", rc);
+	if (pthread_create(&t, NULL, busy, reg) != 0)
+		return fail("pthread_create", -errno);
+	while (!atomic_load(&busy_started))
+		usleep(1000);
+	rc = vfiokit_irq_wait(dev, VFIOKIT_IRQ_REQ, 0, timeout_s * 1000, &count);
+	if (rc != 0)
+		return fail("vfiokit_irq_wait(REQ)", rc);
+	say("REQ received (count %llu), the busy thread is reading; retiring the device",
+	    (unsigned long long)count);
+	if ((rc = vfiokit_device_retire(dev)) != 0)
+		return fail("vfiokit_device_retire", rc);
+	pthread_join(t, &seen);
+	if ((uint32_t)(uintptr_t)seen != 0xffffffffu) {
+		say("FAIL the busy thread read 0x%08x, want 0xffffffff", (uint32_t)(uintptr_t)seen);
+		return 1;
+	}
+	say("busy thread survived and read all-ones after %llu reads", (unsigned long long)busy_reads);
+	if (vfiokit_device_gone(dev) != 1) {
+		say("FAIL vfiokit_device_gone is %d, want 1", vfiokit_device_gone(dev));
+		return 1;
+	}
+	rc = vfiokit_read32(dev, VFIOKIT_PCI_CONFIG, 0, &v);
+	if (rc != -ENODEV) {
+		say("FAIL vfiokit_read32(config) returned %d, want -ENODEV", rc);
+		return 1;
+	}
+	say("calls return -ENODEV: %s", vfiokit_last_error());
+	rc = vfiokit_irq_wait(dev, VFIOKIT_IRQ_REQ, 0, 0, &count);
+	if (rc != -ENODEV) {
+		say("FAIL vfiokit_irq_wait after retire returned %d, want -ENODEV", rc);
+		return 1;
+	}
+	say("waits return -ENODEV");
+	vfiokit_device_close(dev);
+	/* One fd stays for the process's life: the SIGBUS guard's all-ones memfd, made at the
+	 * first BAR mapping; the device's, its REQ eventfd's and its context's fds are closed. */
+	say("released; fds before open %d, after close %d", fds, count_fds());
+	if (count_fds() != fds + 1) {
+		say("FAIL fds leaked (want %d: one for the guard's memfd)", fds + 1);
+		return 1;
+	}
+	return wait_removed(30);
+}
+
 int main(int argc, char **argv)
 {
 	const char *mode = argc > 1 ? argv[1] : "";
@@ -251,6 +342,8 @@ int main(int argc, char **argv)
 	find_slot();
 	if (strcmp(mode, "release") == 0)
 		return release_case(argc > 2 ? atoi(argv[2]) : 60);
+	if (strcmp(mode, "retire") == 0)
+		return retire_case(argc > 2 ? atoi(argv[2]) : 60);
 	if (strcmp(mode, "ignore") == 0)
 		return ignore_case(argc > 2 ? atoi(argv[2]) : 2, argc > 3 ? atoi(argv[3]) : 60);
 	fprintf(stderr, "usage: hotunplug release [TIMEOUT_S] | ignore [N] [TIMEOUT_S]\n");

@@ -3,11 +3,14 @@
 program): boots the test guest with a QMP socket, runs the guest program, and when it is READY
 sends QEMU `device_del` of the unplug victim; then checks what the guest and QEMU report.
 
-    hotunplug.py --bin GUEST_PROGRAM [--kernel legacy|iommufd]... [--case release|ignore]...
+    hotunplug.py --bin GUEST_PROGRAM [--kernel legacy|iommufd]... [--case release|ignore|retire]...
 
 Cases (each on each kernel):
   release  the program waits for VFIOKIT_IRQ_REQ and closes the device: the unplug completes
            (DEVICE_DELETED), the program exits 0.
+  retire   on REQ the program retires the device while a thread is busy reading a register
+           through its mapping: the thread survives and reads 0xffffffff, calls return ENODEV,
+           no fd leaks, the unplug completes.
   ignore   a holder process ignores REQ; vfio-pci repeats it every ~10 s and the unplug waits;
            after two requests the program kills the holder: the unplug completes.
 Every run is bounded (BOUND seconds from device_del to the guest's exit). Prints one ok/FAIL
@@ -128,7 +131,19 @@ def run_case(kernel, case, program):
         check(rc == 0, f"the guest run exited 0 (got {'nothing: killed at the bound' if rc is None else rc})")
         check(ev is not None, f"QEMU emitted DEVICE_DELETED for {VICTIM}")
         check(t_end - t_del <= BOUND, f"done {t_end - t_del:.1f} s after device_del (bound {BOUND} s)")
-        if case == "release":
+        if case == "retire":
+            t_req = guest.when("REQ received")
+            check(t_req is not None, "the library surfaced the REQ interrupt")
+            check(guest.when("busy thread survived and read all-ones") is not None,
+                  "the thread busy in register reads survived the retire and read 0xffffffff")
+            check(guest.when("calls return -ENODEV") is not None, "calls on the device return ENODEV")
+            check(guest.when("waits return -ENODEV") is not None, "waits on the device return ENODEV")
+            check(guest.when("released;") is not None and guest.when("FAIL fds leaked") is None,
+                  "the device was closed and no fd leaked")
+            if t_req is not None and ev is not None:
+                check(ev["_t"] >= t_req, "DEVICE_DELETED came after the REQ, not before")
+            timing = [("device_del -> REQ", t_req), ("device_del -> DEVICE_DELETED", ev and ev["_t"])]
+        elif case == "release":
             t_req = guest.when("REQ received")
             check(t_req is not None, "the library surfaced the REQ interrupt")
             check(guest.when("released") is not None, "the program released the device")
@@ -167,11 +182,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", required=True, help="the guest program (built from hotunplug.c)")
     ap.add_argument("--kernel", action="append", choices=["legacy", "iommufd"])
-    ap.add_argument("--case", action="append", choices=["release", "ignore"])
+    ap.add_argument("--case", action="append", choices=["release", "ignore", "retire"])
     a = ap.parse_args()
     passed = failed = 0
     for kernel in a.kernel or ["legacy", "iommufd"]:
-        for case in a.case or ["release", "ignore"]:
+        for case in a.case or ["release", "ignore", "retire"]:
             print(f"=== {kernel}/{case}", flush=True)
             t0 = time.monotonic()
             ok = run_case(kernel, case, os.path.abspath(a.bin))

@@ -70,26 +70,29 @@ fn make_ones() -> SysResult<i32> {
     let fd = check(unsafe { libc::memfd_create(c"vfiokit-gone".as_ptr(), libc::MFD_CLOEXEC) })?;
     // SAFETY: plain syscall on our fd.
     check(unsafe { libc::ftruncate(fd, CHUNK as libc::off_t) })?;
-    // SAFETY: a fresh shared mapping of our memfd.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            CHUNK,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Errno::last());
-    }
+    let p = map_shared(fd, CHUNK)?;
     // SAFETY: p is CHUNK writable bytes we just mapped; unmapped right after.
     unsafe {
         std::ptr::write_bytes(p.cast::<u8>(), 0xff, CHUNK);
         libc::munmap(p, CHUNK);
     }
     Ok(fd)
+}
+
+/// A new read/write shared mapping of `len` bytes of `fd` from its start.
+fn map_shared(fd: i32, len: usize) -> SysResult<*mut libc::c_void> {
+    // SAFETY: a fresh mapping where the kernel picks the address.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED { Err(Errno::last()) } else { Ok(p) }
 }
 
 /// Guards `[base, base+len)`: a SIGBUS inside it replaces it with all-ones and sets `gone`.
@@ -231,18 +234,8 @@ mod tests {
         let fd = unsafe { libc::memfd_create(c"bus".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
         let len = 3 * CHUNK / 2;
-        // SAFETY: a fresh shared mapping; every access to it faults (past EOF).
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        // Every access to it faults: it lies past the file's end.
+        let p = map_shared(fd, len).expect("a shared mapping");
         let base = NonNull::new(p.cast::<u8>()).unwrap();
         let gone = Arc::new(AtomicBool::new(false));
         let slot = guard(base, len, &gone).expect("a free slot");

@@ -352,7 +352,7 @@ impl Device {
                 let entry = KernelMapping { len, device: device.as_raw_fd(), region: r.index };
                 let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
                 maps.insert(base.as_ptr().addr(), entry);
-                mapping.guard = fault::guard(base, len, &self.gone);
+                mapping.guard = fault::guard(base, len, self.gone_flag());
             }
             if let Some(fast) = self.fast.get(r.index as usize) {
                 fast.set(&mapping);

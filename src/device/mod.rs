@@ -91,8 +91,9 @@ pub struct Device {
     irq_slots: Box<[Box<[VectorSlot]>]>,
     io: Io,
     /// Set when a BAR mapping faulted (the SIGBUS guard replaced it with all-ones) or by
-    /// [`Device::retire`]: every call then fails with ENODEV.
-    gone: Arc<AtomicBool>,
+    /// [`Device::retire`]: every call then fails with ENODEV. Made at the first guarded
+    /// mapping or retire (not at open, which it would cost an allocation).
+    gone: OnceCell<Arc<AtomicBool>>,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
     iommu: Iommu,
@@ -235,7 +236,7 @@ impl Device {
             irq_slots: VectorSlot::table(&irqs),
             irqs,
             io,
-            gone: Arc::new(AtomicBool::new(false)),
+            gone: OnceCell::new(),
             _place: place,
             iommu,
         })
@@ -307,7 +308,12 @@ impl Device {
     /// was removed, reset, or its memory decode disabled) and the SIGBUS guard replaced every
     /// mapping with all-ones memory, or [`Device::retire`] was called.
     pub fn gone(&self) -> bool {
-        self.gone.load(Ordering::Acquire)
+        self.gone.get().is_some_and(|g| g.load(Ordering::Acquire))
+    }
+
+    /// The flag the SIGBUS guard sets for this device's mappings.
+    pub(crate) fn gone_flag(&self) -> &Arc<AtomicBool> {
+        self.gone.get_or_init(|| Arc::new(AtomicBool::new(false)))
     }
 
     /// ENODEV once the device is [`gone`](Self::gone).
@@ -333,7 +339,7 @@ impl Device {
     /// running and read 0xff..; waits end (ECANCELED); later calls fail with ENODEV. Close it
     /// then, once those threads have stopped, to release its fds and DMA mappings.
     pub fn retire(&self) -> Result<()> {
-        self.gone.store(true, Ordering::Release);
+        self.gone_flag().store(true, Ordering::Release);
         self.cancel_waits();
         for m in self.mappings.iter().filter_map(OnceCell::get) {
             m.retire().context(|| format!("replacing the mappings of {}", self.address))?;

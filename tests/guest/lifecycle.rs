@@ -234,10 +234,19 @@ pub fn a_zapped_bar_reads_all_ones_and_the_device_is_gone() {
     use std::sync::Arc;
     use vfiokit::region::PCI_CONFIG;
     // Process-wide state first, which is not a leak: the shared context, the guard's memfd
-    // (made at the first BAR mapping), the thread stacks and malloc arenas glibc keeps.
+    // (made at the first BAR mapping), the thread stacks and malloc arenas glibc keeps. The
+    // two threads overlap, so glibc keeps an arena for each of the test's two: one after the
+    // other they would share one, and the second reader would map a new one (the flake).
     let warm = open("EDU");
     warm.map(0).unwrap();
-    let t = [(); 2].map(|()| std::thread::spawn(|| drop(std::hint::black_box(vec![0u8; 64]))));
+    let both = Arc::new(std::sync::Barrier::new(2));
+    let t = [(); 2].map(|()| {
+        let both = both.clone();
+        std::thread::spawn(move || {
+            drop(std::hint::black_box(vec![0u8; 64]));
+            both.wait();
+        })
+    });
     t.into_iter().for_each(|t| t.join().unwrap());
     drop(warm);
     let before = fds_and_maps();

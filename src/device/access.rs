@@ -349,10 +349,11 @@ impl Device {
                 .context(what)?;
             }
             if let Ok(device) = self.io.kernel_fd(&self.address) {
+                let gone = self.gone_state()?;
                 let entry = KernelMapping { len, device: device.as_raw_fd(), region: r.index };
                 let mut maps = KERNEL_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
                 maps.insert(base.as_ptr().addr(), entry);
-                mapping.guard = fault::guard(base, len, self.gone_flag());
+                mapping.guard = fault::guard(base, len, gone);
             }
             if let Some(fast) = self.fast.get(r.index as usize) {
                 fast.set(&mapping);

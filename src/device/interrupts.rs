@@ -449,6 +449,8 @@ impl Device {
             _ if state.cancelled => {
                 Err(self.cancelled(index, vector, "the device is being closed"))
             }
+            // Woken by the SIGBUS guard: a mapping faulted.
+            _ if self.gone() => Err(self.gone_error()),
             (Some(now), Some(cancel)) if now.routing == routing => Ok(cancel.clone()),
             _ => Err(self.cancelled(index, vector, "the IRQ was disabled or re-enabled")),
         }
@@ -457,7 +459,8 @@ impl Device {
     /// Waits for the vector to fire and returns how many times it did since the last wait.
     /// `timeout_ms < 0` waits forever; a timeout is `ETIMEDOUT`; a wait ended by
     /// [`Device::irq_disable`], an [`Device::irq_enable`] that re-routes the vector, or
-    /// [`Device::cancel_waits`] is `ECANCELED`. Holds no lock while waiting.
+    /// [`Device::cancel_waits`] is `ECANCELED`; one ended by a mapping's fault (the device is
+    /// [`gone`](Device::gone)) is `ENODEV`. Holds no lock while waiting.
     #[inline]
     pub fn irq_wait(&self, index: u32, vector: u32, timeout_ms: i32) -> Result<u64> {
         // Already fired: one load and one non-blocking read, no lock (see VectorSlot).
@@ -493,6 +496,7 @@ impl Device {
             Ok(count) => return Ok(count),
             Err(waiting) => waiting,
         };
+        let gone = self.gone_state()?;
         let deadline =
             (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         loop {
@@ -503,7 +507,7 @@ impl Device {
                         as i32
                 }
             };
-            match sys::poll_readable(fd.as_fd(), cancel.as_fd(), left)
+            match sys::poll_readable(fd.as_fd(), [cancel.as_fd(), gone.wake_fd()], left)
                 .context(|| "waiting on an IRQ eventfd")?
             {
                 None => {

@@ -11,7 +11,6 @@ mod transport;
 
 use std::ffi::c_char;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use once_cell::sync::OnceCell;
@@ -23,7 +22,7 @@ use crate::iommu::{Iommu, IommuKind, OpenDevice};
 use crate::irq::{self, Irq};
 use crate::pci;
 use crate::region::{self, Area, PCI_CONFIG, Region};
-use crate::sys::{self, Context, vfio};
+use crate::sys::{self, Context, fault, vfio};
 use crate::text::{fill, text};
 use crate::vfio_user::Client;
 
@@ -92,8 +91,9 @@ pub struct Device {
     io: Io,
     /// Set when a BAR mapping faulted (the SIGBUS guard replaced it with all-ones) or by
     /// [`Device::retire`]: every call then fails with ENODEV. Made at the first guarded
-    /// mapping or retire (not at open, which it would cost an allocation).
-    gone: OnceCell<Arc<AtomicBool>>,
+    /// mapping, blocking wait or retire (not at open, which it would cost an allocation and
+    /// an eventfd).
+    gone: OnceCell<Arc<fault::Gone>>,
     _place: OpenDevice,
     // Dropped last: a type1 device must leave before its group and container.
     iommu: Iommu,
@@ -308,12 +308,12 @@ impl Device {
     /// was removed, reset, or its memory decode disabled) and the SIGBUS guard replaced every
     /// mapping with all-ones memory, or [`Device::retire`] was called.
     pub fn gone(&self) -> bool {
-        self.gone.get().is_some_and(|g| g.load(Ordering::Acquire))
+        self.gone.get().is_some_and(|g| g.is_set())
     }
 
-    /// The flag the SIGBUS guard sets for this device's mappings.
-    pub(crate) fn gone_flag(&self) -> &Arc<AtomicBool> {
-        self.gone.get_or_init(|| Arc::new(AtomicBool::new(false)))
+    /// What the SIGBUS guard marks for this device's mappings, and blocked waits poll.
+    pub(crate) fn gone_state(&self) -> Result<&Arc<fault::Gone>> {
+        self.gone.get_or_try_init(fault::Gone::new).context(|| "creating an eventfd")
     }
 
     /// ENODEV once the device is [`gone`](Self::gone).
@@ -339,7 +339,7 @@ impl Device {
     /// running and read 0xff..; waits end (ECANCELED); later calls fail with ENODEV. Close it
     /// then, once those threads have stopped, to release its fds and DMA mappings.
     pub fn retire(&self) -> Result<()> {
-        self.gone_flag().store(true, Ordering::Release);
+        self.gone_state()?.set();
         self.cancel_waits();
         for m in self.mappings.iter().filter_map(OnceCell::get) {
             m.retire().context(|| format!("replacing the mappings of {}", self.address))?;

@@ -4,24 +4,61 @@
 //! retries. Faults anywhere else go to the handler that was there before (or kill the process
 //! as SIGBUS does by default).
 //!
-//! The handler uses only async-signal-safe operations: atomic loads and stores and mmap.
+//! The handler uses only async-signal-safe operations: atomic loads and stores, mmap and an
+//! eventfd write.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-use super::{Errno, SysResult, check};
+use super::{Errno, SysResult, check, eventfd, eventfd_signal};
 
 /// The all-ones memory is mapped over a guarded range this many bytes at a time.
 const CHUNK: usize = 2 << 20;
 /// How many mappings can be guarded at once; more are mapped unguarded.
 const SLOTS: usize = 256;
 
+/// A device's removal state, shared by its guarded mappings' slots.
+pub(crate) struct Gone {
+    flag: AtomicBool,
+    /// Signalled (never read, so it stays readable) when a mapping faulted: blocked IRQ waits
+    /// poll it, since the handler can take no lock to wake them otherwise.
+    wake: OwnedFd,
+}
+
+impl Gone {
+    pub(crate) fn new() -> SysResult<Arc<Gone>> {
+        Ok(Arc::new(Gone { flag: AtomicBool::new(false), wake: eventfd()? }))
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Gone without a fault (the owner retired it, and ends its waits itself).
+    pub(crate) fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+    }
+
+    /// Readable once a mapping faulted.
+    pub(crate) fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    /// From the handler: a store and a write(2), both async-signal-safe.
+    fn faulted(&self) {
+        self.set();
+        // A fresh eventfd cannot overflow from one write per fault.
+        let _ = eventfd_signal(self.wake.as_fd());
+    }
+}
+
 struct Slot {
     base: AtomicUsize,
     len: AtomicUsize,
-    /// `Arc::into_raw` of the owner's gone flag while the slot is in use.
-    gone: AtomicPtr<AtomicBool>,
+    /// `Arc::into_raw` of the owner's [`Gone`] while the slot is in use.
+    gone: AtomicPtr<Gone>,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -95,10 +132,10 @@ fn map_shared(fd: i32, len: usize) -> SysResult<*mut libc::c_void> {
     if p == libc::MAP_FAILED { Err(Errno::last()) } else { Ok(p) }
 }
 
-/// Guards `[base, base+len)`: a SIGBUS inside it replaces it with all-ones and sets `gone`.
+/// Guards `[base, base+len)`: a SIGBUS inside it replaces it with all-ones and marks `gone`.
 /// Returns the slot to [`unguard`] before the range is unmapped, None when the handler is not
 /// installed or every slot is taken.
-pub(crate) fn guard(base: NonNull<u8>, len: usize, gone: &Arc<AtomicBool>) -> Option<usize> {
+pub(crate) fn guard(base: NonNull<u8>, len: usize, gone: &Arc<Gone>) -> Option<usize> {
     if !install() {
         return None;
     }
@@ -167,6 +204,15 @@ pub(crate) fn retire(slot: usize) -> SysResult<()> {
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // The interrupted code may be about to read errno, which mmap and write can change.
+    // SAFETY: this thread's errno.
+    let errno = unsafe { *libc::__errno_location() };
+    on_fault(sig, info, ctx);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() }.addr();
     for s in &GUARDED {
@@ -177,9 +223,9 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         // SAFETY: a guarded range is a live device mapping; replacing it is what we are for.
         if unsafe { fill_ones(base, s.len.load(Ordering::Acquire)) }.is_ok() {
             let gone = s.gone.load(Ordering::Acquire);
-            // SAFETY: the slot's Arc keeps the flag alive while the slot is in use.
+            // SAFETY: the slot's Arc keeps it alive while the slot is in use.
             if let Some(gone) = unsafe { gone.as_ref() } {
-                gone.store(true, Ordering::Release);
+                gone.faulted();
             }
             return; // the access retries and reads all-ones
         }
@@ -227,7 +273,7 @@ mod tests {
 
     /// A file mapping past the file's end faults with SIGBUS, as a zapped BAR does.
     #[test]
-    fn a_sigbus_in_a_guarded_mapping_becomes_all_ones_and_marks_it_gone() {
+    fn a_sigbus_in_a_guarded_mapping_becomes_all_ones_marks_it_gone_and_wakes_waiters() {
         assert!(install(), "the handler installs");
         assert!(ones_fd() >= 0);
         // SAFETY: plain syscalls on a fresh memfd of size 0.
@@ -237,7 +283,7 @@ mod tests {
         // Every access to it faults: it lies past the file's end.
         let p = map_shared(fd, len).expect("a shared mapping");
         let base = NonNull::new(p.cast::<u8>()).unwrap();
-        let gone = Arc::new(AtomicBool::new(false));
+        let gone = Gone::new().expect("an eventfd");
         let slot = guard(base, len, &gone).expect("a free slot");
         let at = p.addr() + 0x1000;
         let reader = std::thread::spawn(move || {
@@ -245,7 +291,8 @@ mod tests {
             unsafe { std::ptr::with_exposed_provenance::<u32>(at).read_volatile() }
         });
         assert_eq!(reader.join().expect("the reading thread survives"), 0xffff_ffff);
-        assert!(gone.load(Ordering::Acquire), "marked gone");
+        assert!(gone.is_set(), "marked gone");
+        assert_eq!(crate::sys::eventfd_take(gone.wake_fd()), Ok(Some(1)), "waiters woken");
         // The whole range, past the first chunk too, reads all-ones now.
         // SAFETY: inside the replaced mapping.
         let last = unsafe { base.as_ptr().add(len - 8).cast::<u64>().read_volatile() };

@@ -134,22 +134,24 @@ pub(crate) fn eventfd() -> SysResult<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Waits until `fd` or `cancel` is readable; `timeout_ms < 0` waits forever. Returns which
-/// became readable, `None` on timeout.
+/// Waits until `fd` or one of `cancel` is readable; `timeout_ms < 0` waits forever. Returns
+/// which became readable, `None` on timeout.
 pub(crate) fn poll_readable(
     fd: BorrowedFd,
-    cancel: BorrowedFd,
+    cancel: [BorrowedFd; 2],
     timeout_ms: i32,
 ) -> SysResult<Option<Readable>> {
     let pfd =
         |fd: BorrowedFd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let mut pfds = [pfd(fd), pfd(cancel)];
+    let mut pfds = [pfd(fd), pfd(cancel[0]), pfd(cancel[1])];
     loop {
-        // SAFETY: pfds is two valid pollfds.
-        match check(unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) }) {
+        // SAFETY: pfds is valid pollfds, as many as we say.
+        match check(unsafe {
+            libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms)
+        }) {
             Ok(0) => return Ok(None),
             // Cancellation first: a waiter told to stop must not take a count after it.
-            Ok(_) if pfds[1].revents != 0 => return Ok(Some(Readable::Cancel)),
+            Ok(_) if pfds[1..].iter().any(|p| p.revents != 0) => return Ok(Some(Readable::Cancel)),
             Ok(_) => return Ok(Some(Readable::Fd)),
             Err(Errno(libc::EINTR)) => continue,
             Err(e) => return Err(e),

@@ -228,23 +228,23 @@ pub fn open_map_alloc_cycles_leak_nothing() {
 /// A device whose BAR vfio-pci zaps (here: memory decode disabled through the device fd's
 /// config space, the trigger the test bed can pull from inside; a removal or reset zaps the
 /// same way) does not kill the threads busy reading it: vfiokit's SIGBUS guard maps all-ones
-/// over the BAR, they read 0xffffffff, the device is gone, calls fail with ENODEV, and closing
-/// it leaks no fd.
+/// over the BAR, they read 0xffffffff, the device is gone, a wait blocked meanwhile and later
+/// calls fail with ENODEV, and closing it leaks no fd.
 pub fn a_zapped_bar_reads_all_ones_and_the_device_is_gone() {
     use std::sync::Arc;
     use vfiokit::region::PCI_CONFIG;
     // Process-wide state first, which is not a leak: the shared context, the guard's memfd
-    // (made at the first BAR mapping), the thread stacks and malloc arenas glibc keeps. The
-    // two threads overlap, so glibc keeps an arena for each of the test's two: one after the
-    // other they would share one, and the second reader would map a new one (the flake).
+    // (made at the first BAR mapping), the thread stacks and malloc arenas glibc keeps. These
+    // threads overlap, so glibc keeps an arena for each of the test's three: one after the
+    // other they would share one, and a later thread would map a new one (the flake).
     let warm = open("EDU");
     warm.map(0).unwrap();
-    let both = Arc::new(std::sync::Barrier::new(2));
-    let t = [(); 2].map(|()| {
-        let both = both.clone();
+    let all = Arc::new(std::sync::Barrier::new(3));
+    let t = [(); 3].map(|()| {
+        let all = all.clone();
         std::thread::spawn(move || {
             drop(std::hint::black_box(vec![0u8; 64]));
-            both.wait();
+            all.wait();
         })
     });
     t.into_iter().for_each(|t| t.join().unwrap());
@@ -273,12 +273,20 @@ pub fn a_zapped_bar_reads_all_ones_and_the_device_is_gone() {
         })
     };
     let (a, b) = (spin(false), spin(true));
+    // Blocked in the wait's poll when the zap comes (the vector never fires): the guard's
+    // eventfd must end it. Bounded, so a wait left blocked fails the test with ETIMEDOUT.
+    let waiter = {
+        let d = edu.clone();
+        std::thread::spawn(move || d.irq_wait(IRQ_MSI, 0, 20_000))
+    };
     started.wait();
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let cmd: u16 = rd(&edu, PCI_CONFIG, 0x04);
     wr(&edu, PCI_CONFIG, 0x04, cmd & !0x2); // memory decode off: vfio-pci zaps the BARs
     assert_eq!(a.join().expect("the read_reg thread survives"), 0xffff_ffff);
     assert_eq!(b.join().expect("the register thread survives"), 0xffff_ffff);
     assert!(edu.gone(), "the device is gone after the fault");
+    fails(waiter.join().expect("the waiting thread returns"), libc::ENODEV, &["is gone"]);
     fails(edu.read_reg::<u16>(PCI_CONFIG, 0), libc::ENODEV, &["is gone"]);
     fails(edu.irq_wait(IRQ_MSI, 0, 0), libc::ENODEV, &["is gone"]);
     fails(edu.irq_disable(IRQ_MSI), libc::ENODEV, &["is gone"]);

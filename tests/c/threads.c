@@ -366,12 +366,17 @@ static void iommu_close_during_dma(int rounds)
 }
 
 /* A first thread that calls into the library, so what glibc keeps for later threads (the
- * joined thread's stack, a malloc arena) is in every baseline below. */
+ * joined thread's stack, a malloc arena) and the SIGBUS guard's memfd (made at the first BAR
+ * mapping, kept for the process's life) are in every baseline below. */
 static void *warm_up(void *arg)
 {
 	vfiokit_device *dev;
+	void *bar0;
 	free(malloc(64));
 	vfiokit_device_open("warm-up", NULL, &dev); /* fails: a bad name */
+	MUST(vfiokit_device_open(env("VFIOKIT_TEST_EDU"), NULL, &dev));
+	MUST(vfiokit_region_map(dev, VFIOKIT_PCI_BAR0, &bar0));
+	vfiokit_device_close(dev);
 	return arg;
 }
 

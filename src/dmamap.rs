@@ -175,6 +175,7 @@ impl DmaMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::XorShift;
 
     const PAGE: usize = 0x1000;
 
@@ -300,24 +301,10 @@ mod tests {
         assert!(m.is_empty() && m.index.layers.is_empty());
     }
 
-    /// A tiny deterministic generator for the randomized test.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn below(&mut self, n: u64) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x % n
-        }
-    }
-
     #[test]
     fn randomized_against_a_list() {
         for seed in 1..=24u64 {
-            let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut rng = XorShift::seeded(seed);
             let mut m = DmaMap::new();
             let mut list: Vec<DmaMapping> = Vec::new();
             let mut next_iova = 0x1000u64;

@@ -1,5 +1,30 @@
 //! Kernel replies captured in the test guest (Debian 6.1, QEMU 7.2 q35 + intel-iommu), trimmed
-//! to the bytes the kernel filled in. Used by the pure decoders' unit tests.
+//! to the bytes the kernel filled in. Used by the pure decoders' unit tests. And the randomized
+//! tests' generator.
+
+/// A tiny deterministic generator for the randomized tests.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// A generator for `seed` (any value: it is spread and made odd).
+    pub fn seeded(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
 
 /// VFIO_DEVICE_GET_REGION_INFO for nvme's BAR0: 16 KiB, read/write/mmap, a capability chain
 /// holding only MSIX_MAPPABLE.

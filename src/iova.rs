@@ -1,7 +1,7 @@
 //! Valid IOVA ranges (decoded from the type1 info reply) and the IOVA allocator. Pure.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound;
+use std::ops::{Bound, RangeBounds};
 
 use crate::caps;
 
@@ -102,7 +102,15 @@ impl IovaSpace {
 
     /// The recorded mappings, as (iova, length), by IOVA.
     pub fn mappings(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.used.iter().map(|(&s, &l)| (s, l))
+        self.mappings_in(..)
+    }
+
+    /// The recorded mappings starting in `starts`, as (iova, length), by IOVA.
+    pub fn mappings_in(
+        &self,
+        starts: impl RangeBounds<u64>,
+    ) -> impl DoubleEndedIterator<Item = (u64, u64)> + '_ {
+        self.used.range(starts).map(|(&s, &l)| (s, l))
     }
 
     fn fits_valid(&self, iova: u64, len: u64) -> bool {
@@ -349,7 +357,7 @@ pub(crate) fn decode_type1_ranges(reply: &[u8]) -> Result<Vec<IovaRange>, caps::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::TYPE1_INFO;
+    use crate::fixtures::{TYPE1_INFO, XorShift};
 
     fn space() -> IovaSpace {
         // Like intel-iommu: everything below 4 GiB but the MSI window, and above.
@@ -600,24 +608,6 @@ mod tests {
         assert_eq!(s.free_ranges(), [(50_001 * PAGE, (1 << 40) - 1)], "every hole refilled");
     }
 
-    /// A tiny deterministic generator for the randomized tests.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// The reference model: one flag per page of a small space.
     const PAGES: u64 = 96;
 
@@ -698,7 +688,7 @@ mod tests {
     #[test]
     fn randomized_against_a_reference_model() {
         for seed in 1..=60u64 {
-            let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut rng = XorShift::seeded(seed);
             let first = random_ranges(&mut rng);
             let mut s = IovaSpace::new(first.clone());
             let mut m = Model {

@@ -128,6 +128,14 @@ pub(crate) trait Backend: Send + Sync {
     /// context forgets the mapping and reports the failure.
     fn unmap(&self, m: &Record, retire: Hook) -> Result<()>;
 
+    /// Whether [`unmap`](Self::unmap) calls `retire` last, once nothing of the mapping is left
+    /// in the backend (the kernel let go), so that the context frees its IOVAs in the same step
+    /// instead of after the unmap returns. Not where work follows the retirement (device
+    /// servers told, memory unlocked), during which the IOVAs must stay held.
+    fn done_at_retire(&self) -> bool {
+        false
+    }
+
     /// Drops the backend's own hold on `m` without a request: a placement the ledger refused,
     /// or a mapping left when the context closes (what closing its fd does not undo).
     fn forget(&self, _m: &Record) {}

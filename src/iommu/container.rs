@@ -368,6 +368,10 @@ impl Backend for Type1 {
         all_or_none(maps, |m| self.map_vaddr(m), |m| self.unmap_vaddr(m), what)
     }
 
+    fn done_at_retire(&self) -> bool {
+        true
+    }
+
     fn open_device(
         &self,
         dev: &PciDevice,

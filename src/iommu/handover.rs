@@ -89,7 +89,7 @@ impl Iommu {
                 ),
             ));
         }
-        let maps: Vec<Record> = state.ledger.live().cloned().collect();
+        let maps = state.ledger.live_records();
         if state.ledger.all().count() != maps.len() {
             return Err(Error::new(libc::EBUSY, "a DMA map or unmap is in flight in this context"));
         }
@@ -198,7 +198,7 @@ impl Iommu {
             (Ok(taken), Ok(())) => Ok(taken),
             (Ok((iommu, _)), Err(e)) => {
                 // The sender takes its mappings back: they must be free to take.
-                let maps: Vec<Record> = iommu.state().ledger.live().cloned().collect();
+                let maps = iommu.state().ledger.live_records();
                 let _ = iommu.0.backend.release_maps(&maps);
                 Err(e)
             }
@@ -309,15 +309,17 @@ impl Iommu {
         let fd = self.0.backend.buffers_by_fd().then_some(file);
         let facts = Facts { writable: b.writable, owner: Owner::Buffer, fd, offset: b.offset };
         let mut state = self.state();
-        if let Err(why) =
-            state.ledger.reserve_at(vaddr.as_ptr() as usize, len, b.iova, facts.clone())
-        {
-            drop(state);
-            // SAFETY: mapped just above, recorded nowhere; the memory stays the sender's.
-            unsafe { mem::unmap(vaddr, len) };
-            return Err(protocol(format!("{}: {why:?}", bad())));
-        }
-        state.ledger.commit(b.iova);
+        let slot =
+            match state.ledger.reserve_at(vaddr.as_ptr() as usize, len, b.iova, facts.clone()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    drop(state);
+                    // SAFETY: mapped just above, recorded nowhere; the memory stays the sender's.
+                    unsafe { mem::unmap(vaddr, len) };
+                    return Err(protocol(format!("{}: {why:?}", bad())));
+                }
+            };
+        state.ledger.commit(slot);
         Ok(Record::new(vaddr.as_ptr() as usize, len, b.iova, facts))
     }
 }

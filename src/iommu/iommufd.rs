@@ -194,6 +194,10 @@ impl Backend for Iommufd {
         retire()
     }
 
+    fn done_at_retire(&self) -> bool {
+        true
+    }
+
     fn open_device(
         &self,
         dev: &PciDevice,

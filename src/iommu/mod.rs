@@ -32,7 +32,7 @@ use self::backend::Backend;
 use self::heap::Heap;
 pub use self::heap::HeapInfo;
 pub use self::kind::*;
-use self::ledger::{Facts, Ledger, Owner, Record, Refused};
+use self::ledger::{Facts, Ledger, Owner, Record, Refused, Slot};
 pub(crate) use self::noiommu::NOIOMMU_PARAM;
 use crate::error::{Error, Result};
 use crate::host::PciDevice;
@@ -247,7 +247,7 @@ impl Iommu {
     /// Makes the connected vfio-user server `client` (the device `name`) a device of this
     /// context: it is given every mapping the context has, and every later one.
     pub(crate) fn add_peer(&self, name: &str, client: &Arc<Client>) -> Result<()> {
-        let maps = || self.state().ledger.live().cloned().collect();
+        let maps = || self.state().ledger.live_records();
         self.0.backend.add_peer(name, client, &maps)
     }
 
@@ -283,13 +283,19 @@ impl Iommu {
     /// refused once the context was handed over.
     fn refresh_ranges(&self, state: &mut State) -> Result<()> {
         handover::check_not_handed(state)?;
-        if state.stale {
-            // Unknown yet (a type1 container before its first group): every IOVA; the early
-            // maps are checked against the kernel's ranges at attach.
-            let ranges = self.0.backend.ranges()?.unwrap_or_else(|| vec![iova::EVERY_IOVA]);
-            state.ledger.set_valid(ranges);
-            state.stale = false;
+        match state.stale {
+            true => self.read_ranges(state),
+            false => Ok(()),
         }
+    }
+
+    #[cold]
+    fn read_ranges(&self, state: &mut State) -> Result<()> {
+        // Unknown yet (a type1 container before its first group): every IOVA; the early maps
+        // are checked against the kernel's ranges at attach.
+        let ranges = self.0.backend.ranges()?.unwrap_or_else(|| vec![iova::EVERY_IOVA]);
+        state.ledger.set_valid(ranges);
+        state.stale = false;
         Ok(())
     }
 
@@ -382,8 +388,8 @@ impl Iommu {
                 )
             })
         };
-        let record = match reserved {
-            Ok(iova) => Record::new(vaddr as usize, len, iova, facts),
+        let (slot, record) = match reserved {
+            Ok((slot, iova)) => (slot, Record::new(vaddr as usize, len, iova, facts)),
             Err(e) => {
                 if let Some(phys) = placed {
                     backend.forget(&Record::new(vaddr as usize, len, phys, facts));
@@ -392,14 +398,14 @@ impl Iommu {
             }
         };
         let commit = || {
-            self.state().ledger.commit(record.iova);
+            self.state().ledger.commit(slot);
             Ok(())
         };
         // SAFETY: forwarded from the caller.
         match unsafe { backend.map(&record, &commit) } {
             Ok(()) => Ok(record.iova),
             Err(e) => {
-                self.state().ledger.remove(record.iova);
+                self.state().ledger.remove(slot);
                 Err(e)
             }
         }
@@ -412,9 +418,7 @@ impl Iommu {
     /// the kernel's for the same range on this kind.
     pub fn unmap(&self, iova: u64, len: usize) -> Result<u64> {
         let kind = self.kind();
-        let refuse = |errno, why: String| {
-            Err(Error::new(errno, format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}: {why}")))
-        };
+        let refuse = |errno, why: String| Err(unmap_refused(errno, iova, len, why));
         let page = sys::page_size() as u64;
         let Some(last) = iova.checked_add((len as u64).wrapping_sub(1)).filter(|_| len > 0) else {
             return match len {
@@ -434,15 +438,15 @@ impl Iommu {
             .state()
             .ledger
             .live_at(iova, len)
-            .filter(|m| m.facts.owner == Owner::Caller)
-            .cloned();
-        if let Some(m) = exact {
-            return self.unmap_record(&m).map(|()| len as u64);
+            .filter(|(_, m)| m.facts.owner == Owner::Caller)
+            .map(|(slot, m)| (slot, m.clone()));
+        if let Some((slot, m)) = exact {
+            return self.unmap_record(slot, &m).map(|()| len as u64);
         }
         let (first, more) = {
             let state = self.state();
             let (mut first, mut more) = (None, Vec::new());
-            for m in state.ledger.overlapping(iova, last) {
+            for (slot, m) in state.ledger.overlapping(iova, last) {
                 if m.iova < iova || m.iova + (m.len as u64 - 1) > last {
                     return refuse(
                         if kind.is_iommufd() { libc::ENOENT } else { libc::EINVAL },
@@ -475,8 +479,8 @@ impl Iommu {
                     }
                 }
                 match first {
-                    None => first = Some(m.clone()),
-                    Some(_) => more.push(m.clone()),
+                    None => first = Some((slot, m.clone())),
+                    Some(_) => more.push((slot, m.clone())),
                 }
             }
             (first, more)
@@ -490,43 +494,45 @@ impl Iommu {
     /// Removes every DMA mapping made by [`Iommu::map`] and [`Iommu::map_any`] (DMA buffers
     /// stay mapped until freed) and returns how many bytes that unmapped.
     pub fn unmap_all(&self) -> Result<u64> {
-        let maps: Vec<Record> = {
+        let maps: Vec<(Slot, Record)> = {
             let state = self.state();
-            state.ledger.live().filter(|m| m.facts.owner == Owner::Caller).cloned().collect()
+            let caller = state.ledger.live().filter(|(_, m)| m.facts.owner == Owner::Caller);
+            caller.map(|(slot, m)| (slot, m.clone())).collect()
         };
         self.unmap_each(maps)
     }
 
-    fn unmap_each(&self, maps: impl IntoIterator<Item = Record>) -> Result<u64> {
-        maps.into_iter().try_fold(0, |done, m| {
+    fn unmap_each(&self, maps: impl IntoIterator<Item = (Slot, Record)>) -> Result<u64> {
+        maps.into_iter().try_fold(0, |done, (slot, m)| {
             let len = m.len as u64;
-            self.unmap_record(&m).map(|()| done + len)
+            self.unmap_record(slot, &m).map(|()| done + len)
         })
     }
 
-    /// [`unmap_record`](Self::unmap_record) of the Live mapping at exactly `[iova, iova+len)`.
-    fn unmap_mapping(&self, iova: u64, len: usize) -> Result<()> {
-        let record = self.state().ledger.live_at(iova, len).cloned();
-        self.unmap_record(&record.ok_or_else(|| unmapped_already(iova, len))?)
-    }
-
-    /// Has the backend let go of the Live mapping `record`, then frees its IOVAs: only now may
-    /// the allocator hand them out again (released earlier, another thread could map them
-    /// while the backend still has the old mapping: EEXIST).
-    fn unmap_record(&self, record: &Record) -> Result<()> {
+    /// Has the backend let go of the Live mapping `record` (in `slot`), then frees its IOVAs:
+    /// only now may the allocator hand them out again (released earlier, another thread could
+    /// map them while the backend still has the old mapping: EEXIST).
+    fn unmap_record(&self, slot: Slot, record: &Record) -> Result<()> {
         let (iova, len) = (record.iova, record.len);
+        // Where the backend is done with the mapping once it retires it, its IOVAs are freed
+        // in the same step.
+        let done = self.0.backend.done_at_retire();
         let retired = Cell::new(false);
         let retire = || {
-            if !self.state().ledger.retire(iova, len) {
+            let mut state = self.state();
+            if !state.ledger.retire(slot, iova, len) {
                 return Err(unmapped_already(iova, len));
+            }
+            if done {
+                state.ledger.remove(slot);
             }
             retired.set(true);
             Ok(())
         };
         // Not under the lock: the kernel's unmap can be slow, and other DMA calls go on.
         let unmapped = self.0.backend.unmap(record, &retire);
-        if retired.get() {
-            self.state().ledger.remove(iova);
+        if retired.get() && !done {
+            self.state().ledger.remove(slot);
         }
         unmapped
     }
@@ -587,10 +593,10 @@ impl Iommu {
         let (buffer, poison) = {
             let state = self.state();
             handover::check_not_handed(&state)?;
-            let buffer = state.ledger.buffer_at(vaddr as usize).cloned();
+            let buffer = state.ledger.buffer_at(vaddr as usize).map(|(slot, r)| (slot, r.clone()));
             (buffer, state.guard)
         };
-        let Some(buffer) = buffer else {
+        let Some((slot, buffer)) = buffer else {
             return Err(Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context")));
         };
         let addr = NonNull::new(vaddr).expect("buffers are non-null");
@@ -599,7 +605,7 @@ impl Iommu {
             // SAFETY: our buffer, which the caller gives up by freeing it.
             unsafe { std::ptr::write_bytes(addr.as_ptr(), 0x6b, buffer.len) };
         }
-        self.unmap_mapping(buffer.iova, buffer.len)?;
+        self.unmap_record(slot, &buffer)?;
         // SAFETY: the buffer came from alloc and is no longer recorded or DMA-mapped.
         unsafe { self.0.pools.free(addr, buffer.len) };
         Ok(())
@@ -646,9 +652,15 @@ impl Iommu {
     }
 
     fn heap(&self) -> Result<&Arc<Heap>> {
-        if let Some(heap) = self.0.heap.get() {
-            return Ok(heap);
+        match self.0.heap.get() {
+            Some(heap) => Ok(heap),
+            None => self.new_heap(),
         }
+    }
+
+    /// Makes the heap, at its first allocation.
+    #[cold]
+    fn new_heap(&self) -> Result<&Arc<Heap>> {
         let heap = Arc::new(Heap::new(self.state().guard)?);
         Ok(self.0.heap.get_or_init(|| heap))
     }
@@ -656,12 +668,14 @@ impl Iommu {
     /// A zeroed object of `size` bytes (1 byte to 2 MiB) aligned to `align` (a power of two up
     /// to 2 MiB) from the context's DMA heap, and its IOVA: for the small objects a driver
     /// allocates by the thousand. See heap.rs for the arenas, classes and thread caches.
+    #[inline]
     pub fn heap_alloc(&self, size: usize, align: usize) -> Result<(NonNull<u8>, u64)> {
         self.heap()?.alloc(self, size, align)
     }
 
     /// Frees an object from [`heap_alloc`](Self::heap_alloc). In guard mode its memory is
     /// poisoned (0x6b) first.
+    #[inline]
     pub fn heap_free(&self, vaddr: *mut u8) -> Result<()> {
         match self.0.heap.get() {
             Some(heap) => heap.free(vaddr),
@@ -679,20 +693,26 @@ impl Iommu {
     /// Unmaps the mappings of memory the context owns in `[vaddr, vaddr+len)` (a heap arena
     /// whose pages were mapped one by one, when one of them failed).
     fn unmap_owned_range(&self, vaddr: usize, len: usize) {
-        let maps: Vec<(u64, usize)> = {
+        let maps: Vec<(Slot, Record)> = {
             let state = self.state();
-            let owned = state.ledger.live().filter(|m| {
+            let owned = state.ledger.live().filter(|(_, m)| {
                 m.facts.owner != Owner::Caller && m.vaddr >= vaddr && m.vaddr < vaddr + len
             });
-            owned.map(|m| (m.iova, m.len)).collect()
+            owned.map(|(slot, m)| (slot, m.clone())).collect()
         };
-        for (iova, len) in maps {
-            let _ = self.unmap_mapping(iova, len);
+        for (slot, m) in maps {
+            let _ = self.unmap_record(slot, &m);
         }
     }
 }
 
+#[cold]
+fn unmap_refused(errno: i32, iova: u64, len: usize, why: String) -> Error {
+    Error::new(errno, format!("DMA unmap of {len:#x} bytes at IOVA {iova:#x}: {why}"))
+}
+
 /// An unmap of a mapping that another unmap took first.
+#[cold]
 fn unmapped_already(iova: u64, len: usize) -> Error {
     Error::new(libc::ENOENT, format!("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}"))
 }
@@ -706,22 +726,34 @@ fn reserve(
     at: At,
     guard: bool,
     facts: &Facts,
-) -> Result<u64> {
+) -> Result<(Slot, u64)> {
     match at {
         At::Iova(iova) => match ledger.reserve_at(vaddr, len, iova, facts.clone()) {
-            Ok(()) => Ok(iova),
-            Err(Refused::Overlaps(why)) => Err(Error::new(libc::EEXIST, format!("DMA map: {why}"))),
-            Err(Refused::Invalid(why)) => Err(Error::new(libc::EINVAL, format!("DMA map: {why}"))),
+            Ok(slot) => Ok((slot, iova)),
+            Err(refused) => Err(refusal(refused)),
         },
-        At::Any(align) => {
-            ledger.reserve_any(vaddr, len, align, guard, facts.clone()).ok_or_else(|| {
-                Error::new(
-                    libc::ENOSPC,
-                    format!("no free IOVA range of {len:#x} bytes in {}", ledger.describe()),
-                )
-            })
-        }
+        At::Any(align) => match ledger.reserve_any(vaddr, len, align, guard, facts.clone()) {
+            Some(slot) => Ok((slot, ledger.get(slot).iova)),
+            None => Err(no_space(ledger, len)),
+        },
     }
+}
+
+/// A reservation at a chosen IOVA refused, with the kernel's errno for it.
+#[cold]
+fn refusal(refused: Refused) -> Error {
+    match refused {
+        Refused::Overlaps(why) => Error::new(libc::EEXIST, format!("DMA map: {why}")),
+        Refused::Invalid(why) => Error::new(libc::EINVAL, format!("DMA map: {why}")),
+    }
+}
+
+#[cold]
+fn no_space(ledger: &Ledger, len: usize) -> Error {
+    Error::new(
+        libc::ENOSPC,
+        format!("no free IOVA range of {len:#x} bytes in {}", ledger.describe()),
+    )
 }
 
 /// Serves a vfio-user server's DMA request from the context's mappings: the range must lie in
@@ -766,19 +798,29 @@ fn dma_alignment(len: usize) -> u64 {
 fn check_flags(flags: u32) -> Result<()> {
     match flags & !DMA_FLAGS {
         0 => Ok(()),
-        unknown => Err(Error::invalid(format!("unknown DMA flags {unknown:#x}"))),
+        unknown => Err(unknown_flags(unknown)),
     }
+}
+
+#[cold]
+fn unknown_flags(unknown: u32) -> Error {
+    Error::invalid(format!("unknown DMA flags {unknown:#x}"))
 }
 
 /// Whether a map with `flags` is writable by the device; hugepage flags are for `alloc` only.
 fn map_permission(flags: u32) -> Result<bool> {
     check_flags(flags)?;
     if flags & (DMA_HUGE_2M | DMA_HUGE_1G | DMA_SHAREABLE) != 0 {
-        return Err(Error::invalid(
-            "DMA_HUGE_2M/DMA_HUGE_1G/DMA_SHAREABLE apply to allocations: a map uses the memory it is given",
-        ));
+        return Err(huge_map());
     }
     Ok(flags & DMA_READONLY == 0)
+}
+
+#[cold]
+fn huge_map() -> Error {
+    Error::invalid(
+        "DMA_HUGE_2M/DMA_HUGE_1G/DMA_SHAREABLE apply to allocations: a map uses the memory it is given",
+    )
 }
 
 /// Why a DMA buffer's memory could not be had, with the hugetlb knob to turn where it applies.
@@ -811,19 +853,28 @@ fn alloc_error(e: i32, len: usize, huge_shift: u32) -> Error {
 }
 
 fn check_dma_args(vaddr: *mut u8, len: usize, iova: Option<u64>) -> Result<()> {
+    // A power of two.
+    let page = sys::page_size() as u64;
+    let aligned = (vaddr as u64 | len as u64 | iova.unwrap_or(0)) & (page - 1) == 0;
+    match len != 0 && !vaddr.is_null() && aligned {
+        true => Ok(()),
+        false => Err(dma_args_error(vaddr, len, iova)),
+    }
+}
+
+/// Why [`check_dma_args`] refused its arguments.
+#[cold]
+fn dma_args_error(vaddr: *mut u8, len: usize, iova: Option<u64>) -> Error {
     let page = sys::page_size();
     // The kernel's errnos: a zero length is invalid, a null address memory it cannot pin.
     if len == 0 {
-        return Err(Error::invalid("DMA map of a zero length"));
+        return Error::invalid("DMA map of a zero length");
     }
     if vaddr.is_null() {
-        return Err(Error::new(libc::EFAULT, "DMA map of a null address"));
+        return Error::new(libc::EFAULT, "DMA map of a null address");
     }
-    if vaddr as usize % page != 0 || len % page != 0 || iova.is_some_and(|i| i % page as u64 != 0) {
-        return Err(Error::invalid(format!(
-            "DMA map of {vaddr:p}+{len:#x}{}: address, length and IOVA must be multiples of the {page}-byte page",
-            iova.map(|i| format!(" at IOVA {i:#x}")).unwrap_or_default()
-        )));
-    }
-    Ok(())
+    Error::invalid(format!(
+        "DMA map of {vaddr:p}+{len:#x}{}: address, length and IOVA must be multiples of the {page}-byte page",
+        iova.map(|i| format!(" at IOVA {i:#x}")).unwrap_or_default()
+    ))
 }

@@ -41,8 +41,9 @@ const CLASSES: [usize; 31] = [
     16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
     1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 8192, 16384, 32768,
 ];
-/// The most objects a span holds (of the smallest class): the bits per span in an arena's map.
-const SPAN_OBJECTS: usize = SPAN / CLASSES[0];
+/// Every object starts at a multiple of this (the smallest class): an arena's map of allocated
+/// objects has one byte per grain.
+const GRAIN: usize = CLASSES[0];
 /// How many free objects a thread takes from the central list at once, and twice that its
 /// cache holds of a class before it gives half back.
 const BATCH: usize = 32;
@@ -58,7 +59,10 @@ const SPAN_TAIL: u8 = 255;
 /// objects are aligned enough (a class's objects are aligned to its largest power-of-two
 /// divisor). None: a large object.
 fn class_of(size: usize, align: usize) -> Option<usize> {
-    CLASSES.iter().position(|&c| c >= size && c & c.wrapping_neg() >= align)
+    // The classes step by 16 bytes up to 128: the first that holds `size` is found directly.
+    let first = if size <= 128 { size.saturating_sub(1) / 16 } else { 8 };
+    let fits = |&c: &usize| c >= size && c & c.wrapping_neg() >= align;
+    CLASSES[first..].iter().position(fits).map(|i| first + i)
 }
 
 /// Per class: how many objects a span holds, how many of them a page (0 for classes over a
@@ -131,11 +135,11 @@ fn free_run(free: u32, n: usize, step: usize) -> Option<usize> {
     (0..=SPANS - n).step_by(step).find(|&at| (free >> at) & run == run)
 }
 
-/// `n` zeroed atomic bytes, from calloc (fresh zero pages: no loop writing them).
-fn zeroed_bytes(n: usize) -> Box<[AtomicU8]> {
-    let bytes = vec![0u8; n].into_boxed_slice();
-    // SAFETY: AtomicU8 has the size, alignment and bit validity of u8.
-    unsafe { Box::from_raw(Box::into_raw(bytes) as *mut [AtomicU8]) }
+/// `N` zeroed atomic bytes, from calloc (fresh zero pages: no loop writing them).
+fn zeroed_bytes<const N: usize>() -> Box<[AtomicU8; N]> {
+    let bytes = vec![0u8; N].into_boxed_slice();
+    // SAFETY: AtomicU8 has the size, alignment and bit validity of u8, and there are N of them.
+    unsafe { Box::from_raw(Box::into_raw(bytes) as *mut [AtomicU8; N]) }
 }
 
 /// What a context's DMA heap holds (`Iommu::heap_info`, `vfiokit_dma_heap_info`): 48 bytes.
@@ -164,10 +168,11 @@ struct Arena {
     iovas: Box<[u64]>,
     /// Each span's use: [`SPAN_FREE`], a class + 1, or a large object's.
     spans: [AtomicU8; SPANS],
-    /// One byte per object slot of each span: allocated. Plain loads and stores, no
-    /// read-modify-write on the hot paths: a byte is written only by the thread that owns the
-    /// object (the allocator handing it out, then its one rightful free).
-    allocated: Box<[AtomicU8]>,
+    /// One byte per grain of the arena: an allocated object starts there. Indexed by the offset
+    /// alone (no division by the class's size); plain loads and stores, no read-modify-write on
+    /// the hot paths: a byte is written only by the thread that owns the object (the allocator
+    /// handing it out, then its one rightful free).
+    allocated: Box<[AtomicU8; ARENA / GRAIN]>,
 }
 
 impl Arena {
@@ -178,9 +183,10 @@ impl Arena {
         }
     }
 
-    /// Marks an object allocated (`on`) or free; false when it already was so (a double free).
-    fn mark(&self, span: usize, object: usize, on: bool) -> bool {
-        let slot = &self.allocated[span * SPAN_OBJECTS + object];
+    /// Marks the object at `offset` (below an arena) allocated (`on`) or free; false when it
+    /// already was so (a double free, or no object starts there).
+    fn mark(&self, offset: usize, on: bool) -> bool {
+        let slot = &self.allocated[offset % ARENA / GRAIN];
         if (slot.load(Ordering::Acquire) != 0) == on {
             return false;
         }
@@ -235,9 +241,23 @@ impl Drop for Heap {
 
 /// A thread's free objects of one heap, by class.
 struct Cache {
+    /// 0: no heap's (ids start at 1).
     id: u64,
     heap: Weak<Heap>,
-    bins: Vec<Vec<usize>>,
+    bins: [Vec<usize>; CLASSES.len()],
+}
+
+const NO_OBJECTS: [Vec<usize>; CLASSES.len()] = [const { Vec::new() }; CLASSES.len()];
+
+impl Cache {
+    const NONE: Cache = Cache { id: 0, heap: Weak::new(), bins: NO_OBJECTS };
+}
+
+/// A thread's caches: the one of the heap it used last, in place (found with one comparison),
+/// and the others.
+struct Caches {
+    current: Cache,
+    others: Vec<Cache>,
 }
 
 impl Drop for Cache {
@@ -253,7 +273,8 @@ impl Drop for Cache {
 }
 
 thread_local! {
-    static CACHES: RefCell<Vec<Cache>> = const { RefCell::new(Vec::new()) };
+    static CACHES: RefCell<Caches> =
+        const { RefCell::new(Caches { current: Cache::NONE, others: Vec::new() }) };
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -309,36 +330,39 @@ impl Heap {
         align: usize,
     ) -> Result<(NonNull<u8>, u64)> {
         if size == 0 || size > ARENA || !align.is_power_of_two() || align > ARENA {
-            return Err(Error::invalid(format!(
-                "DMA heap object of {size} bytes aligned to {align}: expected 1 byte to 2 MiB, aligned to a \
-                 power of two up to 2 MiB"
-            )));
+            return Err(bad_request(size, align));
         }
-        let (addr, arena, offset) = match class_of(size, align) {
-            Some(class) => self.alloc_small(iommu, class)?,
-            None => {
-                let addr = self.alloc_large(iommu, size, align)?;
-                let (arena, _, offset) = self.locate(addr).expect("carved from an arena");
-                (addr, arena, offset)
-            }
+        let addr = match class_of(size, align) {
+            // The usual request: an object of this thread's cache, with no lock.
+            Some(class) => match self.cached(class) {
+                Some(addr) => addr,
+                None => self.alloc_refilled(iommu, class)?,
+            },
+            None => self.alloc_large(iommu, size, align)?,
         };
+        let (arena, _, offset) = self.locate(addr).expect("carved from an arena");
+        let fresh = arena.mark(offset, true);
+        debug_assert!(fresh, "a free object is not allocated");
         // SAFETY: a free object of at least `size` bytes, now the caller's.
         unsafe { std::ptr::write_bytes(addr as *mut u8, 0, size) };
         Ok((NonNull::new(addr as *mut u8).expect("arenas are not at 0"), arena.iova(offset)))
     }
 
-    /// A small object: its address, arena and offset there.
-    fn alloc_small(
-        self: &Arc<Self>,
-        iommu: &Iommu,
-        class: usize,
-    ) -> Result<(usize, &Arena, usize)> {
+    /// An object of `class` from this thread's cache, if it has one.
+    #[inline]
+    fn cached(self: &Arc<Self>, class: usize) -> Option<usize> {
+        let taken =
+            CACHES.try_with(|caches| self.cache(&mut caches.borrow_mut()).bins[class].pop());
+        taken.ok().flatten()
+    }
+
+    /// An object of `class` when this thread's cache has none: a batch comes from the central
+    /// list (a span is carved into it if it is empty).
+    #[inline(never)]
+    fn alloc_refilled(self: &Arc<Self>, iommu: &Iommu, class: usize) -> Result<usize> {
         let cached = CACHES.try_with(|caches| {
             let mut caches = caches.borrow_mut();
             let cache = self.cache(&mut caches);
-            if let Some(addr) = cache.bins[class].pop() {
-                return Ok(addr);
-            }
             let mut central = lock(&self.central);
             self.refill(iommu, &mut central, class)?;
             let take = central.free[class].len().min(BATCH);
@@ -346,34 +370,41 @@ impl Heap {
             cache.bins[class].extend(central.free[class].drain(from..));
             Ok(cache.bins[class].pop().expect("refilled"))
         });
-        let addr = match cached {
-            Ok(taken) => taken?,
+        match cached {
+            Ok(taken) => taken,
             // The thread is ending: straight from the central list.
             Err(_) => {
                 let mut central = lock(&self.central);
                 self.refill(iommu, &mut central, class)?;
-                central.free[class].pop().expect("refilled")
+                Ok(central.free[class].pop().expect("refilled"))
             }
-        };
-        let (arena, _, offset) = self.locate(addr).expect("carved from an arena");
-        let object = object_at(class, offset % SPAN).expect("a slot of its class");
-        let fresh = arena.mark(offset / SPAN, object, true);
-        debug_assert!(fresh, "a free object is not allocated");
-        Ok((addr, arena, offset))
+        }
     }
 
-    /// This thread's cache of this heap (caches of closed heaps are dropped on the way).
-    fn cache<'a>(self: &Arc<Self>, caches: &'a mut Vec<Cache>) -> &'a mut Cache {
-        let i = match caches.iter().position(|c| c.id == self.id) {
-            Some(i) => i,
+    /// This thread's cache of this heap.
+    #[inline]
+    fn cache<'a>(self: &Arc<Self>, caches: &'a mut Caches) -> &'a mut Cache {
+        if caches.current.id != self.id {
+            self.switch_cache(caches);
+        }
+        &mut caches.current
+    }
+
+    /// Makes this heap's cache the thread's current one, made where the thread has none (and
+    /// caches of closed heaps are dropped on the way).
+    #[cold]
+    fn switch_cache(self: &Arc<Self>, caches: &mut Caches) {
+        let mine = match caches.others.iter().position(|c| c.id == self.id) {
+            Some(i) => caches.others.swap_remove(i),
             None => {
-                caches.retain(|c| c.heap.strong_count() > 0);
-                let bins = vec![Vec::new(); CLASSES.len()];
-                caches.push(Cache { id: self.id, heap: Arc::downgrade(self), bins });
-                caches.len() - 1
+                caches.others.retain(|c| c.heap.strong_count() > 0);
+                Cache { id: self.id, heap: Arc::downgrade(self), bins: NO_OBJECTS }
             }
         };
-        &mut caches[i]
+        let last = std::mem::replace(&mut caches.current, mine);
+        if last.id != 0 {
+            caches.others.push(last);
+        }
     }
 
     /// Makes sure the central list of `class` has an object: carves a free span into it.
@@ -487,17 +518,15 @@ impl Heap {
                 ));
             }
         };
-        let arena = Arena {
-            iovas: iovas.into(),
-            spans: Default::default(),
-            allocated: zeroed_bytes(SPANS * SPAN_OBJECTS),
-        };
+        let arena =
+            Arena { iovas: iovas.into(), spans: Default::default(), allocated: zeroed_bytes() };
         self.arenas[i].store(Box::into_raw(Box::new(arena)), Ordering::Release);
         central.free_spans.push(u32::MAX);
         central.huge_arenas += huge as u32;
         Ok(i)
     }
 
+    #[inline(never)]
     fn alloc_large(&self, iommu: &Iommu, size: usize, align: usize) -> Result<usize> {
         let (n, step) = large_spans(size, align).expect("checked by alloc");
         let mut central = lock(&self.central);
@@ -507,7 +536,6 @@ impl Heap {
             arena.spans[s].store(SPAN_TAIL, Ordering::Release);
         }
         arena.spans[span].store(SPAN_LARGE + n as u8, Ordering::Release);
-        arena.mark(span, 0, true);
         Ok(self.base + i * ARENA + span * SPAN)
     }
 
@@ -515,52 +543,54 @@ impl Heap {
     /// at the start of a live object of this heap, or one freed already).
     pub fn free(self: &Arc<Self>, vaddr: *mut u8) -> Result<()> {
         let addr = vaddr as usize;
-        let refuse =
-            || Error::invalid(format!("{vaddr:p} is not an object of this context's DMA heap"));
-        let (arena, i, offset) = self.locate(addr).ok_or_else(refuse)?;
+        let Some((arena, i, offset)) = self.locate(addr) else { return Err(not_an_object(vaddr)) };
+        // Set only where a live object starts: the one check a rightful free needs.
+        if !arena.mark(offset, false) {
+            return Err(refused(vaddr, arena, offset));
+        }
         let span = offset / SPAN;
-        let (class, object, size) = match arena.spans[span].load(Ordering::Acquire) {
-            SPAN_FREE | SPAN_TAIL => return Err(refuse()),
+        let class = match arena.spans[span].load(Ordering::Acquire) {
             c if c >= SPAN_LARGE => {
-                (offset % SPAN == 0).then_some(()).ok_or_else(refuse)?;
-                (None, 0, usize::from(c - SPAN_LARGE) * SPAN)
+                self.free_large(arena, i, span, usize::from(c - SPAN_LARGE));
+                return Ok(());
             }
-            c => {
-                let class = usize::from(c - 1);
-                (Some(class), object_at(class, offset % SPAN).ok_or_else(refuse)?, CLASSES[class])
-            }
+            c => usize::from(c - 1),
         };
-        if !arena.mark(span, object, false) {
-            return Err(Error::invalid(format!(
-                "{vaddr:p} is not allocated in this context's DMA heap (freed already?)"
-            )));
-        }
         if self.poison.load(Ordering::Relaxed) {
-            // SAFETY: the object is the heap's again; nothing else uses it.
-            unsafe { std::ptr::write_bytes(vaddr, 0x6b, size) };
+            poison(addr, CLASSES[class]);
         }
-        let Some(class) = class else {
-            let mut central = lock(&self.central);
-            for s in span..span + size / SPAN {
-                arena.spans[s].store(SPAN_FREE, Ordering::Release);
-            }
-            central.free_spans[i] |=
-                if size == ARENA { u32::MAX } else { ((1u32 << (size / SPAN)) - 1) << span };
-            return Ok(());
-        };
         let cached = CACHES.try_with(|caches| {
             let mut caches = caches.borrow_mut();
             let bin = &mut self.cache(&mut caches).bins[class];
             bin.push(addr);
             if bin.len() > 2 * BATCH {
-                let spill = bin.len() - BATCH;
-                lock(&self.central).free[class].extend(bin.drain(spill..));
+                self.spill(bin, class);
             }
         });
         if cached.is_err() {
             lock(&self.central).free[class].push(addr);
         }
         Ok(())
+    }
+
+    /// Frees the large object of `n` spans from `span` of arena `i`.
+    #[inline(never)]
+    fn free_large(&self, arena: &Arena, i: usize, span: usize, n: usize) {
+        if self.poison.load(Ordering::Relaxed) {
+            poison(self.base + i * ARENA + span * SPAN, n * SPAN);
+        }
+        let mut central = lock(&self.central);
+        for s in span..span + n {
+            arena.spans[s].store(SPAN_FREE, Ordering::Release);
+        }
+        central.free_spans[i] |= if n == SPANS { u32::MAX } else { ((1u32 << n) - 1) << span };
+    }
+
+    /// Gives half of a full cache bin of `class` back to the central list.
+    #[cold]
+    fn spill(&self, bin: &mut Vec<usize>, class: usize) {
+        let spill = bin.len() - BATCH;
+        lock(&self.central).free[class].extend(bin.drain(spill..));
     }
 
     pub fn info(&self) -> HeapInfo {
@@ -574,6 +604,43 @@ impl Heap {
             used: used * SPAN as u64,
             reserved: [0; 3],
         }
+    }
+}
+
+/// Poisons a freed object (guard mode).
+#[cold]
+fn poison(addr: usize, size: usize) {
+    // SAFETY: the object is the heap's again; nothing else uses it.
+    unsafe { std::ptr::write_bytes(addr as *mut u8, 0x6b, size) };
+}
+
+#[cold]
+fn bad_request(size: usize, align: usize) -> Error {
+    Error::invalid(format!(
+        "DMA heap object of {size} bytes aligned to {align}: expected 1 byte to 2 MiB, aligned to a \
+         power of two up to 2 MiB"
+    ))
+}
+
+#[cold]
+fn not_an_object(vaddr: *mut u8) -> Error {
+    Error::invalid(format!("{vaddr:p} is not an object of this context's DMA heap"))
+}
+
+/// Why a free of `vaddr`, at `offset` in `arena`, where no live object starts, is refused.
+#[cold]
+fn refused(vaddr: *mut u8, arena: &Arena, offset: usize) -> Error {
+    let at = offset % SPAN;
+    let object_starts = match arena.spans[offset / SPAN].load(Ordering::Acquire) {
+        SPAN_FREE | SPAN_TAIL => false,
+        c if c >= SPAN_LARGE => at == 0,
+        c => object_at(usize::from(c - 1), at).is_some(),
+    };
+    match object_starts {
+        true => Error::invalid(format!(
+            "{vaddr:p} is not allocated in this context's DMA heap (freed already?)"
+        )),
+        false => not_an_object(vaddr),
     }
 }
 
@@ -594,6 +661,14 @@ mod tests {
         for (c, &size) in CLASSES.iter().enumerate() {
             assert_eq!(class_of(size, 1), Some(c));
             assert!(size % 16 == 0);
+        }
+        // The first class that fits, found directly for small sizes, is the first of all.
+        for size in 1..=CLASSES[CLASSES.len() - 1] + 1 {
+            for align in [1, 2, 16, 32, 64, 128, 4096, 8192, 65536] {
+                let first =
+                    CLASSES.iter().position(|&c| c >= size && c & c.wrapping_neg() >= align);
+                assert_eq!(class_of(size, align), first, "{size} bytes aligned to {align}");
+            }
         }
     }
 
@@ -616,10 +691,11 @@ mod tests {
                 }
                 let align = size & size.wrapping_neg();
                 assert_eq!(at % align, 0, "class {size}: object {i} misaligned");
+                assert_eq!(at % GRAIN, 0, "class {size}: object {i} has its own allocated byte");
                 assert_eq!(object_at(class, at), Some(i), "class {size}: object {i} found back");
                 last_end = at + size;
             }
-            assert!(count <= SPAN_OBJECTS);
+            assert!(count <= SPAN / GRAIN);
         }
     }
 

@@ -493,7 +493,7 @@ impl Heap {
             ),
         };
         let facts = Facts { writable: true, owner: Owner::Heap, fd, offset: 0 };
-        let mapped = match huge || !iommu.0.backend.places_physically() {
+        let mapped = match huge || !iommu.0.places {
             // SAFETY: the arena's memory lives until the heap drops, after the context's
             // mappings are gone; it is never behind a Rust reference.
             true => unsafe { iommu.map_at(at.as_ptr(), ARENA, At::Any(ARENA as u64), facts) }

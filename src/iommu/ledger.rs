@@ -339,6 +339,10 @@ impl Ledger {
         let r = &mut self.slots[slot.0 as usize];
         match r.layer.take() {
             Some(layer) => self.index.remove(r.vaddr, layer),
+            // Most often the last one committed.
+            None if self.unindexed.last() == Some(&slot) => {
+                self.unindexed.pop();
+            }
             None => {
                 let at = self.unindexed.iter().rposition(|&s| s == slot);
                 self.unindexed.remove(at.expect("a Live record is indexed or waits to be"));

@@ -86,6 +86,10 @@ impl Drop for OpenDevice {
 /// What an [`Iommu`] shares.
 pub(crate) struct DmaContext {
     backend: Box<dyn Backend>,
+    /// The backend's kind, and whether it places memory itself (see [`Backend::place`]): asked
+    /// once, not at every map and unmap.
+    kind: IommuKind,
+    places: bool,
     state: Mutex<State>,
     /// Made at the first heap allocation; dropped after the backend, which unmaps its arenas.
     heap: OnceLock<Arc<Heap>>,
@@ -166,8 +170,9 @@ impl Iommu {
         }
         let state = State { ledger, stale, guard, devices: BTreeSet::new(), handed: None };
         let state = Mutex::new(state);
-        let pools = pool::Pools::default();
-        Iommu(Arc::new(DmaContext { backend, state, heap: OnceLock::new(), pools }))
+        let (kind, places) = (backend.kind(), backend.places_physically());
+        let (heap, pools) = (OnceLock::new(), pool::Pools::default());
+        Iommu(Arc::new(DmaContext { backend, kind, places, state, heap, pools }))
     }
 
     /// Opens a new context of the kind [`IommuKind::auto`] picks: iommufd where the kernel
@@ -189,7 +194,7 @@ impl Iommu {
     }
 
     pub fn kind(&self) -> IommuKind {
-        self.0.backend.kind()
+        self.0.kind
     }
 
     /// The context's fd (the container, or /dev/iommu), for ioctls vfiokit does not wrap.
@@ -371,8 +376,8 @@ impl Iommu {
         // Where the backend places memory itself (no IOMMU), it does so first: at the memory's
         // physical address, which the ledger then holds.
         let placed = match at {
-            At::Any(_) => backend.place(vaddr, len, facts.writable).transpose()?,
-            At::Iova(_) => None,
+            At::Any(_) if self.0.places => backend.place(vaddr, len, facts.writable).transpose()?,
+            _ => None,
         };
         let reserved = {
             let mut state = self.state();
@@ -427,7 +432,7 @@ impl Iommu {
             };
         };
         // iommufd takes any byte range and answers from the mappings in it; type1 wants pages.
-        if !kind.is_iommufd() && (iova | len as u64) % page != 0 {
+        if !kind.is_iommufd() && (iova | len as u64) & (page - 1) != 0 {
             return refuse(
                 libc::EINVAL,
                 format!("IOVA and length must be multiples of the {page}-byte page"),

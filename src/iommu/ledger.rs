@@ -233,7 +233,7 @@ impl Ledger {
     }
 
     /// Takes the spare at `at` in the list back for `len` bytes at `vaddr`.
-    #[inline]
+    #[inline(always)]
     fn take_spare(&mut self, at: usize, vaddr: usize, len: usize, facts: Facts) -> Slot {
         let slot = self.spares.swap_remove(at).slot;
         let r = self.get_mut(slot);
@@ -315,7 +315,7 @@ impl Ledger {
 
     /// The backend took the reserved mapping in `slot`: from now on it translates and serves
     /// DMA. A mapping already Live stays so.
-    #[inline]
+    #[inline(always)]
     pub fn commit(&mut self, slot: Slot) {
         let r = self.get_mut(slot);
         if r.phase != Phase::Reserved {
@@ -335,6 +335,7 @@ impl Ledger {
     }
 
     /// Takes the Live record in `slot` out of the address index (or the records waiting for it).
+    #[inline(always)]
     fn unindex(&mut self, slot: Slot) {
         let r = &mut self.slots[slot.0 as usize];
         match r.layer.take() {
@@ -352,7 +353,7 @@ impl Ledger {
 
     /// Forgets the mapping in `slot`, in whatever phase (the backend refused it, or let go of
     /// it); its IOVAs stay held for the next mapping of its size until they are needed.
-    #[inline]
+    #[inline(always)]
     pub fn remove(&mut self, slot: Slot) {
         let r = self.get(slot);
         match r.phase {
@@ -379,7 +380,7 @@ impl Ledger {
     /// Starts unmapping the Live mapping of exactly `[iova, iova+len)` in `slot`: it stops
     /// translating and serving DMA, and keeps its IOVAs until [`remove`](Self::remove). False
     /// (nothing changed) if `slot` holds no such Live mapping (another unmap took it first).
-    #[inline]
+    #[inline(always)]
     pub fn retire(&mut self, slot: Slot, iova: u64, len: usize) -> bool {
         let r = self.get(slot);
         if r.phase != Phase::Live || r.iova != iova || r.len != len {

@@ -318,6 +318,7 @@ impl Iommu {
     ///
     /// # Safety
     /// As for [`Iommu::map`].
+    #[inline]
     pub unsafe fn map_flags(
         &self,
         vaddr: *mut u8,
@@ -355,6 +356,7 @@ impl Iommu {
     ///
     /// # Safety
     /// As for [`Iommu::map`].
+    #[inline]
     pub unsafe fn map_any_flags(&self, vaddr: *mut u8, len: usize, flags: u32) -> Result<u64> {
         check_dma_args(vaddr, len, None)?;
         let facts = Facts { writable: map_permission(flags)?, ..Facts::default() };

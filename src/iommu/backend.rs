@@ -94,7 +94,9 @@ pub(crate) trait Backend: Send + Sync {
         self.check_hand_over()
     }
 
-    /// Refuses a map at an IOVA the caller chose, where this backend cannot honour one.
+    /// Refuses a map at an IOVA the caller chose, where this backend cannot honour one. Asked
+    /// only of a backend that [places memory itself](Self::places_physically): the only kind
+    /// that cannot.
     fn check_fixed_iova(&self, _iova: u64) -> Result<()> {
         Ok(())
     }

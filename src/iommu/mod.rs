@@ -86,8 +86,9 @@ impl Drop for OpenDevice {
 /// What an [`Iommu`] shares.
 pub(crate) struct DmaContext {
     backend: Box<dyn Backend>,
-    /// The backend's kind, and whether it places memory itself (see [`Backend::place`]): asked
-    /// once, not at every map and unmap.
+    /// The backend's kind and whether it places memory itself (see [`Backend::place`]):
+    /// asked once, not at every map, unmap and alloc. (Whether buffers are memfd-backed is
+    /// not: iommufd asks the kernel at first use, which an open should not pay for.)
     kind: IommuKind,
     places: bool,
     state: Mutex<State>,
@@ -328,7 +329,9 @@ impl Iommu {
     ) -> Result<()> {
         check_dma_args(vaddr, len, Some(iova))?;
         let writable = map_permission(flags)?;
-        self.0.backend.check_fixed_iova(iova)?;
+        if self.0.places {
+            self.0.backend.check_fixed_iova(iova)?;
+        }
         // The kernel's errnos for the same mistakes (an overlap is EEXIST to both).
         if iova.checked_add(len as u64 - 1).is_none() {
             return Err(Error::new(
@@ -565,9 +568,10 @@ impl Iommu {
             _ => return Err(Error::invalid("DMA_HUGE_2M and DMA_HUGE_1G exclude each other")),
         };
         let page = if huge_shift == 0 { sys::page_size() } else { 1 << huge_shift };
-        let len = len.checked_next_multiple_of(page).ok_or_else(|| {
-            Error::invalid(format!("DMA buffer length {len:#x} overflows when rounded to pages"))
-        })?;
+        // A power of two.
+        let Some(len) = len.checked_add(page - 1).map(|l| l & !(page - 1)) else {
+            return Err(rounding_overflows(len));
+        };
         // Shareable memory is in the context's pools, for a live handover; a backend that
         // maps buffers by their file (iommufd with MAP_FILE, a vfio-user server) is given it;
         // otherwise the kernel pins any memory.
@@ -603,9 +607,7 @@ impl Iommu {
             let buffer = state.ledger.buffer_at(vaddr as usize).map(|(slot, r)| (slot, r.clone()));
             (buffer, state.guard)
         };
-        let Some((slot, buffer)) = buffer else {
-            return Err(Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context")));
-        };
+        let Some((slot, buffer)) = buffer else { return Err(not_a_buffer(vaddr)) };
         let addr = NonNull::new(vaddr).expect("buffers are non-null");
         // A file's pages are the caller's data: only alloc's are poisoned.
         if (poison || buffer.guard) && buffer.facts.owner == Owner::Buffer {
@@ -711,6 +713,11 @@ impl Iommu {
             let _ = self.unmap_record(slot, &m);
         }
     }
+}
+
+#[cold]
+fn not_a_buffer(vaddr: *mut u8) -> Error {
+    Error::invalid(format!("{vaddr:p} is not a DMA buffer of this context"))
 }
 
 #[cold]
@@ -831,6 +838,12 @@ fn huge_map() -> Error {
 }
 
 /// Why a DMA buffer's memory could not be had, with the hugetlb knob to turn where it applies.
+#[cold]
+fn rounding_overflows(len: usize) -> Error {
+    Error::invalid(format!("DMA buffer length {len:#x} overflows when rounded to pages"))
+}
+
+#[cold]
 fn alloc_error(e: i32, len: usize, huge_shift: u32) -> Error {
     let what = format!("allocating a {len:#x}-byte DMA buffer");
     if huge_shift == 0 {

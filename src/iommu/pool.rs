@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::lock;
@@ -31,7 +32,12 @@ pub(crate) struct Placed {
 }
 
 #[derive(Default)]
-pub(crate) struct Pools(Mutex<Vec<Pool>>);
+pub(crate) struct Pools {
+    list: Mutex<Vec<Pool>>,
+    /// Whether `list` ever had a pool: until then a free (most contexts never share a buffer)
+    /// does not take the lock.
+    made: AtomicBool,
+}
 
 impl Pools {
     /// `len` bytes (a multiple of the page `huge_shift` says), zeroed and faulted in; also
@@ -41,12 +47,13 @@ impl Pools {
         len: usize,
         huge_shift: u32,
     ) -> SysResult<(NonNull<u8>, Arc<OwnedFd>, u64)> {
-        let mut pools = lock(&self.0);
+        let mut pools = lock(&self.list);
         let at = match pools.iter().position(|p| p.huge_shift == huge_shift) {
             Some(at) => at,
             None => {
                 let fd = Arc::new(mem::memfd_create(huge_shift)?);
                 pools.push(Pool { huge_shift, fd, end: 0, live: BTreeMap::new() });
+                self.made.store(true, Ordering::Release);
                 pools.len() - 1
             }
         };
@@ -68,7 +75,10 @@ impl Pools {
     pub unsafe fn free(&self, addr: NonNull<u8>, len: usize) {
         // SAFETY: upheld by the caller.
         unsafe { mem::unmap(addr, len) };
-        let mut pools = lock(&self.0);
+        if !self.made.load(Ordering::Acquire) {
+            return;
+        }
+        let mut pools = lock(&self.list);
         for pool in pools.iter_mut() {
             if let Some(offset) = pool.live.remove(&(addr.as_ptr() as usize)) {
                 // Fails only for what a memfd supports: the pages then go with the file.
@@ -80,7 +90,7 @@ impl Pools {
 
     /// Where the buffer at `vaddr` lives, if it is pooled.
     pub fn find(&self, vaddr: usize) -> Option<Placed> {
-        let pools = lock(&self.0);
+        let pools = lock(&self.list);
         pools
             .iter()
             .enumerate()
@@ -90,7 +100,7 @@ impl Pools {
     /// Each pool's page size and fd, in the order [`Placed::pool`] counts them; `f` runs under
     /// the pools' lock.
     pub fn each<T>(&self, f: impl FnOnce(&[(u32, BorrowedFd)]) -> T) -> T {
-        let pools = lock(&self.0);
+        let pools = lock(&self.list);
         let list: Vec<(u32, BorrowedFd)> =
             pools.iter().map(|p| (p.huge_shift, p.fd.as_fd())).collect();
         f(&list)
@@ -98,7 +108,8 @@ impl Pools {
 
     /// Takes over a pool handed over by another process, with no buffer yet.
     pub fn adopt(&self, huge_shift: u32, fd: OwnedFd) {
-        lock(&self.0).push(Pool { huge_shift, fd: Arc::new(fd), end: 0, live: BTreeMap::new() });
+        lock(&self.list).push(Pool { huge_shift, fd: Arc::new(fd), end: 0, live: BTreeMap::new() });
+        self.made.store(true, Ordering::Release);
     }
 
     /// Maps the buffer of `len` bytes at `offset` of pool `pool` (from [`adopt`](Self::adopt))
@@ -109,7 +120,7 @@ impl Pools {
         offset: u64,
         len: usize,
     ) -> SysResult<(NonNull<u8>, Arc<OwnedFd>)> {
-        let mut pools = lock(&self.0);
+        let mut pools = lock(&self.list);
         let p = &mut pools[pool];
         // SAFETY: no fixed address; the file's range is the handed-over buffer's.
         let addr = unsafe { mem::map_shared_at(None, len, p.fd.as_fd(), offset) }?;

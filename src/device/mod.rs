@@ -265,7 +265,8 @@ impl Device {
     /// VFIO_DEVICE_FEATURE: `feature` (the kernel's `VFIO_DEVICE_FEATURE_*` index) with
     /// [`FEATURE_GET`], [`FEATURE_SET`] and/or [`FEATURE_PROBE`] in `flags`; `data` is the
     /// feature's payload, read by SET and written by GET. Returns the ioctl's value (a fd for
-    /// features that hand one out, else 0).
+    /// features that hand one out, else 0). Over vfio-user, DEVICE_FEATURE carries the same
+    /// index, flags and payload to the server (whose features are about migration, if any).
     pub fn feature(&self, feature: u32, flags: u32, data: &mut [u8]) -> Result<i32> {
         let modes = FEATURE_GET | FEATURE_SET | FEATURE_PROBE;
         if feature > k::VFIO_DEVICE_FEATURE_MASK || flags & !modes != 0 || flags == 0 {
@@ -274,8 +275,11 @@ impl Device {
                  flags of FEATURE_GET, FEATURE_SET and FEATURE_PROBE only (at least one)"
             )));
         }
-        vfio::device_feature(self.fd()?, feature | flags, data).context(|| {
-            format!("VFIO_DEVICE_FEATURE {feature} (flags {flags:#x}) on {}", self.address)
+        self.io.feature(feature | flags, data).map_err(|e| {
+            e.within(format!(
+                "VFIO_DEVICE_FEATURE {feature} (flags {flags:#x}) on {}",
+                self.address
+            ))
         })
     }
 

@@ -144,6 +144,18 @@ impl Io {
         }
     }
 
+    /// VFIO_DEVICE_FEATURE, or DEVICE_FEATURE (whose value is always 0: it hands out no fd).
+    pub(super) fn feature(&self, flags: u32, data: &mut [u8]) -> IoResult<i32> {
+        match self {
+            Io::Kernel(fd) => {
+                vfio::device_feature(fd.as_fd(), flags, data).map_err(IoError::Kernel)
+            }
+            Io::User { client, .. } => {
+                client.device_feature(flags, data).map(|()| 0).map_err(IoError::User)
+            }
+        }
+    }
+
     pub(super) fn reset(&self) -> IoResult<()> {
         match self {
             Io::Kernel(fd) => vfio::device_reset(fd.as_fd()).map_err(IoError::Kernel),

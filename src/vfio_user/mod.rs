@@ -27,11 +27,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
+use once_cell::sync::OnceCell;
+
 use crate::error::{Error, Result};
 use crate::sys::watch::{Fired, Watch};
 use crate::sys::{self, Context, socket};
 use inbox::{Inbox, Message, ReadError};
-use proto::Header;
+use proto::{Doorbell, Header, IoFds};
 
 /// What a server's DMA request asks of the client's memory.
 pub(crate) enum DmaAccess<'a> {
@@ -59,6 +61,17 @@ const DEFAULT_TIMEOUT_MS: u64 = 5000;
 const TICK: Duration = Duration::from_millis(4);
 /// The watch's number once the connection has failed: it fires for good.
 const WATCH_FAILED: u64 = u64::MAX - 1;
+/// The most regions a device may have (as the device's open checks).
+const MAX_REGIONS: usize = 64;
+/// Room for this many sub-regions in the first GET_REGION_IO_FDS of a region.
+const IO_FDS_FIRST: u32 = 8;
+
+/// A region's ioeventfds, as its server gave them.
+#[derive(Default)]
+struct Doorbells {
+    bells: Vec<Doorbell>,
+    fds: Vec<OwnedFd>,
+}
 
 /// A reply, with the fds that came with it.
 pub(crate) struct Reply {
@@ -443,6 +456,7 @@ fn command_name(code: u16) -> &'static str {
         DMA_UNMAP => "DMA_UNMAP",
         DEVICE_GET_INFO => "DEVICE_GET_INFO",
         DEVICE_GET_REGION_INFO => "DEVICE_GET_REGION_INFO",
+        DEVICE_GET_REGION_IO_FDS => "DEVICE_GET_REGION_IO_FDS",
         DEVICE_GET_IRQ_INFO => "DEVICE_GET_IRQ_INFO",
         DEVICE_SET_IRQS => "DEVICE_SET_IRQS",
         REGION_READ => "REGION_READ",
@@ -450,6 +464,7 @@ fn command_name(code: u16) -> &'static str {
         DMA_READ => "DMA_READ",
         DMA_WRITE => "DMA_WRITE",
         DEVICE_RESET => "DEVICE_RESET",
+        DEVICE_FEATURE => "DEVICE_FEATURE",
         _ => "an unknown command",
     }
 }
@@ -461,6 +476,10 @@ pub(crate) struct Client {
     caps: proto::Caps,
     /// DMA mappings the server holds, against its `max_dma_maps`.
     dma_maps: Mutex<u32>,
+    /// Whether to ask the server for regions' ioeventfds (see [`Client::doorbell`]).
+    io_fds: bool,
+    /// By region, its ioeventfds, asked for at the first write that could ring one.
+    doorbells: Box<[OnceCell<Doorbells>]>,
     /// The receivers of the main socket and, in twin-socket mode, of the twin.
     receivers: Vec<JoinHandle<()>>,
 }
@@ -523,6 +542,8 @@ impl Client {
             conn,
             caps: proto::Caps::default(),
             dma_maps: Mutex::new(0),
+            io_fds: false,
+            doorbells: (0..MAX_REGIONS).map(|_| OnceCell::new()).collect(),
             receivers: Vec::new(),
         };
         client.start_receiver(false)?;
@@ -534,7 +555,7 @@ impl Client {
         };
         let reply =
             client.request(proto::VERSION, &[&proto::version(&ours)], &[], MAX_MSG_FDS as usize)?;
-        let (major, _minor, theirs) =
+        let (major, minor, theirs) =
             proto::decode_version(&reply.payload).map_err(|e| client.protocol_error(e))?;
         if let Some(index) = theirs.twin_fd_index {
             let mut fds = reply.fds;
@@ -554,6 +575,10 @@ impl Client {
             ));
         }
         client.caps = theirs;
+        // There is no capability for GET_REGION_IO_FDS, and rust-vmm's server, which speaks
+        // 0.0, answers a command it does not know without reading its payload, which it then
+        // takes for the next message: only a server of 0.1 or later (libvfio-user) is asked.
+        client.io_fds = minor >= 1;
         Ok(client)
     }
 
@@ -714,11 +739,89 @@ impl Client {
     }
 
     pub(crate) fn region_write(&self, index: u32, off: u64, buf: &[u8]) -> Result<()> {
+        if let Some(fd) = self.doorbell(index, off, buf)? {
+            // The server's ioeventfd, as KVM would signal it: no message and no reply. The
+            // connection's state still decides, so a failed one fails this write too.
+            if let Some(e) = &self.conn.calls().failed {
+                return Err(e.clone());
+            }
+            return sys::eventfd_signal(fd).map_err(|sys::Errno(e)| {
+                Error::os(
+                    e,
+                    format!("{}: ringing region {index}'s ioeventfd at {off:#x}", self.conn.name),
+                )
+            });
+        }
         let step = self.chunk();
         for (i, part) in buf.chunks(step).enumerate() {
             let at = off + (i * step) as u64;
             let fixed = proto::region_access(index, at, part.len() as u32);
             self.request(proto::REGION_WRITE, &[&fixed, part], &[], 0)?;
+        }
+        Ok(())
+    }
+
+    /// The ioeventfd that a write of `buf` at `off` of region `index` rings instead of a
+    /// REGION_WRITE, asking the server for the region's on the first write that could (a
+    /// server that refuses has none).
+    fn doorbell(&self, index: u32, off: u64, buf: &[u8]) -> Result<Option<BorrowedFd<'_>>> {
+        if !self.io_fds || buf.len() > 8 {
+            return Ok(None);
+        }
+        let Some(slot) = self.doorbells.get(index as usize) else { return Ok(None) };
+        let bells = slot.get_or_try_init(|| self.region_io_fds(index))?;
+        let rung = bells.bells.iter().find(|b| b.rings(off, buf));
+        Ok(rung.map(|b| bells.fds[b.fd_index as usize].as_fd()))
+    }
+
+    /// DEVICE_GET_REGION_IO_FDS: the region's ioeventfds (asked again with room for them all
+    /// when the first reply says they need more); none when the server refuses.
+    fn region_io_fds(&self, index: u32) -> Result<Doorbells> {
+        let mut argsz = proto::IO_FDS_HEADER + IO_FDS_FIRST * proto::IO_FD_ENTRY;
+        loop {
+            let fixed = proto::region_io_fds(index, argsz);
+            let reply = match self.request(
+                proto::DEVICE_GET_REGION_IO_FDS,
+                &[&fixed],
+                &[],
+                MAX_MSG_FDS as usize,
+            ) {
+                Ok(reply) => reply,
+                // The server's refusal: this region has none.
+                Err(_) if self.conn.calls().failed.is_none() => return Ok(Doorbells::default()),
+                Err(e) => return Err(e),
+            };
+            match proto::decode_region_io_fds(&reply.payload, index, reply.fds.len())
+                .map_err(|e| self.protocol_error(e))?
+            {
+                IoFds::Doorbells(bells) => return Ok(Doorbells { bells, fds: reply.fds }),
+                IoFds::Needs(needed) if needed > argsz && needed <= MESSAGE_SLACK => argsz = needed,
+                IoFds::Needs(needed) => {
+                    return Err(self.protocol_error(format!(
+                        "region {index}'s io fds need {needed} bytes after {argsz} were offered"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// DEVICE_FEATURE: `flags` holds the feature's index and GET, SET and/or PROBE; `data`
+    /// goes with the request, as the kernel's payload does, and a GET's reply comes back into it.
+    pub(crate) fn device_feature(&self, flags: u32, data: &mut [u8]) -> Result<()> {
+        if data.len() > MAX_DATA_XFER as usize {
+            return Err(Error::invalid(format!(
+                "{}: device feature data of {} bytes ({MAX_DATA_XFER} at most)",
+                self.conn.name,
+                data.len()
+            )));
+        }
+        let argsz = 8 + data.len() as u32;
+        let fixed = proto::device_feature(argsz, flags);
+        let reply = self.request(proto::DEVICE_FEATURE, &[&fixed, data], &[], 0)?;
+        let got = proto::decode_device_feature(&reply.payload, data.len())
+            .map_err(|e| self.protocol_error(e))?;
+        if flags & crate::device::FEATURE_GET != 0 && flags & crate::device::FEATURE_PROBE == 0 {
+            data[..got.len()].copy_from_slice(got);
         }
         Ok(())
     }

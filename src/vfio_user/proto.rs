@@ -13,6 +13,7 @@ pub(crate) const DMA_MAP: u16 = 2;
 pub(crate) const DMA_UNMAP: u16 = 3;
 pub(crate) const DEVICE_GET_INFO: u16 = 4;
 pub(crate) const DEVICE_GET_REGION_INFO: u16 = 5;
+pub(crate) const DEVICE_GET_REGION_IO_FDS: u16 = 6;
 pub(crate) const DEVICE_GET_IRQ_INFO: u16 = 7;
 pub(crate) const DEVICE_SET_IRQS: u16 = 8;
 pub(crate) const REGION_READ: u16 = 9;
@@ -20,6 +21,7 @@ pub(crate) const REGION_WRITE: u16 = 10;
 pub(crate) const DMA_READ: u16 = 11;
 pub(crate) const DMA_WRITE: u16 = 12;
 pub(crate) const DEVICE_RESET: u16 = 13;
+pub(crate) const DEVICE_FEATURE: u16 = 16;
 
 const TYPE_MASK: u32 = 0xf;
 const TYPE_REPLY: u32 = 1;
@@ -286,6 +288,125 @@ pub fn decode_region_read(payload: &[u8], count: usize) -> Result<&[u8], DecodeE
     Ok(data)
 }
 
+/// DEVICE_GET_REGION_IO_FDS for region `index`, with room for an `argsz`-byte reply.
+pub fn region_io_fds(index: u32, argsz: u32) -> [u8; 16] {
+    words(&[argsz as u64, 0, index as u64, 0], &[4; 4])
+}
+
+/// The fixed part of a region io fds reply, and the least room an entry takes after it.
+pub(crate) const IO_FDS_HEADER: u32 = 16;
+pub(crate) const IO_FD_ENTRY: u32 = 40;
+const IO_FD_TYPE_IOEVENTFD: u32 = 0;
+/// KVM_IOEVENTFD's flags, which the spec reuses.
+const IOEVENTFD_DATAMATCH: u32 = 1 << 0;
+const IOEVENTFD_PIO: u32 = 1 << 1;
+
+/// An ioeventfd sub-region: a write of `size` bytes (any size when 0) at `offset` of the region,
+/// of `datamatch`'s value if there is one, is a write to the reply's fd `fd_index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Doorbell {
+    pub offset: u64,
+    pub size: u64,
+    pub fd_index: u32,
+    pub datamatch: Option<u64>,
+}
+
+impl Doorbell {
+    /// Whether writing `data` at `offset` rings it, as KVM decides for an ioeventfd: the
+    /// address, the width unless it is 0, the value zero-extended if it has a datamatch.
+    pub fn rings(&self, offset: u64, data: &[u8]) -> bool {
+        if offset != self.offset || data.len() > 8 {
+            return false;
+        }
+        if self.size != 0 && self.size != data.len() as u64 {
+            return false;
+        }
+        let mut value = [0u8; 8];
+        value[..data.len()].copy_from_slice(data);
+        self.datamatch.is_none_or(|m| m == u64::from_ne_bytes(value))
+    }
+}
+
+/// A region io fds reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoFds {
+    /// The sub-regions vfiokit can ring, of a reply that came with `fds` fds. ioregionfds and
+    /// ioeventfds with flags it does not know are left out: their writes go by message.
+    Doorbells(Vec<Doorbell>),
+    /// The reply needs `argsz` bytes, more than were offered and sent.
+    Needs(u32),
+}
+
+/// A DEVICE_GET_REGION_IO_FDS reply for region `index` that came with `fds` fds.
+pub fn decode_region_io_fds(payload: &[u8], index: u32, fds: usize) -> Result<IoFds, DecodeError> {
+    let what = "vfio-user region io fds reply";
+    let malformed = |why: String| DecodeError::Malformed { what, why };
+    let argsz = caps::u32_at(payload, 0, what)?;
+    let replied = caps::u32_at(payload, 8, what)?;
+    let count = caps::u32_at(payload, 12, what)?;
+    if replied != index {
+        return Err(malformed(format!("for region {replied}, asked for region {index}")));
+    }
+    if count == 0 {
+        return Ok(IoFds::Doorbells(Vec::new()));
+    }
+    // Each entry is at i * ((argsz - 16) / count): 40 bytes today, "not to be relied on".
+    let stride = argsz.checked_sub(IO_FDS_HEADER).map_or(0, |room| room / count);
+    if stride < IO_FD_ENTRY {
+        return Err(malformed(format!(
+            "{count} sub-regions in an argsz of {argsz} ({IO_FD_ENTRY} bytes each at least)"
+        )));
+    }
+    if payload.len() < argsz as usize {
+        return Ok(IoFds::Needs(argsz));
+    }
+    let mut doorbells = Vec::new();
+    for i in 0..count as usize {
+        let at = IO_FDS_HEADER as usize + i * stride as usize;
+        let fd_index = caps::u32_at(payload, at + 16, what)?;
+        if fd_index as usize >= fds {
+            return Err(malformed(format!(
+                "sub-region {i} names fd {fd_index} of {fds} sent with the reply"
+            )));
+        }
+        let flags = caps::u32_at(payload, at + 24, what)?;
+        if caps::u32_at(payload, at + 20, what)? != IO_FD_TYPE_IOEVENTFD
+            || flags & !(IOEVENTFD_DATAMATCH | IOEVENTFD_PIO) != 0
+        {
+            continue;
+        }
+        let datamatch = caps::u64_at(payload, at + 32, what)?;
+        doorbells.push(Doorbell {
+            offset: caps::u64_at(payload, at, what)?,
+            size: caps::u64_at(payload, at + 8, what)?,
+            fd_index,
+            datamatch: (flags & IOEVENTFD_DATAMATCH != 0).then_some(datamatch),
+        });
+    }
+    Ok(IoFds::Doorbells(doorbells))
+}
+
+/// DEVICE_FEATURE's fixed part: `flags` (the feature's index and GET/SET/PROBE) and room for
+/// an `argsz`-byte reply.
+pub fn device_feature(argsz: u32, flags: u32) -> [u8; 8] {
+    words(&[argsz as u64, flags as u64], &[4, 4])
+}
+
+/// A DEVICE_FEATURE reply's data (a GET's feature data; SET and PROBE echo the request), at
+/// most the `len` bytes there is room for.
+pub fn decode_device_feature(payload: &[u8], len: usize) -> Result<&[u8], DecodeError> {
+    let what = "vfio-user device feature reply";
+    caps::u32_at(payload, 4, what)?;
+    let data = &payload[8..];
+    if data.len() > len {
+        return Err(DecodeError::Malformed {
+            what,
+            why: format!("{} bytes of data, {len} asked at most", data.len()),
+        });
+    }
+    Ok(data)
+}
+
 /// A server's DMA_READ or DMA_WRITE request: (IOVA, count, data written).
 pub fn decode_dma_access(payload: &[u8]) -> Result<(u64, u64, &[u8]), DecodeError> {
     let what = "vfio-user DMA access";
@@ -415,5 +536,85 @@ mod tests {
         assert!(decode_region_read(&good, 8).is_err());
         assert!(decode_region_read(&good[..18], 4).is_err());
         assert!(decode_region_read(&good[..8], 4).is_err());
+    }
+
+    /// A region io fds reply as libvfio-user makes it: the header, then 40-byte entries of
+    /// (offset, size, fd index, type, flags, datamatch).
+    fn io_fds_reply(index: u32, entries: &[(u64, u64, u32, u32, u32, u64)]) -> Vec<u8> {
+        let argsz = IO_FDS_HEADER + IO_FD_ENTRY * entries.len() as u32;
+        let mut out =
+            words::<16>(&[argsz as u64, 0, index as u64, entries.len() as u64], &[4; 4]).to_vec();
+        for &(offset, size, fd, kind, flags, datamatch) in entries {
+            out.extend_from_slice(&words::<40>(
+                &[offset, size, fd as u64, kind as u64, flags as u64, 0, datamatch],
+                &[8, 8, 4, 4, 4, 4, 8],
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn io_fds_replies_give_the_doorbells_vfiokit_can_ring() {
+        let reply = io_fds_reply(
+            2,
+            &[
+                (0x1000, 4, 0, 0, 0, 0),
+                (0x1008, 8, 1, 0, IOEVENTFD_DATAMATCH, 7),
+                (0x2000, 4, 0, 1, 0, 0),      // an ioregionfd
+                (0x3000, 4, 0, 0, 1 << 3, 0), // virtio-ccw: not PCI
+            ],
+        );
+        let IoFds::Doorbells(bells) = decode_region_io_fds(&reply, 2, 2).unwrap() else {
+            panic!("complete")
+        };
+        assert_eq!(
+            bells,
+            [
+                Doorbell { offset: 0x1000, size: 4, fd_index: 0, datamatch: None },
+                Doorbell { offset: 0x1008, size: 8, fd_index: 1, datamatch: Some(7) },
+            ]
+        );
+        // Asked with too little room: the header says how much it needs.
+        assert_eq!(decode_region_io_fds(&reply[..16], 2, 0), Ok(IoFds::Needs(16 + 4 * 40)));
+        assert_eq!(decode_region_io_fds(&io_fds_reply(2, &[]), 2, 0), Ok(IoFds::Doorbells(vec![])));
+        for (bad, fds) in [
+            (io_fds_reply(3, &[]), 0),                   // another region's
+            (io_fds_reply(2, &[(0, 4, 1, 0, 0, 0)]), 1), // an fd not sent
+            ([&words::<16>(&[20, 0, 2, 1], &[4; 4])[..], &[0; 4]].concat(), 1), // 4-byte entries
+        ] {
+            assert!(
+                matches!(decode_region_io_fds(&bad, 2, fds), Err(DecodeError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            decode_region_io_fds(&reply[..12], 2, 2),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn a_doorbell_rings_as_a_kvm_ioeventfd_matches() {
+        let any = Doorbell { offset: 0x10, size: 0, fd_index: 0, datamatch: None };
+        let four = Doorbell { size: 4, ..any };
+        let seven = Doorbell { datamatch: Some(7), ..four };
+        assert!(any.rings(0x10, &[1]) && any.rings(0x10, &9u64.to_ne_bytes()));
+        assert!(!any.rings(0x14, &[1]), "another address");
+        assert!(four.rings(0x10, &1u32.to_ne_bytes()) && !four.rings(0x10, &1u16.to_ne_bytes()));
+        assert!(seven.rings(0x10, &7u32.to_ne_bytes()));
+        assert!(!seven.rings(0x10, &8u32.to_ne_bytes()), "another value goes by message");
+        assert!(!any.rings(0x10, &[0; 16]), "wider than any register");
+    }
+
+    #[test]
+    fn device_feature_layout_and_reply() {
+        let f = device_feature(8 + 4, 1 << 16 | 3);
+        assert_eq!(u32::from_ne_bytes(f[0..4].try_into().unwrap()), 12);
+        assert_eq!(u32::from_ne_bytes(f[4..8].try_into().unwrap()), 1 << 16 | 3);
+        let reply = [&f[..], &[1, 2, 3, 4]].concat();
+        assert_eq!(decode_device_feature(&reply, 4).unwrap(), &[1, 2, 3, 4]);
+        assert_eq!(decode_device_feature(&f, 4).unwrap(), &[] as &[u8]);
+        assert!(decode_device_feature(&reply, 2).is_err(), "more than there is room for");
+        assert!(decode_device_feature(&f[..6], 0).is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! vfiokit against libvfio-user's own sample servers, an implementation of the protocol that
 //! shares no code with vfiokit or rust-vmm: `server` (two sparse areas, so the client must take
-//! two fds a message; DMA by DMA_WRITE/DMA_READ messages right after an INTx) and
-//! `gpio-pci-idio-16`. tests/vfio_user/libvfio-user builds them from Debian's qemu source
+//! two fds a message; DMA by DMA_WRITE/DMA_READ messages right after an INTx),
+//! `gpio-pci-idio-16`, and the project's `doorbell` (doorbell.c: ioeventfds). tests/vfio_user/libvfio-user builds them from Debian's qemu source
 //! package and caches them; a test fails (never skips) when they cannot be had.
 
 use std::io::Read;
@@ -181,4 +181,36 @@ fn libvfio_user_config_space() {
         assert!(status.success(), "{connection}: the server exited with {status}");
         let _ = std::fs::remove_file(&path);
     }
+}
+
+/// The doorbell sample's ioeventfds (vfu_create_ioeventfd): a write that matches one (its
+/// offset and width, and its datamatch) is a write to its eventfd, with no message; any other
+/// write is a REGION_WRITE. The server reads its eventfds when a register is read, after the
+/// client's eventfd writes returned, so the counts are exact here.
+#[test]
+fn libvfio_user_ioeventfds_ring_without_a_message() {
+    const ANY: u64 = 0x100;
+    const MATCH: u64 = 0x108;
+    let _serial = setup();
+    let (mut server, path, _) = start("doorbell", &[], "lvu-doorbell");
+    let dev = Device::open(&format!("vfio-user:{}", path.display()), None).unwrap();
+    let counts = || {
+        let read = |off| dev.read_reg::<u64>(0, off).unwrap();
+        (read(0x200), read(0x208), read(0x210), read(0x218))
+    };
+    for value in [1, 0xdead, 0] {
+        dev.write_reg::<u32>(0, ANY, value).unwrap();
+    }
+    assert_eq!(counts(), (3, 0, 0, 0), "any value rings the doorbell at 0x100; none by message");
+    dev.write_reg::<u64>(0, MATCH, 0x5a).unwrap();
+    assert_eq!(counts(), (3, 1, 0, 0), "the datamatch rings the doorbell at 0x108");
+    dev.write_reg::<u64>(0, MATCH, 0x5b).unwrap();
+    assert_eq!(counts(), (3, 1, 1, 0x5b), "another value goes by message");
+    dev.write_reg::<u16>(0, ANY, 7).unwrap();
+    dev.write_reg::<u32>(0, ANY + 4, 8).unwrap();
+    assert_eq!(counts(), (3, 1, 3, 8), "another width or offset goes by message");
+    drop(dev);
+    let status = server.wait().unwrap();
+    assert!(status.success(), "the server exited with {status}");
+    let _ = std::fs::remove_file(&path);
 }

@@ -9,7 +9,7 @@ mod model;
 mod scripted;
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, Once};
 
@@ -722,4 +722,137 @@ fn a_twin_socket_carries_the_servers_requests() {
     drop(iommu);
     server.join().unwrap();
     unsafe { libc::munmap(mem.cast(), page) };
+}
+
+fn words(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_ne_bytes()).collect()
+}
+
+/// A device with one region (BAR0: 4 KiB behind messages) served by `script` after VERSION
+/// (0.1, so its io fds are asked for), DEVICE_GET_INFO and the region's information.
+fn open_one_region(
+    name: &str,
+    script: impl FnOnce(&mut scripted::Peer) + Send + 'static,
+) -> (Device, std::thread::JoinHandle<()>) {
+    let path = socket_path(name);
+    let server = scripted::serve(&path, move |peer| {
+        peer.handshake_with(r#"{"capabilities":{"max_msg_fds":8}}"#);
+        let (h, _) = peer.expect(scripted::DEVICE_GET_INFO);
+        peer.reply(h, &words(&[16, 0b11, 1, 0]));
+        let (h, _) = peer.expect(scripted::DEVICE_GET_REGION_INFO);
+        let rw = 0b11; // VFIO_REGION_INFO_FLAG_READ | _WRITE
+        peer.reply(
+            h,
+            &[words(&[32, rw, 0, 0]), 0x1000u64.to_ne_bytes().to_vec(), vec![0; 8]].concat(),
+        );
+        script(peer);
+    });
+    let dev = Device::open(&format!("vfio-user:{}", path.display()), None).expect("open");
+    (dev, server)
+}
+
+/// Expects a REGION_WRITE at `offset` and acknowledges it.
+fn ack_write(peer: &mut scripted::Peer, offset: u64) {
+    let (h, payload) = peer.expect(scripted::REGION_WRITE);
+    assert_eq!(payload[..8], offset.to_ne_bytes(), "{h:?}");
+    peer.reply(h, &payload[..16]);
+}
+
+#[test]
+fn a_refused_io_fds_request_leaves_writes_to_messages() {
+    let _serial = setup();
+    let (dev, server) = open_one_region("io-fds-refused", |peer| {
+        let (h, payload) = peer.expect(scripted::DEVICE_GET_REGION_IO_FDS);
+        assert_eq!(payload[4..], words(&[0, 0, 0]), "flags, index and count are zero");
+        peer.send(h.id, h.command, scripted::REPLY | scripted::ERROR, libc::EINVAL as u32, &[]);
+        ack_write(peer, 0x40);
+        // Asked once: the region has none.
+        ack_write(peer, 0x40);
+        peer.until_closed();
+    });
+    dev.write_reg::<u32>(0, 0x40, 1).unwrap();
+    dev.write_reg::<u32>(0, 0x40, 2).unwrap();
+    drop(dev);
+    server.join().unwrap();
+}
+
+#[test]
+fn io_fds_are_asked_again_with_room_for_them_all() {
+    let _serial = setup();
+    let (dev, server) = open_one_region("io-fds-again", |peer| {
+        let (h, payload) = peer.expect(scripted::DEVICE_GET_REGION_IO_FDS);
+        let offered = u32::from_ne_bytes(payload[..4].try_into().unwrap());
+        // Nine sub-regions: more than the room offered, so only the header comes.
+        let argsz = 16 + 9 * 40;
+        assert!(offered < argsz, "{offered}");
+        peer.reply(h, &words(&[argsz, 0, 0, 9]));
+        let (h, payload) = peer.expect(scripted::DEVICE_GET_REGION_IO_FDS);
+        assert_eq!(u32::from_ne_bytes(payload[..4].try_into().unwrap()), argsz);
+        // An ioeventfd of 4 bytes at 0x80, and eight ioregionfds vfiokit leaves alone.
+        let mut reply = words(&[argsz, 0, 0, 9]);
+        for i in 0..9u64 {
+            let (offset, kind) = if i == 0 { (0x80, 0) } else { (0x100 * i, 1) };
+            let entry = [offset.to_ne_bytes(), 4u64.to_ne_bytes()].concat();
+            reply.extend_from_slice(&[entry, words(&[0, kind, 0, 0]), vec![0; 8]].concat());
+        }
+        let bell = vfiokit_test_eventfd();
+        let head = scripted::Header {
+            id: h.id,
+            command: h.command,
+            size: 16 + reply.len() as u32,
+            flags: scripted::REPLY,
+            error: 0,
+        };
+        peer.send_with_fd(&[scripted::header_bytes(head), reply].concat(), bell.as_raw_fd());
+        // The doorbell's write came before this message was sent.
+        ack_write(peer, 0x84);
+        let mut count = [0u8; 8];
+        assert_eq!(unsafe { libc::read(bell.as_raw_fd(), count.as_mut_ptr().cast(), 8) }, 8);
+        assert_eq!(u64::from_ne_bytes(count), 1, "one ring");
+        ack_write(peer, 0x100);
+        peer.until_closed();
+    });
+    dev.write_reg::<u32>(0, 0x80, 0xabcd).unwrap();
+    dev.write_reg::<u32>(0, 0x84, 1).unwrap();
+    dev.write_reg::<u32>(0, 0x100, 1).unwrap();
+    drop(dev);
+    server.join().unwrap();
+}
+
+fn vfiokit_test_eventfd() -> OwnedFd {
+    // SAFETY: a new fd, owned from here.
+    unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)) }
+}
+
+#[test]
+fn device_features_go_to_the_server() {
+    const MIGRATION: u32 = 1;
+    const MIG_DEVICE_STATE: u32 = 2;
+    const RUNNING: u32 = 2;
+    let _serial = setup();
+    let (dev, server) = open_scripted("feature", None, |peer| {
+        // GET: the data comes back in the reply, its length added to argsz.
+        let (h, payload) = peer.expect(scripted::DEVICE_FEATURE);
+        assert_eq!(payload, [words(&[16, vfiokit::FEATURE_GET | MIGRATION]), vec![0; 8]].concat());
+        peer.reply(
+            h,
+            &[words(&[16, vfiokit::FEATURE_GET | MIGRATION]), 1u64.to_ne_bytes().to_vec()].concat(),
+        );
+        // SET: the data goes with the request, and the reply echoes it.
+        let (h, payload) = peer.expect(scripted::DEVICE_FEATURE);
+        assert_eq!(payload, words(&[16, vfiokit::FEATURE_SET | MIG_DEVICE_STATE, RUNNING, 0]));
+        peer.reply(h, &payload);
+        let (h, _) = peer.expect(scripted::DEVICE_FEATURE);
+        peer.send(h.id, h.command, scripted::REPLY | scripted::ERROR, libc::ENOTTY as u32, &[]);
+        peer.until_closed();
+    });
+    let mut flags = [0u8; 8];
+    assert_eq!(dev.feature(MIGRATION, vfiokit::FEATURE_GET, &mut flags).unwrap(), 0);
+    assert_eq!(u64::from_ne_bytes(flags), 1, "VFIO_MIGRATION_STOP_COPY");
+    let mut state = words(&[RUNNING, 0]);
+    dev.feature(MIG_DEVICE_STATE, vfiokit::FEATURE_SET, &mut state).unwrap();
+    let e = dev.feature(6, vfiokit::FEATURE_PROBE | vfiokit::FEATURE_SET, &mut []).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOTTY, "{e}");
+    drop(dev);
+    server.join().unwrap();
 }

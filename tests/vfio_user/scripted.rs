@@ -12,10 +12,14 @@ pub const VERSION: u16 = 1;
 pub const DMA_MAP: u16 = 2;
 pub const DMA_UNMAP: u16 = 3;
 pub const DEVICE_GET_INFO: u16 = 4;
+pub const DEVICE_GET_REGION_INFO: u16 = 5;
+pub const DEVICE_GET_REGION_IO_FDS: u16 = 6;
 pub const DEVICE_GET_IRQ_INFO: u16 = 7;
+pub const REGION_WRITE: u16 = 10;
 pub const DMA_READ: u16 = 11;
 pub const DMA_WRITE: u16 = 12;
 pub const DEVICE_RESET: u16 = 13;
+pub const DEVICE_FEATURE: u16 = 16;
 pub const REPLY: u32 = 1;
 pub const ERROR: u32 = 1 << 5;
 

@@ -58,8 +58,9 @@ pub use region::{Area, Region};
 pub mod vfio_user_proto {
     pub use crate::vfio_user::inbox::{Inbox, Message, ReadError};
     pub use crate::vfio_user::proto::{
-        Header, decode_device_info, decode_dma_access, decode_irq_info, decode_region_read,
-        decode_version, region_info_argsz,
+        Header, IoFds, decode_device_feature, decode_device_info, decode_dma_access,
+        decode_irq_info, decode_region_io_fds, decode_region_read, decode_version,
+        region_info_argsz,
     };
 }
 

@@ -1,6 +1,9 @@
 //! Operation 8, on the host: vfio-user round trips through vfiokit against the same messages
 //! written by hand on a raw socket (the baseline), each side talking to its own instance of
 //! the test device model (tests/vfio_user/model.rs, served by rust-vmm's `vfio_user` server).
+//! The doorbell case is against libvfio-user: the project's doorbell server
+//! (tests/vfio_user/doorbell.c, built by tests/vfio_user/libvfio-user), whose ioeventfd a
+//! write rings without a message.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -131,6 +134,69 @@ fn serve(name: &str) -> (PathBuf, std::thread::JoinHandle<()>) {
     let _ = std::fs::remove_file(&path);
     let server = model::serve(&path);
     (path, server)
+}
+
+/// A 4-byte doorbell write: the raw client's REGION_WRITE, vfiokit's REGION_WRITE (a register
+/// with no ioeventfd), and vfiokit's write to the register an ioeventfd covers (an eventfd
+/// write: the server does not poll it here, so this is the client's cost alone).
+fn doorbells(o: &Opts) -> Vec<Figure> {
+    const PLAIN: u64 = 0x110;
+    const BELL: u64 = 0x100;
+    let (mut ours, ours_path) = doorbell_server("vfiokit-doorbell.sock");
+    let (mut theirs, raw_path) = doorbell_server("raw-doorbell.sock");
+    let dev = Device::open(&format!("vfio-user:{}", ours_path.display()), None)
+        .expect("vfiokit: open the doorbell server");
+    let raw = std::cell::RefCell::new(Raw::connect(&raw_path));
+    let out = run_case(
+        "vfio-user doorbell write 4 B (libvfio-user)",
+        "vfio-user",
+        o.rounds,
+        batch(o, 2000),
+        0,
+        vec![
+            variant("raw", |n| (0..n).for_each(|i| raw.borrow_mut().write32(0, PLAIN, i as u32))),
+            variant("vfiokit", |n| {
+                (0..n).for_each(|i| dev.write_reg::<u32>(0, PLAIN, i as u32).expect("write"))
+            }),
+            variant("ioeventfd", |n| {
+                (0..n).for_each(|i| dev.write_reg::<u32>(0, BELL, i as u32).expect("ring"))
+            }),
+        ],
+    );
+    // Every ring reached the server's eventfd, none by message (its counters at 0x200, 0x210).
+    let rang = dev.read_reg::<u64>(0, 0x200).expect("vfiokit: rings");
+    let plain = dev.read_reg::<u64>(0, 0x210).expect("vfiokit: writes");
+    assert!(rang > 0 && rang == plain, "{rang} rings and {plain} messages: as many of each");
+    drop(dev);
+    drop(raw);
+    for server in [&mut ours, &mut theirs] {
+        assert!(server.wait().expect("the doorbell server").success());
+    }
+    out
+}
+
+/// The doorbell server serving one connection at a fresh socket path.
+fn doorbell_server(name: &str) -> (std::process::Child, PathBuf) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = std::process::Command::new(repo.join("tests/vfio_user/libvfio-user"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run tests/vfio_user/libvfio-user");
+    assert!(built.status.success(), "tests/vfio_user/libvfio-user failed");
+    let dir = PathBuf::from(String::from_utf8(built.stdout).expect("a path").trim());
+    let path = std::env::temp_dir()
+        .join(format!("vfiokit-bench-{}", std::process::id()))
+        .join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let child = std::process::Command::new(dir.join("doorbell"))
+        .arg(&path)
+        .spawn()
+        .expect("start the doorbell server");
+    while !path.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    (child, path)
 }
 
 fn eventfd() -> OwnedFd {
@@ -285,6 +351,7 @@ pub fn op_vfio_user(o: &Opts) -> Vec<Figure> {
             }),
         ],
     ));
+    out.extend(doorbells(o));
     drop(raw);
     drop(device);
     drop(context);

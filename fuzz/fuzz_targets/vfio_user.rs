@@ -1,6 +1,7 @@
 //! What a vfio-user server sends: a header and any payload through every decoder (the VERSION
-//! JSON, device/IRQ/region info, a region-read reply, a DMA request); an error or a value,
-//! never a panic or a hang. And the same bytes as a stream, cut into messages by the client's
+//! JSON, device/IRQ/region info, a region-read reply, a DMA request, a region io fds reply and
+//! the doorbells it gives, a device feature reply); an error or a value, never a panic or a
+//! hang. And the same bytes as a stream, cut into messages by the client's
 //! inbox.
 #![no_main]
 
@@ -19,6 +20,19 @@ fuzz_target!(|data: &[u8]| {
     let _ = proto::decode_dma_access(data);
     let count = data.first().map_or(0, |&n| n as usize);
     let _ = proto::decode_region_read(data, count);
+    // Sent with as many fds as the first byte says; every doorbell names one of them and
+    // rings only at its own offset.
+    let fds = count % 17;
+    if let Ok(proto::IoFds::Doorbells(bells)) = proto::decode_region_io_fds(data, 0, fds) {
+        for b in bells {
+            assert!((b.fd_index as usize) < fds);
+            let _ = b.rings(b.offset, &data[..data.len().min(8)]);
+            assert!(!b.rings(b.offset.wrapping_add(1), &[0]));
+        }
+    }
+    if let Ok(got) = proto::decode_device_feature(data, count) {
+        assert!(got.len() <= count);
+    }
     let _ = vfiokit::region::decode_region_info(data);
     // Received in pieces of a size the first byte sets: every message taken is one the bytes
     // hold, whole and in order, and none is more than they are.

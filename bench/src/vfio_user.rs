@@ -184,9 +184,8 @@ fn doorbell_server(name: &str) -> (std::process::Child, PathBuf) {
         .expect("run tests/vfio_user/libvfio-user");
     assert!(built.status.success(), "tests/vfio_user/libvfio-user failed");
     let dir = PathBuf::from(String::from_utf8(built.stdout).expect("a path").trim());
-    let path = std::env::temp_dir()
-        .join(format!("vfiokit-bench-{}", std::process::id()))
-        .join(name);
+    let path =
+        std::env::temp_dir().join(format!("vfiokit-bench-{}", std::process::id())).join(name);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let _ = std::fs::remove_file(&path);
     let child = std::process::Command::new(dir.join("doorbell"))
